@@ -1,0 +1,27 @@
+"""scoresolve: numerical SDE/ODE solvers for score-based generative models.
+
+A forward SDE is the single source of truth; reverse processes (reverse SDE, probability-flow ODE and the whole
+same-marginal family between them) are derived from it, and generic solvers integrate them.
+"""
+
+from .analytic import GaussianMixture
+from .reverse import ReverseProcess
+from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
+from .sde import CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, VESDE, VPSDE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CosineVPSDE",
+    "DiscreteVPSDE",
+    "ForwardSDE",
+    "GaussianMixture",
+    "ReverseProcess",
+    "ScoreModel",
+    "SubVPSDE",
+    "VESDE",
+    "VPSDE",
+    "classifier_free_guidance",
+    "classifier_guidance",
+    "convert",
+]

@@ -1,0 +1,75 @@
+"""Small shared helpers: broadcasting per-sample coefficients and validating time/shape arguments."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+Time = Union[float, int, torch.Tensor]
+
+
+def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a scalar or ``[batch]`` coefficient so that it broadcasts against ``x`` of shape ``[batch, ...]``."""
+    if not torch.is_tensor(c):
+        return torch.as_tensor(c, dtype=x.dtype, device=x.device)
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def check_batched(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a floating tensor of shape ``[batch, ...]`` with at least 2 dims."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape [batch, ...] with at least 2 dims, got shape {tuple(x.shape)}; "
+            "for scalar data use shape [batch, 1]"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_finite_float(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def as_time(
+    t: Time,
+    T: float,
+    *,
+    like: torch.Tensor | None = None,
+    batch: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Convert ``t`` (float, 0-d tensor or ``[batch]`` tensor) to a tensor and validate it.
+
+    With ``like`` the result takes its dtype and device; with ``batch`` a ``[batch]`` tensor must match it.
+    Range checking (``0 <= t <= T``) happens for Python numbers and CPU tensors; for accelerator tensors it is
+    skipped to avoid a host-device synchronisation (solvers validate their grids once on entry).
+    """
+    if torch.is_tensor(t):
+        if like is not None:
+            t = t.to(dtype=like.dtype, device=like.device)
+        elif not t.is_floating_point():
+            t = t.to(torch.get_default_dtype())
+    else:
+        if like is not None:
+            t = torch.tensor(float(t), dtype=like.dtype, device=like.device)
+        else:
+            t = torch.tensor(float(t), dtype=torch.get_default_dtype())
+    if t.ndim > 1:
+        raise ValueError(f"t must be a scalar or a [batch] tensor, got shape {tuple(t.shape)}")
+    if batch is not None and t.ndim == 1 and t.shape[0] != batch:
+        raise ValueError(f"batch size mismatch: t has {t.shape[0]} entries but x has batch size {batch}")
+    if check and t.device.type == "cpu":
+        bad = ~((t >= 0) & (t <= T * (1 + 1e-6)))
+        if bool(bad.any()):
+            vals = t[bad] if t.ndim else t
+            raise ValueError(f"t must lie in [0, T] = [0, {T}], got {vals.flatten()[:5].tolist()}")
+    return t

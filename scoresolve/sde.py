@@ -1,0 +1,436 @@
+"""Forward SDEs dx = f(t) x dt + g(t) dw with Gaussian marginals x_t = alpha(t) x_0 + sigma(t) z.
+
+Every forward process here has a drift that is linear in x, so each class is described by the scalar functions
+f(t) (``drift_coef``), g(t) (``diffusion``), alpha(t) and sigma(t) (``marginal``). All schedule mathematics lives
+in this module; solvers only ever see these functions. References: Song et al. 2021 (VP, sub-VP, VE),
+Ho et al. 2020 (discrete DDPM), Nichol & Dhariwal 2021 (cosine), Lu et al. 2022 (log-SNR, discrete interpolation).
+
+Conventions: T is the end of the forward process; ``t`` may be a Python float, a 0-d tensor or a ``[batch]``
+tensor; ``x`` has shape ``[batch, ...]``; coefficients follow t's dtype (x's dtype where x is given).
+lambda(t) = log(alpha / sigma) is the (half) log-SNR of DPM-Solver.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from ._utils import Time, as_time, bcast, check_batched
+
+if TYPE_CHECKING:
+    from .reverse import ReverseProcess
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class ForwardSDE(ABC):
+    """Base class of forward diffusions dx = f(t) x dt + g(t) dw on [0, T]."""
+
+    T: float = 1.0
+
+    # --- schedule functions (subclasses implement these on tensors, with no range checking) ---------------
+    @abstractmethod
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        """Scalar drift coefficient f(t) with f(x, t) = f(t) x."""
+
+    @abstractmethod
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        """Squared diffusion g(t)^2."""
+
+    @abstractmethod
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    @abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the Gaussian prior N(0, prior_std^2 I) at t = T."""
+
+    # --- public API --------------------------------------------------------------------------------------
+    def _t(self, t: Time, like: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
+        return as_time(t, self.T, like=like, batch=batch)
+
+    def marginal(self, t: Time) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)) with x_t = alpha x_0 + sigma z; shapes follow t (0-d or ``[batch]``)."""
+        t = self._t(t)
+        return torch.exp(self._log_alpha(t)), self._sigma(t)
+
+    def log_snr(self, t: Time) -> torch.Tensor:
+        """lambda(t) = log alpha(t) - log sigma(t) (half the log signal-to-noise ratio), decreasing in t."""
+        t = self._t(t)
+        return self._log_alpha(t) - torch.log(self._sigma(t))
+
+    def t_from_log_snr(self, lam: Time) -> torch.Tensor:
+        """Inverse of :meth:`log_snr`."""
+        lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam), dtype=torch.get_default_dtype())
+        return self._t_from_log_snr(lam)
+
+    def drift_coef(self, t: Time) -> torch.Tensor:
+        """f(t), the scalar with drift f(x, t) = f(t) x."""
+        return self._f(self._t(t))
+
+    def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """f(x, t) = f(t) x; ``x`` of shape ``[batch, ...]``."""
+        check_batched(x)
+        t = self._t(t, like=x, batch=x.shape[0])
+        return bcast(self._f(t), x) * x
+
+    def diffusion(self, t: Time) -> torch.Tensor:
+        """g(t), the scalar diffusion coefficient."""
+        return torch.sqrt(self._g2(self._t(t)))
+
+    def perturb(
+        self,
+        x0: torch.Tensor,
+        t: Time,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample x_t = alpha(t) x0 + sigma(t) noise from the transition kernel p(x_t | x_0)."""
+        check_batched(x0, "x0")
+        t = self._t(t, like=x0, batch=x0.shape[0])
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+        alpha, sigma = torch.exp(self._log_alpha(t)), self._sigma(t)
+        return bcast(alpha, x0) * x0 + bcast(sigma, x0) * noise
+
+    def prior_sample(
+        self,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Draw x_T from the prior N(0, prior_std^2 I); ``shape`` includes the batch dimension."""
+        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return z * self.prior_std
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of the Gaussian prior, summed over all non-batch dims; shape ``[batch]``."""
+        check_batched(z, "z")
+        D = z[0].numel()
+        s = self.prior_std
+        sq = z.flatten(1).square().sum(1)
+        return -0.5 * sq / s**2 - 0.5 * D * (_LOG_2PI + 2 * math.log(s))
+
+    def reverse(self, score: Callable, diffusion: float | Callable = 1.0) -> "ReverseProcess":
+        """The reverse-time process with the same marginals: dx = [f - (g^2 + s^2)/2 score] dt + s dw_bar.
+
+        ``diffusion`` is s(t): a float multiplies g(t) (1 = reverse SDE, 0 = probability-flow ODE), a callable
+        ``s(t) -> tensor`` gives it directly.
+        """
+        from .reverse import ReverseProcess
+
+        return ReverseProcess(self, score, diffusion)
+
+    def probability_flow(self, score: Callable) -> "ReverseProcess":
+        """The probability-flow ODE dx/dt = f - g^2/2 score (the s = 0 member of :meth:`reverse`)."""
+        return self.reverse(score, 0.0)
+
+
+def _check_beta(beta_min: float, beta_max: float) -> None:
+    if not (math.isfinite(beta_min) and math.isfinite(beta_max)):
+        raise ValueError(f"beta_min and beta_max must be finite, got {beta_min}, {beta_max}")
+    if beta_min < 0:
+        raise ValueError(f"beta_min must be >= 0, got {beta_min}")
+    if beta_min >= beta_max:
+        raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+
+
+class _LinearBetaMixin:
+    """beta(t) = b0 + t (b1 - b0); log alpha(t) = -t^2 (b1 - b0)/4 - t b0/2 (Song et al. 2021, eq. 29)."""
+
+    beta_min: float
+    beta_max: float
+
+    def beta(self, t: Time) -> torch.Tensor:
+        t = self._t(t)  # type: ignore[attr-defined]
+        return self._beta(t)
+
+    def _beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self._beta(t)
+
+    def _t_from_neg_log_alpha(self, L: torch.Tensor) -> torch.Tensor:
+        # root of (b1-b0)/4 t^2 + b0/2 t - L = 0, written without cancellation
+        b0, d = self.beta_min, self.beta_max - self.beta_min
+        return 2 * L / (0.5 * b0 + torch.sqrt(0.25 * b0**2 + d * L))
+
+
+@dataclass(frozen=True)
+class VPSDE(_LinearBetaMixin, ForwardSDE):
+    """Variance-preserving SDE: f = -beta(t) x / 2, g = sqrt(beta(t)), sigma = sqrt(1 - alpha^2); prior N(0, I)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta_min, self.beta_max)
+        _check_T(self.T)
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return self._beta(t)
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        # alpha^2 = sigmoid(2 lambda)  =>  -log alpha = softplus(-2 lambda) / 2
+        return self._t_from_neg_log_alpha(0.5 * torch.nn.functional.softplus(-2 * lam))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class SubVPSDE(_LinearBetaMixin, ForwardSDE):
+    """sub-VP SDE: VP drift, g^2 = beta(t)(1 - alpha^4), sigma = 1 - alpha^2 (no square root); prior N(0, I)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta_min, self.beta_max)
+        _check_T(self.T)
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.expm1(2 * self._log_alpha(t))
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        # 1 - exp(-2 b0 t - (b1 - b0) t^2) = 1 - alpha^4
+        return self._beta(t) * -torch.expm1(4 * self._log_alpha(t))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        # u = sigma = 1 - alpha^2 solves u^2 / (1 - u) = exp(-2 lambda): u = 2 / (1 + sqrt(1 + 4 exp(2 lambda)))
+        s = 0.5 * torch.logaddexp(torch.zeros_like(lam), 2 * lam + 2 * math.log(2.0))  # log sqrt(1 + 4 e^{2 lam})
+        u = 2 * torch.exp(-torch.nn.functional.softplus(s))
+        L_small_u = -0.5 * torch.log1p(-u.clamp(max=0.5))
+        # log alpha^2 = log(1 - u) = 2 lam + 2 log 2 - 2 log(1 + sqrt(1 + 4 e^{2 lam})), accurate when u -> 1
+        L_large_u = -0.5 * (2 * lam + 2 * math.log(2.0) - 2 * torch.nn.functional.softplus(s))
+        L = torch.where(u < 0.5, L_small_u, L_large_u)
+        return self._t_from_neg_log_alpha(L)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class VESDE(ForwardSDE):
+    """Variance-exploding SDE: f = 0, sigma(t) = smin (smax/smin)^t, g = sigma(t) sqrt(2 log(smax/smin)).
+
+    Convention of score_sde: the marginal std is sigma(t) on [eps, 1], i.e. sigma(0+) = sigma_min
+    (the SDE started exactly at t = 0 would give variance sigma(t)^2 - sigma_min^2). Prior N(0, smax^2 I).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    T: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sigma_min) and math.isfinite(self.sigma_max)):
+            raise ValueError("sigma_min and sigma_max must be finite")
+        if self.sigma_min <= 0:
+            raise ValueError(f"sigma_min must be > 0, got {self.sigma_min}")
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max must be > sigma_min, got {self.sigma_max} <= {self.sigma_min}")
+        _check_T(self.T)
+
+    @property
+    def _log_ratio(self) -> float:
+        return math.log(self.sigma_max / self.sigma_min)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return math.log(self.sigma_min) + t / self.T * self._log_ratio
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self._log_sigma(t))
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        # d sigma^2 / dt = 2 sigma^2 log(smax/smin) / T
+        return self._sigma(t) ** 2 * (2 * self._log_ratio / self.T)
+
+    def log_snr(self, t: Time) -> torch.Tensor:
+        return -self._log_sigma(self._t(t))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return (-lam - math.log(self.sigma_min)) / self._log_ratio * self.T
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+
+@dataclass(frozen=True)
+class CosineVPSDE(ForwardSDE):
+    """VP SDE with the cosine schedule of Nichol & Dhariwal 2021.
+
+    alpha_bar(t) = cos^2(((t + s)/(1 + s)) pi/2) / cos^2((s/(1 + s)) pi/2), alpha = sqrt(alpha_bar),
+    beta(t) = -d log alpha_bar / dt. beta diverges at t = 1, so T defaults to 0.9946 as in DPM-Solver.
+    """
+
+    s: float = 0.008
+    T: float = 0.9946
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.s < 1):
+            raise ValueError(f"s must lie in [0, 1), got {self.s}")
+        if not (0 < self.T < 1):
+            raise ValueError(f"T must lie in (0, 1) for the cosine schedule (beta diverges at 1), got {self.T}")
+
+    def _theta(self, t: torch.Tensor) -> torch.Tensor:
+        return (t + self.s) / (1 + self.s) * (math.pi / 2)
+
+    @property
+    def _log_cos0(self) -> float:
+        return math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.cos(self._theta(t))) - self._log_cos0
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
+
+    def beta(self, t: Time) -> torch.Tensor:
+        return self._beta(self._t(t))
+
+    def _beta(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tan(self._theta(t)) * (math.pi / (1 + self.s))
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self._beta(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return self._beta(t)
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        log_alpha = -0.5 * torch.nn.functional.softplus(-2 * lam)
+        theta = torch.arccos(torch.exp(log_alpha + self._log_cos0))
+        return theta * (2 * (1 + self.s) / math.pi) - self.s
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteVPSDE(ForwardSDE):
+    """VP SDE from a discrete DDPM schedule (``betas`` or ``alphas_cumprod``, length N).
+
+    As in DPM-Solver's discrete noise schedule, step i (0-based) sits at t_i = (i + 1)/N and log alpha is linearly
+    interpolated in t between the knots; we add the knot (t=0, log alpha=0) so that t = 0 is clean data.
+    beta(t) = -2 d log alpha / dt is piecewise constant. A network's timestep index for time t is
+    ``timestep(t) = N t - 1`` (DPM-Solver's convention, continuous-valued between knots).
+    """
+
+    betas: torch.Tensor | Sequence[float] | None = None
+    alphas_cumprod: torch.Tensor | Sequence[float] | None = None
+    T: float = 1.0
+    _t_knots: torch.Tensor = field(init=False, repr=False)
+    _log_alpha_knots: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.betas is None) == (self.alphas_cumprod is None):
+            raise ValueError("give exactly one of betas or alphas_cumprod")
+        if self.betas is not None:
+            betas = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
+            if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+                raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
+            log_ac = torch.cumsum(torch.log1p(-betas), 0)
+        else:
+            ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
+            if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+                raise ValueError("alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)")
+            if not bool((ac[1:] < ac[:-1]).all()):
+                raise ValueError("alphas_cumprod must be strictly decreasing")
+            log_ac = torch.log(ac)
+        if self.T != 1.0:
+            raise ValueError("DiscreteVPSDE uses T = 1 (knots at t = (i + 1)/N)")
+        N = log_ac.numel()
+        t_knots = torch.arange(0, N + 1, dtype=torch.float64) / N
+        log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * log_ac])
+        object.__setattr__(self, "_t_knots", t_knots)
+        object.__setattr__(self, "_log_alpha_knots", log_alpha)
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPSDE":
+        """The linear DDPM schedule of Ho et al. 2020 (defaults: 1e-4 -> 0.02 over 1000 steps)."""
+        return cls(betas=torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._t_knots.numel() - 1
+
+    def timestep(self, t: Time) -> torch.Tensor:
+        """Continuous DDPM timestep index N t - 1 for time t (index i <-> t = (i + 1)/N)."""
+        t = self._t(t)
+        return t * self.num_timesteps - 1
+
+    def _knots(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._t_knots.to(like), self._log_alpha_knots.to(like)
+
+    def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tk, la = self._knots(t)
+        i = torch.clamp(torch.searchsorted(tk, t.detach().contiguous(), right=True) - 1, 0, tk.numel() - 2)
+        slope = (la[i + 1] - la[i]) / (tk[i + 1] - tk[i])
+        return i, slope, la[i] + slope * (t - tk[i])
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._segment(t)[2]
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
+
+    def beta(self, t: Time) -> torch.Tensor:
+        return self._beta(self._t(t))
+
+    def _beta(self, t: torch.Tensor) -> torch.Tensor:
+        return -2 * self._segment(t)[1]
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self._beta(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return self._beta(t)
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        L = -0.5 * torch.nn.functional.softplus(-2 * lam)  # log alpha
+        tk, la = self._knots(L)
+        neg = -la  # increasing
+        j = torch.clamp(torch.searchsorted(neg, (-L).detach().contiguous(), right=True) - 1, 0, tk.numel() - 2)
+        w = (L - la[j]) / (la[j + 1] - la[j])
+        return tk[j] + w * (tk[j + 1] - tk[j])
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+def _check_T(T: float) -> None:
+    if not (math.isfinite(T) and T > 0):
+        raise ValueError(f"T must be a positive finite number, got {T}")
