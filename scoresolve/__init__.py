@@ -6,7 +6,9 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from .analytic import GaussianMixture
 from .reverse import ReverseProcess
+from .solvers import NonFiniteError, Solution, time_grid
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
+from .sampling import list_solvers, sample
 from .sde import CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, VESDE, VPSDE
 
 __version__ = "0.1.0"
@@ -15,6 +17,8 @@ __all__ = [
     "CosineVPSDE",
     "DiscreteVPSDE",
     "ForwardSDE",
+    "NonFiniteError",
+    "Solution",
     "GaussianMixture",
     "ReverseProcess",
     "ScoreModel",
@@ -24,4 +28,7 @@ __all__ = [
     "classifier_free_guidance",
     "classifier_guidance",
     "convert",
+    "list_solvers",
+    "sample",
+    "time_grid",
 ]

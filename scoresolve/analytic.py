@@ -140,6 +140,27 @@ class GaussianMixture:
         tt = sde._t(t, like=x, batch=x.shape[0])
         return self.dim * sde._f(tt) - 0.5 * sde._g2(tt) * self.laplacian(x, tt, sde)
 
+    def pf_ode_flow(self, x: torch.Tensor, t_from: float, t_to: float, sde: ForwardSDE) -> torch.Tensor:
+        """Exact probability-flow ODE solution map x(t_from) -> x(t_to); single-component mixtures only.
+
+        For Gaussian data the PF-ODE is linear: in each eigendirection of Sigma, y = x - alpha mu scales as
+        sqrt(c(t)), c = alpha^2 lam + sigma^2 (because dc/dt = 2 f c + g^2 for every SDE here).
+        """
+        if self.num_components != 1:
+            raise ValueError("pf_ode_flow is exact only for a single Gaussian (num_components == 1)")
+        check_batched(x)
+        _, mu, lam, U = self._params(x)
+        tf = torch.tensor([float(t_from), float(t_to)], dtype=x.dtype, device=x.device)
+        a, s = torch.exp(sde._log_alpha(tf)), sde._sigma(tf)
+        c = a[:, None] ** 2 * lam[0][None] + s[:, None] ** 2  # [2, D]
+        y = x.flatten(1) - a[0] * mu[0]
+        if U is not None:
+            y = y @ U[0]
+        y = y * torch.sqrt(c[1] / c[0])
+        if U is not None:
+            y = y @ U[0].T
+        return (a[1] * mu[0] + y).reshape(x.shape)
+
     def mean(self, t: Time = 0.0, sde: ForwardSDE | None = None) -> torch.Tensor:
         """Exact mean of p_t (of the data when ``sde`` is None), float64, shape ``[D]``."""
         m = (self.weights[:, None] * self.means).sum(0)

@@ -1,0 +1,121 @@
+"""``sample()``: the one entry point that runs any registered solver on a reverse process of a forward SDE."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._utils import check_batched
+from .reverse import Diffusion
+from .score import ScoreModel
+from .sde import ForwardSDE
+from .solvers import REGISTRY, Solution, time_grid
+from .solvers._core import check_grid
+
+
+def _progress_callback(total: int, enabled: bool, user: Callable | None):
+    if not enabled:
+        return user, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="sampling", unit="step")
+
+    def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+        bar.update(1)
+        if user is not None:
+            user(i, t, x)
+
+    return cb, bar
+
+
+def sample(
+    score: Callable | ScoreModel,
+    sde: ForwardSDE,
+    x_T: torch.Tensor,
+    solver: str = "dpmpp_2m",
+    nfe: int | None = None,
+    steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    t_eps: float = 1e-3,
+    diffusion: Diffusion = 0.0,
+    denoise: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    grid: str | torch.Tensor | None = None,
+    save_trajectory: bool = False,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    **options: Any,
+) -> Solution:
+    """Solve a reverse process of ``sde`` from ``x_T`` at time T down to ``t_eps``.
+
+    Args:
+        score: a callable ``score(x, t)`` (t of shape ``[batch]``) or a :class:`ScoreModel`.
+        sde: the forward SDE.
+        x_T: initial state ``[batch, ...]`` (e.g. ``sde.prior_sample(...)``).
+        solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or
+            ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``.
+        nfe: budget of score evaluations; grid solvers take the largest step count that fits.
+        steps: number of steps of a grid solver (overrides ``nfe``).
+        rtol, atol: tolerances of adaptive solvers.
+        t_eps: final time (> 0).
+        diffusion: s(t) of the reverse family, as a multiple of g (0: probability-flow ODE, 1: reverse SDE)
+            or a callable; used by the SDE samplers.
+        denoise: return Tweedie's estimate E[x_0 | x_{t_eps}] (one extra score evaluation).
+        generator: randomness of stochastic solvers.
+        progress: show a progress bar.
+        grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit decreasing tensor.
+        save_trajectory: keep the states at every step in ``Solution.xs``.
+        options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc, ``max_steps`` for adaptive ones).
+    """
+    check_batched(x_T, "x_T")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains non-finite values")
+    if not (0 < t_eps < sde.T):
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+    model = ScoreModel.wrap(score, sde)
+    process = sde.reverse(model, diffusion)
+    if ":" in solver:
+        from .solvers.backends import solve_with_backend
+
+        sol = solve_with_backend(solver, process, x_T, sde.T, t_eps, nfe=nfe, steps=steps, rtol=rtol, atol=atol,
+                                 generator=generator, **options)
+    else:
+        if solver not in REGISTRY:
+            raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
+        spec = REGISTRY[solver]
+        if spec.kind == "adaptive":
+            if nfe is not None or steps is not None:
+                raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
+            kw = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
+            cb, bar = _progress_callback(0, progress, callback)
+            sol = spec.fn(process, x_T, sde.T, t_eps, callback=cb, save_trajectory=save_trajectory, **kw, **options)
+        else:
+            if rtol is not None or atol is not None:
+                raise ValueError(f"solver {solver!r} runs on a time grid: give nfe or steps, not rtol/atol")
+            if torch.is_tensor(grid):
+                ts = check_grid(grid.to(torch.float64), sde.T)
+            else:
+                if steps is None:
+                    steps = spec.steps_for_nfe(nfe if nfe is not None else 20)
+                elif steps < spec.min_steps:
+                    raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} steps, got {steps}")
+                ts = time_grid(sde, steps, grid or spec.default_grid, t_eps)
+            kw = {"generator": generator} if spec.stochastic else {}
+            cb, bar = _progress_callback(ts.numel() - 1, progress, callback)
+            sol = spec.fn(process, x_T, ts.to(device=x_T.device), callback=cb, save_trajectory=save_trajectory,
+                          **kw, **options)
+            sol.stats.setdefault("grid", ts)
+        if bar is not None:
+            bar.close()
+    if denoise:
+        t_end = torch.full((x_T.shape[0],), float(t_eps), dtype=x_T.dtype, device=x_T.device)
+        sol.x = model.x0(sol.x, t_end)
+        sol.nfe = sol.nfe + 1
+    return sol
+
+
+def list_solvers() -> dict[str, str]:
+    """Registered solver names with one-line descriptions."""
+    return {name: spec.description for name, spec in sorted(REGISTRY.items())}

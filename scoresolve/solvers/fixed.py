@@ -1,0 +1,85 @@
+"""Fixed-step ODE solvers on a time grid for the probability-flow ODE: Euler, Heun (EDM's 2nd order), RK4.
+
+Each integrates dx/dt = drift(x, t) of a ReverseProcess from ts[0] = T down to ts[-1] = t_eps. They are generic
+over the process (any drift), and need s = 0 (use the SDE samplers for s > 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..reverse import ReverseProcess
+from ._core import FiniteGuard, SolverSpec, Solution, Trajectory, batch_t, counted_model, register, with_score
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+# Butcher tableaux of the explicit methods (a_lower rows, b weights, c nodes)
+_TABLEAUX = {
+    "euler": ((), (1.0,), (0.0,)),
+    "heun": (((1.0,),), (0.5, 0.5), (0.0, 1.0)),
+    "rk4": (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0)),
+}
+
+
+def _explicit_rk(
+    name: str,
+    process: ReverseProcess,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    callback: Callback | None = None,
+    save_trajectory: bool = False,
+    **_: object,
+) -> Solution:
+    if not process.is_ode:
+        raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); "
+                         "use 'euler_maruyama' or another SDE sampler for diffusion > 0")
+    a, b, c = _TABLEAUX[name]
+    model, counter = counted_model(process)
+    proc = with_score(process, model)
+    guard, traj = FiniteGuard(x, name), Trajectory(save_trajectory)
+    ts = ts.to(dtype=x.dtype, device=x.device)
+    traj.add(ts[0], x)
+    for i in range(ts.numel() - 1):
+        t0, h = ts[i], ts[i + 1] - ts[i]  # h < 0: integrating backwards in time
+        k: list[torch.Tensor] = []
+        for s in range(len(b)):
+            xs = x
+            for j, aij in enumerate(a[s - 1] if s else ()):
+                if aij:
+                    xs = xs + (h * aij) * k[j]
+            k.append(proc.drift_from_score(xs, batch_t(t0 + c[s] * h, x), model(xs, batch_t(t0 + c[s] * h, x))))
+        x = x + h * sum(bs * ks for bs, ks in zip(b, k))
+        guard.update(x, ts[i + 1])
+        traj.add(ts[i + 1], x)
+        if callback is not None:
+            callback(i, ts[i + 1], x)
+    guard.check()
+    tr_ts, tr_xs = traj.result()
+    steps = ts.numel() - 1
+    return Solution(x=x, nfe=counter.calls, steps=steps, t=batch_t(ts[-1], x), ts=tr_ts, xs=tr_xs, solver=name)
+
+
+def euler(process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **kw) -> Solution:
+    """Explicit Euler on the probability-flow ODE; order 1, 1 NFE per step."""
+    return _explicit_rk("euler", process, x, ts, **kw)
+
+
+def heun(process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **kw) -> Solution:
+    """Heun's method (explicit trapezoid; EDM's 2nd-order sampler without churn); order 2, 2 NFE per step."""
+    return _explicit_rk("heun", process, x, ts, **kw)
+
+
+def rk4(process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **kw) -> Solution:
+    """Classical 4th-order Runge-Kutta; order 4, 4 NFE per step."""
+    return _explicit_rk("rk4", process, x, ts, **kw)
+
+
+register(SolverSpec("euler", euler, evals_per_step=1, order=1, default_grid="logsnr",
+                    description="Euler on the PF-ODE"))
+register(SolverSpec("heun", heun, evals_per_step=2, order=2, default_grid="karras",
+                    description="Heun (EDM) on the PF-ODE"))
+register(SolverSpec("rk4", rk4, evals_per_step=4, order=4, default_grid="logsnr",
+                    description="classical RK4 on the PF-ODE"))

@@ -1,0 +1,56 @@
+"""Time grids for fixed-step samplers: decreasing from T to t_eps, ``steps + 1`` points.
+
+- ``uniform``:   uniform in t.
+- ``quadratic``: uniform in sqrt(t) (DPM-Solver's "time_quadratic"), denser near t_eps.
+- ``logsnr``:    uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR").
+- ``karras``:    EDM's rho-schedule (Karras et al. 2022, eq. 5) in sigma_edm = sigma/alpha = exp(-lambda), rho = 7.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sde import ForwardSDE
+
+GRIDS = ("uniform", "quadratic", "logsnr", "karras")
+
+
+def time_grid(
+    sde: ForwardSDE,
+    steps: int,
+    kind: str = "uniform",
+    t_eps: float = 1e-3,
+    T: float | None = None,
+    *,
+    rho: float = 7.0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A decreasing grid of ``steps + 1`` times from T to t_eps (both included)."""
+    T = sde.T if T is None else float(T)
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (0 < t_eps < T):
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
+    if T > sde.T * (1 + 1e-9):
+        raise ValueError(f"T = {T} exceeds the SDE's T = {sde.T}")
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        ts = T + (t_eps - T) * u
+    elif kind == "quadratic":
+        ts = (T**0.5 + (t_eps**0.5 - T**0.5) * u) ** 2
+    elif kind in ("logsnr", "karras"):
+        end = torch.tensor([T, t_eps], dtype=torch.float64)
+        lam_T, lam_eps = sde.log_snr(end).tolist()
+        if kind == "logsnr":
+            lam = lam_T + (lam_eps - lam_T) * u
+        else:
+            smax, smin = torch.exp(torch.tensor(-lam_T)), torch.exp(torch.tensor(-lam_eps))
+            sig = (smax ** (1 / rho) + u * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+            lam = -torch.log(sig)
+        ts = sde.t_from_log_snr(lam.to(torch.float64))
+        ts[0], ts[-1] = T, t_eps  # exact end points
+    else:
+        raise ValueError(f"unknown grid {kind!r}; expected one of {GRIDS}")
+    return ts.to(dtype=dtype, device=device)
