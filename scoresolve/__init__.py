@@ -6,10 +6,10 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from .analytic import GaussianMixture
 from .reverse import ReverseProcess
-from .solvers import NonFiniteError, Solution, time_grid
-from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
 from .sampling import list_solvers, sample
-from .sde import CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, VESDE, VPSDE
+from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
+from .sde import VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE
+from .solvers import NonFiniteError, Solution, time_grid
 
 __version__ = "0.1.0"
 

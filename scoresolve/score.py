@@ -26,7 +26,9 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("score", "eps", "x0", "v")
 
 
-def to_eps(pred: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def to_eps(
+    pred: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """Convert a prediction of ``kind`` at (x, alpha, sigma) to the noise prediction eps."""
     a, s = bcast(alpha, x), bcast(sigma, x)
     if kind == "eps":
@@ -40,7 +42,9 @@ def to_eps(pred: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.T
     raise ValueError(f"unknown prediction {kind!r}; expected one of {PREDICTIONS}")
 
 
-def from_eps(eps: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def from_eps(
+    eps: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """Convert the noise prediction eps at (x, alpha, sigma) to a prediction of ``kind``."""
     a, s = bcast(alpha, x), bcast(sigma, x)
     if kind == "eps":

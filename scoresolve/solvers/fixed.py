@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..reverse import ReverseProcess
-from ._core import FiniteGuard, SolverSpec, Solution, Trajectory, batch_t, counted_model, register, with_score
+from ._core import FiniteGuard, Solution, SolverSpec, Trajectory, batch_t, counted_model, register, with_score
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
