@@ -5,6 +5,9 @@ same-marginal family between them) are derived from it, and generic solvers inte
 """
 
 from .analytic import GaussianMixture
+from .dataset_eval import EvalSummary, evaluate_dataset
+from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
+from .likelihood import LikelihoodResult, log_likelihood
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
@@ -16,10 +19,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CosineVPSDE",
     "DiscreteVPSDE",
+    "EvalSummary",
     "ForwardSDE",
     "NonFiniteError",
     "Solution",
     "GaussianMixture",
+    "LikelihoodResult",
     "ReverseProcess",
     "ScoreModel",
     "SubVPSDE",
@@ -27,8 +32,13 @@ __all__ = [
     "VPSDE",
     "classifier_free_guidance",
     "classifier_guidance",
+    "bits_per_dim",
     "convert",
+    "dequantized_bpd",
+    "evaluate_dataset",
     "list_solvers",
+    "log_likelihood",
     "sample",
     "time_grid",
+    "uniform_dequantize",
 ]

@@ -1,0 +1,214 @@
+"""Work-precision comparison of solvers: NFE against error, as a table and a log-log plot.
+
+Path-wise error: every deterministic solver is compared with a high-accuracy float64 reference solve of the same
+probability-flow ODE from the same x_T; the error of a run is RMS over the batch of |x - x_ref|_2 / sqrt(D).
+Distribution-level error (with an analytic :class:`~scoresolve.GaussianMixture`): the sliced Wasserstein-2
+distance of the generated samples to exact samples of p_{t_eps}, and the mean exact log-density of the samples
+(``logp``) next to that of exact samples. Stochastic solvers have no path-wise reference; only the distribution
+columns apply to them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .analytic import GaussianMixture
+from .sampling import sample
+from .sde import ForwardSDE
+from .solvers import REGISTRY
+
+
+@dataclass
+class Run:
+    """One solver run in a work-precision study."""
+
+    solver: str
+    setting: str  # "nfe=10" or "rtol=1e-05"
+    nfe: float  # mean NFE per sample
+    error: float  # RMS path-wise error against the reference (nan for stochastic solvers)
+    seconds: float
+    swd: float = math.nan  # sliced Wasserstein-2 to exact samples (analytic mixtures only)
+    logp: float = math.nan  # mean exact log p_{t_eps} of the samples (analytic mixtures only)
+    extra: dict = field(default_factory=dict)
+
+
+def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS over the batch of the per-sample L2 error divided by sqrt(D)."""
+    d = (x.double() - ref.double()).flatten(1)
+    return float(torch.sqrt(d.square().sum(1).mean() / d.shape[1]))
+
+
+def sliced_wasserstein(
+    x: torch.Tensor, y: torch.Tensor, projections: int = 256, generator: torch.Generator | None = None
+) -> float:
+    """Sliced Wasserstein-2 distance between two equally sized samples (``[n, ...]``)."""
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    if x.shape != y.shape:
+        raise ValueError(f"sliced_wasserstein needs samples of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    dirs = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = torch.sort(x.cpu() @ dirs, dim=0)
+    py, _ = torch.sort(y.cpu() @ dirs, dim=0)
+    return float(torch.sqrt((px - py).square().mean()))
+
+
+def reference_solve(
+    score: Callable, sde: ForwardSDE, x_T: torch.Tensor, t_eps: float, tol: float = 1e-10
+) -> torch.Tensor:
+    """High-accuracy float64 solve of the probability-flow ODE (adaptive dopri5 at rtol = atol = ``tol``)."""
+    sol = sample(score, sde, x_T.double(), solver="dopri5", rtol=tol, atol=tol, t_eps=t_eps, max_steps=100_000)
+    return sol.x
+
+
+def _mean(v: int | torch.Tensor) -> float:
+    return float(v.double().mean()) if torch.is_tensor(v) else float(v)
+
+
+def work_precision(
+    score: Callable,
+    sde: ForwardSDE,
+    x_T: torch.Tensor,
+    solvers: Sequence[str],
+    nfes: Sequence[int] = (10, 20, 50),
+    tolerances: Sequence[float] = (1e-2, 1e-3, 1e-4),
+    *,
+    t_eps: float = 1e-3,
+    reference: torch.Tensor | None = None,
+    mixture: GaussianMixture | None = None,
+    generator_seed: int = 0,
+    solver_options: dict[str, dict] | None = None,
+    progress: bool = False,
+) -> list[Run]:
+    """Run each solver at each NFE budget (grid solvers) or tolerance (adaptive ones) and measure its error.
+
+    ``x_T`` is the shared initial batch; the reference is computed once in float64 unless given. Solver names may
+    carry a grid, ``"dpmpp_2m@karras"``. Returns one :class:`Run` per (solver, setting).
+    """
+    if reference is None:
+        reference = reference_solve(score, sde, x_T, t_eps)
+    exact = None
+    if mixture is not None:
+        g = torch.Generator().manual_seed(generator_seed + 12345)
+        exact = mixture.sample_marginal(x_T.shape[0], t_eps, sde, generator=g, dtype=torch.float64)
+    solver_options = solver_options or {}
+    jobs: list[tuple[str, str | None, str, dict]] = []
+    for name in solvers:
+        base, _, grid = name.partition("@")
+        if base not in REGISTRY and ":" not in base:
+            raise ValueError(f"unknown solver {base!r}; available: {sorted(REGISTRY)}")
+        spec = REGISTRY.get(base)
+        opts = dict(solver_options.get(name, solver_options.get(base, {})))
+        if spec is not None and spec.kind == "adaptive":
+            for tol in tolerances:
+                jobs.append((name, grid or None, f"rtol={tol:g}", {"rtol": tol, "atol": tol, **opts}))
+        else:
+            for n in nfes:
+                if spec is not None and n < spec.nfe_for_steps(spec.min_steps):
+                    continue
+                jobs.append((name, grid or None, f"nfe={n}", {"nfe": n, **opts}))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="work-precision", unit="run")
+    runs: list[Run] = []
+    for name, grid, setting, kw in jobs:
+        base = name.partition("@")[0]
+        spec = REGISTRY.get(base)
+        stochastic = bool(spec and spec.stochastic) or base.startswith("torchsde:") or kw.get("diffusion", 0) != 0
+        gen = torch.Generator(device=x_T.device).manual_seed(generator_seed)
+        if spec is not None and spec.stochastic:
+            kw.setdefault("generator", gen)
+        if base.startswith("torchsde:"):
+            kw.setdefault("diffusion", 1.0)
+        t0 = time.perf_counter()
+        sol = sample(score, sde, x_T, solver=base, t_eps=t_eps, grid=grid, **kw)
+        if x_T.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        run = Run(name, setting, _mean(sol.nfe), math.nan if stochastic else rms_error(sol.x, reference), seconds)
+        if mixture is not None and exact is not None:
+            run.swd = sliced_wasserstein(sol.x, exact)
+            run.logp = float(mixture.log_prob(sol.x.double(), t_eps, sde).mean())
+        runs.append(run)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return runs
+
+
+def exact_baseline(mixture: GaussianMixture, sde: ForwardSDE, n: int, t_eps: float, seed: int = 0) -> Run:
+    """The noise floor of the distribution metrics: a second exact sample against the first."""
+    g1 = torch.Generator().manual_seed(seed + 12345)
+    g2 = torch.Generator().manual_seed(seed + 999)
+    a = mixture.sample_marginal(n, t_eps, sde, generator=g1, dtype=torch.float64)
+    b = mixture.sample_marginal(n, t_eps, sde, generator=g2, dtype=torch.float64)
+    return Run(
+        "exact samples", "-", 0.0, 0.0, 0.0, sliced_wasserstein(b, a), float(mixture.log_prob(b, t_eps, sde).mean())
+    )
+
+
+def format_table(runs: Sequence[Run]) -> str:
+    """A fixed-width text table of the runs."""
+    has_dist = any(not math.isnan(r.swd) for r in runs)
+    head = f"{'solver':<22} {'setting':<12} {'NFE':>8} {'error':>10} {'seconds':>8}"
+    if has_dist:
+        head += f" {'SWD':>9} {'mean logp':>10}"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        err = "-" if math.isnan(r.error) else f"{r.error:.3e}"
+        line = f"{r.solver:<22} {r.setting:<12} {r.nfe:>8.1f} {err:>10} {r.seconds:>8.3f}"
+        if has_dist:
+            line += f" {r.swd:>9.4f} {r.logp:>10.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_work_precision(runs: Sequence[Run], path: str, title: str = "work-precision") -> None:
+    """Log-log plot of error against NFE, one line per solver (path-wise error; SWD for stochastic solvers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    by_solver: dict[str, list[Run]] = {}
+    for r in runs:
+        by_solver.setdefault(r.solver, []).append(r)
+    for name, rs in by_solver.items():
+        rs = sorted(rs, key=lambda r: r.nfe)
+        pts = [(r.nfe, r.error) for r in rs if not math.isnan(r.error) and r.error > 0]
+        if pts:
+            axes[0].plot(*zip(*pts), "o-", label=name)
+        pts = [(r.nfe, r.swd) for r in rs if not math.isnan(r.swd)]
+        if pts:
+            axes[1].plot(*zip(*pts), "o-", label=name)
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="NFE (score evaluations per sample)",
+        ylabel="RMS error vs reference ODE solve",
+        title=title,
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="NFE",
+        ylabel="sliced Wasserstein-2 to exact samples",
+        title="distribution error",
+    )
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if axes[1].lines:
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

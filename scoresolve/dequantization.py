@@ -1,0 +1,222 @@
+"""Uniform dequantization of k-bit data and bits per dimension.
+
+Convention (the one of score_sde and DDPM)
+------------------------------------------
+k-bit data hold integer levels i in {0, ..., 2^k - 1}. Scaled to ``data_range = (lo, hi)`` they sit on the grid
+
+    x = lo + (hi - lo) * i / (2^k - 1)                      (DDPM: x = i / 127.5 - 1; score_sde: 2 (i / 255) - 1)
+
+so that the lowest level is lo and the highest is hi. Uniform dequantization does *not* jitter x around that grid
+point; it maps level i to the bin [i, i + 1) of a grid with 2^k bins that tile [lo, hi) exactly:
+
+    y = lo + (hi - lo) * (i + u) / 2^k,   u ~ U[0, 1)^D.
+
+This is score_sde's ``img = (U + 255 * img) / 256`` on data in [0, 1] (``img = i / 255``), followed by its scaler
+``2 img - 1`` for centred data. Bins have width Delta = (hi - lo) / 2^k and volume Delta^D.
+
+Bits per dimension
+------------------
+A continuous density p on [lo, hi]^D defines the discrete model P(i) = integral of p over bin i
+= Delta^D E_u[p(y_i(u))] >= Delta^D exp(E_u[log p(y_i(u))]) (Jensen). Hence
+
+    -log2 P(i) / D  <=  E_u[ -log p(y) / (D ln 2) ] + log2(2^k / (hi - lo)),
+
+and the right-hand side (estimated with a few draws of u) is the reported bits/dim: ``-log p / (D ln 2)`` plus the
+offset ``-log2 Delta = log2(2^k / (hi - lo))``: +7 for 8-bit data in [-1, 1], +8 for [0, 1] (score_sde writes
+it ``7 - inverse_scaler(-1)``). With a density that is constant on every bin the bound is an equality; a uniform
+density on the cube, log p = -D log(hi - lo), gives exactly k bits/dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+Range = Sequence[float]
+
+
+def _check_bits_range(bits: int, data_range: Range) -> tuple[float, float]:
+    if isinstance(bits, bool) or int(bits) != bits or not 1 <= int(bits) <= 32:
+        raise ValueError(f"bits must be an integer in [1, 32], got {bits!r}")
+    lo, hi = (float(v) for v in data_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"data_range must be finite with lo < hi, got {tuple(data_range)}")
+    return lo, hi
+
+
+def bin_offset(bits: int | None, data_range: Range = (-1.0, 1.0)) -> float:
+    """The bits/dim offset log2(2^k / (hi - lo)) of k-bit data in ``data_range`` (0 for ``bits=None``)."""
+    if bits is None:
+        return 0.0
+    lo, hi = _check_bits_range(bits, data_range)
+    return int(bits) - math.log2(hi - lo)
+
+
+def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> torch.Tensor:
+    """Integer levels i (int64) of k-bit data: integer tensors are taken as levels, floats as lo + (hi-lo) i/(2^k-1).
+
+    Raises ValueError naming the offending min/max if the data leave the declared range, or if floating data are
+    not on the k-bit grid (e.g. data that were already dequantized, or a wrong ``bits``/``data_range``).
+    """
+    lo, hi = _check_bits_range(bits, data_range)
+    n_max = 2 ** int(bits) - 1
+    if not x.is_floating_point():
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"x must be a real tensor, got {x.dtype}")
+        lv = x.to(torch.int64)
+        if x.numel() and (int(lv.min()) < 0 or int(lv.max()) > n_max):
+            raise ValueError(
+                f"integer data must be {bits}-bit levels in [0, {n_max}], got min {int(lv.min())}, max {int(lv.max())}"
+            )
+        return lv
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains non-finite values")
+    scaled = (x.double() - lo) / (hi - lo) * n_max
+    # float32 data carry ~eps * 2^k levels of rounding error; anything far beyond that is off the grid
+    tol = 1e-3 + 4 * torch.finfo(x.dtype).eps * (n_max + 1)
+    if float(scaled.min()) < -tol or float(scaled.max()) > n_max + tol:
+        raise ValueError(
+            f"data lie outside the declared data_range {(lo, hi)}: min {float(x.min()):.6g}, max {float(x.max()):.6g}"
+        )
+    lv = torch.round(scaled)
+    off = float((scaled - lv).abs().max())
+    if off > tol:
+        raise ValueError(
+            f"data are not on the {bits}-bit grid lo + (hi - lo) i / {n_max} of data_range {(lo, hi)} (a value is "
+            f"{off:.3g} levels off); already dequantized, or wrong bits/data_range?"
+        )
+    return lv.clamp_(0, n_max).to(torch.int64)
+
+
+def uniform_dequantize(
+    x: torch.Tensor,
+    bits: int = 8,
+    data_range: Range = (-1.0, 1.0),
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize k-bit data: level i -> lo + (hi - lo) (i + u) / 2^k with u ~ U[0, 1) (see the module docstring).
+
+    Args:
+        x: k-bit data ``[batch, ...]`` on the grid lo + (hi - lo) i / (2^k - 1), or integer levels (uint8, ...).
+        bits: k.
+        data_range: (lo, hi) of the scaled data.
+        generator: source of u (drawn with ``torch.rand`` in the output dtype on x's device).
+        noise: u itself, shape like x, values in [0, 1) (overrides ``generator``).
+    Returns a floating tensor shaped like x (x's dtype, or the default dtype for integer input) in [lo, hi]:
+    computed in float64, then rounded to the output dtype (which can land a value on its bin's upper edge).
+    """
+    lo, hi = _check_bits_range(bits, data_range)
+    lv = levels(x, bits, data_range)
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    if noise is None:
+        noise = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} does not match x shape {tuple(x.shape)}")
+    y = lo + (hi - lo) * ((lv.to(torch.float64) + noise.to(device=x.device, dtype=torch.float64)) / 2 ** int(bits))
+    return y.to(dtype)
+
+
+def bits_per_dim(
+    log_prob: torch.Tensor | float,
+    num_dims: int,
+    bits: int | None = 8,
+    data_range: Range = (-1.0, 1.0),
+) -> torch.Tensor | float:
+    """Bits per dimension -log p / (D ln 2) + log2(2^k / (hi - lo)) of a density on dequantized k-bit data.
+
+    ``log_prob`` is in nats (a tensor or a float; the result has the same kind). The offset is the change of
+    variables from the continuous density on [lo, hi]^D to the probability of bins of width (hi - lo) / 2^k: +7 for
+    8-bit data in [-1, 1], +8 for [0, 1]. ``bits=None`` gives the plain bits/dim of a continuous density (no offset).
+    """
+    if int(num_dims) != num_dims or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return -log_prob / (int(num_dims) * math.log(2)) + bin_offset(bits, data_range)
+
+
+def _log_prob_of(out: Any) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, Mapping):
+        return out["log_prob"]
+    return out.log_prob
+
+
+@dataclass(frozen=True)
+class DequantizedBPD:
+    """Bits/dim averaged over dequantization repeats.
+
+    Attributes:
+        bpd: ``[B]`` per-sample bits/dim, mean over repeats.
+        log_prob: ``[B]`` per-sample log-density (nats) of the dequantized data, mean over repeats.
+        bpd_repeats: ``[R, B]`` every repeat's bits/dim.
+        mean: mean bits/dim over samples and repeats.
+        std_error: standard error of ``mean``: std of the per-sample means over sqrt(B) (samples as i.i.d. units,
+            which includes the dequantization and estimator noise); for B = 1 the spread over repeats,
+            std / sqrt(R); NaN if B = R = 1.
+        sample_std_error: ``[B]`` standard error over repeats of each sample's bits/dim (None if R = 1).
+    """
+
+    bpd: torch.Tensor
+    log_prob: torch.Tensor
+    bpd_repeats: torch.Tensor
+    mean: float
+    std_error: float
+    sample_std_error: torch.Tensor | None
+
+
+def dequantized_bpd(
+    log_likelihood_fn: Callable[[torch.Tensor, torch.Generator | None], Any],
+    x: torch.Tensor,
+    repeats: int = 1,
+    bits: int = 8,
+    data_range: Range = (-1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> DequantizedBPD:
+    """Bits/dim of k-bit data ``x`` averaged over ``repeats`` fresh uniform dequantizations.
+
+    ``log_likelihood_fn(y, generator)`` returns log p(y) in nats for the dequantized batch y: a ``[B]`` tensor, a
+    mapping with key ``"log_prob"`` or an object with a ``log_prob`` attribute (e.g.
+    ``lambda y, g: log_likelihood(score, y, sde, generator=g)``). Repeat r draws its dequantization noise from
+    ``generator`` and then calls the function with the same generator (for Hutchinson probes), in that order, so a
+    seeded generator makes the whole computation reproducible.
+    """
+    if int(repeats) != repeats or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape [batch, ...] with at least 2 dims, got {tuple(x.shape)}")
+    lv_check = levels(x, bits, data_range)  # validate once, before any (expensive) likelihood call
+    del lv_check
+    D = x[0].numel()
+    rows = []
+    for _ in range(int(repeats)):
+        y = uniform_dequantize(x, bits, data_range, generator)
+        lp = _log_prob_of(log_likelihood_fn(y, generator)).detach().to(torch.float64).flatten()
+        if lp.numel() != x.shape[0]:
+            raise ValueError(f"log_likelihood_fn returned {lp.numel()} values for a batch of {x.shape[0]}")
+        rows.append(lp.cpu())
+    lp = torch.stack(rows)  # [R, B]
+    bpd = bits_per_dim(lp, D, bits, data_range)
+    per_sample = bpd.mean(0)
+    R, B = bpd.shape
+    sample_se = bpd.std(0, unbiased=True) / math.sqrt(R) if R > 1 else None
+    if B > 1:
+        se = float(per_sample.std(unbiased=True)) / math.sqrt(B)
+    elif R > 1:
+        se = float(sample_se[0])
+    else:
+        se = float("nan")
+    return DequantizedBPD(
+        bpd=per_sample,
+        log_prob=lp.mean(0),
+        bpd_repeats=bpd,
+        mean=float(per_sample.mean()),
+        std_error=se,
+        sample_std_error=sample_se,
+    )

@@ -1,0 +1,434 @@
+"""Adaptive embedded Runge-Kutta solvers (scoresolve/solvers/ode.py): tableaux, accuracy against closed forms,
+exact NFE accounting, per-sample control, augmented states, torchdiffeq agreement and failure modes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import scoresolve as ss
+from scoresolve.solvers import REGISTRY, NonFiniteError
+from scoresolve.solvers.ode import (
+    TABLEAUX,
+    AdaptiveResult,
+    ButcherTableau,
+    MaxStepsError,
+    NonFiniteStepError,
+    PIController,
+    StepSizeUnderflowError,
+    odeint_adaptive,
+)
+
+METHODS = ("dopri5", "tsit5", "bosh3")
+T_EPS = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: intra-op threads only add contention (softmax on [16, 1] is ~500x slower with 2 busy threads)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gaussian_case(sde, D=3, B=16, seed=1, dtype=torch.float64, event_shape=None):
+    gm = ss.GaussianMixture.random(D, 1, seed=seed, event_shape=event_shape)
+    shape = (B,) + (tuple(event_shape) if event_shape else (D,))
+    x = sde.prior_sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return gm, x
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tableaux: order conditions from rooted trees (so a typo in any coefficient fails)
+# ------------------------------------------------------------------------------------------------------------------
+def _trees(n: int) -> list:
+    """Rooted trees with n nodes, each a sorted tuple of its subtrees."""
+    if n == 1:
+        return [()]
+
+    def forests(rem: int, bound):
+        if rem == 0:
+            yield ()
+            return
+        for m in range(1, rem + 1):
+            for tr in _trees(m):
+                key = (m, tr)
+                if bound is not None and key > bound:
+                    continue
+                for rest in forests(rem - m, key):
+                    yield (tr,) + rest
+
+    return sorted({tuple(sorted(f)) for f in forests(n - 1, None)})
+
+
+def _size(t) -> int:
+    return 1 + sum(_size(s) for s in t)
+
+
+def _gamma(t) -> int:
+    return _size(t) * math.prod(_gamma(s) for s in t)
+
+
+def _phi(t, A: np.ndarray) -> np.ndarray:
+    v = np.ones(A.shape[0])
+    for s in t:
+        v = v * (A @ _phi(s, A))
+    return v
+
+
+def _order_residuals(tab: ButcherTableau, w, order: int) -> list[float]:
+    S = tab.stages
+    A = np.zeros((S, S))
+    for i, row in enumerate(tab.a):
+        A[i + 1, : i + 1] = row
+    return [abs(np.asarray(w) @ _phi(t, A) - 1.0 / _gamma(t)) for t in _trees(order)]
+
+
+def test_tree_counts():
+    assert [len(_trees(n)) for n in range(1, 7)] == [1, 1, 2, 4, 9, 20]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tableau_order_conditions(name):
+    tab = TABLEAUX[name]
+    A_rows = np.array([sum(r) for r in tab.a])
+    np.testing.assert_allclose(A_rows, tab.c[1:], atol=1e-15)  # c_i = sum_j a_ij
+    for w, p in ((tab.b, tab.order), (tab.b_hat, tab.embedded_order)):
+        for n in range(1, p + 1):
+            assert max(_order_residuals(tab, w, n)) < 5e-14, (name, n)
+        # and not one order more: the pair really has the stated orders (an error estimate that is not zero)
+        assert max(_order_residuals(tab, w, p + 1)) > 1e-5
+    assert tab.fsal and tab.a[-1] == tab.b[:-1] and tab.b[-1] == 0.0 and tab.c[-1] == 1.0
+    assert abs(sum(tab.b_err)) < 1e-15 and max(abs(e) for e in tab.b_err) > 1e-3
+
+
+def test_tableau_validation():
+    with pytest.raises(ValueError, match="FSAL"):
+        ButcherTableau("bad", 2, 1, ((1.0,),), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0), fsal=True)
+    with pytest.raises(ValueError, match="len"):
+        ButcherTableau("bad", 2, 1, ((1.0,),), (0.5, 0.5), (1.0,), (0.0, 1.0), fsal=False)
+
+
+def test_registry():
+    for name in METHODS:
+        spec = REGISTRY[name]
+        assert spec.kind == "adaptive" and spec.order == TABLEAUX[name].order and spec.description
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Accuracy against the closed-form PF-ODE flow of Gaussian data
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.SubVPSDE(), ss.VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("method", METHODS)
+def test_global_error_tracks_tolerance(sde, method):
+    gm, x = _gaussian_case(sde)
+    exact = gm.pf_ode_flow(x, sde.T, T_EPS, sde)
+    errs, abs_errs, nfes = [], [], []
+    for tol in (1e-3, 1e-5, 1e-7):
+        sol = ss.sample(gm.score_fn(sde), sde, x, solver=method, rtol=tol, atol=tol, t_eps=T_EPS)
+        assert torch.equal(sol.t, torch.full((16,), T_EPS, dtype=torch.float64))
+        scaled = ((sol.x - exact) / (tol + tol * exact.abs())).square().mean(1).sqrt()
+        errs.append(float(scaled.max()))
+        abs_errs.append(float((sol.x - exact).abs().max()))
+        nfes.append(float(sol.nfe.double().mean()))
+    assert max(errs) <= 30, errs  # global error within a modest factor of the tolerance
+    assert abs_errs[0] > 10 * abs_errs[1] > 100 * abs_errs[2], abs_errs  # and it falls with the tolerance
+    assert nfes[0] < nfes[1] < nfes[2]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NFE accounting
+# ------------------------------------------------------------------------------------------------------------------
+class _CountingScore:
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, x, t):
+        assert t.shape == (x.shape[0],)
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.fn(x, t)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nfe_exact(method):
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 3, seed=4)
+    x = sde.prior_sample((6, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    per_step = TABLEAUX[method].stages - 1  # FSAL: the last stage is the next step's first
+    sols = []
+    for i in range(6):  # each sample alone: the user's counter equals the solver's NFE
+        counter = _CountingScore(gm.score_fn(sde))
+        sol = ss.sample(counter, sde, x[i : i + 1], solver=method, rtol=1e-5, atol=1e-5, check_every=1)
+        assert sol.nfe.dtype == torch.long and sol.nfe.shape == (1,)
+        assert int(sol.nfe[0]) == counter.calls == sol.stats["calls"]
+        # f(t0) + one evaluation of the initial-step heuristic + (stages - 1) per attempted step
+        assert counter.calls == 2 + per_step * int(sol.steps[0] + sol.rejected[0])
+        sols.append(sol)
+    counter = _CountingScore(gm.score_fn(sde))
+    batch = ss.sample(counter, sde, x, solver=method, rtol=1e-5, atol=1e-5)
+    assert counter.calls == batch.stats["calls"] == batch.stats["network_calls"]
+    assert counter.rows == 6 * counter.calls
+    assert torch.equal(batch.nfe, torch.cat([s.nfe for s in sols]))
+    assert torch.equal(batch.nfe, 2 + per_step * (batch.steps + batch.rejected))
+    # the slowest sample is active in every call but the few made after it finished (before the next check)
+    assert int(batch.nfe.max()) <= counter.calls <= int(batch.nfe.max()) + per_step * 2
+    assert int(batch.nfe.sum()) < 6 * counter.calls
+
+
+def test_first_step_skips_heuristic_and_non_fsal_counts():
+    f = lambda t, y: -y * t[:, None]  # noqa: E731
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    res = odeint_adaptive(f, y0, 0.0, 2.0, method="tsit5", first_step=1e-2, rtol=1e-8, atol=1e-8)
+    assert torch.equal(res.nfe, 1 + 6 * (res.steps + res.rejected))
+    torch.testing.assert_close(res.y, torch.full_like(y0, math.exp(-2.0)), rtol=1e-7, atol=0)
+    # a non-FSAL pair (Heun-Euler 2(1)): the first stage is evaluated anew on every attempt after the first
+    heun_euler = ButcherTableau("heun_euler", 2, 1, ((1.0,),), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0), fsal=False)
+    res = odeint_adaptive(f, y0, 0.0, 2.0, method=heun_euler, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.nfe, 1 + 2 * (res.steps + res.rejected))
+    torch.testing.assert_close(res.y, torch.full_like(y0, math.exp(-2.0)), rtol=3e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Per-sample control
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,tol", [("tsit5", 1e-6), ("bosh3", 1e-5)])
+def test_sample_alone_equals_sample_in_batch(method, tol):
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 4, seed=0)
+    x = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x[0] = 0.0  # samples in very different places
+    x[1] = torch.tensor([6.0, -6.0], dtype=torch.float64)
+    score = gm.score_fn(sde)
+    batch = ss.sample(score, sde, x, solver=method, rtol=tol, atol=tol)
+    for i in range(8):
+        alone = ss.sample(score, sde, x[i : i + 1], solver=method, rtol=tol, atol=tol)
+        torch.testing.assert_close(alone.x[0], batch.x[i], rtol=0, atol=1e-12)
+        assert int(alone.steps[0]) == int(batch.steps[i]) and int(alone.rejected[0]) == int(batch.rejected[i])
+        assert int(alone.nfe[0]) == int(batch.nfe[i])
+    # each sample takes its own number of steps
+    assert batch.steps.unique().numel() >= 3
+    assert int(batch.steps.max()) >= int(batch.steps.min()) + 3
+
+
+def test_batch_invariance_to_rounding_for_an_elementwise_field():
+    # the stepper couples no samples: with an elementwise field the only batch effect is rounding (CPU kernels
+    # vectorise a row differently depending on its neighbours), and the step sequences are identical
+    f = lambda t, y: -(y**3) + torch.sin(3 * t)[:, None, None, None] * y  # noqa: E731
+    y0 = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    batch = odeint_adaptive(f, y0, 0.0, 2.0, method="dopri5", rtol=1e-7, atol=1e-7)
+    for i in range(8):
+        alone = odeint_adaptive(f, y0[i : i + 1], 0.0, 2.0, method="dopri5", rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(alone.y[0], batch.y[i], rtol=0, atol=1e-14)
+        assert torch.equal(alone.nfe[0], batch.nfe[i]) and torch.equal(alone.rejected[0], batch.rejected[i])
+    assert batch.steps.unique().numel() > 1
+
+
+def test_result_does_not_depend_on_check_every():
+    sde = ss.SubVPSDE()
+    gm = ss.GaussianMixture.random(2, 3, seed=2)
+    x = sde.prior_sample((5, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sols = [ss.sample(gm.score_fn(sde), sde, x, solver="dopri5", rtol=1e-6, atol=1e-6, check_every=k)
+            for k in (1, 8, 1000)]
+    for s in sols[1:]:
+        assert torch.equal(s.x, sols[0].x) and torch.equal(s.nfe, sols[0].nfe) and torch.equal(s.steps, sols[0].steps)
+    assert sols[0].stats["calls"] == int(sols[0].nfe.max())  # checking every step wastes no call
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Augmented (tuple) states: the error is the max over the parts
+# ------------------------------------------------------------------------------------------------------------------
+OMEGA = 60.0
+
+
+def _aug_field(t, y):
+    x, logp = y
+    return -x, OMEGA * torch.cos(OMEGA * t)  # x is trivial, logp oscillates and needs small steps
+
+
+def _aug_exact(x0, l0, t0, t1):
+    return x0 * math.exp(-(t1 - t0)), l0 + math.sin(OMEGA * t1) - math.sin(OMEGA * t0)
+
+
+@pytest.mark.parametrize("t0,t1", [(0.0, 1.0), (1.0, 0.1)], ids=["forward", "backward"])
+def test_augmented_tuple_state(t0, t1):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    l0 = torch.randn(4, generator=g, dtype=torch.float64)
+    tol = 1e-6
+    res = odeint_adaptive(_aug_field, (x0, l0), t0, t1, method="tsit5", rtol=tol, atol=tol)
+    assert isinstance(res, AdaptiveResult) and isinstance(res.y, tuple) and len(res.y) == 2
+    x1, l1 = res.y
+    assert x1.shape == x0.shape and l1.shape == l0.shape
+    xe, le = _aug_exact(x0, l0, t0, t1)
+    err_l = float(((l1 - le).abs() / (tol + tol * le.abs())).max())
+    assert err_l <= 30, err_l
+    torch.testing.assert_close(x1, xe, rtol=30 * tol, atol=30 * tol)
+    # the scalar part drives the steps: the pair takes about as many steps as logp alone, many more than x alone
+    alone = odeint_adaptive(lambda t, l: _aug_field(t, (x0, l))[1], l0, t0, t1, method="tsit5", rtol=tol, atol=tol)
+    x_alone = odeint_adaptive(lambda t, x: -x, x0, t0, t1, method="tsit5", rtol=tol, atol=tol)
+    assert bool(((alone.steps - res.steps).abs() <= 0.05 * res.steps).all()), (alone.steps, res.steps)
+    assert int(x_alone.steps.max()) * 3 < int(res.steps.min()), (x_alone.steps, res.steps)
+    # one RMS over the concatenation (what folding logp into x does) weights logp by 1/49 and loses accuracy
+    cat0 = torch.cat([x0.flatten(1), l0[:, None]], 1)
+
+    def cat_field(t, y):
+        dx, dl = _aug_field(t, (y[:, :-1], y[:, -1]))
+        return torch.cat([dx, dl[:, None]], 1)
+
+    cat = odeint_adaptive(cat_field, cat0, t0, t1, method="tsit5", rtol=tol, atol=tol)
+    err_cat = float(((cat.y[:, -1] - le).abs() / (tol + tol * le.abs())).max())
+    assert err_cat > 3 * err_l and int(cat.steps.sum()) < int(res.steps.sum())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Agreement with torchdiffeq
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t0,t1", [(1.0, 0.05), (0.05, 0.9)], ids=["backward", "forward"])
+def test_agrees_with_torchdiffeq(t0, t1):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 4, seed=0)
+    proc = sde.probability_flow(gm.score_fn(sde))
+    x = gm.sample_marginal(8, t0, sde, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def drift(t, y):
+        t = t.expand(y.shape[0]) if t.ndim == 0 else t
+        return proc.drift_from_score(y, t, gm.score(y, t, sde))
+
+    tol = 1e-9
+    ours = odeint_adaptive(drift, x, t0, t1, method="dopri5", rtol=tol, atol=tol)
+    ref = torchdiffeq.odeint(drift, x, torch.tensor([t0, t1], dtype=torch.float64), rtol=tol, atol=tol,
+                             method="dopri5")[-1]
+    torch.testing.assert_close(ours.y, ref, rtol=0, atol=1e-6)
+    assert float((ours.y - x).abs().max()) > 0.1  # the flow moved the samples
+    assert torch.equal(ours.t, torch.full((8,), t1, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------------------------
+def test_invalid_tolerances_and_arguments():
+    sde = ss.VPSDE()
+    gm, x = _gaussian_case(sde, B=2)
+    score = gm.score_fn(sde)
+    for kw in ({"rtol": 0.0}, {"atol": -1e-5}, {"rtol": float("nan")}):
+        with pytest.raises(ValueError, match="tol"):
+            ss.sample(score, sde, x, solver="dopri5", **kw)
+    f = lambda t, y: -y  # noqa: E731
+    with pytest.raises(ValueError, match="atol"):
+        odeint_adaptive(f, x, 0.0, 1.0, atol=0.0)
+    with pytest.raises(ValueError, match="unknown adaptive method"):
+        odeint_adaptive(f, x, 0.0, 1.0, method="rk45")
+    with pytest.raises(ValueError, match="non-finite"):
+        odeint_adaptive(f, torch.full((2, 2), float("nan")), 0.0, 1.0)
+    with pytest.raises(ValueError, match="returned"):
+        odeint_adaptive(lambda t, y: y[:, :1], x, 0.0, 1.0)
+    with pytest.raises(ValueError, match="SDE sampler"):
+        REGISTRY["tsit5"].fn(sde.reverse(score, 1.0), x, 1.0, T_EPS)
+    with pytest.raises(TypeError):
+        ss.sample(score, sde, x, solver="tsit5", no_such_option=1)
+    with pytest.raises(ValueError):
+        PIController(factor_min=2.0)
+
+
+def test_zero_length_interval():
+    y0 = torch.ones(3, 2)
+    res = odeint_adaptive(lambda t, y: y, y0, 0.5, 0.5)
+    assert torch.equal(res.y, y0) and res.calls == 0 and torch.equal(res.nfe, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.timeout(60)
+def test_max_steps():
+    sde = ss.VPSDE()
+    gm, x = _gaussian_case(sde, B=3)
+    with pytest.raises(MaxStepsError, match=r"dopri5.*max_steps=3 with 3 sample\(s\) unfinished") as info:
+        ss.sample(gm.score_fn(sde), sde, x, solver="dopri5", rtol=1e-8, atol=1e-8, max_steps=3)
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.indices == [0, 1, 2] and all(T_EPS < t < 1.0 for t in info.value.times)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_score_raises_not_hangs(method):
+    sde = ss.VPSDE()
+    gm, x = _gaussian_case(sde, B=4)
+    good = gm.score_fn(sde)
+
+    def score(x, t):
+        s = good(x, t)
+        return torch.where((t < 0.5)[:, None], torch.full_like(s, float("nan")), s)
+
+    with pytest.raises(NonFiniteError) as info:
+        ss.sample(score, sde, x, solver=method, rtol=1e-5, atol=1e-5)
+    err = info.value
+    assert isinstance(err, StepSizeUnderflowError) and isinstance(err, NonFiniteStepError)
+    assert err.indices == [0, 1, 2, 3]
+    assert all(0.5 <= t < 0.5 + 1e-6 for t in err.times), err.times  # stuck right where the score breaks
+    assert bool(torch.isfinite(err.last_finite).all()) and err.last_finite.shape == x.shape
+    assert method in str(err) and "non-finite" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_nan_in_some_samples_only():
+    # rows with y[:, 1] > 0 get NaN after t = 0.5; the others finish, and the error names exactly the bad rows
+    y0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y0[:, 1] = torch.tensor([1.0, -1.0, 2.0, -2.0, -0.5, 0.5], dtype=torch.float64)
+
+    def f(t, y):
+        bad = (t > 0.5) & (y[:, 1] > 0)
+        return torch.where(bad[:, None], torch.full_like(y, float("nan")), -y)
+
+    with pytest.raises(NonFiniteStepError) as info:
+        odeint_adaptive(f, y0, 0.0, 1.0, method="dopri5", rtol=1e-8, atol=1e-8, name="my-likelihood")
+    err = info.value
+    assert err.indices == [0, 2, 5] and all(0.5 - 1e-6 < t <= 0.5 for t in err.times), err.times
+    assert "my-likelihood" in str(err)
+    good = [1, 3, 4]
+    torch.testing.assert_close(err.y[good], y0[good] * math.exp(-1.0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(err.y[[0, 2, 5]], y0[[0, 2, 5]] * math.exp(-0.5), rtol=1e-7, atol=0)
+
+
+@pytest.mark.timeout(60)
+def test_blow_up_raises_step_size_underflow():
+    # y' = y^2, y(0) = 1 has y = 1/(1 - t): a singularity at t = 1 inside [0, 2]
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    with pytest.raises(StepSizeUnderflowError) as info:
+        odeint_adaptive(lambda t, y: y * y, y0, 0.0, 2.0, rtol=1e-6, atol=1e-6)
+    assert info.value.indices == [0, 1] and all(abs(t - 1.0) < 1e-3 for t in info.value.times)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dtypes, shapes, trajectory, callback
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("event_shape", [(3,), (2, 2, 2), (2, 1, 2, 2)], ids=["2d", "4d", "5d"])
+def test_float32_and_shapes(event_shape):
+    sde = ss.VPSDE()
+    D = math.prod(event_shape)
+    gm, x = _gaussian_case(sde, D=D, B=5, dtype=torch.float32, event_shape=event_shape)
+    sol = ss.sample(gm.score_fn(sde), sde, x, solver="tsit5", rtol=1e-4, atol=1e-4)
+    assert sol.x.dtype == torch.float32 and sol.x.shape == x.shape and sol.t.dtype == torch.float32
+    assert sol.nfe.shape == sol.steps.shape == sol.rejected.shape == (5,)
+    exact = gm.pf_ode_flow(x.double(), sde.T, T_EPS, sde)
+    torch.testing.assert_close(sol.x.double(), exact, rtol=3e-3, atol=3e-3)
+
+
+def test_trajectory_and_callback():
+    sde = ss.VESDE()
+    gm, x = _gaussian_case(sde, B=3)
+    seen = []
+    sol = ss.sample(gm.score_fn(sde), sde, x, solver="bosh3", rtol=1e-4, atol=1e-4, save_trajectory=True,
+                    callback=lambda i, t, y: seen.append((i, t.clone(), y.shape)))
+    n = sol.ts.shape[0]
+    assert sol.ts.shape == (n, 3) and sol.xs.shape == (n, 3, 3)
+    assert torch.equal(sol.xs[0], x) and torch.equal(sol.xs[-1], sol.x)
+    assert torch.equal(sol.ts[0], torch.ones(3, dtype=torch.float64)) and torch.equal(sol.ts[-1], sol.t)
+    assert bool((sol.ts[1:] <= sol.ts[:-1]).all())  # per-sample times never increase (backwards solve)
+    assert n - 1 == sol.stats["iterations"] >= int((sol.steps + sol.rejected).max())
+    assert seen and all(t.shape == (3,) and shape == x.shape for _, t, shape in seen)
+    assert [i for i, _, _ in seen] == sorted({i for i, _, _ in seen}) and seen[-1][0] == sol.stats["iterations"]
+    assert torch.equal(seen[-1][1], torch.full((3,), T_EPS, dtype=torch.float64))
