@@ -1,4 +1,4 @@
-"""The ``scoresolve`` command: ``compare`` (work-precision study, the default), ``sample`` and ``likelihood``."""
+"""The ``scoresolve`` command: ``compare`` (the default), ``sample``, ``likelihood`` and ``train``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         t_eps=args.t_eps,
         mixture=gm,
         progress=not args.quiet,
+        solver_options={"euler_maruyama": {"diffusion": 1.0}},  # the reverse SDE (diffusion 0 would be Euler)
     )
     runs.append(exact_baseline(gm, sde, args.batch, args.t_eps, args.seed))
     print(format_table(runs))
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .dataset_eval import add_likelihood_args
 
     add_likelihood_args(sub.add_parser("likelihood", help="log-likelihood / bits-per-dim of a dataset via the PF-ODE"))
+    from .models.train import add_train_args
+
+    add_train_args(sub.add_parser("train", help="train a reference score network by denoising score matching"))
     return parser
 
 

@@ -121,7 +121,7 @@ def work_precision(
     for name, grid, setting, kw in jobs:
         base = name.partition("@")[0]
         spec = REGISTRY.get(base)
-        stochastic = bool(spec and spec.stochastic) or base.startswith("torchsde:") or kw.get("diffusion", 0) != 0
+        stochastic = bool(spec and spec.draws_noise(kw)) or base.startswith("torchsde:") or kw.get("diffusion", 0) != 0
         gen = torch.Generator(device=x_T.device).manual_seed(generator_seed)
         if spec is not None and spec.stochastic:
             kw.setdefault("generator", gen)
@@ -172,43 +172,44 @@ def format_table(runs: Sequence[Run]) -> str:
 
 
 def plot_work_precision(runs: Sequence[Run], path: str, title: str = "work-precision") -> None:
-    """Log-log plot of error against NFE, one line per solver (path-wise error; SWD for stochastic solvers)."""
+    """Log-log plot of error against NFE, one line per solver; a second panel shows the sliced Wasserstein
+    distance when the runs have it (analytic mixtures; the only metric for stochastic solvers). Solvers from peer
+    libraries (names with a space or a colon, e.g. ``k-diffusion heun``) are drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     by_solver: dict[str, list[Run]] = {}
     for r in runs:
-        by_solver.setdefault(r.solver, []).append(r)
-    for name, rs in by_solver.items():
+        if r.nfe > 0:
+            by_solver.setdefault(r.solver, []).append(r)
+    has_dist = any(not math.isnan(r.swd) for r in runs if r.nfe > 0)
+    fig, axes = plt.subplots(1, 2 if has_dist else 1, figsize=(12 if has_dist else 7, 4.8), squeeze=False)
+    axes = axes[0]
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, rs) in enumerate(by_solver.items()):
         rs = sorted(rs, key=lambda r: r.nfe)
+        style = dict(color=colors[k % len(colors)], marker="os^vD<>"[k % 7],
+                     linestyle="--" if (" " in name or ":" in name) else "-", label=name)
         pts = [(r.nfe, r.error) for r in rs if not math.isnan(r.error) and r.error > 0]
         if pts:
-            axes[0].plot(*zip(*pts), "o-", label=name)
+            axes[0].plot(*zip(*pts), **style)
         pts = [(r.nfe, r.swd) for r in rs if not math.isnan(r.swd)]
-        if pts:
-            axes[1].plot(*zip(*pts), "o-", label=name)
-    axes[0].set(
-        xscale="log",
-        yscale="log",
-        xlabel="NFE (score evaluations per sample)",
-        ylabel="RMS error vs reference ODE solve",
-        title=title,
-    )
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="NFE",
-        ylabel="sliced Wasserstein-2 to exact samples",
-        title="distribution error",
-    )
+        if pts and has_dist:
+            axes[1].plot(*zip(*pts), **style)
+    axes[0].set(xscale="log", yscale="log", xlabel="NFE (score evaluations per sample)",
+                ylabel="RMS error vs reference ODE solve", title=title)
+    if has_dist:
+        floor = [r.swd for r in runs if r.nfe == 0 and not math.isnan(r.swd)]
+        if floor:
+            axes[1].axhline(floor[0], color="k", linestyle=":", label="exact vs exact samples (sampling noise)")
+        axes[1].set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced Wasserstein-2 to exact samples",
+                    title="distribution error")
+        axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    if axes[1].lines:
-        axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

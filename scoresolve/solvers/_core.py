@@ -104,7 +104,8 @@ class SolverSpec:
     ``"adaptive"`` (chooses its own steps from rtol/atol). ``evals_per_step`` and ``extra_evals`` give the NFE
     of a grid solve: nfe = evals_per_step * steps + extra_evals (this is how an ``nfe`` budget becomes a step
     count). ``min_steps`` is the fewest steps the method accepts. ``default_grid`` names the grid used when the
-    caller gives none. ``stochastic`` solvers take a ``generator``.
+    caller gives none. ``stochastic`` solvers take a ``generator``; if ``noise_option`` names an option (``eta``
+    for ddim), they draw noise only when that option is > 0 (see :meth:`draws_noise`).
     """
 
     name: str
@@ -117,6 +118,13 @@ class SolverSpec:
     order: float = 1.0
     stochastic: bool = False
     description: str = ""
+    noise_option: str | None = None
+
+    def draws_noise(self, options: dict[str, Any]) -> bool:
+        """Whether a run with these options is random (its result depends on the generator)."""
+        if not self.stochastic:
+            return False
+        return self.noise_option is None or float(options.get(self.noise_option, 0.0)) > 0
 
     def steps_for_nfe(self, nfe: int) -> int:
         steps = (int(nfe) - self.extra_evals) // self.evals_per_step

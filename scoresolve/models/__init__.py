@@ -1,0 +1,78 @@
+"""Small reference score networks, denoising-score-matching training, and a shipped digits model.
+
+    from scoresolve.models import UNet, MLPScoreNet, TrainConfig, load_checkpoint, load_digits_model
+    from scoresolve.models.train import train
+
+    model, sde = load_digits_model()          # U-Net trained on 8x8 digits under the VP SDE (eps prediction)
+    x = scoresolve.sample(model, sde, sde.prior_sample((16, 1, 8, 8)), solver="dpmpp_2m", nfe=20).x
+
+Networks take continuous t in [0, T] and predict eps; wrap them with
+``ScoreModel(net, sde, prediction="eps", time="t")``. Training and checkpoint formats: :mod:`.train`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .mlp import MLPScoreNet, TimeEmbedding
+from .unet import UNet, num_parameters
+
+# training names load on first use, so that ``python -m scoresolve.models.train`` runs cleanly and
+# ``scoresolve.models.train`` stays the module (the function is ``scoresolve.models.train.train``)
+_TRAIN_NAMES = (
+    "TrainConfig",
+    "TrainResult",
+    "add_train_args",
+    "build_network",
+    "build_sde",
+    "cmd_train",
+    "dsm_loss",
+    "export_model",
+    "load_checkpoint",
+)
+
+
+def __getattr__(name: str):
+    if name in _TRAIN_NAMES:
+        from . import train as _train
+
+        return getattr(_train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+DIGITS_CHECKPOINT = os.path.join(CHECKPOINT_DIR, "digits_vp.pt")
+
+
+def load_digits_model(device: str = "cpu"):
+    """(ScoreModel, sde) of the shipped U-Net trained on scikit-learn's digits under the VP SDE.
+
+    The model was trained on uniformly dequantized digits scaled to [-1, 1] (17 levels, see
+    :mod:`scoresolve.data`), shape ``[batch, 1, 8, 8]``; ``checkpoints/README.md`` records how and what it scores.
+    """
+    if not os.path.exists(DIGITS_CHECKPOINT):
+        raise FileNotFoundError(f"the shipped digits checkpoint is missing: {DIGITS_CHECKPOINT}")
+    from .train import load_checkpoint
+
+    model, sde, _ = load_checkpoint(DIGITS_CHECKPOINT, device=device)
+    return model, sde
+
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "DIGITS_CHECKPOINT",
+    "MLPScoreNet",
+    "TimeEmbedding",
+    "TrainConfig",
+    "TrainResult",
+    "UNet",
+    "add_train_args",
+    "build_network",
+    "build_sde",
+    "cmd_train",
+    "dsm_loss",
+    "export_model",
+    "load_checkpoint",
+    "load_digits_model",
+    "num_parameters",
+]

@@ -1,0 +1,507 @@
+"""Denoising score matching in continuous time for any :class:`~scoresolve.ForwardSDE`, with EMA and resumable
+checkpoints.
+
+Objective (Song et al. 2021, eq. 7, written for a noise predictor eps_hat = -sigma * score):
+
+    L = E_{t, x0, eps} [ w(t) * mean_d (eps_hat(x_t, t) - eps)^2 ],   x_t = alpha(t) x0 + sigma(t) eps,
+
+with t ~ U(t_eps, T). The score-matching weighting lambda(t) of the score error becomes w(t) = lambda(t) / sigma^2:
+
+* ``"eps"``: w = 1, DDPM's L_simple.
+* ``"score"``: lambda = sigma^2, the standard weighting of score_sde. It gives w = 1 too: with an eps network the
+  two are the same objective (kept as a name so that configs can say which convention they mean).
+* ``"likelihood"``: lambda = g^2 (Song, Durkan, Murray & Ermon 2021), w = g^2 / sigma^2; then L / 2 integrated over
+  t is the KL bound that makes the PF-ODE likelihood a target. w grows like 1/t near t = 0 (VP), so the estimate
+  is noisy; ``importance_sampling=True`` draws t from q(t) proportional to g^2 / sigma^2 instead and weighs by
+  w / q, a constant. Because g^2 = d sigma^2/dt - 2 f sigma^2 for every SDE here, g^2 / sigma^2 = -2 d lambda/dt
+  (lambda the half log-SNR), so q is uniform in log-SNR: lam ~ U(lam(T), lam(t_eps)), t = t(lam), and
+  w / q = 2 (lam(t_eps) - lam(T)).
+
+Training state (:func:`train`): Adam, linear learning-rate warm-up, gradient-norm clipping, an EMA of the weights
+(decay ``min(ema_decay, (1 + step) / (10 + step))``), one ``torch.Generator`` seeded with ``seed`` for every random
+draw (batches, dequantization, t, noise) and the network initialised under ``torch.manual_seed(seed)``.
+Checkpoints hold the weights, EMA, optimizer, generator state, step, loss history and config, so a resumed run
+continues bit-identically on the same machine. :func:`export_model` writes the EMA weights and config only
+(float32 or float16) and :func:`load_checkpoint` reads either kind back as a :class:`~scoresolve.ScoreModel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..score import ScoreModel
+from ..sde import VESDE, VPSDE, ForwardSDE, SubVPSDE
+from .mlp import MLPScoreNet
+from .unet import UNet
+
+SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+WEIGHTINGS = ("eps", "score", "likelihood")
+STATE_FORMAT = "scoresolve.train_state/1"
+MODEL_FORMAT = "scoresolve.model/1"
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.pt"
+
+# config fields that a resumed run may change (everything else must match the checkpoint)
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint).
+
+    ``model="auto"`` picks the U-Net for image data ``[C, H, W]`` and the MLP otherwise; ``model_kwargs`` go to
+    the network's constructor, ``sde_kwargs`` to the SDE's. ``split_seed`` fixes the digits train/test split.
+    """
+
+    data: str = "moons"
+    sde: str = "vp"
+    sde_kwargs: dict = field(default_factory=dict)
+    model: str = "auto"
+    model_kwargs: dict = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weighting: str = "eps"
+    importance_sampling: bool = False
+    t_eps: float = 1e-5
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    split_seed: int = 0
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.sde not in SDES:
+            raise ValueError(f"unknown sde {self.sde!r}; expected one of {sorted(SDES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.model not in ("auto", "mlp", "unet"):
+            raise ValueError(f"unknown model {self.model!r}; expected 'auto', 'mlp' or 'unet'")
+        if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
+        if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.grad_clip >= 0 and self.warmup >= 0):
+            raise ValueError("need lr > 0, 0 <= ema_decay < 1, grad_clip >= 0 (0: off), warmup >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained network, its EMA copy, the SDE and the loss of every step."""
+
+    net: nn.Module
+    ema: nn.Module
+    sde: ForwardSDE
+    config: TrainConfig
+    step: int
+    losses: list
+    shape: tuple
+    seconds: float = 0.0
+
+    def score_model(self, use_ema: bool = True) -> ScoreModel:
+        """The (EMA) network as a ScoreModel predicting eps with continuous time t."""
+        return ScoreModel(self.ema if use_ema else self.net, self.sde, prediction="eps", time="t")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------------------------------------
+def build_sde(name: str, **kwargs: Any) -> ForwardSDE:
+    """``vp``, ``subvp`` or ``ve`` with constructor keyword arguments."""
+    if name not in SDES:
+        raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDES)}")
+    return SDES[name](**kwargs)
+
+
+def build_network(model: str, shape: Sequence[int], T: float = 1.0, **kwargs: Any) -> nn.Module:
+    """An eps network for samples of ``shape``: ``unet`` (``[C, H, W]``), ``mlp`` (any), ``auto``."""
+    shape = tuple(int(s) for s in shape)
+    if model == "auto":
+        model = "unet" if len(shape) == 3 else "mlp"
+    if model == "unet":
+        if len(shape) != 3:
+            raise ValueError(f"the U-Net needs image samples [C, H, W], got shape {shape}")
+        return UNet(in_channels=shape[0], T=T, **kwargs)
+    if model == "mlp":
+        return MLPScoreNet(shape=shape, T=T, **kwargs)
+    raise ValueError(f"unknown model {model!r}; expected 'auto', 'mlp' or 'unet'")
+
+
+def _resolved_model(config: TrainConfig, shape: Sequence[int]) -> str:
+    return config.model if config.model != "auto" else ("unet" if len(shape) == 3 else "mlp")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the objective
+# --------------------------------------------------------------------------------------------------------------------
+def loss_weight(sde: ForwardSDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) = lambda(t) / sigma(t)^2 of the eps objective (module docstring), shape like t."""
+    if weighting in ("eps", "score"):
+        return torch.ones_like(t)
+    if weighting == "likelihood":
+        return sde._g2(t) / sde._sigma(t) ** 2
+    raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+
+
+def sample_time(
+    sde: ForwardSDE,
+    n: int,
+    t_eps: float,
+    generator: torch.Generator | None = None,
+    importance_sampling: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training times ``[n]``: t ~ U(t_eps, T), or with importance sampling t ~ q ∝ g^2/sigma^2 (uniform in log-SNR).
+
+    Returns (t, is_weight): ``is_weight`` is None for uniform t, else the constant w(t) / q(t) ``[n]`` that replaces
+    the likelihood weight (module docstring).
+    """
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if not importance_sampling:
+        return (t_eps + (sde.T - t_eps) * u).to(dtype), None
+    lam = sde.log_snr(torch.tensor([t_eps, sde.T], dtype=torch.float64))
+    lam_hi, lam_lo = float(lam[0]), float(lam[1])
+    t = sde.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u).clamp(t_eps, sde.T)
+    return t.to(dtype), torch.full((n,), 2 * (lam_hi - lam_lo), dtype=dtype)
+
+
+def dsm_loss(
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sde: ForwardSDE,
+    x0: torch.Tensor,
+    weighting: str = "eps",
+    t_eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    importance_sampling: bool = False,
+) -> torch.Tensor:
+    """Monte-Carlo estimate of the weighted denoising score-matching loss on a batch x0 (one t per sample)."""
+    if importance_sampling and weighting != "likelihood":
+        raise ValueError("importance_sampling applies to weighting='likelihood' only")
+    t, is_w = sample_time(sde, x0.shape[0], t_eps, generator, importance_sampling, dtype=x0.dtype)
+    t = t.to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    xt = sde.perturb(x0, t, noise=noise)
+    per_sample = (net(xt, t) - noise).square().flatten(1).mean(1)
+    w = is_w.to(x0.device) if is_w is not None else loss_weight(sde, t, weighting)
+    return (w * per_sample).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# EMA, checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net (parameters; buffers are copied)."""
+    ep, np_ = list(ema.parameters()), list(net.parameters())
+    torch._foreach_lerp_(ep, np_, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_resume_config(saved: dict, config: TrainConfig) -> None:
+    new = config.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in new.items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({lines})")
+
+
+def export_model(result: TrainResult, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """Write the EMA weights (in ``dtype``) and the config, enough for :func:`load_checkpoint` (no optimizer)."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in result.ema.state_dict().items()}
+    obj = {
+        "format": MODEL_FORMAT,
+        "config": result.config.to_dict(),
+        "shape": list(result.shape),
+        "arch": _resolved_model(result.config, result.shape),
+        "step": result.step,
+        "seed": result.config.seed,
+        "ema": state,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_save(obj, path)
+
+
+def load_checkpoint(
+    path: str, device: torch.device | str = "cpu", use_ema: bool = True
+) -> tuple[ScoreModel, ForwardSDE, TrainConfig]:
+    """(ScoreModel, sde, config) from a training state (``train_state.pt``) or an exported model file.
+
+    The network is in eval mode, float32, with parameters that do not require gradients (gradients with respect
+    to x, as the likelihood needs, still work). ``use_ema=False`` takes the raw weights of a training state.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    fmt = obj.get("format")
+    if fmt not in (STATE_FORMAT, MODEL_FORMAT):
+        raise ValueError(f"{path} is not a scoresolve checkpoint (format {fmt!r})")
+    config = TrainConfig.from_dict(obj["config"])
+    sde = build_sde(config.sde, **config.sde_kwargs)
+    net = build_network(obj["arch"], obj["shape"], T=sde.T, **config.model_kwargs)
+    key = "ema" if (use_ema or fmt == MODEL_FORMAT) else "model"
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in obj[key].items()})
+    net = net.to(device).eval().requires_grad_(False)
+    return ScoreModel(net, sde, prediction="eps", time="t"), sde, config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------------------------
+def _data_source(config: TrainConfig, data: Any) -> tuple[Callable[[int, torch.Generator], torch.Tensor], tuple]:
+    if data is None:
+        from ..data import batch_sampler
+
+        return batch_sampler(config.data, seed=config.split_seed)
+    if torch.is_tensor(data):
+        if data.ndim < 2:
+            raise ValueError(f"data must have shape [N, ...], got {tuple(data.shape)}")
+        fixed = data
+
+        def draw(n: int, g: torch.Generator) -> torch.Tensor:
+            return fixed[torch.randint(0, fixed.shape[0], (n,), generator=g)]
+
+        return draw, tuple(fixed.shape[1:])
+    if callable(data):
+        probe = data(1, torch.Generator().manual_seed(0))
+        return data, tuple(probe.shape[1:])
+    raise TypeError("data must be None (use config.data), a tensor [N, ...] or a callable (n, generator) -> batch")
+
+
+def train(
+    config: TrainConfig,
+    *,
+    data: Any = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train an eps network by denoising score matching (module docstring) and return it with its EMA copy.
+
+    Args:
+        config: the run's settings.
+        data: None (the dataset named by ``config.data``, see :func:`scoresolve.data.batch_sampler`), a tensor
+            ``[N, ...]`` (batches drawn with replacement) or a callable ``draw(n, generator) -> [n, ...]``.
+        out_dir: directory for ``train_state.pt``, written every ``config.checkpoint_every`` steps and at the end.
+        resume: continue from ``out_dir/train_state.pt`` if it exists (settings other than ``steps`` and
+            ``checkpoint_every`` must match).
+        progress: show a tqdm progress bar.
+    """
+    draw, shape = _data_source(config, data)
+    sde = build_sde(config.sde, **config.sde_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = build_network(config.model, shape, T=sde.T, **config.model_kwargs)
+    net = net.to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    step, losses = 0, []
+    state_path = os.path.join(out_dir, STATE_FILE) if out_dir else None
+    if resume:
+        if state_path is None:
+            raise ValueError("resume needs out_dir")
+        if os.path.exists(state_path):
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+            if st.get("format") != STATE_FORMAT:
+                raise ValueError(f"{state_path} is not a training state")
+            _check_resume_config(st["config"], config)
+            net.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["rng"])
+            step, losses = int(st["step"]), list(st["losses"])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    def save() -> None:
+        if state_path is None:
+            return
+        _atomic_save(
+            {
+                "format": STATE_FORMAT,
+                "config": config.to_dict(),
+                "shape": list(shape),
+                "arch": _resolved_model(config, shape),
+                "step": step,
+                "seed": config.seed,
+                "model": net.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": gen.get_state(),
+                "losses": losses,
+            },
+            state_path,
+        )
+
+    bar = None
+    if progress and step < config.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.data}/{config.sde}", unit="step")
+    net.train()
+    t0 = time.perf_counter()
+    running = None
+    while step < config.steps:
+        lr = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x0 = draw(config.batch_size, gen).to(device)
+        loss = dsm_loss(net, sde, x0, config.weighting, config.t_eps, gen, config.importance_sampling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        opt.step()
+        ema_update(ema, net, min(config.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss became {value} at step {step}")
+        losses.append(value)
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save()
+    if bar is not None:
+        bar.close()
+    net.eval()
+    ema.eval()
+    return TrainResult(net, ema, sde, config, step, losses, shape, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------------------
+def _parse_kv(items: Sequence[str] | None) -> dict:
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                if "," in value:
+                    out[key] = [int(v) for v in value.split(",")]
+                else:
+                    out[key] = value
+    return out
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``scoresolve train`` (sets ``func=cmd_train``)."""
+    from ..data import DATASETS
+
+    d = TrainConfig()
+    p = parser
+    p.add_argument("--data", choices=DATASETS, default="moons", help="dataset (default: moons)")
+    p.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
+    p.add_argument("--sde-arg", action="append", metavar="KEY=VALUE", help="SDE constructor argument, repeatable")
+    p.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto",
+                   help="network (default: auto = unet for images, mlp otherwise)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="network constructor argument, repeatable (e.g. base_channels=16, channel_mult=1,2)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"total optimizer steps (default: {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear lr warm-up steps (default: {d.warmup})")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="eps", help="DSM weighting (default: eps)")
+    p.add_argument("--importance-sampling", action="store_true",
+                   help="with --weighting likelihood: draw t uniformly in log-SNR")
+    p.add_argument("--t-eps", type=float, default=d.t_eps, help=f"smallest training time (default: {d.t_eps})")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default: {d.ema_decay}")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0: off ({d.grad_clip})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and every random draw")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--out", default=None, help="run directory for train_state.pt and model.pt "
+                   "(default: runs/<data>_<sde>)")
+    p.add_argument("--export", default=None, help="path of the exported EMA model (default: <out>/model.pt)")
+    p.add_argument("--export-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if it exists")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``scoresolve train``: train, checkpoint to ``--out``, export the EMA model, print a summary."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        data=args.data,
+        sde=args.sde,
+        sde_kwargs=_parse_kv(args.sde_arg),
+        model=args.model,
+        model_kwargs=_parse_kv(args.model_arg),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weighting=args.weighting,
+        importance_sampling=args.importance_sampling,
+        t_eps=args.t_eps,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = args.out or os.path.join("runs", f"{args.data}_{args.sde}")
+    state = os.path.join(out, STATE_FILE)
+    if os.path.exists(state) and not args.resume:
+        print(f"{state} exists: pass --resume to continue it, or choose another --out", file=sys.stderr)
+        return 2
+    res = train(config, out_dir=out, resume=args.resume, progress=not args.quiet)
+    export = args.export or os.path.join(out, MODEL_FILE)
+    export_model(res, export, dtype=getattr(torch, args.export_dtype))
+    n_par = sum(p.numel() for p in res.net.parameters())
+    tail = res.losses[-100:]
+    mean_tail = sum(tail) / max(len(tail), 1)
+    print(
+        f"{config.data}/{config.sde}: {res.step} steps ({res.seconds:.1f} s this run), {n_par} parameters, "
+        f"mean loss of the last {len(tail)} steps {mean_tail:.4f}\n"
+        f"training state: {state}\nEMA model ({args.export_dtype}, {os.path.getsize(export) / 1e6:.2f} MB): {export}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m scoresolve.models.train ...`` (same options as ``scoresolve train``)."""
+    parser = argparse.ArgumentParser(prog="python -m scoresolve.models.train", description=__doc__.split("\n")[0])
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
