@@ -69,7 +69,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         t_eps=args.t_eps,
         mixture=gm,
         progress=not args.quiet,
-        solver_options={"euler_maruyama": {"diffusion": 1.0}},  # the reverse SDE (diffusion 0 would be Euler)
     )
     runs.append(exact_baseline(gm, sde, args.batch, args.t_eps, args.seed))
     print(format_table(runs))

@@ -109,7 +109,7 @@ def work_precision(
                 jobs.append((name, grid or None, f"rtol={tol:g}", {"rtol": tol, "atol": tol, **opts}))
         else:
             for n in nfes:
-                if spec is not None and n < spec.nfe_for_steps(spec.min_steps):
+                if spec is not None and n < spec.nfe_for_steps(spec.min_steps, opts):
                     continue
                 jobs.append((name, grid or None, f"nfe={n}", {"nfe": n, **opts}))
     bar = None
@@ -121,12 +121,10 @@ def work_precision(
     for name, grid, setting, kw in jobs:
         base = name.partition("@")[0]
         spec = REGISTRY.get(base)
-        stochastic = bool(spec and spec.draws_noise(kw)) or base.startswith("torchsde:") or kw.get("diffusion", 0) != 0
+        stochastic = _is_random(base, spec, kw)
         gen = torch.Generator(device=x_T.device).manual_seed(generator_seed)
         if spec is not None and spec.stochastic:
             kw.setdefault("generator", gen)
-        if base.startswith("torchsde:"):
-            kw.setdefault("diffusion", 1.0)
         t0 = time.perf_counter()
         sol = sample(score, sde, x_T, solver=base, t_eps=t_eps, grid=grid, **kw)
         if x_T.is_cuda:
@@ -142,6 +140,19 @@ def work_precision(
     if bar is not None:
         bar.close()
     return runs
+
+
+def _is_random(base: str, spec, options: dict) -> bool:
+    """Whether a run draws noise (then it has no path-wise reference)."""
+    if base.startswith("torchsde:"):
+        return True
+    if spec is None:
+        return False
+    diffusion = options.get("diffusion", spec.default_diffusion)
+    nonzero = callable(diffusion) or float(diffusion) != 0
+    if spec.default_diffusion > 0:  # an SDE sampler: random exactly when s(t) is not zero
+        return nonzero
+    return nonzero or spec.draws_noise(options)
 
 
 def exact_baseline(mixture: GaussianMixture, sde: ForwardSDE, n: int, t_eps: float, seed: int = 0) -> Run:

@@ -10,7 +10,7 @@ from ._utils import check_batched
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, Solution, time_grid
+from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
 from .solvers._core import check_grid
 
 
@@ -39,7 +39,7 @@ def sample(
     rtol: float | None = None,
     atol: float | None = None,
     t_eps: float = 1e-3,
-    diffusion: Diffusion = 0.0,
+    diffusion: Diffusion | None = None,
     denoise: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -61,11 +61,13 @@ def sample(
         rtol, atol: tolerances of adaptive solvers.
         t_eps: final time (> 0).
         diffusion: s(t) of the reverse family, as a multiple of g (0: probability-flow ODE, 1: reverse SDE)
-            or a callable; used by the SDE samplers.
+            or a callable; None takes the solver's default (1 for the SDE samplers euler_maruyama,
+            reverse_diffusion, pc, adaptive_sde and torchsde, 0 for the ODE solvers).
         denoise: return Tweedie's estimate E[x_0 | x_{t_eps}] (one extra score evaluation).
         generator: randomness of stochastic solvers.
         progress: show a progress bar.
-        grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit decreasing tensor.
+        grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit decreasing tensor of
+            times (then its last time is the end time and ``t_eps`` is not used).
         save_trajectory: keep the states at every step in ``Solution.xs``.
         options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc, ``max_steps`` for adaptive ones).
     """
@@ -75,20 +77,29 @@ def sample(
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)
-    process = sde.reverse(model, diffusion)
     if ":" in solver:
         from .solvers.backends import solve_with_backend
 
-        sol = solve_with_backend(solver, process, x_T, sde.T, t_eps, nfe=nfe, steps=steps, rtol=rtol, atol=atol,
-                                 generator=generator, **options)
+        if diffusion is None:
+            diffusion = 1.0 if solver.startswith("torchsde:") else 0.0
+        if grid is not None:
+            options["grid"] = grid
+        sol = solve_with_backend(solver, sde.reverse(model, diffusion), x_T, sde.T, t_eps, nfe=nfe, steps=steps,
+                                 rtol=rtol, atol=atol, generator=generator, **options)
     else:
         if solver not in REGISTRY:
             raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
         spec = REGISTRY[solver]
+        process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.kind == "adaptive":
             if nfe is not None or steps is not None:
                 raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
+            if grid is not None:
+                raise ValueError(f"solver {solver!r} is adaptive and chooses its own steps: grid applies only to "
+                                 "grid solvers")
             kw = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
+            if spec.stochastic:
+                kw["generator"] = generator
             cb, bar = _progress_callback(0, progress, callback)
             sol = spec.fn(process, x_T, sde.T, t_eps, callback=cb, save_trajectory=save_trajectory, **kw, **options)
         else:
@@ -96,11 +107,13 @@ def sample(
                 raise ValueError(f"solver {solver!r} runs on a time grid: give nfe or steps, not rtol/atol")
             if torch.is_tensor(grid):
                 ts = check_grid(grid.to(torch.float64), sde.T)
+                if steps is not None or nfe is not None:
+                    raise ValueError("give either an explicit grid tensor or steps/nfe, not both")
             else:
                 if steps is None:
-                    steps = spec.steps_for_nfe(nfe if nfe is not None else 20)
+                    steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
-                    raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} steps, got {steps}")
+                    raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
                 ts = time_grid(sde, steps, grid or spec.default_grid, t_eps)
             kw = {"generator": generator} if spec.stochastic else {}
             cb, bar = _progress_callback(ts.numel() - 1, progress, callback)
@@ -110,8 +123,17 @@ def sample(
         if bar is not None:
             bar.close()
     if denoise:
-        t_end = torch.full((x_T.shape[0],), float(t_eps), dtype=x_T.dtype, device=x_T.device)
-        sol.x = model.x0(sol.x, t_end)
+        # at the time the solve ended (a custom grid's last time, which need not be t_eps)
+        if sol.t is not None:
+            t_end = sol.t.to(dtype=x_T.dtype, device=x_T.device).expand(x_T.shape[0])
+        else:
+            t_end = torch.full((x_T.shape[0],), float(t_eps), dtype=x_T.dtype, device=x_T.device)
+        x0 = model.x0(sol.x, t_end)
+        ok = torch.isfinite(x0).flatten(1).all(1)
+        if not bool(ok.all()):  # the solver's guard does not see this last evaluation
+            idx = (~ok).nonzero().flatten().tolist()
+            raise NonFiniteError(f"{solver} (denoise step)", idx, t_end[~ok].tolist(), sol.x)
+        sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
 

@@ -314,7 +314,8 @@ class CosineVPSDE(ForwardSDE):
         return torch.log(torch.cos(self._theta(t))) - self._log_cos0
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
+        # near t = 0 rounding can leave log alpha a few ulps above 0 (alpha = 1): clamp, or sigma(0) is NaN
+        return torch.sqrt((-torch.expm1(2 * self._log_alpha(t))).clamp(min=0))
 
     def beta(self, t: Time) -> torch.Tensor:
         return self._beta(self._t(t))

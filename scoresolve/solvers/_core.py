@@ -104,7 +104,9 @@ class SolverSpec:
     ``"adaptive"`` (chooses its own steps from rtol/atol). ``evals_per_step`` and ``extra_evals`` give the NFE
     of a grid solve: nfe = evals_per_step * steps + extra_evals (this is how an ``nfe`` budget becomes a step
     count). ``min_steps`` is the fewest steps the method accepts. ``default_grid`` names the grid used when the
-    caller gives none. ``stochastic`` solvers take a ``generator``; if ``noise_option`` names an option (``eta``
+    caller gives none. ``default_diffusion`` is the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
+    the SDE samplers). ``evals_per_step_fn(options)`` overrides ``evals_per_step`` where it depends on options.
+    ``stochastic`` solvers take a ``generator``; if ``noise_option`` names an option (``eta``
     for ddim), they draw noise only when that option is > 0 (see :meth:`draws_noise`).
     """
 
@@ -119,6 +121,14 @@ class SolverSpec:
     stochastic: bool = False
     description: str = ""
     noise_option: str | None = None
+    default_diffusion: float = 0.0
+    evals_per_step_fn: Callable[[dict[str, Any]], int] | None = None
+
+    def evals(self, options: dict[str, Any] | None = None) -> int:
+        """Score evaluations per step with these options (e.g. pc: 1 + corrector_steps)."""
+        if self.evals_per_step_fn is not None:
+            return int(self.evals_per_step_fn(options or {}))
+        return self.evals_per_step
 
     def draws_noise(self, options: dict[str, Any]) -> bool:
         """Whether a run with these options is random (its result depends on the generator)."""
@@ -126,15 +136,16 @@ class SolverSpec:
             return False
         return self.noise_option is None or float(options.get(self.noise_option, 0.0)) > 0
 
-    def steps_for_nfe(self, nfe: int) -> int:
-        steps = (int(nfe) - self.extra_evals) // self.evals_per_step
+    def steps_for_nfe(self, nfe: int, options: dict[str, Any] | None = None) -> int:
+        per = self.evals(options)
+        steps = (int(nfe) - self.extra_evals) // per
         if steps < self.min_steps:
-            need = self.min_steps * self.evals_per_step + self.extra_evals
+            need = self.min_steps * per + self.extra_evals
             raise ValueError(f"solver {self.name!r} needs at least nfe={need}, got nfe={nfe}")
         return steps
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return self.evals_per_step * steps + self.extra_evals
+    def nfe_for_steps(self, steps: int, options: dict[str, Any] | None = None) -> int:
+        return self.evals(options) * steps + self.extra_evals
 
 
 REGISTRY: dict[str, SolverSpec] = {}
