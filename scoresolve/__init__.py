@@ -4,6 +4,7 @@ A forward SDE is the single source of truth; reverse processes (reverse SDE, pro
 same-marginal family between them) are derived from it, and generic solvers integrate them.
 """
 
+from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusion, score_sde models)
 from .analytic import GaussianMixture
 from .dataset_eval import EvalSummary, evaluate_dataset
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
