@@ -148,11 +148,17 @@ def _check_beta(beta_min: float, beta_max: float) -> None:
         raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
 
 
-class _LinearBetaMixin:
+@dataclass(frozen=True)
+class _LinearBetaSDE(ForwardSDE):
     """beta(t) = b0 + t (b1 - b0); log alpha(t) = -t^2 (b1 - b0)/4 - t b0/2 (Song et al. 2021, eq. 29)."""
 
-    beta_min: float
-    beta_max: float
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta_min, self.beta_max)
+        _check_T(self.T)
 
     def beta(self, t: Time) -> torch.Tensor:
         t = self._t(t)  # type: ignore[attr-defined]
@@ -174,16 +180,8 @@ class _LinearBetaMixin:
 
 
 @dataclass(frozen=True)
-class VPSDE(_LinearBetaMixin, ForwardSDE):
+class VPSDE(_LinearBetaSDE):
     """Variance-preserving SDE: f = -beta(t) x / 2, g = sqrt(beta(t)), sigma = sqrt(1 - alpha^2); prior N(0, I)."""
-
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    T: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_beta(self.beta_min, self.beta_max)
-        _check_T(self.T)
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
@@ -201,16 +199,8 @@ class VPSDE(_LinearBetaMixin, ForwardSDE):
 
 
 @dataclass(frozen=True)
-class SubVPSDE(_LinearBetaMixin, ForwardSDE):
+class SubVPSDE(_LinearBetaSDE):
     """sub-VP SDE: VP drift, g^2 = beta(t)(1 - alpha^4), sigma = 1 - alpha^2 (no square root); prior N(0, I)."""
-
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    T: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_beta(self.beta_min, self.beta_max)
-        _check_T(self.T)
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(2 * self._log_alpha(t))

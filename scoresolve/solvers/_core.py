@@ -7,7 +7,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from .._utils import bcast
+from .._utils import bcast, check_batched
 
 Count = Union[int, torch.Tensor]
 
@@ -216,3 +216,40 @@ class Trajectory:
         if not self.enabled:
             return None, None
         return torch.stack(self.ts), torch.stack(self.xs)
+
+
+class GridRun:
+    """Bookkeeping every solver on a time grid shares: the counted model (and the process using it), one host
+    float64 copy of the validated grid (``t``: Python floats, so step coefficients need no device sync), the
+    network times ``ts``, the non-finite guard, the trajectory and the callback. Call :meth:`done` after step i and
+    :meth:`solution` at the end."""
+
+    def __init__(self, name: str, process: Any, x: torch.Tensor, ts: torch.Tensor,
+                 callback: Callable | None = None, save_trajectory: bool = False) -> None:
+        check_batched(x)
+        self.name, self.process, self.sde, self.callback = name, process, process.sde, callback
+        self.model, self.counter = counted_model(process)
+        self.proc = with_score(process, self.model)
+        self.t64 = check_grid(ts.detach().to("cpu", torch.float64), self.sde.T)  # the one host copy of the grid
+        self.t = self.t64.tolist()
+        self.steps = len(self.t) - 1
+        self.ts = ts.to(dtype=x.dtype, device=x.device)  # network times
+        self.guard, self.traj = FiniteGuard(x, name), Trajectory(save_trajectory)
+        self.traj.add(self.ts[0], x)
+
+    def time(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Grid time i as a ``[batch]`` tensor."""
+        return batch_t(self.ts[i], x)
+
+    def done(self, i: int, x: torch.Tensor) -> None:
+        """Record the state after step i (from ts[i] to ts[i + 1])."""
+        self.guard.update(x, self.ts[i + 1])
+        self.traj.add(self.ts[i + 1], x)
+        if self.callback is not None:
+            self.callback(i, self.ts[i + 1], x)
+
+    def solution(self, x: torch.Tensor, **stats: Any) -> Solution:
+        self.guard.check()
+        tr_ts, tr_xs = self.traj.result()
+        return Solution(x=x, nfe=self.counter.calls, steps=self.steps, t=batch_t(self.ts[-1], x), ts=tr_ts,
+                        xs=tr_xs, solver=self.name, stats=stats)

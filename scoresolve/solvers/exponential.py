@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..reverse import ReverseProcess
-from ._core import FiniteGuard, Solution, SolverSpec, Trajectory, batch_t, check_grid, counted_model, register
+from ._core import GridRun, Solution, SolverSpec, batch_t, register
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -62,20 +62,13 @@ def _marginals(sde, t: torch.Tensor) -> tuple[list[float], list[float], list[flo
     return alpha.tolist(), sde._sigma(t).tolist(), sde.log_snr(t).tolist()
 
 
-class _Solve:
-    """Bookkeeping shared by every sampler here: counted model, host float64 schedule, guard, trajectory."""
+class _Solve(GridRun):
+    """GridRun plus the schedule on the grid (alpha, sigma, lambda as Python floats) and model predictions."""
 
     def __init__(self, name: str, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor,
                  callback: Callback | None, save_trajectory: bool) -> None:
-        self.name, self.sde, self.callback = name, process.sde, callback
-        self.model, self.counter = counted_model(process)
-        t64 = check_grid(ts.detach().to("cpu", torch.float64), self.sde.T)  # the one host copy of the grid
-        self.t = t64.tolist()
-        self.alpha, self.sigma, self.lam = _marginals(self.sde, t64)
-        self.steps = len(self.t) - 1
-        self.ts = ts.to(dtype=x.dtype, device=x.device)  # network times
-        self.guard, self.traj = FiniteGuard(x, name), Trajectory(save_trajectory)
-        self.traj.add(self.ts[0], x)
+        super().__init__(name, process, x, ts, callback, save_trajectory)
+        self.alpha, self.sigma, self.lam = _marginals(self.sde, self.t64)
 
     def at_lambda(self, lam: float) -> tuple[float, float, float, float]:
         """(t, alpha, sigma, lambda) at the time whose log-SNR is ``lam`` (lambda recomputed at that t)."""
@@ -95,17 +88,6 @@ class _Solve:
         """Noise prediction at an off-grid time t (a Python float: no host-device transfer)."""
         return self.model.eps(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
 
-    def done(self, i: int, x: torch.Tensor) -> None:
-        self.guard.update(x, self.ts[i + 1])
-        self.traj.add(self.ts[i + 1], x)
-        if self.callback is not None:
-            self.callback(i, self.ts[i + 1], x)
-
-    def solution(self, x: torch.Tensor, **stats) -> Solution:
-        self.guard.check()
-        tr_ts, tr_xs = self.traj.result()
-        return Solution(x=x, nfe=self.counter.calls, steps=self.steps, t=batch_t(self.ts[-1], x), ts=tr_ts,
-                        xs=tr_xs, solver=self.name, stats=stats)
 
 
 def _require_ode(name: str, process: ReverseProcess) -> None:

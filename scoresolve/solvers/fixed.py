@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..reverse import ReverseProcess
-from ._core import FiniteGuard, Solution, SolverSpec, Trajectory, batch_t, counted_model, register, with_score
+from ._core import GridRun, Solution, SolverSpec, batch_t, register
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -39,29 +39,20 @@ def _explicit_rk(
         raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); "
                          "use 'euler_maruyama' or another SDE sampler for diffusion > 0")
     a, b, c = _TABLEAUX[name]
-    model, counter = counted_model(process)
-    proc = with_score(process, model)
-    guard, traj = FiniteGuard(x, name), Trajectory(save_trajectory)
-    ts = ts.to(dtype=x.dtype, device=x.device)
-    traj.add(ts[0], x)
-    for i in range(ts.numel() - 1):
-        t0, h = ts[i], ts[i + 1] - ts[i]  # h < 0: integrating backwards in time
+    run = GridRun(name, process, x, ts, callback, save_trajectory)
+    for i in range(run.steps):
+        t0, h = run.ts[i], run.ts[i + 1] - run.ts[i]  # h < 0: integrating backwards in time
         k: list[torch.Tensor] = []
         for s in range(len(b)):
             xs = x
             for j, aij in enumerate(a[s - 1] if s else ()):
                 if aij:
                     xs = xs + (h * aij) * k[j]
-            k.append(proc.drift_from_score(xs, batch_t(t0 + c[s] * h, x), model(xs, batch_t(t0 + c[s] * h, x))))
+            ti = batch_t(t0 + c[s] * h, x)
+            k.append(run.proc.drift_from_score(xs, ti, run.model(xs, ti)))
         x = x + h * sum(bs * ks for bs, ks in zip(b, k))
-        guard.update(x, ts[i + 1])
-        traj.add(ts[i + 1], x)
-        if callback is not None:
-            callback(i, ts[i + 1], x)
-    guard.check()
-    tr_ts, tr_xs = traj.result()
-    steps = ts.numel() - 1
-    return Solution(x=x, nfe=counter.calls, steps=steps, t=batch_t(ts[-1], x), ts=tr_ts, xs=tr_xs, solver=name)
+        run.done(i, x)
+    return run.solution(x)
 
 
 def euler(process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **kw) -> Solution:

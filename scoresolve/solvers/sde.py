@@ -28,7 +28,7 @@ import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
-from ._core import FiniteGuard, Solution, SolverSpec, Trajectory, batch_t, counted_model, register, with_score
+from ._core import FiniteGuard, GridRun, Solution, SolverSpec, Trajectory, counted_model, register, with_score
 from .ode import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -134,36 +134,21 @@ class _Noise:
 # ------------------------------------------------------------------------------------------------------------------
 # Grid samplers: shared plumbing
 # ------------------------------------------------------------------------------------------------------------------
-class _Run:
+class _Run(GridRun):
     """What a grid sampler needs: counted score, grid coefficients (Python floats, one sync on entry), noise,
     non-finite guard, trajectory and callback."""
 
     def __init__(self, name: str, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor,
                  generator: torch.Generator | None, seeds: Seeds | None, callback: Callback | None,
                  save_trajectory: bool) -> None:
-        check_batched(x)
-        if ts.ndim != 1 or ts.numel() < 2:
-            raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
-        self.name, self.process, self.sde = name, process, process.sde
-        self.model, self.counter = counted_model(process)
-        self.proc = with_score(process, self.model)
+        super().__init__(name, process, x, ts, callback, save_trajectory)
         self.noise = _Noise(x, generator, seeds)
-        self.guard, self.traj, self.callback = FiniteGuard(x, name), Trajectory(save_trajectory), callback
-        self.ts = ts.to(dtype=x.dtype, device=x.device)
-        t64 = ts.detach().to(device="cpu", dtype=torch.float64)
-        if not bool((t64[1:] < t64[:-1]).all()):
-            raise ValueError("ts must be strictly decreasing (from T to t_eps)")
-        self.t = t64.tolist()
-        self.steps = len(self.t) - 1
+        t64 = self.t64
         alpha, sigma = self.sde.marginal(t64)
         self.log_alpha = torch.log(alpha).tolist()
         self.sigma = sigma.tolist()
         self.lam = self.sde.log_snr(t64).tolist()
         self.s = process.diffusion(t64).to(torch.float64).expand(t64.shape).tolist()  # s(t) on the grid
-        self.traj.add(self.ts[0], x)
-
-    def time(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return batch_t(self.ts[i], x)
 
     def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return self.model(x, self.time(i, x))
@@ -172,17 +157,6 @@ class _Run:
         t = self.time(i, x)
         return self.proc.drift_from_score(x, t, self.model(x, t))
 
-    def done(self, i: int, x: torch.Tensor) -> None:
-        self.guard.update(x, self.ts[i + 1])
-        self.traj.add(self.ts[i + 1], x)
-        if self.callback is not None:
-            self.callback(i, self.ts[i + 1], x)
-
-    def solution(self, x: torch.Tensor, **stats) -> Solution:
-        self.guard.check()
-        ts, xs = self.traj.result()
-        return Solution(x=x, nfe=self.counter.calls, steps=self.steps, t=batch_t(self.ts[-1], x), ts=ts, xs=xs,
-                        solver=self.name, stats=stats)
 
 
 def _require_reverse_sde(name: str, process: ReverseProcess) -> None:
