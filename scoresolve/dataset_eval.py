@@ -521,18 +521,22 @@ def evaluate_dataset(
         fn: per-batch function ``fn(x, generator) -> {"log_prob": [B], "nfe": [B], ...}`` (also accepted: a
             ``[B]`` tensor of log p, or a result object such as ``LikelihoodResult``, whose ``[B]`` fields are kept).
             Default: :func:`likelihood_fn` of ``score`` and ``sde`` (``scoresolve.likelihood.log_likelihood``).
-        score, sde, likelihood_kwargs: the model and settings of the default ``fn``.
+        score: the model of the default ``fn``.
+        sde: its forward SDE.
+        likelihood_kwargs: settings of the default ``fn`` (passed to ``log_likelihood``).
         batch_size: samples per call of ``fn`` (part of the seeding of ``fn``'s generator; see module docstring).
         repeats: evaluations of every sample, each with fresh dequantization noise and generator draws.
         seed: root of every seed.
-        bits, data_range: k-bit data on the grid of ``data_range`` are uniformly dequantized per sample and bits/dim
+        bits: k-bit data on the grid of ``data_range`` are uniformly dequantized per sample and bits/dim
             gets the offset log2(2^k / (hi - lo)) (:mod:`scoresolve.dequantization`); ``bits=None`` (default)
             evaluates the data as they are and reports plain bits/dim -log p / (D ln 2).
+        data_range: (lo, hi) of the data.
         device: where batches go before ``fn`` (dequantization happens on the CPU first).
         model_id: a string naming the model, stored in the manifest and checked on resume (the default ``fn``
             records the score's name, with a checksum of its weights for a torch module, and the SDE).
         progress: a tqdm bar of this rank's samples (rank 0 only).
-        rank, world_size: shard explicitly (default: from ``torch.distributed`` when initialised, else 0 and 1).
+        rank: this process's shard (default: from ``torch.distributed`` when initialised, else 0).
+        world_size: number of shards (default: from ``torch.distributed`` when initialised, else 1).
         wait_timeout: seconds to wait for the other ranks' records at the end (default: forever).
         poll_interval: longest pause between reads of the record files while waiting.
     """

@@ -43,7 +43,8 @@ class LikelihoodResult:
         calls: batched network calls of the whole solve (>= nfe.max(): finished samples ride along until the
             solver's next termination check).
         std_error: standard error of log_prob over the probes (``probes > 1``), else None.
-        steps, rejected: accepted and rejected steps per sample.
+        steps: accepted steps per sample.
+        rejected: rejected steps per sample.
     """
 
     log_prob: torch.Tensor
@@ -183,10 +184,12 @@ def log_likelihood(
         divergence: ``"hutchinson"`` (unbiased, ``probes`` probes), ``"exact"`` (D VJPs per evaluation, for small
             D; ``exact_chunk`` VJPs are batched at a time), or a callable ``div(x, t) -> [batch]`` returning the
             exact divergence of the whole PF-ODE drift (analytic models).
-        probes, probe: number and kind (``"rademacher"`` or ``"gaussian"``) of Hutchinson probes, drawn once per
-            solve from ``generator`` and fixed along the trajectory.
-        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``); rtol, atol: its tolerances, applied to x and
-            to the accumulated divergence separately (per sample).
+        probes: number of Hutchinson probes, drawn once per solve from ``generator`` and fixed along the
+            trajectory; all share one network forward per evaluation.
+        probe: their kind, ``"rademacher"`` or ``"gaussian"``.
+        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``).
+        rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
+        atol: absolute tolerance, likewise.
         t_eps: start time (score_sde uses 1e-5); the result is log p_{t_eps}.
         time_variable: integrate in the log-SNR ``"logsnr"`` (default) or in ``"t"``. At equal error, log-SNR
             needs ~0.7x the NFE of dopri5 in t on near-degenerate (image-like) data and more on smooth low-dimensional

@@ -58,7 +58,8 @@ def sample(
             ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``.
         nfe: budget of score evaluations; grid solvers take the largest step count that fits.
         steps: number of steps of a grid solver (overrides ``nfe``).
-        rtol, atol: tolerances of adaptive solvers.
+        rtol: relative tolerance of adaptive solvers.
+        atol: absolute tolerance of adaptive solvers.
         t_eps: final time (> 0).
         diffusion: s(t) of the reverse family, as a multiple of g (0: probability-flow ODE, 1: reverse SDE)
             or a callable; None takes the solver's default (1 for the SDE samplers euler_maruyama,

@@ -101,7 +101,8 @@ def from_karras(
 
     Args:
         denoiser: predicts x0 from x = x0 + sigma z.
-        sigma_min, sigma_max: the noise range (EDM's defaults 0.002 and 80); used by ``"ve"`` and ``"edm"``.
+        sigma_min: the lowest noise level (EDM's default 0.002); used by ``"ve"`` and ``"edm"``.
+        sigma_max: the highest noise level (EDM's default 80); used by ``"ve"`` and ``"edm"``.
         sde: ``"ve"`` -> ``VESDE(sigma_min, sigma_max)`` (T = 1); ``"edm"`` -> :class:`EDMSDE` (t = sigma,
             T = sigma_max); or a forward SDE instance, on which D is called at (x / alpha, sigma / alpha).
         net_kwargs: extra keyword arguments for every call (conditioning).
