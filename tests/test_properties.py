@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
+from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())
@@ -154,18 +155,8 @@ def test_continuity_equation_on_random_mixtures(mix, sde, t):
 # ------------------------------------------------------------------------------------------------------------------
 # Solver invariants
 # ------------------------------------------------------------------------------------------------------------------
-def _solve_kw(name: str, steps: int = 4, tol: float = 1e-3, seed: int = 0) -> dict:
-    spec = REGISTRY[name]
-    kw: dict = {}
-    if spec.stochastic:
-        kw.update(diffusion=1.0, generator=torch.Generator().manual_seed(seed))
-    if spec.kind == "grid":
-        kw["steps"] = steps
-    elif not spec.stochastic:
-        kw.update(rtol=tol, atol=tol)
-    else:
-        kw.update(rtol=0.1, atol=0.02)  # adaptive SDE solver: loose, the invariants do not depend on accuracy
-    return kw
+def _solve_kw(name: str, steps: int = 4, tol: float = 0.001, seed: int = 0) -> dict:
+    return solve_kw(name, steps, tol, seed)
 
 
 def _mixture_case(B=4, D=2, dtype=F64, seed=0, sde=None):

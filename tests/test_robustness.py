@@ -14,6 +14,7 @@ import torch
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
 from scoresolve.solvers.ode import MaxStepsError, StepSizeUnderflowError
+from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())
@@ -23,20 +24,8 @@ ODE_ADAPTIVE = [n for n in ADAPTIVE_SOLVERS if not REGISTRY[n].stochastic]
 T_BAD = 0.3  # the broken networks below return NaN/Inf for t < T_BAD
 
 
-def _solve_kw(name: str, steps: int = 10, tol: float = 1e-4, seed: int = 0) -> dict:
-    """Arguments that make ``solver=name`` run: steps for grid solvers, tolerances for adaptive ones, the reverse
-    SDE and a seeded generator for stochastic ones."""
-    spec = REGISTRY[name]
-    kw: dict = {}
-    if spec.stochastic:
-        kw.update(diffusion=1.0, generator=torch.Generator().manual_seed(seed))
-    if spec.kind == "grid":
-        kw["steps"] = steps
-    elif not spec.stochastic:
-        kw.update(rtol=tol, atol=tol)
-    else:
-        kw.update(rtol=0.1, atol=0.02)  # adaptive SDE solver: loose (fast); these tests are not about accuracy
-    return kw
+def _solve_kw(name: str, steps: int = 10, tol: float = 0.0001, seed: int = 0) -> dict:
+    return solve_kw(name, steps, tol, seed)
 
 
 def _case(D=2, B=4, K=2, dtype=F64, seed=0, sde=None):
