@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .analytic import GaussianMixture
+from .dequantization import check_levels_range, dequantize_levels, grid_levels
 
 DIGITS_LEVELS = 17
 DIGITS_RANGE = (-1.0, 1.0)
@@ -45,44 +46,18 @@ Range = Sequence[float]
 # --------------------------------------------------------------------------------------------------------------------
 # L-level quantized data
 # --------------------------------------------------------------------------------------------------------------------
-def _check_levels_range(num_levels: int, data_range: Range) -> tuple[float, float]:
-    if isinstance(num_levels, bool) or int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-    lo, hi = (float(v) for v in data_range)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"data_range must be finite with lo < hi, got {tuple(data_range)}")
-    return lo, hi
-
-
 def to_levels(x: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> torch.Tensor:
     """Integer levels v (int64) of grid data x = lo + (hi - lo) v / (L - 1); integer tensors are taken as levels.
 
     Raises ValueError if the data leave the range or are not on the grid (e.g. already dequantized).
     """
-    lo, hi = _check_levels_range(num_levels, data_range)
-    n_max = int(num_levels) - 1
-    if not x.is_floating_point():
-        lv = x.to(torch.int64)
-        if x.numel() and (int(lv.min()) < 0 or int(lv.max()) > n_max):
-            raise ValueError(f"integer levels must lie in [0, {n_max}], got [{int(lv.min())}, {int(lv.max())}]")
-        return lv
-    scaled = (x.double() - lo) / (hi - lo) * n_max
-    lv = torch.round(scaled)
-    if x.numel() and (float(lv.min()) < 0 or float(lv.max()) > n_max):
-        raise ValueError(f"data lie outside data_range {(lo, hi)}: min {float(x.min()):.6g}, max {float(x.max()):.6g}")
-    off = float((scaled - lv).abs().max()) if x.numel() else 0.0
-    if off > 1e-3:
-        raise ValueError(
-            f"data are not on the {num_levels}-level grid of {(lo, hi)} (a value is {off:.3g} levels off); "
-            "already dequantized, or wrong num_levels/data_range?"
-        )
-    return lv.to(torch.int64)
+    return grid_levels(x, num_levels, data_range)
 
 
 def from_levels(v: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Grid values lo + (hi - lo) v / (L - 1) of integer levels v."""
-    lo, hi = _check_levels_range(num_levels, data_range)
+    lo, hi = check_levels_range(num_levels, data_range)
     return (lo + (hi - lo) * v.to(torch.float64) / (int(num_levels) - 1)).to(dtype)
 
 
@@ -99,28 +74,20 @@ def dequantize(
     ``x`` holds grid values (or integer levels); ``noise`` gives u directly. For L = 2^k this is
     :func:`scoresolve.uniform_dequantize` with ``bits=k``.
     """
-    lo, hi = _check_levels_range(num_levels, data_range)
-    lv = to_levels(x, num_levels, data_range)
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    if noise is None:
-        noise = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} does not match x shape {tuple(x.shape)}")
-    y = lo + (hi - lo) * (lv.to(torch.float64) + noise.to(device=x.device, dtype=torch.float64)) / int(num_levels)
-    return y.to(dtype)
+    return dequantize_levels(x, num_levels, data_range, generator, noise=noise)
 
 
 def quantize(y: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> torch.Tensor:
     """The level of the bin holding each value of continuous data y (clamped), as grid values (inverse of
     :func:`dequantize`; use it to turn samples of a model trained on dequantized data into data-like images)."""
-    lo, hi = _check_levels_range(num_levels, data_range)
+    lo, hi = check_levels_range(num_levels, data_range)
     lv = torch.floor((y.double() - lo) / (hi - lo) * num_levels).clamp(0, num_levels - 1)
     return from_levels(lv, num_levels, data_range, dtype=y.dtype if y.is_floating_point() else torch.float32)
 
 
 def bpd_offset(num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> float:
     """log2(L / (hi - lo)): bits/dim of the bins minus bits/dim of the density (-log2 of the bin width)."""
-    lo, hi = _check_levels_range(num_levels, data_range)
+    lo, hi = check_levels_range(num_levels, data_range)
     return math.log2(int(num_levels) / (hi - lo))
 
 

@@ -38,13 +38,24 @@ import torch
 Range = Sequence[float]
 
 
-def _check_bits_range(bits: int, data_range: Range) -> tuple[float, float]:
-    if isinstance(bits, bool) or int(bits) != bits or not 1 <= int(bits) <= 32:
-        raise ValueError(f"bits must be an integer in [1, 32], got {bits!r}")
+def _check_range(data_range: Range) -> tuple[float, float]:
     lo, hi = (float(v) for v in data_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"data_range must be finite with lo < hi, got {tuple(data_range)}")
     return lo, hi
+
+
+def _check_bits_range(bits: int, data_range: Range) -> tuple[float, float]:
+    if isinstance(bits, bool) or int(bits) != bits or not 1 <= int(bits) <= 32:
+        raise ValueError(f"bits must be an integer in [1, 32], got {bits!r}")
+    return _check_range(data_range)
+
+
+def check_levels_range(num_levels: int, data_range: Range) -> tuple[float, float]:
+    """Validate L-level data settings (an integer L >= 2 and a finite lo < hi); returns (lo, hi)."""
+    if isinstance(num_levels, bool) or int(num_levels) != num_levels or num_levels < 2:
+        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+    return _check_range(data_range)
 
 
 def bin_offset(bits: int | None, data_range: Range = (-1.0, 1.0)) -> float:
@@ -55,21 +66,23 @@ def bin_offset(bits: int | None, data_range: Range = (-1.0, 1.0)) -> float:
     return int(bits) - math.log2(hi - lo)
 
 
-def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> torch.Tensor:
-    """Integer levels i (int64) of k-bit data: integer tensors are taken as levels, floats as lo + (hi-lo) i/(2^k-1).
+def grid_levels(x: torch.Tensor, num_levels: int, data_range: Range, what: str | None = None) -> torch.Tensor:
+    """Integer levels i (int64) of L-level data: integer tensors are taken as levels, floats as lo + (hi-lo) i/(L-1).
 
     Raises ValueError naming the offending min/max if the data leave the declared range, or if floating data are
-    not on the k-bit grid (e.g. data that were already dequantized, or a wrong ``bits``/``data_range``).
+    not on the grid (e.g. data that were already dequantized, or a wrong ``num_levels``/``data_range``). ``what``
+    names the grid in messages (default ``"L-level"``).
     """
-    lo, hi = _check_bits_range(bits, data_range)
-    n_max = 2 ** int(bits) - 1
+    lo, hi = check_levels_range(num_levels, data_range)
+    what = what or f"{int(num_levels)}-level"
+    n_max = int(num_levels) - 1
     if not x.is_floating_point():
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"x must be a real tensor, got {x.dtype}")
         lv = x.to(torch.int64)
         if x.numel() and (int(lv.min()) < 0 or int(lv.max()) > n_max):
             raise ValueError(
-                f"integer data must be {bits}-bit levels in [0, {n_max}], got min {int(lv.min())}, max {int(lv.max())}"
+                f"integer data must be {what} levels in [0, {n_max}], got min {int(lv.min())}, max {int(lv.max())}"
             )
         return lv
     if x.numel() == 0:
@@ -77,7 +90,7 @@ def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> t
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains non-finite values")
     scaled = (x.double() - lo) / (hi - lo) * n_max
-    # float32 data carry ~eps * 2^k levels of rounding error; anything far beyond that is off the grid
+    # float32 data carry ~eps * L levels of rounding error; anything far beyond that is off the grid
     tol = 1e-3 + 4 * torch.finfo(x.dtype).eps * (n_max + 1)
     if float(scaled.min()) < -tol or float(scaled.max()) > n_max + tol:
         raise ValueError(
@@ -87,10 +100,38 @@ def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> t
     off = float((scaled - lv).abs().max())
     if off > tol:
         raise ValueError(
-            f"data are not on the {bits}-bit grid lo + (hi - lo) i / {n_max} of data_range {(lo, hi)} (a value is "
-            f"{off:.3g} levels off); already dequantized, or wrong bits/data_range?"
+            f"data are not on the {what} grid lo + (hi - lo) i / {n_max} of data_range {(lo, hi)} (a value is "
+            f"{off:.3g} levels off); already dequantized, or wrong levels/data_range?"
         )
     return lv.clamp_(0, n_max).to(torch.int64)
+
+
+def dequantize_levels(
+    x: torch.Tensor,
+    num_levels: int,
+    data_range: Range,
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+    what: str | None = None,
+) -> torch.Tensor:
+    """Dequantize L-level data: level i -> lo + (hi - lo) (i + u) / L with u ~ U[0, 1) (the module's convention
+    with 2^k replaced by L). Arguments as :func:`uniform_dequantize`."""
+    lo, hi = check_levels_range(num_levels, data_range)
+    lv = grid_levels(x, num_levels, data_range, what)
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    if noise is None:
+        noise = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} does not match x shape {tuple(x.shape)}")
+    y = lo + (hi - lo) * ((lv.to(torch.float64) + noise.to(device=x.device, dtype=torch.float64)) / int(num_levels))
+    return y.to(dtype)
+
+
+def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> torch.Tensor:
+    """Integer levels i (int64) of k-bit data (:func:`grid_levels` with L = 2^k)."""
+    _check_bits_range(bits, data_range)
+    return grid_levels(x, 2 ** int(bits), data_range, f"{int(bits)}-bit")
 
 
 def uniform_dequantize(
@@ -112,15 +153,8 @@ def uniform_dequantize(
     Returns a floating tensor shaped like x (x's dtype, or the default dtype for integer input) in [lo, hi]:
     computed in float64, then rounded to the output dtype (which can land a value on its bin's upper edge).
     """
-    lo, hi = _check_bits_range(bits, data_range)
-    lv = levels(x, bits, data_range)
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    if noise is None:
-        noise = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} does not match x shape {tuple(x.shape)}")
-    y = lo + (hi - lo) * ((lv.to(torch.float64) + noise.to(device=x.device, dtype=torch.float64)) / 2 ** int(bits))
-    return y.to(dtype)
+    _check_bits_range(bits, data_range)
+    return dequantize_levels(x, 2 ** int(bits), data_range, generator, noise=noise, what=f"{int(bits)}-bit")
 
 
 def bits_per_dim(
