@@ -71,7 +71,14 @@ def main(argv=None) -> int:
             progress=False,
         )
         rank = torch.distributed.get_rank() if initialised else 0
-        print(json.dumps({"rank": rank, "summary": s.to_dict()}), flush=True)
+        line = json.dumps({"rank": rank, "summary": s.to_dict()})
+        print(line, flush=True)
+        # ranks share one stdout pipe, where their lines can interleave: each also writes its own file (atomically,
+        # beside the run directory so the evaluator never scans it)
+        path = f"{args.out_dir.rstrip(os.sep)}.summary-rank{rank}.json"
+        with open(path + ".tmp", "w") as fh:
+            fh.write(line)
+        os.replace(path + ".tmp", path)
     finally:
         if initialised:
             torch.distributed.destroy_process_group()

@@ -304,7 +304,10 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
            "--noise", "0.01"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outs = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    outs = []
+    for r in (0, 1):  # one file per rank (their stdout lines can interleave on the shared pipe)
+        with open(f"{out}.summary-rank{r}.json") as fh:
+            outs.append(json.load(fh))
     assert sorted(o["rank"] for o in outs) == [0, 1]
     assert outs[0]["summary"] == outs[1]["summary"]
     assert os.path.exists(record_path(out, 0)) and os.path.exists(record_path(out, 1))
