@@ -32,7 +32,7 @@ Divergence = Literal["hutchinson", "exact"]
 
 @dataclass
 class LikelihoodResult:
-    """Result of :func:`log_likelihood` (all ``[batch]`` unless stated).
+    """Result of [`log_likelihood`][scoresolve.log_likelihood] (all ``[batch]`` unless stated).
 
     Attributes:
         log_prob: log p_{t_eps}(x) in nats (prior log-density of the latent + delta_log_prob).
@@ -45,6 +45,8 @@ class LikelihoodResult:
         std_error: standard error of log_prob over the probes (``probes > 1``), else None.
         steps: accepted steps per sample.
         rejected: rejected steps per sample.
+        rows: rows of the batch the network evaluated over the whole solve (``calls * batch`` without
+            ``compact``; less with it): the work, in single-sample evaluations.
     """
 
     log_prob: torch.Tensor
@@ -56,6 +58,7 @@ class LikelihoodResult:
     steps: torch.Tensor
     rejected: torch.Tensor
     calls: int = 0
+    rows: int = 0
 
 
 def _probes(x: torch.Tensor, k: int, kind: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -175,11 +178,12 @@ def log_likelihood(
     generator: torch.Generator | None = None,
     exact_chunk: int = 64,
     max_steps: int = 10_000,
+    compact: bool = False,
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) through the probability-flow ODE of ``sde`` with score ``score``.
 
     Args:
-        score: callable ``score(x, t)`` or a :class:`ScoreModel` (any prediction type).
+        score: callable ``score(x, t)`` or a [`ScoreModel`][scoresolve.ScoreModel] (any prediction type).
         x: data ``[batch, ...]``.
         divergence: ``"hutchinson"`` (unbiased, ``probes`` probes), ``"exact"`` (D VJPs per evaluation, for small
             D; ``exact_chunk`` VJPs are batched at a time), or a callable ``div(x, t) -> [batch]`` returning the
@@ -195,6 +199,10 @@ def log_likelihood(
             needs 0.65-0.7x the NFE of dopri5 in t on near-degenerate (image-like) data and more on smooth
             low-dimensional data, where ``"t"`` is better (``benchmarks/likelihood_cost.py``). On a DiscreteVPSDE
             use log-SNR: beta(t) jumps at every knot 1/N, which makes steps in t tiny (~70x the NFE).
+        compact: drop samples that have reached T from the batched network calls (see
+            `odeint_adaptive`); same results, less work when the samples need
+            different numbers of steps. ``score`` must then be a function of (x, t) alone: per-sample conditioning
+            captured in a closure (class labels, say) would no longer line up with the rows of x.
     Every sample has its own adaptive steps, so its result does not depend on its batch-mates.
     """
     check_batched(x)
@@ -223,8 +231,9 @@ def log_likelihood(
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected 'hutchinson', 'exact' or a callable")
 
-    def v_and_div(xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PF-ODE drift and its divergence ([B, K]) at (x, t) with one network forward."""
+    def v_and_div(xt: torch.Tensor, t: torch.Tensor, *probe) -> tuple[torch.Tensor, torch.Tensor]:
+        """PF-ODE drift and its divergence ([B, K]) at (x, t) with one network forward; ``probe``: the
+        Hutchinson probes of these rows, [B, K, ...]."""
         f, g2 = sde._f(t), sde._g2(t)
         if callable(divergence):
             s = counter(xt, t)
@@ -234,26 +243,26 @@ def log_likelihood(
             s, ds = _exact_div_score(counter, xt, t, exact_chunk)
             ds = ds[:, None]
         else:
-            s, ds = _hutchinson_div_score(counter, xt, t, eps)
+            s, ds = _hutchinson_div_score(counter, xt, t, probe[0].transpose(0, 1))
         v = bcast(f, xt) * xt - bcast(0.5 * g2, xt) * s
         return v, (D * f)[:, None] - (0.5 * g2)[:, None] * ds  # div v = D f - g^2/2 div s
 
     if time_variable == "t":
         u0, u1 = float(t_eps), float(sde.T)
 
-        def func(u: torch.Tensor, state):
+        def func(u: torch.Tensor, state, *probe):
             xt, _ = state
-            v, div = v_and_div(xt, u)
+            v, div = v_and_div(xt, u, *probe)
             return v, div
 
     else:
         lam = sde.log_snr(torch.tensor([t_eps, sde.T], dtype=torch.float64)).tolist()
         u0, u1 = lam[0], lam[1]
 
-        def func(u: torch.Tensor, state):
+        def func(u: torch.Tensor, state, *probe):
             xt, _ = state
             t = sde._t_from_log_snr(u).clamp(min=t_eps * 0.5, max=sde.T)
-            v, div = v_and_div(xt, t)
+            v, div = v_and_div(xt, t, *probe)
             dt_du = -2 * sde._sigma(t) ** 2 / sde._g2(t)  # 1 / (dlambda/dt)
             return bcast(dt_du, xt) * v, dt_du[:, None] * div
 
@@ -269,6 +278,8 @@ def log_likelihood(
             atol=atol,
             max_steps=max_steps,
             name=f"log_likelihood[{solver}]",
+            args=() if eps is None else (eps.transpose(0, 1),),  # probes per sample [B, K, ...]
+            compact=compact,
         )
     except (MaxStepsError, StepSizeUnderflowError) as err:
         if time_variable == "t":
@@ -288,4 +299,5 @@ def log_likelihood(
         steps=res.steps,
         rejected=res.rejected,
         calls=counter.calls,
+        rows=res.stats.get("rows", 0),
     )

@@ -3,7 +3,7 @@
 ``accelerate(net, ...)`` returns a callable with the same ``net(x, t)`` signature:
 - ``channels_last``: convert the module and 4-D inputs to channels-last memory format (convolutions on tensor cores);
 - ``autocast``: run the network under ``torch.autocast`` in bf16/fp16 inside a float32 solver (the output is cast
-  back to x's dtype by :class:`~scoresolve.ScoreModel`);
+  back to x's dtype by [`ScoreModel`][scoresolve.ScoreModel]);
 - ``compile``: ``torch.compile`` the module (``dynamic=False``: each batch size compiles once);
 - ``tf32``: allow TF32 matmuls/convolutions (global PyTorch flags, set when the wrapper is built).
 Each changes the floating-point result slightly; ``benchmarks/likelihood_gpu.py`` reports the effect on log p.

@@ -432,3 +432,111 @@ def test_trajectory_and_callback():
     assert seen and all(t.shape == (3,) and shape == x.shape for _, t, shape in seen)
     assert [i for i, _, _ in seen] == sorted({i for i, _, _ in seen}) and seen[-1][0] == sol.stats["iterations"]
     assert torch.equal(seen[-1][1], torch.full((3,), T_EPS, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Batch compaction: finished samples leave the batched calls
+# ------------------------------------------------------------------------------------------------------------------
+def _spread_problem(B=13):
+    """y' = k (1 - t) y, y = y0 exp(k (t - t^2/2)), with per-sample rates k over two decades: the samples need
+    very different numbers of steps. k is a per-sample argument, so it must follow the state through compaction.
+    The field has no transcendental functions: a row's result changes with its position in the batch only by the
+    rounding of the controller's pow (SIMD body vs scalar tail), which a well-conditioned problem does not amplify
+    (an oscillatory one can turn it into a different step sequence, and a difference at the tolerance)."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.logspace(-0.5, 1.5, B, dtype=torch.float64)[torch.randperm(B, generator=g)]
+    y0 = torch.randn(B, 2, 3, generator=g, dtype=torch.float64)
+    rows_seen = []
+
+    def f(t, y, kk):
+        rows_seen.append(y.shape[0])
+        return bcast_(kk * (1 - t), y) * y
+
+    def exact(t):
+        return y0 * torch.exp(k * (t - t * t / 2))[:, None, None]
+
+    return f, y0, k, exact, rows_seen
+
+
+def bcast_(v, like):
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compaction_gives_identical_results_with_less_work(method):
+    f, y0, k, exact, rows = _spread_problem()
+    plain = odeint_adaptive(f, y0, 0.0, 2.0, method=method, rtol=1e-7, atol=1e-9, args=(k,))
+    assert set(rows) == {13}
+    rows.clear()
+    comp = odeint_adaptive(f, y0, 0.0, 2.0, method=method, rtol=1e-7, atol=1e-9, args=(k,), compact=True)
+    # each row's arithmetic is the same, up to rounding
+    torch.testing.assert_close(comp.y, plain.y, rtol=1e-13, atol=0)
+    assert torch.equal(comp.t, plain.t)
+    for a in ("nfe", "steps", "rejected"):
+        assert torch.equal(getattr(comp, a), getattr(plain, a)), a
+    torch.testing.assert_close(comp.y, exact(2.0), rtol=1e-5, atol=1e-8)
+    # the working batch only shrinks, through the ladder 13, 7, 4, 2, 1
+    assert set(rows) <= {13, 7, 4, 2, 1} and rows == sorted(rows, reverse=True) and len(set(rows)) >= 3
+    assert comp.stats["rows"] == sum(rows) and comp.stats["compactions"] == len(set(rows)) - 1
+    assert plain.stats["rows"] == 13 * plain.calls and comp.calls == plain.calls
+    # the work approaches the per-sample NFE: at most 2x it (padding) plus the calls before each check
+    assert comp.stats["rows"] < 0.6 * plain.stats["rows"]
+    assert int(comp.nfe.sum()) <= comp.stats["rows"] <= 2 * int(comp.nfe.sum()) + 13 * 6 * 8
+
+
+def test_compaction_with_tuple_state_trajectory_and_callback():
+    f, y0, k, exact, _ = _spread_problem(B=6)
+
+    def aug(t, state, kk):
+        y, s = state
+        return f(t, y, kk), kk * (1 - t)  # s = log(y / y0) = k (t - t^2 / 2)
+
+    s0 = torch.zeros(6, dtype=torch.float64)
+    seen = {}
+    kw = dict(method="tsit5", rtol=1e-8, atol=1e-10, args=(k,), save_trajectory=True)
+    plain = odeint_adaptive(aug, (y0, s0), 0.0, 2.0, callback=lambda i, t, y: seen.setdefault(("p", i), t), **kw)
+    comp = odeint_adaptive(aug, (y0, s0), 0.0, 2.0, compact=True,
+                           callback=lambda i, t, y: seen.setdefault(("c", i), (t, y[0].shape)), **kw)
+    assert comp.stats["compactions"] >= 1
+    torch.testing.assert_close(comp.y, plain.y, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(comp.y[1], torch.zeros_like(k), rtol=0, atol=1e-6)
+    # trajectories and callbacks always see the whole batch, in the original order
+    assert len(comp.ts) == len(plain.ts)
+    for a, b in zip(comp.ts, plain.ts):
+        assert torch.equal(a, b)
+    for a, b in zip(comp.ys, plain.ys):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    for (who, i), v in seen.items():
+        if who == "c":
+            assert v[1] == (6, 2, 3) and torch.equal(v[0], seen[("p", i)])
+
+
+def test_compaction_errors_name_the_original_samples():
+    # rows 1 and 4 become NaN after t = 0.5 and get stuck; the others finish and are compacted away first
+    f, y0, k, exact, _ = _spread_problem(B=8)
+    bad_rows = torch.zeros(8, dtype=torch.bool)
+    bad_rows[[1, 4]] = True
+
+    def g(t, y, kk, bad):
+        out = f(t, y, kk)
+        return torch.where(bcast_(bad & (t > 0.5), y), torch.full_like(y, float("nan")), out)
+
+    with pytest.raises(NonFiniteStepError) as info:
+        odeint_adaptive(g, y0, 0.0, 2.0, rtol=1e-6, atol=1e-8, args=(k, bad_rows), compact=True)
+    assert info.value.indices == [1, 4]
+    good = ~bad_rows
+    torch.testing.assert_close(info.value.y[good], exact(2.0)[good], rtol=1e-4, atol=1e-7)
+    # max_steps: the slowest sample (largest k) is reported by its original index
+    slow = int(k.argmax())
+    with pytest.raises(MaxStepsError) as info:
+        odeint_adaptive(f, y0, 0.0, 2.0, rtol=1e-9, atol=1e-12, args=(k,), compact=True, max_steps=60,
+                        check_every=2)
+    assert slow in info.value.indices and len(info.value.indices) < 8 and info.value.y.shape == y0.shape
+
+
+def test_args_validation():
+    y0 = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="args must be a tensor with the batch dimension"):
+        odeint_adaptive(lambda t, y, a: -y, y0, 0.0, 1.0, args=(torch.ones(2),))
+    with pytest.raises(ValueError, match="args must be a tensor"):
+        odeint_adaptive(lambda t, y, a: -y, y0, 0.0, 1.0, args=(1.0,))

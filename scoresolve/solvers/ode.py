@@ -2,10 +2,10 @@
 
 Three pieces, each small (diffrax's separation at torchdiffeq's size):
 
-* :class:`ButcherTableau` -- a method is data: ``dopri5`` (Dormand-Prince 5(4)), ``tsit5`` (Tsitouras 5(4)),
+* `ButcherTableau` -- a method is data: ``dopri5`` (Dormand-Prince 5(4)), ``tsit5`` (Tsitouras 5(4)),
   ``bosh3`` (Bogacki-Shampine 3(2)); all three are FSAL.
-* :class:`PIController` -- the step-size controller (Hairer/Soederlind PI control, constants documented there).
-* :func:`odeint_adaptive` -- one generic stepper. Every sample of the batch has its own time, step size, error and
+* `PIController` -- the step-size controller (Hairer/Soederlind PI control, constants documented there).
+* `odeint_adaptive` -- one generic stepper. Every sample of the batch has its own time, step size, error and
   step counts: the vector field is called once per stage on the whole batch with a ``[batch]`` time vector, and
   samples that have finished are frozen (their step size is 0, so their stage inputs are their own state). A
   sample's result therefore does not depend on which other samples share its batch.
@@ -20,7 +20,8 @@ The loop makes no host-device synchronisation per step: the tableaux are Python 
 steps.
 
 The registered solvers ``dopri5``, ``tsit5`` and ``bosh3`` integrate the probability-flow ODE of a
-:class:`~scoresolve.ReverseProcess` with this stepper (``scoresolve.sample(..., solver="tsit5", rtol=..., atol=...)``).
+[`ReverseProcess`][scoresolve.ReverseProcess] with this stepper
+(``scoresolve.sample(..., solver="tsit5", rtol=..., atol=...)``).
 """
 
 from __future__ import annotations
@@ -248,9 +249,9 @@ class StepSizeUnderflowError(RuntimeError):
 
 class NonFiniteStepError(NonFiniteError, StepSizeUnderflowError):
     """Step-size underflow caused by non-finite (NaN/Inf) candidates: the vector field returns NaN/Inf near the
-    samples' current times however small the step. Both a :class:`~scoresolve.NonFiniteError` (``indices``,
+    samples' current times however small the step. Both a [`NonFiniteError`][scoresolve.NonFiniteError] (``indices``,
     ``times``, ``last_finite``: the last accepted state, finite for every sample) and a
-    :class:`StepSizeUnderflowError`."""
+    `StepSizeUnderflowError`."""
 
     def __init__(self, method: str, indices: list[int], times: list[float], y: State) -> None:
         NonFiniteError.__init__(self, method, indices, times, y)  # type: ignore[arg-type]
@@ -259,13 +260,15 @@ class NonFiniteStepError(NonFiniteError, StepSizeUnderflowError):
 
 @dataclass
 class AdaptiveResult:
-    """Result of :func:`odeint_adaptive`.
+    """Result of `odeint_adaptive`.
 
     Attributes:
         y: state at the end time, same structure (tensor or tuple) as ``y0``.
         nfe: ``[batch]`` long, vector-field evaluations in which each sample was active (not yet finished),
             including the ones of the initial-step heuristic.
         calls: number of batched calls of the vector field (>= nfe.max()).
+        stats: ``iterations`` (step attempts of the loop), ``rows`` (rows of the batch evaluated over all calls:
+            ``calls * B`` without compaction) and ``compactions`` (times the working batch shrank).
         steps: ``[batch]`` long, accepted steps per sample.
         rejected: ``[batch]`` long, rejected steps per sample.
         t: ``[batch]`` final times (exactly t1), dtype of the first tensor of the state.
@@ -357,6 +360,8 @@ def odeint_adaptive(
     save_trajectory: bool = False,
     name: str | None = None,
     controller: PIController | None = None,
+    args: Sequence[torch.Tensor] = (),
+    compact: bool = False,
 ) -> AdaptiveResult:
     """Integrate dy/dt = func(t, y) from t0 to t1 (either direction) with per-sample adaptive steps.
 
@@ -367,9 +372,9 @@ def odeint_adaptive(
         y0: initial state: a tensor ``[batch, ...]`` or a tuple of tensors that share the batch dimension
             (``[batch]`` tensors are fine, e.g. ``(x, delta_logp)``).
         t0, t1: start and end times (floats); t1 < t0 integrates backwards.
-        method: ``"dopri5"``, ``"tsit5"``, ``"bosh3"`` or a :class:`ButcherTableau`.
+        method: ``"dopri5"``, ``"tsit5"``, ``"bosh3"`` or a `ButcherTableau`.
         rtol, atol: relative and absolute tolerances (> 0), applied to every tensor of the state.
-        max_steps: most step attempts (accepted + rejected) of any sample; then :class:`MaxStepsError`.
+        max_steps: most step attempts (accepted + rejected) of any sample; then `MaxStepsError`.
         first_step: initial |h| for every sample; None uses Hairer's heuristic per sample (one extra evaluation,
             counted in ``nfe``).
         check_every: most steps between the (single) host-device synchronisations that test whether every
@@ -378,14 +383,23 @@ def odeint_adaptive(
             slowest sample needs fewer steps to reach t1, so few calls are wasted after the last sample is done.
         callback: ``callback(i, t, y)`` called at every such check with the iteration count, the ``[batch]``
             times and the current state.
-        save_trajectory: record ``ts`` / ``ys`` (see :class:`AdaptiveResult`).
+        save_trajectory: record ``ts`` / ``ys`` (see `AdaptiveResult`).
         name: name used in error messages (default: the method's name).
-        controller: step-size controller (default :class:`PIController()`).
+        controller: step-size controller (default `PIController()`).
+        args: per-sample arguments of ``func``: tensors with the batch dimension first, passed as
+            ``func(t, y, *args)`` (e.g. Hutchinson probes, class labels). With ``compact`` they are cut down with
+            the state, so ``func`` must take everything that differs between samples from ``y`` and ``args``.
+        compact: drop finished samples from the batched calls. At each check (see ``check_every``), when the
+            unfinished samples fit in a smaller size of the ladder B, ceil(B/2), ceil(B/4), ..., 1, the working
+            batch shrinks to that size (the unfinished samples, padded with finished ones). A sample's arithmetic
+            is unchanged, so the results are those of ``compact=False`` up to the network's own batch-size
+            dependence; the work ``stats["rows"]`` (rows evaluated) drops towards ``nfe.sum()``. The few fixed
+            sizes keep ``torch.compile(dynamic=False)`` and CUDA graphs to at most log2(B) + 1 shapes.
 
     Raises:
         MaxStepsError: ``max_steps`` reached with samples unfinished.
         NonFiniteStepError: a sample's candidates stayed NaN/Inf until its step size underflowed (also a
-            :class:`~scoresolve.NonFiniteError` and a :class:`StepSizeUnderflowError`).
+            [`NonFiniteError`][scoresolve.NonFiniteError] and a `StepSizeUnderflowError`).
         StepSizeUnderflowError: a sample's step size underflowed for any other reason.
     """
     tab = TABLEAUX.get(method) if isinstance(method, str) else method
@@ -418,30 +432,35 @@ def odeint_adaptive(
             raise ValueError(f"every tensor of y0 needs the same batch dimension first; got shapes {got}")
         if not p.is_floating_point():
             raise TypeError(f"y0 must be floating point, got {p.dtype}")
+    args = tuple(args)
+    for a in args:
+        if not torch.is_tensor(a) or a.ndim < 1 or a.shape[0] != B:
+            got = tuple(a.shape) if torch.is_tensor(a) else type(a).__name__
+            raise ValueError(f"every element of args must be a tensor with the batch dimension ({B}) first, got {got}")
     dev = y[0].device
     if not all(bool(torch.isfinite(p).all()) for p in y):
         raise ValueError("y0 contains non-finite values")
     tdtype = torch.float32 if dev.type == "mps" else torch.float64  # times and step sizes, per sample
     fdtype = y[0].dtype  # dtype of the time argument passed to func
-    shapes = [p.shape for p in y]
 
     zeros_long = torch.zeros(B, dtype=torch.long, device=dev)
     nfe, steps, rejected = zeros_long.clone(), zeros_long.clone(), zeros_long.clone()
     t = torch.full((B,), t0, dtype=tdtype, device=dev)
-    calls = 0
+    calls, rows_evaluated = 0, 0
 
     def pack(parts: Parts) -> State:
         return parts[0] if single else parts
 
     def evaluate(tt: torch.Tensor, yy: Parts, active: torch.Tensor | None) -> Parts:
-        nonlocal calls, nfe
-        out = func(tt.to(fdtype), pack(yy))
+        nonlocal calls, nfe, rows_evaluated
+        out = func(tt.to(fdtype), pack(yy), *args)  # args: the working rows of the per-sample arguments
         calls += 1
+        rows_evaluated += yy[0].shape[0]
         nfe = nfe + (1 if active is None else active.long())
         parts = (out,) if torch.is_tensor(out) else tuple(out)
-        if len(parts) != len(yy) or any(not torch.is_tensor(o) or o.shape != s for o, s in zip(parts, shapes)):
+        if len(parts) != len(yy) or any(not torch.is_tensor(o) or o.shape != p.shape for o, p in zip(parts, yy)):
             got = [tuple(o.shape) if torch.is_tensor(o) else type(o).__name__ for o in parts]
-            raise ValueError(f"solver {name!r}: func returned {got}, expected {[tuple(s) for s in shapes]}")
+            raise ValueError(f"solver {name!r}: func returned {got}, expected {[tuple(p.shape) for p in yy]}")
         return tuple(o.to(p.dtype) for o, p in zip(parts, yy))
 
     def hvec(h: torch.Tensor) -> Parts:
@@ -471,6 +490,32 @@ def odeint_adaptive(
     nonfinite_recent = torch.zeros(B, dtype=torch.bool, device=dev)
     stuck = torch.zeros(B, dtype=torch.bool, device=dev)
     t_end = torch.full((B,), t1, dtype=tdtype, device=dev)
+
+    # Batch compaction. The loop works on the rows `rows` (original sample indices; None = all B) of `full`, the
+    # per-sample tensors of the whole batch; a compaction writes the working rows back and keeps a smaller set.
+    n_y = len(y)
+    args_full = args
+    full: list | None = None
+    rows: torch.Tensor | None = None
+    sizes = sorted({math.ceil(B / 2**k) for k in range(max(B, 1).bit_length() + 1)})  # B, B/2, ..., 1 (ceil)
+    compactions = 0
+
+    def working() -> list:
+        return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *y,
+                *(f0 if tab.fsal else ())]
+
+    def write_back() -> list:
+        """The per-sample tensors of the whole batch, current (the working rows scattered into ``full``)."""
+        if rows is None:
+            return working()
+        for dst, src in zip(full, working()):
+            dst.index_copy_(0, rows, src)
+        return full
+
+    def whole(vec: torch.Tensor, k: int) -> torch.Tensor:
+        """A copy of working tensor number k of ``working()`` for the whole batch (for trajectories)."""
+        return vec if rows is None else full[k].index_copy(0, rows, vec)
+
     # first check: as below, sooner if the initial steps would carry every sample to t1 within check_every steps
     n_est = float((span / h.abs()).amax())  # one synchronisation per solve
     it, next_check = 0, max(1, min(check_every, math.ceil(n_est) if math.isfinite(n_est) else check_every))
@@ -510,25 +555,47 @@ def odeint_adaptive(
         rejected = rejected + reject.long()
         done = done | (accept & last)
         if save_trajectory:
-            traj_t.append(t.to(fdtype).clone())
-            traj_y.append(pack(tuple(p.detach().clone() for p in y)))
+            traj_t.append(whole(t, 0).to(fdtype).clone())
+            traj_y.append(pack(tuple(whole(p, 10 + j).detach().clone() for j, p in enumerate(y))))
 
         if it >= next_check or it >= max_steps:
-            # the one synchronisation: all finished? and how many steps the slowest sample needs at its current h
+            # the one synchronisation: how many samples are unfinished, and how many steps the slowest one needs at
+            # its current step size
             finished = done | stuck
             need = torch.where(finished, torch.zeros_like(h), (t_end - t).abs() / h.abs()).amax()
-            all_finished, n_est = torch.stack([finished.all().to(tdtype), need]).tolist()
+            n_active, n_est = torch.stack([(~finished).sum().to(tdtype), need]).tolist()
+            n_active = int(n_active)
             # check again after at most check_every steps, sooner when every sample should finish before then
             # (calls made after the last sample has finished are wasted evaluations of the vector field)
             next_check = it + max(1, min(check_every, math.ceil(n_est) if math.isfinite(n_est) else check_every))
             if callback is not None:
-                callback(it, t.to(fdtype), pack(y))
-            if all_finished:
+                cur = write_back()  # with compaction these are buffers that later checks overwrite: pass copies
+                callback(it, cur[0].to(fdtype, copy=True), pack(tuple(p.clone() for p in cur[10 : 10 + n_y])))
+            if n_active == 0:
                 break
             if it >= max_steps:
-                idx = (~finished).nonzero().flatten().tolist()
-                raise MaxStepsError(name, max_steps, idx, t[~finished].tolist(), pack(y))
+                cur = write_back()
+                unfinished = ~(cur[2] | cur[6])
+                idx = unfinished.nonzero().flatten().tolist()
+                raise MaxStepsError(name, max_steps, idx, cur[0][unfinished].tolist(), pack(tuple(cur[10 : 10 + n_y])))
+            size = next(s for s in sizes if s >= n_active)
+            if compact and size < y[0].shape[0]:
+                # keep the unfinished rows (in their order) and as many finished ones as pad the set to `size`
+                keep = torch.argsort(finished.to(torch.int8), stable=True)[:size]
+                full = write_back()
+                rows = keep if rows is None else rows[keep]
+                (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *rest) = (
+                    v.index_select(0, rows) for v in full
+                )
+                y = tuple(rest[:n_y])
+                if tab.fsal:
+                    f0 = tuple(rest[n_y:])
+                args = tuple(a.index_select(0, rows) for a in args_full)
+                t_end = t_end[:size]
+                compactions += 1
 
+    (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *rest) = write_back()
+    y = tuple(rest[:n_y])
     if not bool(done.all()):  # some samples are stuck; the others finished (their final states are in .y)
         idx = stuck.nonzero().flatten().tolist()
         times = t[stuck].tolist()
@@ -540,7 +607,7 @@ def odeint_adaptive(
         raise StepSizeUnderflowError(name, idx, times, pack(y), h_min)
 
     return AdaptiveResult(pack(y), nfe, calls, steps, rejected, t.to(fdtype), traj_t, traj_y,
-                          stats={"iterations": it})
+                          stats={"iterations": it, "rows": rows_evaluated, "compactions": compactions})
 
 
 def _initial_step(evaluate, t, y, f0, direction, span, order, rtol, atol, tdtype, hvec) -> torch.Tensor:
