@@ -3,7 +3,7 @@
 Digits
 ------
 scikit-learn's ``load_digits`` holds 1797 gray images of 8x8 pixels with integer intensities v in {0, ..., 16}:
-17 levels, not a power of two, so the k-bit helpers of :mod:`scoresolve.dequantization` (2^k levels) do not apply
+17 levels, not a power of two, so the k-bit helpers of `scoresolve.dequantization` (2^k levels) do not apply
 as they stand. We use the same convention generalised to L levels (L = 2^k gives exactly those helpers):
 
     grid          x = lo + (hi - lo) v / (L - 1)           digits: x = 2 v / 16 - 1 in [-1, 1]
@@ -12,16 +12,17 @@ as they stand. We use the same convention generalised to L levels (L = 2^k gives
 
 Level v's grid point lies in its own bin (the top level on the bin's upper edge), as for 8-bit data. The bits/dim
 is an upper bound (Jensen) on -log2 P(v) / D of the discrete model that integrates the density over the bins; a
-uniform density on [lo, hi]^D gives log2(L) = 4.087 bits/dim. :func:`digits` returns grid data; models meant for
-likelihoods are trained on dequantized data (:func:`dequantize`), see :mod:`scoresolve.models.train`.
+uniform density on [lo, hi]^D gives log2(L) = 4.087 bits/dim. [`digits`][scoresolve.data.digits] returns grid data;
+models meant for likelihoods are trained on dequantized data ([`dequantize`][scoresolve.data.dequantize]), see
+`scoresolve.models.train`.
 
-The split into train and test images is a fixed seeded permutation (:func:`digits`).
+The split into train and test images is a fixed seeded permutation ([`digits`][scoresolve.data.digits]).
 
 Toy sets
 --------
 ``moons``, ``swissroll``, ``checkerboard`` and ``gmm`` are 2-D distributions of order-one scale drawn with an explicit
-``torch.Generator`` (see :func:`toy_sample`); ``gmm`` is an exact :class:`~scoresolve.GaussianMixture`
-(:func:`toy_mixture`), so its score is known at every t.
+``torch.Generator`` (see `toy_sample`); ``gmm`` is an exact [`GaussianMixture`][scoresolve.GaussianMixture]
+(`toy_mixture`), so its score is known at every t.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from .analytic import GaussianMixture
-from .dequantization import check_levels_range, dequantize_levels, grid_levels
+from .dequantization import check_levels_range, dequantize_levels, grid_levels, levels_bits_per_dim, levels_offset
 
 DIGITS_LEVELS = 17
 DIGITS_RANGE = (-1.0, 1.0)
@@ -72,14 +73,15 @@ def dequantize(
     """Uniformly dequantize L-level data: level v -> lo + (hi - lo) (v + u) / L, u ~ U[0, 1) (module docstring).
 
     ``x`` holds grid values (or integer levels); ``noise`` gives u directly. For L = 2^k this is
-    :func:`scoresolve.uniform_dequantize` with ``bits=k``.
+    [`scoresolve.uniform_dequantize`][scoresolve.uniform_dequantize] with ``bits=k``.
     """
     return dequantize_levels(x, num_levels, data_range, generator, noise=noise)
 
 
 def quantize(y: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> torch.Tensor:
     """The level of the bin holding each value of continuous data y (clamped), as grid values (inverse of
-    :func:`dequantize`; use it to turn samples of a model trained on dequantized data into data-like images)."""
+    [`dequantize`][scoresolve.data.dequantize]; use it to turn samples of a model trained on dequantized data into
+    data-like images)."""
     lo, hi = check_levels_range(num_levels, data_range)
     lv = torch.floor((y.double() - lo) / (hi - lo) * num_levels).clamp(0, num_levels - 1)
     return from_levels(lv, num_levels, data_range, dtype=y.dtype if y.is_floating_point() else torch.float32)
@@ -87,15 +89,14 @@ def quantize(y: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range
 
 def bpd_offset(num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> float:
     """log2(L / (hi - lo)): bits/dim of the bins minus bits/dim of the density (-log2 of the bin width)."""
-    lo, hi = check_levels_range(num_levels, data_range)
-    return math.log2(int(num_levels) / (hi - lo))
+    return levels_offset(num_levels, data_range)
 
 
 def bits_per_dim(
     log_prob: torch.Tensor | float, num_dims: int, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE
 ) -> torch.Tensor | float:
     """-log p / (D ln 2) + log2(L / (hi - lo)) for a density (nats) on dequantized L-level data."""
-    return -log_prob / (int(num_dims) * math.log(2)) + bpd_offset(num_levels, data_range)
+    return levels_bits_per_dim(log_prob, num_dims, num_levels, data_range)
 
 
 # --------------------------------------------------------------------------------------------------------------------

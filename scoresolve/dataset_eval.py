@@ -2,7 +2,8 @@
 
 Layout of ``out_dir``
 ---------------------
-``manifest.json``            the run's settings; a resume with incompatible settings is an error.
+``manifest.json``            the run's settings (among them the data's number of levels ``num_levels`` and, for
+                             L = 2^k, ``bits``); a resume with incompatible settings is an error.
 ``records-rank00000.jsonl``  append-only records written by rank 0 (one file per rank), one line per
                              (sample index, repeat) pair:  ``<crc32 of payload, 8 hex digits> <payload>\\n``,
                              payload = compact JSON ``{"i": index, "r": repeat, "log_prob": .., "bpd": .., "nfe": ..,
@@ -24,8 +25,9 @@ its missing pairs are written (its other pairs are compared with the stored valu
 per-batch function is not deterministic). Randomness comes only from seeds derived (blake2b, see
 :func:`derive_seed`) from the run's ``seed``:
 
-* dequantization noise of sample i in repeat r: a CPU generator seeded with ``derive_seed("dequant", seed, r, i)``
-  draws ``torch.rand(sample_shape)``: independent of batch size, sharding, restarts and device;
+* dequantization noise of sample i in repeat r (quantized data, given by ``bits`` or ``num_levels``: level v goes
+  to lo + (hi - lo) (v + u) / L): a CPU generator seeded with ``derive_seed("dequant", seed, r, i)`` draws
+  u = ``torch.rand(sample_shape)``: independent of batch size, sharding, restarts and device;
 * the generator handed to the per-batch function (e.g. Hutchinson probes), on the batch's device, seeded with
   ``derive_seed("batch", seed, r, start, stop)``: the same for every world size and every restart, given the same
   batch size.
@@ -63,7 +65,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .dequantization import bits_per_dim, levels, uniform_dequantize
+from .dequantization import bin_offset, check_levels_range, dequantize_levels, grid_levels, levels_bits_per_dim
 
 FORMAT = "scoresolve.dataset_eval/1"
 MANIFEST = "manifest.json"
@@ -266,6 +268,11 @@ def _check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
             old = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); delete it only if the records belong to this run") from e
+    if isinstance(old, dict) and "num_levels" not in old and "num_levels" in manifest:
+        # a run started before num_levels existed stored only bits: its L is 2^bits (None: continuous data)
+        old_bits = old.get("bits")
+        ok = type(old_bits) in (int, float) and old_bits == int(old_bits) and 1 <= old_bits <= 32
+        old["num_levels"] = 2 ** int(old_bits) if ok else None
     diffs = [
         f"  {k}: stored {old.get(k)!r}, now {manifest.get(k)!r}"
         for k in sorted(set(old) | set(manifest))
@@ -341,13 +348,13 @@ def _columns(out: Any, batch: int) -> dict[str, list]:
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalSummary:
-    """Result of :func:`evaluate_dataset` (also stored under ``summary`` in ``results.json``).
+    """Result of [`evaluate_dataset`][scoresolve.evaluate_dataset] (also stored under ``summary`` in ``results.json``).
 
     Attributes:
         count: number of samples N (each evaluated ``repeats`` times).
         mean_log_prob: mean log p (nats) over all records.
-        mean_bpd: mean bits/dim (with the dequantization offset when ``bits`` is given, plain
-            -log p / (D ln 2) for continuous data).
+        mean_bpd: mean bits/dim (with the dequantization offset log2(L / (hi - lo)) when the data's L levels are
+            given by ``bits`` or ``num_levels``, plain -log p / (D ln 2) for continuous data).
         bpd_std_error: standard error of ``mean_bpd``: std of the per-sample means over repeats divided by
             sqrt(N) (NaN for N = 1).
         mean_nfe: mean number of function evaluations per record (None if the function reports none).
@@ -385,7 +392,49 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int, b
     return int(rank), int(world_size), same
 
 
-def _dequantized(x: torch.Tensor, indices: Sequence[int], repeat: int, seed: int, bits: int, data_range: Any):
+def resolve_levels(bits: int | None, num_levels: int | None, data_range: Sequence[float] = (-1.0, 1.0)) -> int | None:
+    """The number of quantisation levels L of the data from ``bits`` (L = 2^k) or ``num_levels`` (L itself).
+
+    Args:
+        bits: k of k-bit data (an integer in [1, 32]), or None.
+        num_levels: L (an integer >= 2), or None.
+        data_range: (lo, hi) of the data, checked to be finite with lo < hi when a quantisation is given.
+    Returns:
+        L, or None when both are None (continuous data, no dequantization).
+    Raises:
+        ValueError: an invalid ``bits``, ``num_levels`` or ``data_range``, or ``bits`` and ``num_levels`` that
+            disagree (both may be given only if num_levels == 2^bits).
+    """
+    if bits is None and num_levels is None:
+        return None
+    L = None
+    if bits is not None:
+        bin_offset(bits, data_range)  # validates bits (an integer in [1, 32]) and data_range
+        L = 2 ** int(bits)
+    if num_levels is not None:
+        check_levels_range(num_levels, data_range)
+        if L is not None and int(num_levels) != L:
+            raise ValueError(
+                f"bits={bits!r} (2^{int(bits)} = {L} levels) and num_levels={num_levels!r} disagree: give one of them"
+            )
+        L = int(num_levels)
+    return L
+
+
+def _pow2_bits(num_levels: int) -> int | None:
+    """k if L = 2^k with k in [1, 32] (the range of the k-bit helpers), else None."""
+    k = int(num_levels).bit_length() - 1
+    return k if 1 <= k <= 32 and 1 << k == num_levels else None
+
+
+def _grid_name(num_levels: int) -> str:
+    k = _pow2_bits(num_levels)
+    return f"{k}-bit" if k is not None else f"{int(num_levels)}-level"
+
+
+def _dequantized(
+    x: torch.Tensor, indices: Sequence[int], repeat: int, seed: int, num_levels: int, data_range: Any
+) -> torch.Tensor:
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     noise = torch.stack(
         [
@@ -397,15 +446,37 @@ def _dequantized(x: torch.Tensor, indices: Sequence[int], repeat: int, seed: int
             for i in indices
         ]
     )
-    return uniform_dequantize(x, bits, data_range, noise=noise)
+    return dequantize_levels(x, num_levels, data_range, noise=noise, what=_grid_name(num_levels))
 
 
 def dequantized_samples(
-    data: Any, indices: Sequence[int], repeat: int, seed: int, bits: int, data_range: Sequence[float] = (-1.0, 1.0)
+    data: Any,
+    indices: Sequence[int],
+    repeat: int,
+    seed: int,
+    bits: int | None = None,
+    data_range: Sequence[float] = (-1.0, 1.0),
+    *,
+    num_levels: int | None = None,
 ) -> torch.Tensor:
-    """The exact dequantized inputs that :func:`evaluate_dataset` fed to the per-batch function for these samples."""
+    """The exact dequantized inputs that :func:`evaluate_dataset` fed to the per-batch function for these samples.
+
+    Args:
+        data: the dataset given to :func:`evaluate_dataset`.
+        indices: sample indices.
+        repeat: the repeat r.
+        seed: the run's seed.
+        bits: k of k-bit data (L = 2^k levels), or None when ``num_levels`` is given.
+        data_range: (lo, hi) of the data.
+        num_levels: L, the number of levels (an alternative to ``bits``; exactly one of them determines L).
+    Returns:
+        ``[len(indices), *sample_shape]``: each sample's level i mapped to lo + (hi - lo) (i + u) / L, u ~ U[0, 1).
+    """
+    L = resolve_levels(bits, num_levels, data_range)
+    if L is None:
+        raise ValueError("give bits or num_levels: dequantized_samples needs the data's quantisation")
     x = torch.stack([_item(data, i) for i in indices])
-    return _dequantized(x, list(indices), repeat, seed, bits, data_range)
+    return _dequantized(x, list(indices), repeat, seed, L, data_range)
 
 
 def read_records(out_dir: str, num_samples: int | None = None, repeats: int | None = None) -> dict[str, torch.Tensor]:
@@ -501,6 +572,7 @@ def evaluate_dataset(
     repeats: int = 1,
     seed: int = 0,
     bits: int | None = None,
+    num_levels: int | None = None,
     data_range: Sequence[float] = (-1.0, 1.0),
     device: torch.device | str | None = None,
     model_id: str | None = None,
@@ -520,16 +592,22 @@ def evaluate_dataset(
             Resuming is automatic: an existing run there continues where it stopped.
         fn: per-batch function ``fn(x, generator) -> {"log_prob": [B], "nfe": [B], ...}`` (also accepted: a
             ``[B]`` tensor of log p, or a result object such as ``LikelihoodResult``, whose ``[B]`` fields are kept).
-            Default: :func:`likelihood_fn` of ``score`` and ``sde`` (``scoresolve.likelihood.log_likelihood``).
+            Default: ``likelihood_fn`` of ``score`` and ``sde`` (``scoresolve.likelihood.log_likelihood``).
         score: the model of the default ``fn``.
         sde: its forward SDE.
         likelihood_kwargs: settings of the default ``fn`` (passed to ``log_likelihood``).
         batch_size: samples per call of ``fn`` (part of the seeding of ``fn``'s generator; see module docstring).
         repeats: evaluations of every sample, each with fresh dequantization noise and generator draws.
         seed: root of every seed.
-        bits: k-bit data on the grid of ``data_range`` are uniformly dequantized per sample and bits/dim
-            gets the offset log2(2^k / (hi - lo)) (:mod:`scoresolve.dequantization`); ``bits=None`` (default)
-            evaluates the data as they are and reports plain bits/dim -log p / (D ln 2).
+        bits: k for k-bit data, i.e. L = 2^k levels (an integer in [1, 32]); see ``num_levels``.
+        num_levels: L, the number of quantisation levels (an integer >= 2, e.g. 17 for the digits): an alternative
+            to ``bits`` for any L. With L given (by exactly one of the two, or by both if num_levels == 2^bits),
+            the data must lie on the grid lo + (hi - lo) i / (L - 1), i = 0 .. L - 1, of ``data_range`` (or be
+            integer levels i); each sample is uniformly dequantized to lo + (hi - lo) (i + u) / L, u ~ U[0, 1)^D,
+            and its bits/dim is -log p / (D ln 2) + log2(L / (hi - lo)) (``scoresolve.dequantization``,
+            ``scoresolve.data``; L = 2^k gives exactly the numbers of ``bits=k``). Both None (default):
+            the data are evaluated as they are and bits/dim is plain -log p / (D ln 2). L is stored in the
+            manifest: resuming with another L is an error.
         data_range: (lo, hi) of the data.
         device: where batches go before ``fn`` (dequantization happens on the CPU first).
         model_id: a string naming the model, stored in the manifest and checked on resume (the default ``fn``
@@ -539,6 +617,15 @@ def evaluate_dataset(
         world_size: number of shards (default: from ``torch.distributed`` when initialised, else 1).
         wait_timeout: seconds to wait for the other ranks' records at the end (default: forever).
         poll_interval: longest pause between reads of the record files while waiting.
+
+    Returns:
+        The [`EvalSummary`][scoresolve.EvalSummary] of all N x repeats records (log p in nats, bits/dim per
+        dimension).
+
+    Raises:
+        ValueError: invalid settings (among them ``bits`` and ``num_levels`` that disagree, or L < 2; see
+            ``scoresolve.dataset_eval.resolve_levels``), data off the declared grid, or an ``out_dir`` holding a
+            run with other settings.
     """
     rank, world_size, barrier = _resolve_rank(rank, world_size)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -567,10 +654,13 @@ def evaluate_dataset(
     if first.ndim == 0:
         raise ValueError("dataset items must be tensors with at least one dimension (use shape [1] for scalars)")
     num_dims = first.numel()
-    if bits is None and not first.is_floating_point():
-        raise ValueError(f"the data are {first.dtype}: give bits (and data_range) to dequantize integer data")
-    if bits is not None:
-        levels(first, bits, data_range)  # fail early on the wrong bits / data_range
+    L = resolve_levels(bits, num_levels, data_range)
+    if L is None and not first.is_floating_point():
+        raise ValueError(
+            f"the data are {first.dtype}: give bits or num_levels (and data_range) to dequantize integer data"
+        )
+    if L is not None:
+        grid_levels(first, L, data_range, _grid_name(L))  # fail early on the wrong bits / num_levels / data_range
         lo, hi = (float(v) for v in data_range)
         data_range_m: list | None = [lo, hi]
     else:
@@ -581,7 +671,9 @@ def evaluate_dataset(
         "sample_shape": list(first.shape),
         "repeats": repeats,
         "seed": seed,
-        "bits": bits,
+        # L is what the numbers depend on; bits is k for L = 2^k (else None), as runs before num_levels stored it
+        "bits": None if L is None else _pow2_bits(L),
+        "num_levels": L,
         "data_range": data_range_m,
         "data_fingerprint": data_fingerprint(data),
         "likelihood": likelihood,
@@ -625,14 +717,14 @@ def evaluate_dataset(
             for r, b in todo:
                 idx = span(b)
                 x = _batch(data, idx.start, idx.stop)
-                if bits is not None:
-                    x = _dequantized(x, idx, r, seed, bits, data_range)
+                if L is not None:
+                    x = _dequantized(x, idx, r, seed, L, data_range)
                 if device is not None:
                     x = x.to(device)
                 gen = torch.Generator(device=x.device).manual_seed(derive_seed("batch", seed, r, idx.start, idx.stop))
                 cols = _columns(fn(x, gen), len(idx))
                 lp = torch.tensor(cols["log_prob"], dtype=torch.float64)
-                cols["bpd"] = bits_per_dim(lp, num_dims, bits, data_range).tolist()
+                cols["bpd"] = levels_bits_per_dim(lp, num_dims, L, data_range).tolist()
                 lines = []
                 for j, i in enumerate(idx):
                     rec = {"i": i, "r": r, "log_prob": cols["log_prob"][j], "bpd": cols["bpd"][j]}
@@ -679,8 +771,46 @@ def evaluate_dataset(
 # --------------------------------------------------------------------------------------------------------------------
 # command line: `scoresolve likelihood`
 # --------------------------------------------------------------------------------------------------------------------
+def _bits_arg(text: str) -> int:
+    """argparse type of ``--bits``: an integer in [1, 32]."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= k <= 32:
+        raise argparse.ArgumentTypeError(f"bits must lie in [1, 32], got {k}")
+    return k
+
+
+def _num_levels_arg(text: str) -> int:
+    """argparse type of ``--num-levels``: an integer >= 2."""
+    try:
+        L = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if L < 2:
+        raise argparse.ArgumentTypeError(f"the number of levels must be at least 2, got {L}")
+    return L
+
+
+class _LevelsAction(argparse.Action):
+    """Stores ``--bits`` / ``--num-levels`` and rejects the pair (whatever their order) if 2^bits != num_levels."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        bits, levels_ = getattr(namespace, "bits", None), getattr(namespace, "num_levels", None)
+        if bits is not None and levels_ is not None and 2**bits != levels_:
+            parser.error(
+                f"--bits {bits} (2^{bits} = {2**bits} levels) and --num-levels {levels_} disagree: give one of them"
+            )
+
+
 def add_likelihood_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``scoresolve likelihood`` (the model is the built-in analytic Gaussian mixture)."""
+    """Options of ``scoresolve likelihood`` (the model is the built-in analytic Gaussian mixture).
+
+    The data's quantisation is ``--bits K`` (2^K levels) or ``--num-levels L`` (any L >= 2; both only if
+    L = 2^K, otherwise an argparse error); with neither, the data are evaluated as continuous.
+    """
     p.add_argument("--out-dir", default="likelihood_eval", help="records, manifest and results (resumable)")
     p.add_argument(
         "--data",
@@ -709,7 +839,22 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--t-eps", type=float, default=1e-5, help="start time of the likelihood ODE (default: 1e-5)")
-    p.add_argument("--bits", type=int, default=None, help="dequantize k-bit data and add the bits/dim offset")
+    p.add_argument(
+        "--bits",
+        type=_bits_arg,
+        default=None,
+        action=_LevelsAction,
+        help="k-bit data (2^k levels): dequantize them and add the bits/dim offset log2(2^k / (HI - LO))",
+    )
+    p.add_argument(
+        "--num-levels",
+        type=_num_levels_arg,
+        default=None,
+        action=_LevelsAction,
+        metavar="L",
+        help="L-level data (any L >= 2, e.g. 17 for the digits), an alternative to --bits: dequantize them on "
+        "their L levels and add the bits/dim offset log2(L / (HI - LO))",
+    )
     p.add_argument("--data-range", type=float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
@@ -733,11 +878,20 @@ def _maybe_init_distributed() -> bool:
 def cmd_likelihood(args: argparse.Namespace) -> int:
     """Evaluate log p_{t_eps} of a dataset under the analytic mixture with the real ODE likelihood, next to the
     exact value ``gm.log_prob(x, t_eps, sde)``; the error is split into the prior mismatch (exact, a property of
-    the SDE's finite T, not of the solver) and the rest. Works under ``torchrun`` (each rank takes its shard)."""
+    the SDE's finite T, not of the solver) and the rest. Works under ``torchrun`` (each rank takes its shard).
+
+    With ``--bits K`` or ``--num-levels L`` the data (``--data``: grid values in ``--data-range`` or integer
+    levels) are dequantized on their L = 2^K or L levels, the exact value is taken at the same dequantized inputs,
+    and bits/dim includes the offset log2(L / (HI - LO)).
+
+    Returns:
+        0 (the exit status); the report is printed on rank 0.
+    """
     from .analytic import GaussianMixture
     from .sde import VESDE, VPSDE, SubVPSDE
 
     sde = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}[args.sde]()
+    num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
     dtype = torch.float64 if args.float64 else torch.float32
     if args.data:
         obj = torch.load(args.data, map_location="cpu")
@@ -790,7 +944,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             repeats=args.repeats,
             seed=args.seed,
-            bits=args.bits,
+            num_levels=num_levels,
             data_range=tuple(args.data_range),
             device=args.device,
             model_id=model_id,
@@ -803,7 +957,10 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         N = summary.count
         exact = []
         for r in range(summary.repeats):
-            x = dequantized_samples(data, range(N), r, args.seed, args.bits, args.data_range) if args.bits else data
+            if num_levels is None:
+                x = data
+            else:
+                x = dequantized_samples(data, range(N), r, args.seed, None, args.data_range, num_levels=num_levels)
             exact.append(gm.log_prob(x.to(torch.float64), args.t_eps, sde))
         exact = torch.cat(exact)
         err = rec["log_prob"] - exact
@@ -828,8 +985,10 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         print(f"  of which prior mismatch (exact, -prior_gap): mean {-float(rec['prior_gap'].mean()):+.2e}")
         print(f"  error without it (solver + estimator):     {stats(solver_err)}")
         nfe = summary.mean_nfe
+        lo, hi = (float(v) for v in args.data_range)
+        quant = "" if num_levels is None else f" ({num_levels}-level data in [{lo:g}, {hi:g}])"
         print(
-            f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}   "
+            f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}{quant}   "
             f"mean NFE {'n/a' if nfe is None else f'{nfe:.1f}'}   results: {summary.path}"
         )
         return 0
@@ -851,4 +1010,5 @@ __all__ = [
     "likelihood_fn",
     "read_records",
     "record_path",
+    "resolve_levels",
 ]

@@ -58,12 +58,31 @@ def check_levels_range(num_levels: int, data_range: Range) -> tuple[float, float
     return _check_range(data_range)
 
 
+def levels_offset(num_levels: int, data_range: Range = (-1.0, 1.0)) -> float:
+    """The bits/dim offset log2(L / (hi - lo)) of L-level data in ``data_range``: bits/dim of the bins minus
+    bits/dim of the density (-log2 of the bin width (hi - lo) / L). Computed as log2 L - log2(hi - lo), which is
+    exactly k - log2(hi - lo) for L = 2^k."""
+    lo, hi = check_levels_range(num_levels, data_range)
+    return math.log2(int(num_levels)) - math.log2(hi - lo)
+
+
 def bin_offset(bits: int | None, data_range: Range = (-1.0, 1.0)) -> float:
     """The bits/dim offset log2(2^k / (hi - lo)) of k-bit data in ``data_range`` (0 for ``bits=None``)."""
     if bits is None:
         return 0.0
-    lo, hi = _check_bits_range(bits, data_range)
-    return int(bits) - math.log2(hi - lo)
+    _check_bits_range(bits, data_range)
+    return levels_offset(2 ** int(bits), data_range)
+
+
+def levels_bits_per_dim(
+    log_prob: torch.Tensor | float, num_dims: int, num_levels: int | None, data_range: Range = (-1.0, 1.0)
+) -> torch.Tensor | float:
+    """Bits/dim -log p / (D ln 2) + log2(L / (hi - lo)) of a density (nats) on dequantized L-level data
+    (``num_levels=None``: continuous data, no offset). ``bits_per_dim`` is the case L = 2^k."""
+    if int(num_dims) != num_dims or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    offset = 0.0 if num_levels is None else levels_offset(num_levels, data_range)
+    return -log_prob / (int(num_dims) * math.log(2)) + offset
 
 
 def grid_levels(x: torch.Tensor, num_levels: int, data_range: Range, what: str | None = None) -> torch.Tensor:
@@ -116,7 +135,7 @@ def dequantize_levels(
     what: str | None = None,
 ) -> torch.Tensor:
     """Dequantize L-level data: level i -> lo + (hi - lo) (i + u) / L with u ~ U[0, 1) (the module's convention
-    with 2^k replaced by L). Arguments as :func:`uniform_dequantize`."""
+    with 2^k replaced by L). Arguments as [`uniform_dequantize`][scoresolve.uniform_dequantize]."""
     lo, hi = check_levels_range(num_levels, data_range)
     lv = grid_levels(x, num_levels, data_range, what)
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
@@ -129,7 +148,7 @@ def dequantize_levels(
 
 
 def levels(x: torch.Tensor, bits: int = 8, data_range: Range = (-1.0, 1.0)) -> torch.Tensor:
-    """Integer levels i (int64) of k-bit data (:func:`grid_levels` with L = 2^k)."""
+    """Integer levels i (int64) of k-bit data (`grid_levels` with L = 2^k)."""
     _check_bits_range(bits, data_range)
     return grid_levels(x, 2 ** int(bits), data_range, f"{int(bits)}-bit")
 

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -416,3 +417,163 @@ def test_cli_with_the_real_log_likelihood(tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert float(cli_lines(out)["error without it (solver + estimator)"].split("max |err| ")[1]) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# L-level data: num_levels next to bits
+# ----------------------------------------------------------------------------------------------------------------
+def grid_data(n, shape, num_levels, lo=-1.0, hi=1.0, seed=0):
+    """(float64 grid values lo + (hi - lo) v / (L - 1), int64 levels v) of random L-level data."""
+    v = torch.randint(0, num_levels, (n, *shape), generator=torch.Generator().manual_seed(seed))
+    return lo + (hi - lo) * v.double() / (num_levels - 1), v
+
+
+def bin_constant_fn(logP, num_levels, lo, hi):
+    """A density constant on every bin of width (hi - lo) / L (per-dimension categoricals logP [D, L]): its log p
+    depends only on the bins the dequantized inputs fall in, so bits/dim is exact and independent of the noise."""
+    width = (hi - lo) / num_levels
+
+    def fn(y, generator):
+        b = torch.floor((y.flatten(1).double() - lo) / width).long().clamp(0, num_levels - 1)
+        return {"log_prob": (logP.gather(1, b.T).T - math.log(width)).sum(1), "nfe": torch.ones(y.shape[0])}
+
+    return fn
+
+
+def test_num_levels_power_of_two_gives_exactly_the_records_of_bits(tmp_path):
+    # range (0, 3): log2(8 / 3) and 3 - log2(3) differ in the last bit, so a differently written offset would show
+    k, lo, hi = 3, 0.0, 3.0
+    gm = ss.GaussianMixture.random(4, 3, seed=2, event_shape=(2, 2))
+    sde = ss.VPSDE()
+    x, _ = grid_data(14, (2, 2), 2**k, lo, hi, seed=3)
+
+    def fn(y, generator):  # depends on the dequantized inputs and on the batch generator
+        lp = gm.log_prob(y.double(), T_EPS, sde) + 0.01 * torch.randn(y.shape[0], generator=generator, dtype=F64)
+        return {"log_prob": lp, "first": y.flatten(1)[:, 0].double()}
+
+    kw = dict(fn=fn, batch_size=4, repeats=2, seed=5, data_range=(lo, hi), progress=False)
+    s_bits = evaluate_dataset(x, str(tmp_path / "bits"), bits=k, **kw)
+    s_lev = evaluate_dataset(x, str(tmp_path / "levels"), num_levels=2**k, **kw)
+    s_both = evaluate_dataset(x, str(tmp_path / "both"), bits=k, num_levels=2**k, **kw)  # agreeing: allowed
+    rec = read_records(str(tmp_path / "bits"))
+    assert_same_records(read_records(str(tmp_path / "levels")), rec)
+    assert_same_records(read_records(str(tmp_path / "both")), rec)
+    assert dataclasses.replace(s_lev, path=s_bits.path) == s_bits == dataclasses.replace(s_both, path=s_bits.path)
+    # the numbers themselves: the k-bit helpers' dequantization and offset k - log2(hi - lo)
+    for r in range(2):
+        y = de.dequantized_samples(x, range(14), r, 5, k, (lo, hi))
+        assert torch.equal(de.dequantized_samples(x, range(14), r, 5, data_range=(lo, hi), num_levels=2**k), y)
+        assert torch.equal(y[:, 0, 0], rec["first"][rec["repeat"] == r])
+    assert torch.equal(rec["bpd"], ss.bits_per_dim(rec["log_prob"], 4, k, (lo, hi)))
+    for name in ("bits", "levels"):
+        with open(tmp_path / name / "manifest.json") as f:
+            m = json.load(f)
+        assert (m["bits"], m["num_levels"], m["data_range"]) == (3, 8, [0.0, 3.0])
+    # the same run: resuming a bits=k run with num_levels=2^k is accepted and recomputes nothing
+    calls = []
+    s = evaluate_dataset(x, str(tmp_path / "bits"), num_levels=8,
+                         **(kw | dict(fn=lambda y, g: calls.append(1) or fn(y, g))))
+    assert calls == [] and s == s_bits
+
+
+def test_num_levels_17_matches_the_digits_bits_per_dim(tmp_path, monkeypatch):
+    from scoresolve import data as sd
+    from scoresolve.models import evaluate as me
+
+    L, D, N = sd.DIGITS_LEVELS, 4, 12
+    x, v = grid_data(N, (1, 2, 2), L, *sd.DIGITS_RANGE, seed=1)
+    gm = ss.GaussianMixture.random(D, 3, seed=0, event_shape=(1, 2, 2))
+    sde = ss.VPSDE()
+    out = str(tmp_path / "gm")
+    s = evaluate_dataset(x, out, fn=lambda y, g: gm.log_prob(y.double(), T_EPS, sde), num_levels=L,
+                         batch_size=5, repeats=2, progress=False)
+    rec = read_records(out)
+    for r in range(2):
+        # the inputs: scoresolve.data.dequantize of the digits grid with this sample's noise u
+        u = torch.stack([torch.rand((1, 2, 2), dtype=F64, generator=torch.Generator().manual_seed(
+            de.derive_seed("dequant", 0, r, i))) for i in range(N)])
+        y = de.dequantized_samples(x, range(N), r, 0, data_range=sd.DIGITS_RANGE, num_levels=L)
+        assert torch.equal(y, sd.dequantize(x, L, sd.DIGITS_RANGE, noise=u))
+        pos = (y + 1) / 2 * L  # each value in its own bin [v, v + 1] of width 2 / 17
+        assert bool((pos >= v).all()) and bool((pos <= v + 1).all())
+        lp = gm.log_prob(y, T_EPS, sde)
+        sel = rec["repeat"] == r
+        assert torch.equal(rec["log_prob"][sel], lp)
+        # bits/dim exactly as the digits pipeline converts these log-densities
+        assert torch.equal(rec["bpd"][sel], sd.bits_per_dim(lp, D, L, sd.DIGITS_RANGE))
+    torch.testing.assert_close(rec["bpd"], -rec["log_prob"] / (D * math.log(2)) + math.log2(8.5), rtol=0, atol=1e-12)
+    assert s.mean_bpd == pytest.approx(float(rec["bpd"].mean()), rel=1e-14)
+    # a density constant on the 17 bins: the same bits/dim as scoresolve.models.evaluate.dequantized_bpd (its own
+    # dequantization noise, the same bins), and as the exact -log2 P(v) / D of the discrete model
+    logP = torch.log_softmax(torch.randn(D, L, generator=torch.Generator().manual_seed(4), dtype=F64), 1)
+    fn = bin_constant_fn(logP, L, *sd.DIGITS_RANGE)
+    evaluate_dataset(x, str(tmp_path / "bins"), fn=fn, num_levels=L, batch_size=5, progress=False)
+    rec = read_records(str(tmp_path / "bins"))
+    monkeypatch.setattr(me, "log_likelihood", lambda model, y, sde_, generator=None: argparse.Namespace(
+        log_prob=fn(y, generator)["log_prob"], nfe=torch.ones(y.shape[0])))
+    ref = me.dequantized_bpd(None, sde, x, batch_size=5)
+    assert torch.equal(rec["bpd"], ref.bpd)
+    exact = -logP.gather(1, v.flatten(1).T).T.sum(1) / (D * math.log(2))
+    torch.testing.assert_close(rec["bpd"], exact, rtol=0, atol=1e-12)
+
+
+def test_conflicting_or_invalid_levels_are_refused(tmp_path):
+    x, _ = grid_data(6, (3,), 16)
+    fn = lambda y, g: -y.double().pow(2).sum(1)  # noqa: E731
+    out = tmp_path / "x"
+    for kwargs, msg in [
+        (dict(bits=4, num_levels=17), r"bits=4 \(2\^4 = 16 levels\) and num_levels=17 disagree"),
+        (dict(bits=5, num_levels=16), "disagree"),
+        (dict(num_levels=1), "num_levels must be an integer >= 2"),
+        (dict(num_levels=0), "num_levels must be an integer >= 2"),
+        (dict(num_levels=16.5), "num_levels must be an integer >= 2"),
+        (dict(num_levels=True), "num_levels must be an integer >= 2"),
+        (dict(bits=0), r"bits must be an integer in \[1, 32\]"),
+        (dict(num_levels=16, data_range=(1.0, -1.0)), "lo < hi"),
+        (dict(num_levels=17), "not on the 17-level grid"),  # 16-level data
+        (dict(num_levels=32), "not on the 5-bit grid"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            evaluate_dataset(x, str(out), fn=fn, progress=False, **kwargs)
+    assert not out.exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="give bits or num_levels"):
+        evaluate_dataset(torch.zeros(3, 2, dtype=torch.long), str(out), fn=fn, progress=False)
+    with pytest.raises(ValueError, match="give bits or num_levels"):
+        de.dequantized_samples(x, range(2), 0, 0)
+    assert de.resolve_levels(None, None) is None
+    assert de.resolve_levels(4, None) == de.resolve_levels(None, 16) == de.resolve_levels(4, 16) == 16
+
+
+def test_resume_with_another_num_levels_is_refused(tmp_path):
+    # integer levels 0..15 are valid data for 16 and for 17 levels: only the manifest can tell the runs apart
+    v = torch.randint(0, 16, (10, 3), generator=torch.Generator().manual_seed(0))
+    fn = lambda y, g: -y.double().pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    s = evaluate_dataset(v, out, fn=fn, num_levels=17, batch_size=4, progress=False)
+    for kwargs, msg in [
+        (dict(num_levels=16), r"cannot resume(.|\n)*num_levels: stored 17, now 16"),
+        (dict(bits=4), r"bits: stored None, now 4(.|\n)*num_levels: stored 17, now 16"),
+        (dict(num_levels=18), "num_levels: stored 17, now 18"),
+        (dict(num_levels=17, data_range=(0.0, 1.0)), "data_range: stored"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            evaluate_dataset(v, out, fn=fn, batch_size=4, progress=False, **kwargs)
+    assert evaluate_dataset(v, out, fn=fn, num_levels=17, batch_size=4, progress=False) == s
+    # grid data on every L-level grid of [-1, 1] (only the end points): continuous evaluation is refused too
+    xe = torch.tensor([[-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=F64)
+    evaluate_dataset(xe, str(tmp_path / "e"), fn=fn, num_levels=17, progress=False)
+    with pytest.raises(ValueError, match="num_levels: stored 17, now None"):
+        evaluate_dataset(xe, str(tmp_path / "e"), fn=fn, progress=False)
+    # a run started before num_levels was recorded (manifest with bits only) resumes with its L = 2^bits
+    old = str(tmp_path / "old")
+    s = evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False)
+    path = os.path.join(old, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    del m["num_levels"]
+    with open(path, "w") as f:
+        json.dump(m, f)
+    assert evaluate_dataset(v, old, fn=fn, num_levels=16, batch_size=4, progress=False) == s
+    assert evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False) == s
+    with pytest.raises(ValueError, match="num_levels: stored 16, now 17"):
+        evaluate_dataset(v, old, fn=fn, num_levels=17, batch_size=4, progress=False)
