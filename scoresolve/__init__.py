@@ -12,7 +12,7 @@ from .likelihood import LikelihoodResult, log_likelihood
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
-from .sde import VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE
+from .sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE
 from .solvers import NonFiniteError, Solution, time_grid
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CosineVPSDE",
     "DiscreteVPSDE",
+    "EDMSDE",
     "EvalSummary",
     "ForwardSDE",
     "NonFiniteError",

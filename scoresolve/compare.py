@@ -2,7 +2,7 @@
 
 Path-wise error: every deterministic solver is compared with a high-accuracy float64 reference solve of the same
 probability-flow ODE from the same x_T; the error of a run is RMS over the batch of |x - x_ref|_2 / sqrt(D).
-Distribution-level error (with an analytic :class:`~scoresolve.GaussianMixture`): the sliced Wasserstein-2
+Distribution-level error (with an analytic [`GaussianMixture`][scoresolve.GaussianMixture]): the sliced Wasserstein-2
 distance of the generated samples to exact samples of p_{t_eps}, and the mean exact log-density of the samples
 (``logp``) next to that of exact samples. Stochastic solvers have no path-wise reference; only the distribution
 columns apply to them.
@@ -88,7 +88,7 @@ def work_precision(
     """Run each solver at each NFE budget (grid solvers) or tolerance (adaptive ones) and measure its error.
 
     ``x_T`` is the shared initial batch; the reference is computed once in float64 unless given. Solver names may
-    carry a grid, ``"dpmpp_2m@karras"``. Returns one :class:`Run` per (solver, setting).
+    carry a grid, ``"dpmpp_2m@karras"``. Returns one [`Run`][scoresolve.compare.Run] per (solver, setting).
     """
     if reference is None:
         reference = reference_solve(score, sde, x_T, t_eps)

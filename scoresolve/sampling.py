@@ -51,7 +51,7 @@ def sample(
     """Solve a reverse process of ``sde`` from ``x_T`` at time T down to ``t_eps``.
 
     Args:
-        score: a callable ``score(x, t)`` (t of shape ``[batch]``) or a :class:`ScoreModel`.
+        score: a callable ``score(x, t)`` (t of shape ``[batch]``) or a [`ScoreModel`][scoresolve.ScoreModel].
         sde: the forward SDE.
         x_T: initial state ``[batch, ...]`` (e.g. ``sde.prior_sample(...)``).
         solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or

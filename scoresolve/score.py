@@ -74,11 +74,12 @@ class ScoreModel:
 
     ``time`` maps the solver's continuous t (shape ``[batch]``) to the network's input:
     ``"t"`` t itself; ``"index"`` t (N - 1) (score_sde's continuous VP models, N = ``num_timesteps``);
-    ``"discrete"`` the DDPM index N t - 1 of :class:`~scoresolve.DiscreteVPSDE`; ``"sigma"`` / ``"log_sigma"``
+    ``"discrete"`` the DDPM index N t - 1 of [`DiscreteVPSDE`][scoresolve.DiscreteVPSDE]; ``"sigma"`` / ``"log_sigma"``
     the marginal std sigma(t) or its log (VE models); or any callable ``t -> t_in``.
-    Calling the model returns the score; :meth:`eps`, :meth:`x0`, :meth:`v` and :meth:`predict` give the others.
-    The network's output is cast to x's dtype (a bf16 network inside a float32 solver works); a network output of
-    another shape or device is an error.
+    Calling the model returns the score; [`eps`][scoresolve.ScoreModel.eps], [`x0`][scoresolve.ScoreModel.x0],
+    [`v`][scoresolve.ScoreModel.v] and [`predict`][scoresolve.ScoreModel.predict] give the others. The network's output
+    is cast to x's dtype (a bf16 network inside a float32 solver works); a network output of another shape or device is
+    an error.
     """
 
     def __init__(
@@ -150,12 +151,15 @@ class ScoreModel:
         return self.predict(x, t, "score")
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise prediction eps at (x, t), i.e. ``predict(x, t, "eps")``."""
         return self.predict(x, t, "eps")
 
     def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean-data prediction x0 at (x, t), i.e. ``predict(x, t, "x0")``."""
         return self.predict(x, t, "x0")
 
     def v(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity v = alpha eps - sigma x0 at (x, t), i.e. ``predict(x, t, "v")``."""
         return self.predict(x, t, "v")
 
 

@@ -3,7 +3,8 @@
 Every forward process here has a drift that is linear in x, so each class is described by the scalar functions
 f(t) (``drift_coef``), g(t) (``diffusion``), alpha(t) and sigma(t) (``marginal``). All schedule mathematics lives
 in this module; solvers only ever see these functions. References: Song et al. 2021 (VP, sub-VP, VE),
-Ho et al. 2020 (discrete DDPM), Nichol & Dhariwal 2021 (cosine), Lu et al. 2022 (log-SNR, discrete interpolation).
+Ho et al. 2020 (discrete DDPM), Nichol & Dhariwal 2021 (cosine), Lu et al. 2022 (log-SNR, discrete interpolation),
+Karras et al. 2022 (EDM).
 
 Conventions: T is the end of the forward process; ``t`` may be a Python float, a 0-d tensor or a ``[batch]``
 tensor; ``x`` has shape ``[batch, ...]``; coefficients follow t's dtype (x's dtype where x is given).
@@ -70,7 +71,7 @@ class ForwardSDE(ABC):
         return self._log_alpha(t) - torch.log(self._sigma(t))
 
     def t_from_log_snr(self, lam: Time) -> torch.Tensor:
-        """Inverse of :meth:`log_snr`."""
+        """Inverse of [`log_snr`][scoresolve.ForwardSDE.log_snr]."""
         lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam), dtype=torch.get_default_dtype())
         return self._t_from_log_snr(lam)
 
@@ -135,7 +136,8 @@ class ForwardSDE(ABC):
         return ReverseProcess(self, score, diffusion)
 
     def probability_flow(self, score: Callable) -> "ReverseProcess":
-        """The probability-flow ODE dx/dt = f - g^2/2 score (the s = 0 member of :meth:`reverse`)."""
+        """The probability-flow ODE dx/dt = f - g^2/2 score: the s = 0 member of
+        [`reverse`][scoresolve.ForwardSDE.reverse]."""
         return self.reverse(score, 0.0)
 
 
@@ -274,6 +276,41 @@ class VESDE(ForwardSDE):
     @property
     def prior_std(self) -> float:
         return self.sigma_max
+
+
+@dataclass(frozen=True)
+class EDMSDE(ForwardSDE):
+    """The VE diffusion of Karras et al. (2022) in its own time variable: sigma(t) = t, alpha = 1, on [0, sigma_max].
+
+    f = 0, g(t)^2 = d sigma^2/dt = 2 t; prior N(0, sigma_max^2 I) at T = sigma_max; lambda = -log t. t = 0 is clean
+    data. Solvers stop at ``t_eps`` = the denoiser's sigma_min (``sample(..., t_eps=sigma_min)``). This is the SDE
+    of [`from_karras`][scoresolve.adapters.from_karras] with ``sde="edm"``; it is also importable as
+    ``scoresolve.adapters.EDMSDE``.
+    """
+
+    T: float = 80.0
+
+    def __post_init__(self) -> None:
+        _check_T(self.T)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * t
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-lam)
+
+    @property
+    def prior_std(self) -> float:
+        return self.T
 
 
 @dataclass(frozen=True)

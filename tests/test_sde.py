@@ -13,8 +13,9 @@ ALL_SDES = [
     ss.CosineVPSDE(),
     ss.DiscreteVPSDE.linear(),
     ss.VPSDE(beta_min=0.0, beta_max=5.0, T=2.0),
+    ss.EDMSDE(),
 ]
-IDS = ["vp", "subvp", "ve", "cosine", "discrete", "vp-b0-0"]
+IDS = ["vp", "subvp", "ve", "cosine", "discrete", "vp-b0-0", "edm"]
 
 
 def grid(sde, n=50, lo=1e-5):
@@ -116,7 +117,7 @@ def test_marginals_consistent_with_drift_and_diffusion(sde):
     torch.testing.assert_close(ds2, 2 * f * s.detach() ** 2 + g**2, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.SubVPSDE(), ss.VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.SubVPSDE(), ss.VESDE(), ss.EDMSDE()], ids=["vp", "subvp", "ve", "edm"])
 def test_marginal_matches_euler_maruyama_simulation(sde):
     """Simulate the forward SDE with fine EM steps; mean and variance match alpha, sigma within MC error."""
     g = torch.Generator().manual_seed(0)
@@ -160,7 +161,7 @@ def test_shapes_dtypes_and_time_forms(sde, shape, dtype):
     assert lp.shape == (shape[0],) and lp.dtype == dtype
 
 
-@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.VESDE(sigma_max=7.0)], ids=["vp", "ve"])
+@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.VESDE(sigma_max=7.0), ss.EDMSDE(T=7.0)], ids=["vp", "ve", "edm"])
 def test_prior_log_prob_is_exact(sde):
     z = sde.prior_sample((1000, 2, 3), generator=torch.Generator().manual_seed(1), dtype=F64)
     std = torch.tensor(sde.prior_std, dtype=F64)
@@ -170,9 +171,9 @@ def test_prior_log_prob_is_exact(sde):
 
 
 def test_prior_matches_marginal_at_T():
-    for sde in (ss.VPSDE(), ss.VESDE()):
+    for sde in (ss.VPSDE(), ss.VESDE(), ss.EDMSDE()):
         a, s = sde.marginal(sde.T)
-        assert a.item() < 0.01 or isinstance(sde, ss.VESDE)
+        assert a.item() < 0.01 or isinstance(sde, (ss.VESDE, ss.EDMSDE))  # VE processes keep alpha = 1
         assert s.item() == pytest.approx(sde.prior_std, rel=1e-3)
 
 

@@ -2,13 +2,16 @@
 
 Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network's prediction type and time convention:
 
-- :func:`from_diffusers`: Hugging Face diffusers UNets + DDPM-family schedulers (``DiscreteVPSDE``), or
-  ``ScoreSdeVeScheduler`` (``VESDE``); :func:`scheduler_grid` / :func:`timesteps_to_grid` give the time grid that
-  reproduces a scheduler's own loop.
-- :func:`from_karras`: EDM / k-diffusion denoisers D(x, sigma) (``VESDE``, :class:`EDMSDE` with t = sigma, or any SDE).
-- :func:`from_score_sde`: score_sde / score_sde_pytorch networks (VP, sub-VP, VE; continuous or discrete).
+- [`from_diffusers`][scoresolve.adapters.from_diffusers]: Hugging Face diffusers UNets + DDPM-family schedulers
+  (``DiscreteVPSDE``), or ``ScoreSdeVeScheduler`` (``VESDE``); [`scheduler_grid`][scoresolve.adapters.scheduler_grid] /
+  [`timesteps_to_grid`][scoresolve.adapters.timesteps_to_grid] give the time grid that reproduces a scheduler's own
+  loop.
+- [`from_karras`][scoresolve.adapters.from_karras]: EDM / k-diffusion denoisers D(x, sigma) (``VESDE``,
+  [`EDMSDE`][scoresolve.EDMSDE] with t = sigma, or any SDE).
+- [`from_score_sde`][scoresolve.adapters.from_score_sde]: score_sde / score_sde_pytorch networks (VP, sub-VP, VE;
+  continuous or discrete).
 
-diffusers itself is imported only by :func:`load_diffusers`.
+diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers].
 """
 
 from .diffusers import (

@@ -8,18 +8,19 @@ length N and a prediction type; the network is called as ``unet(x, timestep).sam
   t = 0 is clean data (alpha = 1);
 - ``ScoreModel(prediction=...)`` with epsilon -> ``"eps"``, v_prediction -> ``"v"``, sample -> ``"x0"`` (diffusers'
   v = sqrt(ac) eps - sqrt(1 - ac) x0 is ours, v = alpha eps - sigma x0), and the time convention
-  :class:`DDPMTimestep`: continuous t -> index N t - 1.
+  `DDPMTimestep`: continuous t -> index N t - 1.
 
 **Non-integer indices.** Between knots the index N t - 1 is fractional. It is passed to the network as a float
 tensor: diffusers' sinusoidal embedding (``get_timestep_embedding``) takes fractional timesteps and casts them to
 float32 itself, so a float that equals an integer gives exactly the embedding of that integer. With the default
 ``timestep_mode="snap"`` an index within a few float ulps of an integer is rounded to it, so the t = (i + 1)/N grid
-points of :func:`timesteps_to_grid` reach the network as exact integers even in float32; ``"float"`` passes
-N t - 1 untouched; ``"round"`` passes ``round(N t - 1)`` as int64 (for networks with a learned embedding table,
-at the cost of a piecewise-constant model that adaptive solvers dislike).
+points of [`timesteps_to_grid`][scoresolve.adapters.timesteps_to_grid] reach the network as exact integers even in
+float32; ``"float"`` passes N t - 1 untouched; ``"round"`` passes ``round(N t - 1)`` as int64 (for networks with a
+learned embedding table, at the cost of a piecewise-constant model that adaptive solvers dislike).
 
-**Reproducing a scheduler's loop.** :func:`scheduler_grid` returns the t grid (and whether the scheduler ends with a
-jump to clean data) on which our solvers take exactly the steps of a configured scheduler:
+**Reproducing a scheduler's loop.** [`scheduler_grid`][scoresolve.adapters.scheduler_grid] returns the t grid (and
+whether the scheduler ends with a jump to clean data) on which our solvers take exactly the steps of a configured
+scheduler:
 
 - ``DDIMScheduler`` steps from ``timesteps[k]`` to ``timesteps[k] - N // n``; the last step lands on
   ``final_alpha_cumprod``: ``set_alpha_to_one=True`` means alpha = 1, i.e. t = 0, which is not a grid point of ours
@@ -29,7 +30,7 @@ jump to clean data) on which our solvers take exactly the steps of a configured 
   is already 0, the final step goes from index 0 to index 0, is the identity, and is dropped (we then use one NFE
   fewer than diffusers for the same result). ``timestep_spacing="linspace"`` makes DDIM step to
   ``t - N // n``, which is not the next timestep it evaluates: that loop is no time discretisation of one grid
-  and :func:`scheduler_grid` refuses it.
+  and [`scheduler_grid`][scoresolve.adapters.scheduler_grid] refuses it.
 - Sigma-based schedulers (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, Euler, ...) step from
   ``sigmas[k]`` to ``sigmas[k + 1]`` with diffusers' sigma = sqrt((1 - ac)/ac) = exp(-lambda); a final sigma of 0
   (``final_sigmas_type="zero"``) is again ``denoise=True``, ``"sigma_min"`` is t = 1/N.
@@ -145,13 +146,12 @@ def _clamp_terminal(ac: torch.Tensor) -> torch.Tensor:
 def sde_from_scheduler(scheduler_or_config: Any) -> ForwardSDE:
     """The forward SDE of a diffusers scheduler or scheduler config.
 
-    DDPM-family schedules give a :class:`~scoresolve.DiscreteVPSDE`. A scheduler instance's own ``alphas_cumprod``
-    (float32 in diffusers) is used as is, so that solvers see the very numbers the scheduler uses; a config is
-    evaluated in float64 from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) or
+    DDPM-family schedules give a [`DiscreteVPSDE`][scoresolve.DiscreteVPSDE]. A scheduler instance's own
+    ``alphas_cumprod`` (float32 in diffusers) is used as is, so that solvers see the very numbers the scheduler uses; a
+    config is evaluated in float64 from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) or
     ``trained_betas``, with ``num_train_timesteps`` and ``rescale_betas_zero_snr`` (the two routes agree to float32
-    rounding, ~1e-7 relative). A zero-terminal-SNR end (``rescale_betas_zero_snr``) is made positive and
-    decreasing (see ``_clamp_terminal``). ``ScoreSdeVeScheduler`` gives
-    ``VESDE(sigma_min, sigma_max)``.
+    rounding, ~1e-7 relative). A zero-terminal-SNR end (``rescale_betas_zero_snr``) is made positive and decreasing (see
+    ``_clamp_terminal``). ``ScoreSdeVeScheduler`` gives ``VESDE(sigma_min, sigma_max)``.
     """
     cfg = _config(scheduler_or_config)
     if _is_ve(scheduler_or_config, cfg):
@@ -304,7 +304,7 @@ def timesteps_to_grid(sde: DiscreteVPSDE, timesteps: Any, final: int | None = 0)
     """Our decreasing float64 t grid for a scheduler's integer timesteps: t = (i + 1)/N, plus the final point.
 
     Args:
-        sde: the :class:`~scoresolve.DiscreteVPSDE` of the model (``from_diffusers``).
+        sde: the [`DiscreteVPSDE`][scoresolve.DiscreteVPSDE] of the model (``from_diffusers``).
         timesteps: decreasing indices in 0..N-1 (``scheduler.timesteps`` after ``set_timesteps(n)``).
         final: index of the point the last step lands on, appended as t = (final + 1)/N. The default 0
             (``alphas_cumprod[0]``, t = 1/N) is DDIM's ``set_alpha_to_one=False`` and DPM-Solver's
@@ -314,7 +314,7 @@ def timesteps_to_grid(sde: DiscreteVPSDE, timesteps: Any, final: int | None = 0)
             ``denoise=True``, whose x0 prediction at the last grid time is exactly that step.
 
     The grid reproduces the scheduler only when each of its steps goes from one timestep to the next one; see
-    :func:`scheduler_grid`, which also checks that.
+    [`scheduler_grid`][scoresolve.adapters.scheduler_grid], which also checks that.
     """
     N = _num_timesteps(sde)
     ts = torch.as_tensor(timesteps).detach().to("cpu").flatten()

@@ -6,12 +6,14 @@ noise level sigma_t / alpha = exp(-lambda(t)); so one denoiser serves every sche
 
     x0_hat(x_t, t) = D(x_t / alpha(t), sigma(t) / alpha(t)).
 
-:func:`from_karras` returns the pair (ScoreModel, forward SDE) for three choices of the time variable:
+[`from_karras`][scoresolve.adapters.from_karras] returns the pair (ScoreModel, forward SDE) for three choices of the
+time variable:
 
 - ``sde="ve"`` (default): ``VESDE(sigma_min, sigma_max)``, sigma(t) = sigma_min (sigma_max/sigma_min)^t, T = 1:
   t is affine in log sigma.
-- ``sde="edm"``: :class:`EDMSDE`, sigma(t) = t, T = sigma_max: t IS sigma. Sample with ``t_eps=sigma_min``.
-- any :class:`~scoresolve.ForwardSDE` instance (VP, cosine, ...): the rescaling above.
+- ``sde="edm"``: [`EDMSDE`][scoresolve.EDMSDE], sigma(t) = t, T = sigma_max: t IS sigma. Sample with
+  ``t_eps=sigma_min``.
+- any [`ForwardSDE`][scoresolve.ForwardSDE] instance (VP, cosine, ...): the rescaling above.
 
 All three have the same probability-flow ODE up to a change of variables, but a fixed-step solver discretises it
 in its own time variable. Heun's method in t on ``EDMSDE`` is exactly k-diffusion's ``sample_heun`` (Heun in sigma):
@@ -22,59 +24,26 @@ O(h^3) local errors. k-diffusion's last step to sigma = 0 is an Euler step, x + 
 
 k-diffusion's VP wrappers (``DiscreteEpsDDPMDenoiser``, ``VDenoiser``, ``OpenAIDenoiser``) are themselves such
 denoisers (they feed ``x / sqrt(sigma^2 + 1)`` to the inner VP network), so they plug in here too; an inner VP
-network on its own is better wrapped directly: a DDPM eps-network with :func:`~scoresolve.adapters.from_diffusers`
-(or ``ScoreModel(net, DiscreteVPSDE(...), "eps", time)``), a v-diffusion network with
-``ScoreModel(net, CosineVPSDE(s=0), "v", "t")`` (k-diffusion's VDenoiser has alpha = cos(pi t/2), sigma = sin(pi t/2)).
-Note that k-diffusion's ``DiscreteSchedule`` interpolates the index linearly in log sigma between knots, while
-``DiscreteVPSDE`` interpolates log alpha linearly in t: the two agree at the knots only.
+network on its own is better wrapped directly: a DDPM eps-network with
+[`from_diffusers`][scoresolve.adapters.from_diffusers] (or ``ScoreModel(net, DiscreteVPSDE(...), "eps", time)``), a
+v-diffusion network with ``ScoreModel(net, CosineVPSDE(s=0), "v", "t")`` (k-diffusion's VDenoiser has
+alpha = cos(pi t/2), sigma = sin(pi t/2)). Note that k-diffusion's ``DiscreteSchedule`` interpolates the index linearly
+in log sigma between knots, while ``DiscreteVPSDE`` interpolates log alpha linearly in t: the two agree at the knots
+only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 
 from .._utils import bcast
 from ..score import ScoreModel
-from ..sde import VESDE, ForwardSDE, _check_T
+from ..sde import EDMSDE, VESDE, ForwardSDE  # EDMSDE lives in scoresolve.sde; re-exported here
 
 Denoiser = Callable[..., torch.Tensor]
-
-
-@dataclass(frozen=True)
-class EDMSDE(ForwardSDE):
-    """The VE diffusion of Karras et al. (2022) in its own time variable: sigma(t) = t, alpha = 1, on [0, sigma_max].
-
-    f = 0, g(t)^2 = d sigma^2/dt = 2 t; prior N(0, sigma_max^2 I) at T = sigma_max; lambda = -log t. t = 0 is clean
-    data. Solvers stop at ``t_eps`` = the denoiser's sigma_min (``sample(..., t_eps=sigma_min)``).
-    """
-
-    T: float = 80.0
-
-    def __post_init__(self) -> None:
-        _check_T(self.T)
-
-    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(t)
-
-    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def _f(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(t)
-
-    def _g2(self, t: torch.Tensor) -> torch.Tensor:
-        return 2 * t
-
-    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-lam)
-
-    @property
-    def prior_std(self) -> float:
-        return self.T
 
 
 class RescaledDenoiser:
@@ -103,8 +72,8 @@ def from_karras(
         denoiser: predicts x0 from x = x0 + sigma z.
         sigma_min: the lowest noise level (EDM's default 0.002); used by ``"ve"`` and ``"edm"``.
         sigma_max: the highest noise level (EDM's default 80); used by ``"ve"`` and ``"edm"``.
-        sde: ``"ve"`` -> ``VESDE(sigma_min, sigma_max)`` (T = 1); ``"edm"`` -> :class:`EDMSDE` (t = sigma,
-            T = sigma_max); or a forward SDE instance, on which D is called at (x / alpha, sigma / alpha).
+        sde: ``"ve"`` -> ``VESDE(sigma_min, sigma_max)`` (T = 1); ``"edm"`` -> [`EDMSDE`][scoresolve.EDMSDE]
+            (t = sigma, T = sigma_max); or a forward SDE instance, on which D is called at (x / alpha, sigma / alpha).
         net_kwargs: extra keyword arguments for every call (conditioning).
 
     Returns:

@@ -7,7 +7,7 @@
     x = scoresolve.sample(model, sde, sde.prior_sample((16, 1, 8, 8)), solver="dpmpp_2m", nfe=20).x
 
 Networks take continuous t in [0, T] and predict eps; wrap them with
-``ScoreModel(net, sde, prediction="eps", time="t")``. Training and checkpoint formats: :mod:`.train`.
+``ScoreModel(net, sde, prediction="eps", time="t")``. Training and checkpoint formats: `scoresolve.models.train`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def load_digits_model(device: str = "cpu"):
     """(ScoreModel, sde) of the shipped U-Net trained on scikit-learn's digits under the VP SDE.
 
     The model was trained on uniformly dequantized digits scaled to [-1, 1] (17 levels, see
-    :mod:`scoresolve.data`), shape ``[batch, 1, 8, 8]``; ``checkpoints/README.md`` records how and what it scores.
+    [`scoresolve.data`][scoresolve.data]), shape ``[batch, 1, 8, 8]``; ``checkpoints/README.md`` records how and what it
+    scores.
     """
     if not os.path.exists(DIGITS_CHECKPOINT):
         raise FileNotFoundError(f"the shipped digits checkpoint is missing: {DIGITS_CHECKPOINT}")

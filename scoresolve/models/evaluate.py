@@ -3,9 +3,11 @@
     python -m scoresolve.models.evaluate --checkpoint scoresolve/models/checkpoints/digits_vp.pt \\
         --bpd-n 200 --grid digits_samples.png
 
-Bits/dim: each held-out image is uniformly dequantized on its 17 levels (:func:`scoresolve.data.dequantize`), its
-log-density is computed with :func:`scoresolve.log_likelihood` (probability-flow ODE, Hutchinson divergence,
-per-sample adaptive dopri5) and converted with :func:`scoresolve.data.bits_per_dim` (offset log2(17 / 2)).
+Bits/dim: each held-out image is uniformly dequantized on its 17 levels
+([`scoresolve.data.dequantize`][scoresolve.data.dequantize]), its log-density is computed with
+[`scoresolve.log_likelihood`][scoresolve.log_likelihood] (probability-flow ODE, Hutchinson divergence, per-sample
+adaptive dopri5) and converted with [`scoresolve.data.bits_per_dim`][scoresolve.data.bits_per_dim]
+(offset log2(17 / 2)).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def dequantized_bpd(
 ) -> BPDResult:
     """Bits/dim of L-level grid data ``x`` under ``model``: dequantize, PF-ODE log-likelihood, add log2(L/(hi-lo)).
 
-    Batch b of repeat r draws its dequantization noise and then its Hutchinson probes from one generator seeded
-    with ``seed + 1000 r + b``. ``likelihood_kwargs`` go to :func:`scoresolve.log_likelihood` (probes, rtol, ...).
+    Batch b of repeat r draws its dequantization noise and then its Hutchinson probes from one generator seeded with
+    ``seed + 1000 r + b``. ``likelihood_kwargs`` go to [`scoresolve.log_likelihood`][scoresolve.log_likelihood] (probes,
+    rtol, ...).
     """
     t0 = time.perf_counter()
     D = x[0].numel()

@@ -1,4 +1,4 @@
-"""Denoising score matching in continuous time for any :class:`~scoresolve.ForwardSDE`, with EMA and resumable
+"""Denoising score matching in continuous time for any [`ForwardSDE`][scoresolve.ForwardSDE], with EMA and resumable
 checkpoints.
 
 Objective (Song et al. 2021, eq. 7, written for a noise predictor eps_hat = -sigma * score):
@@ -17,12 +17,12 @@ with t ~ U(t_eps, T). The score-matching weighting lambda(t) of the score error 
   (lambda the half log-SNR), so q is uniform in log-SNR: lam ~ U(lam(T), lam(t_eps)), t = t(lam), and
   w / q = 2 (lam(t_eps) - lam(T)).
 
-Training state (:func:`train`): Adam, linear learning-rate warm-up, gradient-norm clipping, an EMA of the weights
+Training state (`train`): Adam, linear learning-rate warm-up, gradient-norm clipping, an EMA of the weights
 (decay ``min(ema_decay, (1 + step) / (10 + step))``), one ``torch.Generator`` seeded with ``seed`` for every random
 draw (batches, dequantization, t, noise) and the network initialised under ``torch.manual_seed(seed)``.
 Checkpoints hold the weights, EMA, optimizer, generator state, step, loss history and config, so a resumed run
-continues bit-identically on the same machine. :func:`export_model` writes the EMA weights and config only
-(float32 or float16) and :func:`load_checkpoint` reads either kind back as a :class:`~scoresolve.ScoreModel`.
+continues bit-identically on the same machine. `export_model` writes the EMA weights and config only
+(float32 or float16) and `load_checkpoint` reads either kind back as a [`ScoreModel`][scoresolve.ScoreModel].
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the trained network, its EMA copy, the SDE and the loss of every step."""
+    """What `train` returns: the trained network, its EMA copy, the SDE and the loss of every step."""
 
     net: nn.Module
     ema: nn.Module
@@ -231,7 +231,7 @@ def _check_resume_config(saved: dict, config: TrainConfig) -> None:
 
 
 def export_model(result: TrainResult, path: str, dtype: torch.dtype = torch.float32) -> None:
-    """Write the EMA weights (in ``dtype``) and the config, enough for :func:`load_checkpoint` (no optimizer)."""
+    """Write the EMA weights (in ``dtype``) and the config, enough for `load_checkpoint` (no optimizer)."""
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in result.ema.state_dict().items()}
     obj = {
         "format": MODEL_FORMAT,
@@ -303,7 +303,7 @@ def train(
 
     Args:
         config: the run's settings.
-        data: None (the dataset named by ``config.data``, see :func:`scoresolve.data.batch_sampler`), a tensor
+        data: None (the dataset named by ``config.data``, see `scoresolve.data.batch_sampler`), a tensor
             ``[N, ...]`` (batches drawn with replacement) or a callable ``draw(n, generator) -> [n, ...]``.
         out_dir: directory for ``train_state.pt``, written every ``config.checkpoint_every`` steps and at the end.
         resume: continue from ``out_dir/train_state.pt`` if it exists (settings other than ``steps`` and

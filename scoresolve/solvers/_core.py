@@ -69,8 +69,9 @@ class NonFiniteError(FloatingPointError):
 class FiniteGuard:
     """Tracks, without host-device synchronisation, when each sample first turns non-finite.
 
-    Call :meth:`update` after each step with the new state and its time; :meth:`check` once at the end raises
-    :class:`NonFiniteError` if any sample went bad. ``last`` holds the last finite state of every sample.
+    Call `update` after each step with the new state and its time; `check` once at the end raises
+    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad. ``last`` holds the last finite state of every
+    sample.
     """
 
     def __init__(self, x: torch.Tensor, solver: str) -> None:
@@ -107,7 +108,7 @@ class SolverSpec:
     caller gives none. ``default_diffusion`` is the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
     the SDE samplers). ``evals_per_step_fn(options)`` overrides ``evals_per_step`` where it depends on options.
     ``stochastic`` solvers take a ``generator``; if ``noise_option`` names an option (``eta``
-    for ddim), they draw noise only when that option is > 0 (see :meth:`draws_noise`).
+    for ddim), they draw noise only when that option is > 0 (see `draws_noise`).
     """
 
     name: str
@@ -221,8 +222,8 @@ class Trajectory:
 class GridRun:
     """Bookkeeping every solver on a time grid shares: the counted model (and the process using it), one host
     float64 copy of the validated grid (``t``: Python floats, so step coefficients need no device sync), the
-    network times ``ts``, the non-finite guard, the trajectory and the callback. Call :meth:`done` after step i and
-    :meth:`solution` at the end."""
+    network times ``ts``, the non-finite guard, the trajectory and the callback. Call `done` after step i and
+    `solution` at the end."""
 
     def __init__(self, name: str, process: Any, x: torch.Tensor, ts: torch.Tensor,
                  callback: Callable | None = None, save_trajectory: bool = False) -> None:

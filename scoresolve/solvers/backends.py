@@ -86,8 +86,8 @@ def solve_with_backend(
             option is passed on: to torchdiffeq as its ``options`` dict (e.g. ``first_step``, ``max_num_steps``,
             ``solver`` for scipy_solver), to torchsde's ``sdeint(options=...)``.
 
-    Returns a :class:`Solution` with the exact NFE (``int``; the whole batch shares the steps), the accepted and
-    rejected step counts, and ``stats`` naming the backend and method.
+    Returns a [`Solution`][scoresolve.Solution] with the exact NFE (``int``; the whole batch shares the steps), the
+    accepted and rejected step counts, and ``stats`` naming the backend and method.
     """
     backend, sep, method = solver.partition(":")
     if not sep or not method:

@@ -1,19 +1,19 @@
-"""SDE samplers for the reverse family, run from T down to t_eps:
+"""SDE samplers for the reverse family (see `scoresolve.reverse`), run from T down to t_eps:
 
-    dx = [f(x, t) - (g(t)^2 + s(t)^2)/2 score(x, t)] dt + s(t) dw_bar            (see :mod:`scoresolve.reverse`)
+    dx = [f(x, t) - (g(t)^2 + s(t)^2)/2 score(x, t)] dt + s(t) dw_bar
 
-* :func:`euler_maruyama` -- Euler-Maruyama on a time grid, any member s(t) (s = 0: Euler on the PF-ODE).
-* :func:`reverse_diffusion` -- ancestral sampling: the reverse of the forward Gaussian transition, written with
+* `euler_maruyama` -- Euler-Maruyama on a time grid, any member s(t) (s = 0: Euler on the PF-ODE).
+* `reverse_diffusion` -- ancestral sampling: the reverse of the forward Gaussian transition, written with
   alpha(t) and sigma(t) so that one formula serves every forward SDE (DDPM ancestral for VP, SMLD's for VE).
-* :func:`pc` -- predictor-corrector (Song et al. 2021, Algorithm 2): reverse-diffusion or EM predictor, then
+* `pc` -- predictor-corrector (Song et al. 2021, Algorithm 2): reverse-diffusion or EM predictor, then
   Langevin corrector steps with the signal-to-noise step-size rule, computed per sample.
-* :func:`adaptive_sde` -- the adaptive solver of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast"): an EM /
+* `adaptive_sde` -- the adaptive solver of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast"): an EM /
   stochastic improved-Euler pair, per-sample step sizes, and rejected Brownian increments split with a Brownian
   bridge instead of being redrawn.
 
 Noise. Every sampler takes ``generator`` (a ``torch.Generator``: reproducible, but the numbers a sample receives
 depend on its position in the batch and on the batch size) or ``seeds`` (one integer per sample: counter-based
-noise, see :func:`seeded_normal`, so that a sample's path depends only on its own seed and start point, never on
+noise, see `seeded_normal`, so that a sample's path depends only on its own seed and start point, never on
 its batch-mates). With neither, torch's global generator is used.
 
 Conventions: ``ts`` is a strictly decreasing grid from T to t_eps; a step goes from t = ts[i] to s = ts[i + 1] < t.
@@ -274,7 +274,7 @@ def reverse_diffusion(
 # Predictor-corrector
 # ------------------------------------------------------------------------------------------------------------------
 def _langevin(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, c: float, norms: str) -> torch.Tensor:
-    """One Langevin step x + eps score + sqrt(2 eps) z with eps = c ||z||^2 / ||score||^2 (see :func:`pc`)."""
+    """One Langevin step x + eps score + sqrt(2 eps) z with eps = c ||z||^2 / ||score||^2 (see `pc`)."""
     s2 = score.flatten(1).square().sum(1)
     if norms == "sample":
         eps = torch.where(s2 > 0, (c * z[0].numel()) / torch.where(s2 > 0, s2, 1.0), 0.0)
@@ -302,7 +302,7 @@ def pc(
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2, 4, 5); 1 + ``corrector_steps`` NFE per step.
 
     Each step t = ts[i] -> s = ts[i + 1] is a predictor step (``"reverse_diffusion"``, see
-    :func:`reverse_diffusion`, or ``"euler_maruyama"``) followed, at the new time s, by ``corrector_steps``
+    `reverse_diffusion`, or ``"euler_maruyama"``) followed, at the new time s, by ``corrector_steps``
     Langevin steps targeting p_s, z ~ N(0, I):
 
         x <- x + eps score(x, s) + sqrt(2 eps) z,      eps = 2 a (snr ||z|| / ||score(x, s)||)^2.
@@ -481,7 +481,7 @@ def adaptive_sde(
     ``check_every`` iterations or sooner when the slowest sample should finish earlier (no host sync per step).
 
     Brownian increments: after a rejection the drawn increment is kept and the shorter retry is bridged inside it;
-    see :class:`_BrownianMemory` (at most ``bridge_depth`` remembered points per sample).
+    see `_BrownianMemory` (at most ``bridge_depth`` remembered points per sample).
 
     Defaults: rtol = 0.05 and h_init = 0.01 as in the paper (it also runs rtol 0.01 and 0.02 for higher
     quality); atol = 0.0078 ~ 2/256, one 8-bit level of data scaled to [-1, 1] (the paper's VP setting; it uses
@@ -489,13 +489,13 @@ def adaptive_sde(
     rtol = 0 is pure absolute control. The error is relative to |x|, not to the data's fine structure: features
     much finer than rtol |x| are resolved only with a tighter rtol. h_max defaults to t0 - t1 (no limit).
 
-    Returns a :class:`Solution` with per-sample ``nfe`` (= 2 x attempted steps of that sample), ``steps``
-    (accepted) and ``rejected``; ``stats["network_calls"]`` is the number of batched network calls (2 per
-    iteration, including frozen samples). Raises :class:`~scoresolve.solvers.ode.MaxStepsError` when a sample
-    has made ``max_steps`` attempts without reaching t1, and a step-size-underflow error (a
-    :class:`~scoresolve.NonFiniteError` when caused by NaN/Inf) when a sample's step size collapses below 1e-10 of
-    the time scale; such samples are frozen while the others finish, and the error comes at the end (naming every
-    stuck sample with its time; the state of the others is their final one).
+    Returns a [`Solution`][scoresolve.Solution] with per-sample ``nfe`` (= 2 x attempted steps of that sample),
+    ``steps`` (accepted) and ``rejected``; ``stats["network_calls"]`` is the number of batched network calls (2 per
+    iteration, including frozen samples). Raises `MaxStepsError` when a sample has made ``max_steps`` attempts without
+    reaching t1, and a step-size-underflow error (a [`NonFiniteError`][scoresolve.NonFiniteError] when caused by
+    NaN/Inf) when a sample's step size collapses below 1e-10 of the time scale; such samples are frozen while the others
+    finish, and the error comes at the end (naming every stuck sample with its time; the state of the others is their
+    final one).
     """
     name = "adaptive_sde"
     check_batched(x)
