@@ -5,9 +5,14 @@ every method). Columns: NFE, wall seconds, seconds per NFE, ratio to the floor (
 this run), log p mean and its difference to baseline (b). Baselines in the same run:
   (a) score_sde's algorithm: scipy solve_ivp RK45 on the host, drift and divergence by separate network calls;
   (b) torchdiffeq dopri5 on the device, fused forward + VJP (k-diffusion's algorithm).
-Then scoresolve's log_likelihood, plain and with the opt-in speed-ups of scoresolve.speedups.
+Then scoresolve's log_likelihood, plain and with the opt-in speed-ups: batch compaction (``compact=True``) and the
+network speed-ups of scoresolve.speedups (tf32, channels_last, bf16 autocast, torch.compile, CUDA graphs through
+torch.compile's "reduce-overhead" mode, and all of them together). A last run with 4 probes gives the Hutchinson
+standard error that the log p differences are compared with. "rows" is the work: single-sample network
+evaluations (calls x batch without compaction).
 
-    python benchmarks/likelihood_gpu.py [--batch 64] [--skip-scipy] [--tiny]   (--tiny: small UNet, CPU smoke run)
+    python benchmarks/likelihood_gpu.py [--batch 64] [--skip-scipy] [--tiny] [--json out.json]
+    (--tiny: a small UNet, for a CPU smoke run)
 Needs diffusers (pip install diffusers).
 """
 
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 import scoresolve as ss
-from scoresolve.likelihood import _hutchinson_div_score
+from scoresolve.likelihood import _hutchinson_div_score, _probes
 from scoresolve.speedups import accelerate
 
 
@@ -114,6 +119,19 @@ def torchdiffeq_baseline(model, sde, x, eps, t_eps, tol):
     return sde.prior_log_prob(xs[-1]) + ds[-1], nfe["n"], sec
 
 
+VARIANTS = {
+    "plain": ({}, {}),
+    "compact": ({}, {"compact": True}),
+    "tf32": ({"tf32": True}, {"compact": True}),
+    "channels_last": ({"channels_last": True}, {"compact": True}),
+    "bf16": ({"autocast": torch.bfloat16}, {"compact": True}),
+    "compile": ({"compile": True}, {"compact": True}),
+    "cudagraphs": ({"compile": True, "compile_mode": "reduce-overhead"}, {"compact": True}),
+    "all": ({"compile": True, "compile_mode": "reduce-overhead", "tf32": True, "channels_last": True},
+            {"compact": True}),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -121,52 +139,82 @@ def main() -> None:
     p.add_argument("--t-eps", type=float, default=1e-5)
     p.add_argument("--skip-scipy", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a small UNet (CPU smoke run)")
-    p.add_argument("--variants", nargs="*", default=["plain", "tf32", "channels_last", "bf16", "compile"])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--no-probes-check", action="store_true", help="skip the 4-probe run (standard error)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     unet = make_unet(args.tiny).to(device).eval()
     for prm in unet.parameters():
         prm.requires_grad_(False)
-    print(f"device {device}, UNet2DModel {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, "
-          f"batch {args.batch}, rtol = atol = {args.tol:g}, float32")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, UNet2DModel {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, "
+          f"batch {args.batch}, rtol = atol = {args.tol:g}, float32, torch {torch.__version__}", flush=True)
     sde = ss.VPSDE()
     x = (torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
-    g = torch.Generator(device=device).manual_seed(2)
-    eps = (torch.randint(0, 2, (1,) + tuple(x.shape), generator=g, device=device) * 2 - 1).float()
+    # the probe log_likelihood draws from this seed, so every method integrates the same estimator
+    eps = _probes(x, 1, "rademacher", torch.Generator(device=device).manual_seed(2))
     plain = ss.ScoreModel(eps_net(unet), sde, prediction="eps")
     floor = floor_ms(plain, x, eps, device)
+    print(f"floor: one forward + one VJP = {1e3 * floor:.1f} ms", flush=True)
     rows = []
+
+    def report(row):
+        rows.append(row)
+        label, nfe, sec = row[0], row[1], row[3]
+        print(f"  done: {label}: {nfe} calls, {sec:.1f} s", flush=True)
+
     if not args.skip_scipy:
         lp, nfe, sec = scipy_baseline(plain, sde, x, eps, args.t_eps, args.tol)
-        rows.append(("(a) scipy RK45, host, separate calls", nfe, sec, lp))
+        report(("(a) scipy RK45, host, separate calls", nfe, nfe * args.batch, sec, lp))
     lp_b, nfe, sec = torchdiffeq_baseline(plain, sde, x, eps, args.t_eps, args.tol)
-    rows.append(("(b) torchdiffeq dopri5, fused", nfe, sec, lp_b))
+    report(("(b) torchdiffeq dopri5, fused", nfe, nfe * args.batch, sec, lp_b))
     for variant in args.variants:
-        kw = {"plain": {}, "tf32": {"tf32": True}, "channels_last": {"channels_last": True},
-              "bf16": {"autocast": torch.bfloat16}, "compile": {"compile": True}}[variant]
-        net = accelerate(unet, **kw)
+        net_kw, solve_kw = VARIANTS[variant]
+        net = accelerate(unet, **net_kw)
         model = ss.ScoreModel(eps_net(net), sde, prediction="eps")
-        if variant == "compile":  # warm-up compiles for the batch shape
-            floor_ms(model, x, eps, device, reps=1)
-        g = torch.Generator(device=device).manual_seed(2)
-        t0 = time.perf_counter()
-        r = ss.log_likelihood(model, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps, generator=g,
-                              time_variable="logsnr")
-        sync(device)
-        sec = time.perf_counter() - t0
-        rows.append((f"scoresolve dopri5 logsnr [{variant}]", r.calls, sec, r.log_prob))
-        if variant == "tf32":
+        try:
+            if net_kw.get("compile"):  # warm-up: compile (and capture) for the full batch shape outside the timing
+                floor_ms(model, x, eps, device, reps=1)
+            t0 = time.perf_counter()
+            r = ss.log_likelihood(model, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps,
+                                  generator=torch.Generator(device=device).manual_seed(2), **solve_kw)
+            sync(device)
+            sec = time.perf_counter() - t0
+        except Exception as err:  # report and go on: one failing speed-up must not lose the other rows
+            print(f"  {variant}: failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        finally:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-    print(f"floor: one forward + one VJP = {1e3 * floor:.1f} ms")
-    head = f"{'method':<44} {'NFE':>5} {'wall s':>8} {'ms/NFE':>8} {'/floor':>7} {'log p':>11} {'vs (b)':>9}"
+        report((f"scoresolve [{variant}]", r.calls, r.rows, sec, r.log_prob))
+    se = None
+    if not args.no_probes_check:
+        r4 = ss.log_likelihood(plain, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps, probes=4,
+                               generator=torch.Generator(device=device).manual_seed(3), compact=True)
+        se = r4.std_error.double().cpu()
+        print(f"Hutchinson standard error of log p with one probe (from 4 probes): mean {2 * se.mean():.2f} nats")
+    head = (f"{'method':<40} {'calls':>6} {'rows':>7} {'wall s':>8} {'ms/call':>8} {'/floor':>7} {'log p':>10} "
+            f"{'|d| vs (b)':>10} {'speed-up vs (a)':>16} {'vs (b)':>7}")
     print(head)
     print("-" * len(head))
-    for name, nfe, sec, lp in rows:
+    sec_a = next((r[3] for r in rows if r[0].startswith("(a)")), float("nan"))
+    sec_b = next(r[3] for r in rows if r[0].startswith("(b)"))
+    out = []
+    for label, nfe, nrows, sec, lp in rows:
         d = (lp.double().cpu() - lp_b.double().cpu()).abs().mean()
-        print(f"{name:<44} {nfe:>5d} {sec:>8.2f} {1e3 * sec / nfe:>8.1f} {sec / nfe / floor:>7.2f} "
-              f"{lp.double().mean():>11.2f} {d:>9.3f}")
+        print(f"{label:<40} {nfe:>6d} {nrows:>7d} {sec:>8.2f} {1e3 * sec / nfe:>8.1f} {sec / nfe / floor:>7.2f} "
+              f"{lp.double().mean():>10.2f} {d:>10.3f} {sec_a / sec:>16.2f} {sec_b / sec:>7.2f}")
+        out.append({"method": label, "calls": nfe, "rows": nrows, "seconds": sec,
+                    "log_p_mean": float(lp.double().mean()), "abs_diff_vs_b": float(d),
+                    "speedup_vs_a": sec_a / sec, "speedup_vs_b": sec_b / sec})
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"floor_s": floor, "device": name, "batch": args.batch, "tol": args.tol,
+                       "std_error_one_probe": None if se is None else float(2 * se.mean()), "rows": out}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ from ._utils import bcast, check_batched
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers._core import EvalCounter
-from .solvers.ode import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError, odeint_adaptive
+from .solvers.ode import (
+    DOPRI5_GAINS,
+    MaxStepsError,
+    NonFiniteStepError,
+    PIController,
+    StepSizeUnderflowError,
+    odeint_adaptive,
+)
 
 Divergence = Literal["hutchinson", "exact"]
 
@@ -179,6 +186,7 @@ def log_likelihood(
     exact_chunk: int = 64,
     max_steps: int = 10_000,
     compact: bool = False,
+    controller: PIController | None = None,
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) through the probability-flow ODE of ``sde`` with score ``score``.
 
@@ -203,6 +211,9 @@ def log_likelihood(
             `odeint_adaptive`); same results, less work when the samples need
             different numbers of steps. ``score`` must then be a function of (x, t) alone: per-sample conditioning
             captured in a closure (class labels, say) would no longer line up with the rows of x.
+        controller: the step-size controller; default: the gains of Hairer's DOPRI5 code,
+            `scoresolve.solvers.ode.DOPRI5_GAINS` (0.78x the NFE of `PIController()` on the digits
+            U-Net at rtol 1e-5, at an error float32 cannot resolve; no worse at matched error in float64).
     Every sample has its own adaptive steps, so its result does not depend on its batch-mates.
     """
     check_batched(x)
@@ -280,6 +291,7 @@ def log_likelihood(
             name=f"log_likelihood[{solver}]",
             args=() if eps is None else (eps.transpose(0, 1),),  # probes per sample [B, K, ...]
             compact=compact,
+            controller=DOPRI5_GAINS if controller is None else controller,
         )
     except (MaxStepsError, StepSizeUnderflowError) as err:
         if time_variable == "t":

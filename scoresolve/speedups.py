@@ -46,7 +46,7 @@ class AcceleratedNet(torch.nn.Module):
                 out = self._call(x, t, **kwargs)
         else:
             out = self._call(x, t, **kwargs)
-        if self.channels_last and out.ndim == 4:
+        if self.channels_last and torch.is_tensor(out) and out.ndim == 4:  # (a model may return an output object)
             out = out.contiguous()
         return out
 
