@@ -204,7 +204,7 @@ def log_likelihood(
         atol: absolute tolerance, likewise.
         t_eps: start time (score_sde uses 1e-5); the result is log p_{t_eps}.
         time_variable: integrate in the log-SNR ``"logsnr"`` (default) or in ``"t"``. At equal error, log-SNR
-            needs 0.65-0.7x the NFE of dopri5 in t on near-degenerate (image-like) data and more on smooth
+            needs 0.55-0.63x the NFE of dopri5 in t on near-degenerate (image-like) data and more on smooth
             low-dimensional data, where ``"t"`` is better (``benchmarks/likelihood_cost.py``). On a DiscreteVPSDE
             use log-SNR: beta(t) jumps at every knot 1/N, which makes steps in t tiny (~70x the NFE).
         compact: drop samples that have reached T from the batched network calls (see
