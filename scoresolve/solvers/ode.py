@@ -511,6 +511,8 @@ def odeint_adaptive(
     sizes = sorted({math.ceil(B / 2**k) for k in range(max(B, 1).bit_length() + 1)})  # B, B/2, ..., 1 (ceil)
     compactions = 0
 
+    Y = 10  # position of the state's first tensor in working(); t, done and stuck sit at 0, 2 and 6
+
     def working() -> list:
         return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *y,
                 *(f0 if tab.fsal else ())]
@@ -567,7 +569,7 @@ def odeint_adaptive(
         done = done | (accept & last)
         if save_trajectory:
             traj_t.append(whole(t, 0).to(fdtype).clone())
-            traj_y.append(pack(tuple(whole(p, 10 + j).detach().clone() for j, p in enumerate(y))))
+            traj_y.append(pack(tuple(whole(p, Y + j).detach().clone() for j, p in enumerate(y))))
 
         if it >= next_check or it >= max_steps:
             # the one synchronisation: how many samples are unfinished, and how many steps the slowest one needs at
@@ -582,14 +584,14 @@ def odeint_adaptive(
             next_check = it + max(1, min(check_every, math.ceil(n_est / 2) if math.isfinite(n_est) else check_every))
             if callback is not None:
                 cur = write_back()  # with compaction these are buffers that later checks overwrite: pass copies
-                callback(it, cur[0].to(fdtype, copy=True), pack(tuple(p.clone() for p in cur[10 : 10 + n_y])))
+                callback(it, cur[0].to(fdtype, copy=True), pack(tuple(p.clone() for p in cur[Y : Y + n_y])))
             if n_active == 0:
                 break
             if it >= max_steps:
                 cur = write_back()
                 unfinished = ~(cur[2] | cur[6])
                 idx = unfinished.nonzero().flatten().tolist()
-                raise MaxStepsError(name, max_steps, idx, cur[0][unfinished].tolist(), pack(tuple(cur[10 : 10 + n_y])))
+                raise MaxStepsError(name, max_steps, idx, cur[0][unfinished].tolist(), pack(tuple(cur[Y : Y + n_y])))
             size = next(s for s in sizes if s >= n_active)
             if compact and size < y[0].shape[0]:
                 # keep the unfinished rows (in their order) and as many finished ones as pad the set to `size`
