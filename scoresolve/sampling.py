@@ -91,6 +91,7 @@ def sample(
         if solver not in REGISTRY:
             raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
         spec = REGISTRY[solver]
+        spec.check_options(options)
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.kind == "adaptive":
             if nfe is not None or steps is not None:

@@ -6,6 +6,7 @@ Solver loops run over ``scoresolve.list_solvers()``, so every newly registered s
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
-from scoresolve.solvers.ode import MaxStepsError, StepSizeUnderflowError
+from scoresolve.solvers.ode import MaxStepsError, StepSizeUnderflowError, odeint_adaptive
 from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
@@ -348,6 +349,20 @@ def test_bad_tolerances_are_errors():
         ss.sample(good, sde, x, solver="dopri5", nfe=20)
     with pytest.raises(ValueError, match="give nfe or steps, not rtol/atol"):
         ss.sample(good, sde, x, solver="dpmpp_2m", rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_unknown_option_is_an_error_naming_the_solvers_options(name):
+    sde, gm, good, x = _case(B=2)
+    accepted = REGISTRY[name].accepted_options()
+    takes = ", ".join(accepted) or "none"
+    with pytest.raises(TypeError, match=rf"solver '{name}' got unknown option\(s\) \['bogus'\]; its options: {takes}$"):
+        ss.sample(good, sde, x, solver=name, bogus=1, **_solve_kw(name))
+    # the listed options are real keyword parameters of the function that finally takes them
+    takes_them = inspect.signature(odeint_adaptive if name in ODE_ADAPTIVE else REGISTRY[name].fn).parameters
+    assert all(takes_them[opt].kind is inspect.Parameter.KEYWORD_ONLY for opt in accepted)
+    if REGISTRY[name].kind == "adaptive":
+        assert "max_steps" in accepted
 
 
 def test_nfe_below_a_solvers_minimum_names_the_minimum():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 
@@ -97,6 +98,18 @@ class FiniteGuard:
             raise NonFiniteError(self.solver, idx, self.bad_t[bad].tolist(), self.last)
 
 
+# keyword arguments that sample() passes to a solver itself (they are not the caller's options)
+SET_BY_SAMPLE = frozenset({"callback", "save_trajectory", "generator", "rtol", "atol"})
+
+
+def check_options(name: str, unknown: Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise one TypeError for the ``unknown`` options of solver ``name``, listing the ``accepted`` ones."""
+    unknown = sorted(unknown)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "none"
+        raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; its options: {takes}")
+
+
 @dataclass(frozen=True)
 class SolverSpec:
     """Registry entry.
@@ -108,7 +121,9 @@ class SolverSpec:
     caller gives none. ``default_diffusion`` is the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
     the SDE samplers). ``evals_per_step_fn(options)`` overrides ``evals_per_step`` where it depends on options.
     ``stochastic`` solvers take a ``generator``; if ``noise_option`` names an option (``eta``
-    for ddim), they draw noise only when that option is > 0 (see `draws_noise`).
+    for ddim), they draw noise only when that option is > 0 (see `draws_noise`). ``options`` names the keyword
+    options the solver takes beyond what ``sample()`` passes itself; None reads them from the keyword-only
+    parameters of ``fn`` (see `accepted_options`).
     """
 
     name: str
@@ -124,6 +139,19 @@ class SolverSpec:
     noise_option: str | None = None
     default_diffusion: float = 0.0
     evals_per_step_fn: Callable[[dict[str, Any]], int] | None = None
+    options: tuple[str, ...] | None = None
+
+    def accepted_options(self) -> tuple[str, ...]:
+        """The options ``sample(..., **options)`` may pass to this solver, sorted."""
+        if self.options is not None:
+            return tuple(sorted(self.options))
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(sorted(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SET_BY_SAMPLE))
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """TypeError naming the options this solver does not take (and the ones it does)."""
+        accepted = self.accepted_options()
+        check_options(self.name, [k for k in options if k not in accepted], accepted)
 
     def evals(self, options: dict[str, Any] | None = None) -> int:
         """Score evaluations per step with these options (e.g. pc: 1 + corrector_steps)."""

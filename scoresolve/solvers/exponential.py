@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..reverse import ReverseProcess
-from ._core import GridRun, Solution, SolverSpec, batch_t, register
+from ._core import REGISTRY, GridRun, Solution, SolverSpec, batch_t, check_options, register
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -98,8 +98,7 @@ def _require_ode(name: str, process: ReverseProcess) -> None:
 
 
 def _no_unknown(name: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"solver {name!r} got unexpected options {sorted(options)}")
+    check_options(name, options, REGISTRY[name].accepted_options())
 
 
 def _noise_level(name: str, process: ReverseProcess, eta: float | None, default: float, power: int) -> float:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..reverse import ReverseProcess
-from ._core import GridRun, Solution, SolverSpec, batch_t, register
+from ._core import GridRun, Solution, SolverSpec, batch_t, check_options, register
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -33,8 +33,7 @@ def _explicit_rk(
     save_trajectory: bool = False,
     **options: object,
 ) -> Solution:
-    if options:
-        raise TypeError(f"solver {name!r} got unknown options {sorted(options)}")
+    check_options(name, options, ())
     if not process.is_ode:
         raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); "
                          "use 'euler_maruyama' or another SDE sampler for diffusion > 0")
@@ -71,9 +70,9 @@ def rk4(process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **kw) -> Sol
 
 
 # default grids from benchmarks/work_precision.py (64-D mixture, VP): the lowest error at 10-50 NFE
-register(SolverSpec("euler", euler, evals_per_step=1, order=1, default_grid="uniform",
+register(SolverSpec("euler", euler, options=(), evals_per_step=1, order=1, default_grid="uniform",
                     description="Euler on the PF-ODE"))
-register(SolverSpec("heun", heun, evals_per_step=2, order=2, default_grid="quadratic",
+register(SolverSpec("heun", heun, options=(), evals_per_step=2, order=2, default_grid="quadratic",
                     description="Heun (EDM) on the PF-ODE"))
-register(SolverSpec("rk4", rk4, evals_per_step=4, order=4, default_grid="quadratic",
+register(SolverSpec("rk4", rk4, options=(), evals_per_step=4, order=4, default_grid="quadratic",
                     description="classical RK4 on the PF-ODE"))

@@ -34,7 +34,7 @@ import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
-from ._core import NonFiniteError, Solution, SolverSpec, counted_model, register, with_score
+from ._core import NonFiniteError, Solution, SolverSpec, check_options, counted_model, register, with_score
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 Parts = Tuple[torch.Tensor, ...]
@@ -648,6 +648,10 @@ def _initial_step(evaluate, t, y, f0, direction, span, order, rtol, atol, tdtype
 # ------------------------------------------------------------------------------------------------------------------
 # Registered solvers: the probability-flow ODE of a ReverseProcess
 # ------------------------------------------------------------------------------------------------------------------
+# the options of the registered adaptive ODE solvers (passed on to odeint_adaptive)
+PF_ODE_OPTIONS = ("max_steps", "first_step", "check_every", "controller", "compact")
+
+
 def _solve_pf_ode(
     name: str,
     process: ReverseProcess,
@@ -662,6 +666,7 @@ def _solve_pf_ode(
     max_steps: int = 10_000,
     **options,
 ) -> Solution:
+    check_options(name, (k for k in options if k not in PF_ODE_OPTIONS), PF_ODE_OPTIONS)
     if not process.is_ode:
         raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); "
                          "use 'euler_maruyama' or another SDE sampler for diffusion > 0")
@@ -695,9 +700,9 @@ def bosh3(process: ReverseProcess, x: torch.Tensor, t0: float, t1: float, **kw) 
     return _solve_pf_ode("bosh3", process, x, t0, t1, **kw)
 
 
-register(SolverSpec("dopri5", dopri5, kind="adaptive", order=5,
+register(SolverSpec("dopri5", dopri5, kind="adaptive", options=PF_ODE_OPTIONS, order=5,
                     description="Dormand-Prince 5(4), adaptive per-sample steps, on the PF-ODE"))
-register(SolverSpec("tsit5", tsit5, kind="adaptive", order=5,
+register(SolverSpec("tsit5", tsit5, kind="adaptive", options=PF_ODE_OPTIONS, order=5,
                     description="Tsitouras 5(4), adaptive per-sample steps, on the PF-ODE"))
-register(SolverSpec("bosh3", bosh3, kind="adaptive", order=3,
+register(SolverSpec("bosh3", bosh3, kind="adaptive", options=PF_ODE_OPTIONS, order=3,
                     description="Bogacki-Shampine 3(2), adaptive per-sample steps, on the PF-ODE"))
