@@ -12,7 +12,7 @@ from .likelihood import LikelihoodResult, log_likelihood
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
-from .sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE
+from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
 from .solvers import NonFiniteError, Solution, time_grid
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "GaussianMixture",
     "LikelihoodResult",
     "ReverseProcess",
+    "SDE_NAMES",
     "ScoreModel",
     "SubVPSDE",
     "VESDE",
@@ -41,6 +42,7 @@ __all__ = [
     "list_solvers",
     "log_likelihood",
     "sample",
+    "sde_from_name",
     "time_grid",
     "uniform_dequantize",
 ]

@@ -10,9 +10,8 @@ from typing import Sequence
 import torch
 
 from .analytic import GaussianMixture
-from .sde import VESDE, VPSDE, ForwardSDE, SubVPSDE
+from .sde import SDE_NAMES, ForwardSDE, sde_from_name
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 DEFAULT_SOLVERS = [
     "euler",
     "heun",
@@ -32,7 +31,7 @@ def _mixture(args: argparse.Namespace) -> GaussianMixture:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
+    p.add_argument("--sde", choices=sorted(SDE_NAMES), default="vp", help="forward SDE (default: vp)")
     p.add_argument("--dim", type=int, default=16, help="dimension of the Gaussian-mixture model (default: 16)")
     p.add_argument("--components", type=int, default=8, help="mixture components (default: 8)")
     p.add_argument("--diagonal", action="store_true", help="axis-aligned components instead of correlated ones")
@@ -46,7 +45,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import exact_baseline, format_table, plot_work_precision, work_precision
     from .solvers import REGISTRY
 
-    sde: ForwardSDE = SDES[args.sde]()
+    sde: ForwardSDE = sde_from_name(args.sde)
     gm = _mixture(args)
     dtype = torch.float64 if args.float64 else torch.float32
     x_T = sde.prior_sample((args.batch, args.dim), generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
@@ -104,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     from .compare import sliced_wasserstein
 
-    sde = SDES[args.sde]()
+    sde = sde_from_name(args.sde)
     gm = _mixture(args)
     x_T = sde.prior_sample((args.batch, args.dim), generator=g, dtype=dtype)
     sol = sample(gm.score_fn(sde), sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,

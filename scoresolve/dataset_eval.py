@@ -66,6 +66,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .dequantization import bin_offset, check_levels_range, dequantize_levels, grid_levels, levels_bits_per_dim
+from .sde import SDE_NAMES
 
 FORMAT = "scoresolve.dataset_eval/1"
 MANIFEST = "manifest.json"
@@ -826,7 +827,7 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         help="samples of the built-in mixture dataset (default: 256; under torchrun write --num-samples: "
         "torchrun rejects --n as an ambiguous abbreviation of its own options)",
     )
-    p.add_argument("--sde", choices=["vp", "subvp", "ve"], default="vp", help="forward SDE (default: vp)")
+    p.add_argument("--sde", choices=sorted(SDE_NAMES), default="vp", help="forward SDE (default: vp)")
     p.add_argument("--dim", type=int, default=16, help="dimension of the mixture (default: 16; --data sets it)")
     p.add_argument("--components", type=int, default=8, help="mixture components (default: 8)")
     p.add_argument("--diagonal", action="store_true", help="axis-aligned components instead of correlated ones")
@@ -888,9 +889,9 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         0 (the exit status); the report is printed on rank 0.
     """
     from .analytic import GaussianMixture
-    from .sde import VESDE, VPSDE, SubVPSDE
+    from .sde import sde_from_name
 
-    sde = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}[args.sde]()
+    sde = sde_from_name(args.sde)
     num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
     dtype = torch.float64 if args.float64 else torch.float32
     if args.data:

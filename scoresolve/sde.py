@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -457,6 +457,20 @@ class DiscreteVPSDE(ForwardSDE):
     @property
     def prior_std(self) -> float:
         return 1.0
+
+
+SDE_NAMES: dict[str, type[ForwardSDE]] = {
+    "vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMSDE, "cosine": CosineVPSDE,
+}
+"""The forward SDEs by the names that command lines and training configs use (DiscreteVPSDE needs its betas)."""
+
+
+def sde_from_name(name: str, **kwargs: Any) -> ForwardSDE:
+    """The SDE called ``name`` in `SDE_NAMES` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``), built with
+    ``kwargs`` (e.g. ``sigma_max=80.0``)."""
+    if name not in SDE_NAMES:
+        raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDE_NAMES)}")
+    return SDE_NAMES[name](**kwargs)
 
 
 def _check_T(T: float) -> None:

@@ -28,6 +28,17 @@ def test_compare_prints_a_table_and_writes_a_plot(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("sde", ["edm", "cosine"])
+def test_compare_runs_on_every_named_sde(sde, capsys):
+    assert main(["compare", "--sde", sde, "--dim", "4", "--components", "2", "--batch", "32", "--nfe", "12",
+                 "--tol", "1e-3", "--solvers", "euler", "unipc", "dopri5", "--out", "", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{sde.upper()} SDE")
+    err = {r[0]: float(r[3]) for r in (line.split() for line in text.splitlines()) if r and r[0] in
+           ("euler", "unipc", "dopri5")}
+    assert err["dopri5"] < 0.02 and err["unipc"] < err["euler"]
+
+
 def test_sample_digits_writes_a_png_grid(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits.png"

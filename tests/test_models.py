@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import scoresolve
-from scoresolve import VESDE, VPSDE, GaussianMixture, ScoreModel, SubVPSDE
+from scoresolve import EDMSDE, VESDE, VPSDE, GaussianMixture, ScoreModel, SubVPSDE
 from scoresolve import data as sdata
 from scoresolve.models import MLPScoreNet, TrainConfig, UNet, export_model, load_checkpoint, num_parameters
 from scoresolve.models.train import add_train_args, cmd_train, dsm_loss, sample_time, train
@@ -154,7 +154,8 @@ def test_checkerboard_and_gmm_structure():
 # ----------------------------------------------------------------------------------------------------------------
 # the objective and training
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), EDMSDE(), scoresolve.CosineVPSDE()],
+                         ids=["vp", "subvp", "ve", "edm", "cosine"])
 def test_likelihood_importance_sampling_weight_is_exact(sde):
     # g^2 / sigma^2 = -2 dlambda/dt, so int_{t_eps}^T g^2/sigma^2 dt = 2 (lambda(t_eps) - lambda(T)) = the IS weight
     t_eps = 1e-5
@@ -253,6 +254,21 @@ def test_cmd_train(tmp_path, capsys):
     model, sde, config = load_checkpoint(str(tmp_path / "m.pt"))
     assert isinstance(sde, SubVPSDE) and config.steps == 6 and config.weighting == "likelihood"
     assert model(torch.randn(3, 2), torch.rand(3)).shape == (3, 2)
+
+
+def test_cmd_train_on_the_edm_sde(tmp_path, capsys):
+    import argparse
+
+    parser = add_train_args(argparse.ArgumentParser())
+    out = str(tmp_path / "run")
+    argv = ["--data", "swissroll", "--sde", "edm", "--sde-arg", "T=20", "--steps", "3", "--batch-size", "16",
+            "--out", out, "--quiet", "--model-arg", "hidden=16", "--model-arg", "depth=1", "--weighting", "likelihood",
+            "--importance-sampling", "--export", str(tmp_path / "m.pt")]
+    assert cmd_train(parser.parse_args(argv)) == 0
+    model, sde, config = load_checkpoint(str(tmp_path / "m.pt"))
+    assert isinstance(sde, EDMSDE) and sde.T == 20.0 and config.sde == "edm"
+    x = torch.randn(5, 2)
+    assert torch.isfinite(model(x, torch.full((5,), 0.01))).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def sigma_range(draw):
 
 
 @st.composite
-def sdes(draw, kinds=("vp", "subvp", "ve", "cosine", "discrete")):
+def sdes(draw, kinds=("vp", "subvp", "ve", "edm", "cosine", "discrete")):
     kind = draw(st.sampled_from(kinds))
     if kind == "vp":
         return ss.VPSDE(*draw(beta_range()))
@@ -48,6 +48,8 @@ def sdes(draw, kinds=("vp", "subvp", "ve", "cosine", "discrete")):
         return ss.SubVPSDE(*draw(beta_range()))
     if kind == "ve":
         return ss.VESDE(*draw(sigma_range()))
+    if kind == "edm":
+        return ss.EDMSDE(T=draw(st.floats(1.0, 100.0)))
     if kind == "cosine":
         return ss.CosineVPSDE(s=draw(st.floats(0.0, 0.05)))
     n = draw(st.integers(10, 1000))
@@ -134,7 +136,7 @@ def mixtures(draw):
 
 
 @FAST
-@given(mix=mixtures(), sde=sdes(("vp", "subvp", "ve")), t=st.floats(0.05, 0.95))
+@given(mix=mixtures(), sde=sdes(("vp", "subvp", "ve", "edm")), t=st.floats(0.05, 0.95))
 def test_continuity_equation_on_random_mixtures(mix, sde, t):
     """d/dt log p_t = -div v - v . grad log p_t with v the PF-ODE drift (finite differences in t, autograd div)."""
     gm, x = mix

@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from ..score import ScoreModel
-from ..sde import VESDE, VPSDE, ForwardSDE, SubVPSDE
+from ..sde import SDE_NAMES, ForwardSDE, sde_from_name
 from .mlp import MLPScoreNet
 from .unet import UNet
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+SDES = SDE_NAMES  # the names --sde and TrainConfig.sde take
 WEIGHTINGS = ("eps", "score", "likelihood")
 STATE_FORMAT = "scoresolve.train_state/1"
 MODEL_FORMAT = "scoresolve.model/1"
@@ -125,10 +125,8 @@ class TrainResult:
 # builders
 # --------------------------------------------------------------------------------------------------------------------
 def build_sde(name: str, **kwargs: Any) -> ForwardSDE:
-    """``vp``, ``subvp`` or ``ve`` with constructor keyword arguments."""
-    if name not in SDES:
-        raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDES)}")
-    return SDES[name](**kwargs)
+    """The SDE named ``name`` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``) with constructor keyword arguments."""
+    return sde_from_name(name, **kwargs)
 
 
 def build_network(model: str, shape: Sequence[int], T: float = 1.0, **kwargs: Any) -> nn.Module:
