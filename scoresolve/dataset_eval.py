@@ -434,9 +434,10 @@ def _grid_name(num_levels: int) -> str:
 
 
 def _dequantized(
-    x: torch.Tensor, indices: Sequence[int], repeat: int, seed: int, num_levels: int, data_range: Any
+    x: torch.Tensor, indices: Sequence[int], repeat: int, seed: int, num_levels: int, data_range: Any,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    dtype = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
     noise = torch.stack(
         [
             torch.rand(
@@ -447,7 +448,8 @@ def _dequantized(
             for i in indices
         ]
     )
-    return dequantize_levels(x, num_levels, data_range, noise=noise, what=_grid_name(num_levels))
+    return dequantize_levels(x.to(dtype) if x.is_floating_point() else x, num_levels, data_range, noise=noise,
+                             what=_grid_name(num_levels))
 
 
 def dequantized_samples(
@@ -575,6 +577,7 @@ def evaluate_dataset(
     bits: int | None = None,
     num_levels: int | None = None,
     data_range: Sequence[float] = (-1.0, 1.0),
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     model_id: str | None = None,
     progress: bool = True,
@@ -610,6 +613,9 @@ def evaluate_dataset(
             the data are evaluated as they are and bits/dim is plain -log p / (D ln 2). L is stored in the
             manifest: resuming with another L is an error.
         data_range: (lo, hi) of the data.
+        dtype: floating dtype of the batches passed to ``fn``: floating data are cast to it, integer levels are
+            dequantized in it (default: floating data keep theirs, integer data take ``torch.get_default_dtype()``).
+            Stored in the manifest.
         device: where batches go before ``fn`` (dequantization happens on the CPU first).
         model_id: a string naming the model, stored in the manifest and checked on resume (the default ``fn``
             records the score's name, with a checksum of its weights for a torch module, and the SDE).
@@ -676,6 +682,7 @@ def evaluate_dataset(
         "bits": None if L is None else _pow2_bits(L),
         "num_levels": L,
         "data_range": data_range_m,
+        "dtype": None if dtype is None else str(dtype),
         "data_fingerprint": data_fingerprint(data),
         "likelihood": likelihood,
         "model_id": model_id,
@@ -719,7 +726,9 @@ def evaluate_dataset(
                 idx = span(b)
                 x = _batch(data, idx.start, idx.stop)
                 if L is not None:
-                    x = _dequantized(x, idx, r, seed, L, data_range)
+                    x = _dequantized(x, idx, r, seed, L, data_range, dtype)
+                elif dtype is not None:
+                    x = x.to(dtype)
                 if device is not None:
                     x = x.to(device)
                 gen = torch.Generator(device=x.device).manual_seed(derive_seed("batch", seed, r, idx.start, idx.stop))
@@ -947,6 +956,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             seed=args.seed,
             num_levels=num_levels,
             data_range=tuple(args.data_range),
+            dtype=torch.float64 if args.float64 else None,  # integer levels are dequantized in float64 too
             device=args.device,
             model_id=model_id,
             progress=not args.quiet,

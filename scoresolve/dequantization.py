@@ -135,10 +135,14 @@ def dequantize_levels(
     what: str | None = None,
 ) -> torch.Tensor:
     """Dequantize L-level data: level i -> lo + (hi - lo) (i + u) / L with u ~ U[0, 1) (the module's convention
-    with 2^k replaced by L). Arguments as [`uniform_dequantize`][scoresolve.uniform_dequantize]."""
+    with 2^k replaced by L). Arguments as [`uniform_dequantize`][scoresolve.uniform_dequantize]; the result has
+    x's dtype if it is floating, else the given noise's, else ``torch.get_default_dtype()``."""
     lo, hi = check_levels_range(num_levels, data_range)
     lv = grid_levels(x, num_levels, data_range, what)
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    if x.is_floating_point():
+        dtype = x.dtype
+    else:
+        dtype = noise.dtype if noise is not None and noise.is_floating_point() else torch.get_default_dtype()
     if noise is None:
         noise = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
     elif noise.shape != x.shape:
@@ -169,8 +173,8 @@ def uniform_dequantize(
         data_range: (lo, hi) of the scaled data.
         generator: source of u (drawn with ``torch.rand`` in the output dtype on x's device).
         noise: u itself, shape like x, values in [0, 1) (overrides ``generator``).
-    Returns a floating tensor shaped like x (x's dtype, or the default dtype for integer input) in [lo, hi]:
-    computed in float64, then rounded to the output dtype (which can land a value on its bin's upper edge).
+    Returns a floating tensor shaped like x (x's dtype; for integer input the noise's, or the default dtype) in
+    [lo, hi]: computed in float64, then rounded to the output dtype (which can land a value on its bin's upper edge).
     """
     _check_bits_range(bits, data_range)
     return dequantize_levels(x, 2 ** int(bits), data_range, generator, noise=noise, what=f"{int(bits)}-bit")

@@ -577,3 +577,32 @@ def test_resume_with_another_num_levels_is_refused(tmp_path):
     assert evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False) == s
     with pytest.raises(ValueError, match="num_levels: stored 16, now 17"):
         evaluate_dataset(v, old, fn=fn, num_levels=17, batch_size=4, progress=False)
+
+
+def test_dtype_sets_the_precision_of_dequantized_integer_levels(tmp_path):
+    _, v = grid_data(6, (3,), 17, seed=4)  # int64 levels
+    seen = []
+
+    def fn(y, generator):
+        seen.append(y.clone())
+        return {"log_prob": y.double().sum(1)}
+
+    kw = dict(fn=fn, batch_size=6, num_levels=17, progress=False)
+    evaluate_dataset(v, str(tmp_path / "f32"), **kw)
+    y32 = seen.pop()
+    evaluate_dataset(v, str(tmp_path / "f64"), dtype=F64, **kw)
+    y64 = seen.pop()
+    assert (y32.dtype, y64.dtype) == (torch.float32, F64)
+    # both dequantize into each level's own bin; the float64 values carry float64 noise (not float32 numbers)
+    for y in (y32, y64):
+        u = (y.double() + 1) * 17 / 2 - v
+        assert bool(((u >= -1e-5) & (u <= 1 + 1e-5)).all()) and float(u.std()) > 0.1
+    assert bool((y64 != y64.float().double()).all())
+    with open(tmp_path / "f64" / "manifest.json") as f:
+        assert json.load(f)["dtype"] == "torch.float64"
+    # floating data are cast to dtype; a resume with another dtype is refused
+    x, _ = grid_data(6, (3,), 17, seed=4)
+    evaluate_dataset(x.float(), str(tmp_path / "cast"), dtype=F64, **kw)
+    assert seen.pop().dtype == F64
+    with pytest.raises(ValueError, match="dtype: stored 'torch.float64', now 'torch.float32'"):
+        evaluate_dataset(x.float(), str(tmp_path / "cast"), dtype=torch.float32, **kw)
