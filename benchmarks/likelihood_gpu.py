@@ -119,17 +119,67 @@ def torchdiffeq_baseline(model, sde, x, eps, t_eps, tol):
     return sde.prior_log_prob(xs[-1]) + ds[-1], nfe["n"], sec
 
 
+# name: (speed-ups of the network, options of log_likelihood). Torch.compile'd variants run without compaction: with
+# dynamic=False every batch size of the compaction ladder would compile anew (~70 s each) inside the timed solve.
 VARIANTS = {
     "plain": ({}, {}),
     "compact": ({}, {"compact": True}),
+    "shampine": ({}, {"solver": "dopri5_shampine"}),  # torchdiffeq's error weights (2/3 of Hairer's): (b)'s semantics
     "tf32": ({"tf32": True}, {"compact": True}),
     "channels_last": ({"channels_last": True}, {"compact": True}),
     "bf16": ({"autocast": torch.bfloat16}, {"compact": True}),
-    "compile": ({"compile": True}, {"compact": True}),
-    "cudagraphs": ({"compile": True, "compile_mode": "reduce-overhead"}, {"compact": True}),
-    "all": ({"compile": True, "compile_mode": "reduce-overhead", "tf32": True, "channels_last": True},
-            {"compact": True}),
+    "compile": ({"compile": True, "tf32": True}, {}),
+    "cudagraphs": ({"compile": True, "compile_mode": "reduce-overhead", "tf32": True}, {}),
+    "compile_bf16": ({"compile": True, "autocast": torch.bfloat16}, {}),
 }
+# the order of the runs: what the goals need first, so that a run cut short by --deadline loses the least
+ORDER = ("(b)", "plain", "(a)", "compact", "se", "cudagraphs", "compile", "tf32", "shampine", "bf16",
+         "channels_last", "compile_bf16")
+COMPILE_S = 90.0  # a guess of torch.compile's time for one shape (72 s in the reference run), for the deadline
+
+
+class Report:
+    """The rows measured so far, printed as they come and written to ``path`` (JSON) after each one."""
+
+    def __init__(self, path: str | None, meta: dict) -> None:
+        self.path, self.meta, self.rows = path, meta, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        extra = f", compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        print(f"  done: {row['method']}: {row['calls']} calls, {row['seconds']:.1f} s{extra}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        import json
+        import os
+
+        rows = [{k: v for k, v in r.items() if k != "log_p"} for r in self.rows]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({**self.meta, "rows": rows}, fh, indent=1)
+        os.replace(tmp, self.path)  # a kill mid-write leaves the previous complete file
+
+
+def table(report: Report, floor: float) -> None:
+    rows = report.rows
+    b = next((r for r in rows if r["method"].startswith("(b)")), None)
+    sec_a = next((r["seconds"] for r in rows if r["method"].startswith("(a)")), float("nan"))
+    sec_b = b["seconds"] if b else float("nan")
+    head = (f"{'method':<40} {'calls':>6} {'rows':>7} {'wall s':>8} {'ms/call':>8} {'/floor':>7} {'log p':>10} "
+            f"{'|d| vs (b)':>10} {'vs (a)':>7} {'vs (b)':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lp = r["log_p"].double().cpu()
+        d = float((lp - b["log_p"].double().cpu()).abs().mean()) if b else float("nan")
+        r.update(abs_diff_vs_b=d, speedup_vs_a=sec_a / r["seconds"], speedup_vs_b=sec_b / r["seconds"])
+        print(f"{r['method']:<40} {r['calls']:>6d} {r['rows']:>7d} {r['seconds']:>8.2f} "
+              f"{1e3 * r['seconds'] / r['calls']:>8.1f} {r['seconds'] / r['calls'] / floor:>7.2f} "
+              f"{lp.mean():>10.2f} {d:>10.3f} {sec_a / r['seconds']:>7.2f} {sec_b / r['seconds']:>7.2f}")
+    report.write()
 
 
 def main() -> None:
@@ -141,8 +191,13 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a small UNet (CPU smoke run)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-probes-check", action="store_true", help="skip the 4-probe run (standard error)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--se-tol", type=float, default=1e-3,
+                   help="tolerance of the 4-probe run: the probes' spread, not the ODE error, sets the standard error")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds from the start: skip the runs that would not end before then")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (after every row)")
     args = p.parse_args()
+    start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     unet = make_unet(args.tiny).to(device).eval()
@@ -158,63 +213,71 @@ def main() -> None:
     plain = ss.ScoreModel(eps_net(unet), sde, prediction="eps")
     floor = floor_ms(plain, x, eps, device)
     print(f"floor: one forward + one VJP = {1e3 * floor:.1f} ms", flush=True)
-    rows = []
+    report = Report(args.json, {"floor_s": floor, "device": name, "batch": args.batch, "tol": args.tol,
+                                "torch": torch.__version__})
+    est_calls = 1000  # calls of a solve, until one has been measured
 
-    def report(row):
-        rows.append(row)
-        label, nfe, sec = row[0], row[1], row[3]
-        print(f"  done: {label}: {nfe} calls, {sec:.1f} s", flush=True)
+    def fits(seconds: float, what: str) -> bool:
+        if args.deadline is None or time.perf_counter() - start + seconds <= args.deadline:
+            return True
+        print(f"  skipped: {what} (about {seconds:.0f} s would pass the deadline of {args.deadline:.0f} s)", flush=True)
+        return False
 
-    if not args.skip_scipy:
-        lp, nfe, sec = scipy_baseline(plain, sde, x, eps, args.t_eps, args.tol)
-        report(("(a) scipy RK45, host, separate calls", nfe, nfe * args.batch, sec, lp))
-    lp_b, nfe, sec = torchdiffeq_baseline(plain, sde, x, eps, args.t_eps, args.tol)
-    report(("(b) torchdiffeq dopri5, fused", nfe, nfe * args.batch, sec, lp_b))
-    for variant in args.variants:
-        net_kw, solve_kw = VARIANTS[variant]
-        net = accelerate(unet, **net_kw)
-        model = ss.ScoreModel(eps_net(net), sde, prediction="eps")
-        try:
-            if net_kw.get("compile"):  # warm-up: compile (and capture) for the full batch shape outside the timing
-                floor_ms(model, x, eps, device, reps=1)
-            t0 = time.perf_counter()
-            r = ss.log_likelihood(model, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps,
-                                  generator=torch.Generator(device=device).manual_seed(2), **solve_kw)
-            sync(device)
-            sec = time.perf_counter() - t0
-        except Exception as err:  # report and go on: one failing speed-up must not lose the other rows
-            print(f"  {variant}: failed: {type(err).__name__}: {err}", flush=True)
-            continue
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        report((f"scoresolve [{variant}]", r.calls, r.rows, sec, r.log_prob))
-    se = None
-    if not args.no_probes_check:
-        r4 = ss.log_likelihood(plain, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps, probes=4,
-                               generator=torch.Generator(device=device).manual_seed(3), compact=True)
-        se = r4.std_error.double().cpu()
-        print(f"Hutchinson standard error of log p with one probe (from 4 probes): mean {2 * se.mean():.2f} nats")
-    head = (f"{'method':<40} {'calls':>6} {'rows':>7} {'wall s':>8} {'ms/call':>8} {'/floor':>7} {'log p':>10} "
-            f"{'|d| vs (b)':>10} {'speed-up vs (a)':>16} {'vs (b)':>7}")
-    print(head)
-    print("-" * len(head))
-    sec_a = next((r[3] for r in rows if r[0].startswith("(a)")), float("nan"))
-    sec_b = next(r[3] for r in rows if r[0].startswith("(b)"))
-    out = []
-    for label, nfe, nrows, sec, lp in rows:
-        d = (lp.double().cpu() - lp_b.double().cpu()).abs().mean()
-        print(f"{label:<40} {nfe:>6d} {nrows:>7d} {sec:>8.2f} {1e3 * sec / nfe:>8.1f} {sec / nfe / floor:>7.2f} "
-              f"{lp.double().mean():>10.2f} {d:>10.3f} {sec_a / sec:>16.2f} {sec_b / sec:>7.2f}")
-        out.append({"method": label, "calls": nfe, "rows": nrows, "seconds": sec,
-                    "log_p_mean": float(lp.double().mean()), "abs_diff_vs_b": float(d),
-                    "speedup_vs_a": sec_a / sec, "speedup_vs_b": sec_b / sec})
-    if args.json:
-        import json
-
-        with open(args.json, "w") as fh:
-            json.dump({"floor_s": floor, "device": name, "batch": args.batch, "tol": args.tol,
-                       "std_error_one_probe": None if se is None else float(2 * se.mean()), "rows": out}, fh, indent=1)
+    plan = [k for k in ORDER if (k not in VARIANTS or k in args.variants)
+            and not (k == "(a)" and args.skip_scipy) and not (k == "se" and args.no_probes_check)]
+    for key in plan:
+        if key == "(a)":
+            if fits(2.0 * est_calls * floor, key):  # two network calls per evaluation and the host copies
+                lp, nfe, sec = scipy_baseline(plain, sde, x, eps, args.t_eps, args.tol)
+                report.add({"method": "(a) scipy RK45, host, separate calls", "calls": nfe, "rows": nfe * args.batch,
+                            "seconds": sec, "log_p": lp})
+        elif key == "(b)":
+            if fits(1.3 * est_calls * floor, key):
+                lp, nfe, sec = torchdiffeq_baseline(plain, sde, x, eps, args.t_eps, args.tol)
+                est_calls = nfe
+                report.add({"method": "(b) torchdiffeq dopri5, fused", "calls": nfe, "rows": nfe * args.batch,
+                            "seconds": sec, "log_p": lp})
+        elif key == "se":
+            # the Hutchinson standard error of a one-probe log p, from the spread of 4 probes
+            if fits(4.0 * 0.3 * est_calls * floor, key):
+                r4 = ss.log_likelihood(plain, x, sde, rtol=args.se_tol, atol=args.se_tol, t_eps=args.t_eps, probes=4,
+                                       generator=torch.Generator(device=device).manual_seed(3), compact=True)
+                se = float(2 * r4.std_error.double().cpu().mean())  # 4-probe error x sqrt(4): one probe's
+                report.meta["std_error_one_probe"] = se
+                print(f"  Hutchinson standard error of a one-probe log p (4 probes at rtol {args.se_tol:g}): "
+                      f"mean {se:.2f} nats", flush=True)
+                report.write()
+        else:
+            net_kw, solve_kw = VARIANTS[key]
+            compile_s = COMPILE_S if net_kw.get("compile") else 0.0
+            if not fits(compile_s + 1.1 * est_calls * floor, key):
+                continue
+            try:
+                net = accelerate(unet, **net_kw)
+                model = ss.ScoreModel(eps_net(net), sde, prediction="eps")
+                c0 = time.perf_counter()
+                if net_kw.get("compile"):  # compile (and capture) for the batch shape outside the timed solve
+                    floor_ms(model, x, eps, device, reps=1)
+                compile_s = time.perf_counter() - c0
+                t0 = time.perf_counter()
+                r = ss.log_likelihood(model, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps,
+                                      generator=torch.Generator(device=device).manual_seed(2), **solve_kw)
+                sync(device)
+                sec = time.perf_counter() - t0
+            except Exception as err:  # report and go on: one failing speed-up must not lose the other rows
+                print(f"  {key}: failed: {type(err).__name__}: {err}", flush=True)
+                continue
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+            report.add({"method": f"scoresolve [{key}]", "calls": r.calls, "rows": r.rows, "seconds": sec,
+                        "log_p": r.log_prob, "compile_s": compile_s if net_kw.get("compile") else None,
+                        "nfe_mean": float(r.nfe.double().mean())})
+    table(report, floor)
+    se = report.meta.get("std_error_one_probe")
+    if se is not None:
+        print(f"Hutchinson standard error of one probe's log p: {se:.2f} nats (|d| vs (b) should lie within it)")
+    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def check_finite_float(value: float, name: str) -> float:
     return value
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no host-device synchronisation (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
 def as_time(
     t: Time,
     T: float,
@@ -67,7 +72,7 @@ def as_time(
         raise ValueError(f"t must be a scalar or a [batch] tensor, got shape {tuple(t.shape)}")
     if batch is not None and t.ndim == 1 and t.shape[0] != batch:
         raise ValueError(f"batch size mismatch: t has {t.shape[0]} entries but x has batch size {batch}")
-    if check and t.device.type == "cpu":
+    if check and on_host(t):
         bad = ~((t >= 0) & (t <= T * (1 + 1e-6)))
         if bool(bad.any()):
             vals = t[bad] if t.ndim else t

@@ -199,7 +199,8 @@ def log_likelihood(
         probes: number of Hutchinson probes, drawn once per solve from ``generator`` and fixed along the
             trajectory; all share one network forward per evaluation.
         probe: their kind, ``"rademacher"`` or ``"gaussian"``.
-        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``).
+        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``, or ``dopri5_shampine``: torchdiffeq's dopri5,
+            whose error estimate is 2/3 of Hairer's, i.e. ``dopri5`` at 1.5x the tolerances).
         rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
         atol: absolute tolerance, likewise.
         t_eps: start time (score_sde uses 1e-5); the result is log p_{t_eps}.

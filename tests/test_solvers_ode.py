@@ -92,7 +92,7 @@ def test_tree_counts():
     assert [len(_trees(n)) for n in range(1, 7)] == [1, 1, 2, 4, 9, 20]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", sorted(TABLEAUX))
 def test_tableau_order_conditions(name):
     tab = TABLEAUX[name]
     A_rows = np.array([sum(r) for r in tab.a])
@@ -104,6 +104,27 @@ def test_tableau_order_conditions(name):
         assert max(_order_residuals(tab, w, p + 1)) > 1e-5
     assert tab.fsal and tab.a[-1] == tab.b[:-1] and tab.b[-1] == 0.0 and tab.c[-1] == 1.0
     assert abs(sum(tab.b_err)) < 1e-15 and max(abs(e) for e in tab.b_err) > 1e-3
+
+
+def test_shampine_error_weights_are_two_thirds_of_hairers():
+    # torchdiffeq's dopri5 estimate is exactly 2/3 of Hairer's / scipy's: the same method at 1.5x the tolerances
+    hairer, shampine = TABLEAUX["dopri5"], TABLEAUX["dopri5_shampine"]
+    assert shampine.a == hairer.a and shampine.b == hairer.b and shampine.c == hairer.c
+    np.testing.assert_allclose(shampine.b_err, [2 / 3 * e for e in hairer.b_err], rtol=1e-13, atol=1e-16)
+    gm, x = _gaussian_case(ss.VPSDE(), D=4, B=8)
+    score = gm.score_fn(ss.VPSDE())
+    proc = ss.VPSDE().reverse(score, 0.0)
+
+    def f(t, y):
+        return proc.drift_from_score(y, t, score(y, t))
+
+    kw = dict(first_step=1e-3)  # the initial-step heuristic scales with the tolerances too
+    a = odeint_adaptive(f, x, 1.0, T_EPS, method="dopri5_shampine", rtol=1e-6, atol=1e-6, **kw)
+    b = odeint_adaptive(f, x, 1.0, T_EPS, method="dopri5", rtol=1.5e-6, atol=1.5e-6, **kw)
+    c = odeint_adaptive(f, x, 1.0, T_EPS, method="dopri5", rtol=1e-6, atol=1e-6, **kw)
+    assert torch.equal(a.nfe, b.nfe) and torch.equal(a.steps, b.steps)
+    torch.testing.assert_close(a.y, b.y, rtol=1e-10, atol=1e-12)
+    assert int(c.nfe.sum()) > int(a.nfe.sum())  # the stricter estimate takes more steps at the same tolerance
 
 
 def test_tableau_validation():

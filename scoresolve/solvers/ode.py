@@ -116,6 +116,20 @@ DOPRI5 = ButcherTableau(
 (6 evaluations per step), 5th-order solution (local extrapolation), 4th-order embedded method of the original
 paper (as in Hairer's DOPRI5 and scipy's RK45; torchdiffeq uses Shampine's alternative embedded weights)."""
 
+DOPRI5_SHAMPINE = ButcherTableau(
+    name="dopri5_shampine",
+    order=5,
+    embedded_order=4,
+    a=DOPRI5.a,
+    b=DOPRI5.b,
+    b_hat=(1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60),
+    c=DOPRI5.c,
+    fsal=True,
+)
+"""Dormand-Prince 5(4) with Shampine's alternative 4th-order embedded weights (Shampine 1986, "Some practical
+Runge-Kutta formulas", Math. Comp. 46; torchdiffeq's ``dopri5``): the same steps and solution as `DOPRI5`, an error
+estimate about 2/3 as large, so steps about 8% longer at the same tolerance."""
+
 BOSH3 = ButcherTableau(
     name="bosh3",
     order=3,
@@ -163,7 +177,7 @@ TSIT5 = ButcherTableau(
 assumption", Comput. Math. Appl. 62 (2011) 770-775): 7 stages, FSAL (6 evaluations per step), 5th-order solution,
 4th-order embedded method; smaller error constants than Dopri5 at the same cost (the usual better default)."""
 
-TABLEAUX = {tab.name: tab for tab in (DOPRI5, TSIT5, BOSH3)}
+TABLEAUX = {tab.name: tab for tab in (DOPRI5, DOPRI5_SHAMPINE, TSIT5, BOSH3)}
 
 
 # ------------------------------------------------------------------------------------------------------------------

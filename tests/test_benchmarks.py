@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end (tiny sizes, loose tolerances): a GPU session must not find them broken."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_likelihood_gpu_benchmark_smoke(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "likelihood_gpu.py"), "--tiny", "--batch", "2", "--tol", "1e-2",
+           "--se-tol", "1e-1", "--variants", "plain", "compact", "shampine", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    methods = [r["method"] for r in res["rows"]]
+    assert methods == ["(b) torchdiffeq dopri5, fused", "scoresolve [plain]", "(a) scipy RK45, host, separate calls",
+                       "scoresolve [compact]", "scoresolve [shampine]"]
+    rows = {r["method"]: r for r in res["rows"]}
+    plain, compact = rows["scoresolve [plain]"], rows["scoresolve [compact]"]
+    assert plain["calls"] == compact["calls"] and compact["rows"] <= plain["rows"] == 2 * plain["calls"]
+    assert res["std_error_one_probe"] > 0 and res["floor_s"] > 0
+    assert all(r["abs_diff_vs_b"] < 10 * res["std_error_one_probe"] for r in res["rows"])
+    assert "speedup_vs_b" in plain and "/floor" in proc.stdout
