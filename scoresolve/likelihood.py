@@ -169,6 +169,24 @@ def _hutchinson_div_score(model: Callable, x: torch.Tensor, t: torch.Tensor, eps
     return s.detach(), torch.stack(ests, 1)  # [B, K]
 
 
+def _progress_bar(enabled: bool, u0: float, u1: float, batch: int):
+    """A tqdm bar of the slowest sample's share of the integration span, updated at the solver's checks."""
+    if not enabled:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=100, desc="log_likelihood", unit="%", bar_format="{l_bar}{bar}| {n}% [{elapsed}{postfix}]")
+
+    def callback(it: int, u: torch.Tensor, state) -> None:
+        frac = ((u.double() - u0) / (u1 - u0)).clamp(0, 1)  # read at a check, where the solver has just synchronised
+        share, done = torch.stack([frac.min(), (frac >= 1).double().sum()]).tolist()
+        bar.n = int(100 * share)
+        bar.set_postfix_str(f"{int(done)}/{batch} done, {it} step attempts", refresh=False)
+        bar.refresh()
+
+    return callback, bar
+
+
 def log_likelihood(
     score: Callable | ScoreModel,
     x: torch.Tensor,
@@ -187,6 +205,7 @@ def log_likelihood(
     max_steps: int = 10_000,
     compact: bool = False,
     controller: PIController | None = None,
+    progress: bool = False,
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) through the probability-flow ODE of ``sde`` with score ``score``.
 
@@ -279,6 +298,7 @@ def log_likelihood(
             return bcast(dt_du, xt) * v, dt_du[:, None] * div
 
     delta0 = torch.zeros(B, K, dtype=x.dtype, device=x.device)
+    callback, bar = _progress_bar(progress, u0, u1, B)
     try:
         res = odeint_adaptive(
             func,
@@ -293,11 +313,15 @@ def log_likelihood(
             args=() if eps is None else (eps.transpose(0, 1),),  # probes per sample [B, K, ...]
             compact=compact,
             controller=DOPRI5_GAINS if controller is None else controller,
+            callback=callback,
         )
     except (MaxStepsError, StepSizeUnderflowError) as err:
         if time_variable == "t":
             raise
         raise _in_t(err, sde) from None
+    finally:
+        if bar is not None:
+            bar.close()
     z, delta = res.y
     prior = sde.prior_log_prob(z)
     log_probs = prior[:, None] + delta  # [B, K]

@@ -198,3 +198,19 @@ def test_compaction_same_log_prob_less_work(divergence):
     exact = gm.log_prob(x, T_EPS, sde) - gm.log_prob(comp.latent, sde.T, sde) + sde.prior_log_prob(comp.latent)
     if divergence == "exact":
         torch.testing.assert_close(comp.log_prob, exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_progress_bar_reaches_the_end_and_changes_nothing(capsys, compact):
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 3, seed=5)
+    x = gm.sample(6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    kw = dict(divergence="exact", rtol=1e-6, atol=1e-6, compact=compact)
+    quiet = log_likelihood(gm.score_fn(sde), x, sde, **kw)
+    capsys.readouterr()
+    shown = log_likelihood(gm.score_fn(sde), x, sde, progress=True, **kw)
+    err = capsys.readouterr().err
+    torch.testing.assert_close(shown.log_prob, quiet.log_prob, rtol=0, atol=0)
+    assert torch.equal(shown.nfe, quiet.nfe)
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("log_likelihood: 100%") and "6/6 done" in last, err[-500:]
