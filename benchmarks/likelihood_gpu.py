@@ -7,8 +7,11 @@ this run), log p mean and its difference to baseline (b). Baselines in the same 
   (b) torchdiffeq dopri5 on the device, fused forward + VJP (k-diffusion's algorithm).
 Then scoresolve's log_likelihood, plain and with the opt-in speed-ups: batch compaction (``compact=True``) and the
 network speed-ups of scoresolve.speedups (tf32, channels_last, bf16 autocast, torch.compile, CUDA graphs through
-torch.compile's "reduce-overhead" mode, and all of them together). A last run with 4 probes gives the Hutchinson
-standard error that the log p differences are compared with. "rows" is the work: single-sample network
+torch.compile's "reduce-overhead" mode), and two runs at (b)'s tolerance semantics: ``shampine`` (torchdiffeq's
+dopri5 error weights, 2/3 of Hairer's) and ``as_b`` (those weights and its I controller too: what is left is the
+per-sample control and the cost per call). A run with 4 probes at a loose tolerance gives the Hutchinson standard
+error that the log p differences are compared with. Rows run in ORDER and those that would pass ``--deadline`` are
+skipped; ``--json`` is rewritten after every row. "rows" is the work: single-sample network
 evaluations (calls x batch without compaction).
 
     python benchmarks/likelihood_gpu.py [--batch 64] [--skip-scipy] [--tiny] [--json out.json]
@@ -26,6 +29,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.likelihood import _hutchinson_div_score, _probes
+from scoresolve.solvers.ode import PIController
 from scoresolve.speedups import accelerate
 
 
@@ -125,6 +129,8 @@ VARIANTS = {
     "plain": ({}, {}),
     "compact": ({}, {"compact": True}),
     "shampine": ({}, {"solver": "dopri5_shampine"}),  # torchdiffeq's error weights (2/3 of Hairer's): (b)'s semantics
+    # (b)'s method, error weights and I controller (err^-1/5), per sample and sync-free: the per-call cost alone
+    "as_b": ({}, {"solver": "dopri5_shampine", "controller": PIController(beta1=1.0, beta2=0.0)}),
     "tf32": ({"tf32": True}, {"compact": True}),
     "channels_last": ({"channels_last": True}, {"compact": True}),
     "bf16": ({"autocast": torch.bfloat16}, {"compact": True}),
@@ -133,7 +139,7 @@ VARIANTS = {
     "compile_bf16": ({"compile": True, "autocast": torch.bfloat16}, {}),
 }
 # the order of the runs: what the goals need first, so that a run cut short by --deadline loses the least
-ORDER = ("(b)", "plain", "(a)", "compact", "se", "cudagraphs", "compile", "tf32", "shampine", "bf16",
+ORDER = ("(b)", "plain", "(a)", "compact", "se", "cudagraphs", "compile", "as_b", "tf32", "shampine", "bf16",
          "channels_last", "compile_bf16")
 COMPILE_S = 90.0  # a guess of torch.compile's time for one shape (72 s in the reference run), for the deadline
 

@@ -16,14 +16,14 @@ def test_likelihood_gpu_benchmark_smoke(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "likelihood_gpu.py"), "--tiny", "--batch", "2", "--tol", "1e-2",
-           "--se-tol", "1e-1", "--variants", "plain", "compact", "shampine", "--json", str(out)]
+           "--se-tol", "1e-1", "--variants", "plain", "compact", "as_b", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     methods = [r["method"] for r in res["rows"]]
     assert methods == ["(b) torchdiffeq dopri5, fused", "scoresolve [plain]", "(a) scipy RK45, host, separate calls",
-                       "scoresolve [compact]", "scoresolve [shampine]"]
+                       "scoresolve [compact]", "scoresolve [as_b]"]
     rows = {r["method"]: r for r in res["rows"]}
     plain, compact = rows["scoresolve [plain]"], rows["scoresolve [compact]"]
     assert plain["calls"] == compact["calls"] and compact["rows"] <= plain["rows"] == 2 * plain["calls"]
