@@ -22,6 +22,8 @@ Needs diffusers (pip install diffusers).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -159,9 +161,6 @@ class Report:
     def write(self) -> None:
         if not self.path:
             return
-        import json
-        import os
-
         rows = [{k: v for k, v in r.items() if k != "log_p"} for r in self.rows]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as fh:
@@ -255,14 +254,14 @@ def main() -> None:
                 report.write()
         else:
             net_kw, solve_kw = VARIANTS[key]
-            compile_s = COMPILE_S if net_kw.get("compile") else 0.0
-            if not fits(compile_s + 1.1 * est_calls * floor, key):
+            compiled = bool(net_kw.get("compile"))
+            if not fits((COMPILE_S if compiled else 0.0) + 1.1 * est_calls * floor, key):
                 continue
             try:
                 net = accelerate(unet, **net_kw)
                 model = ss.ScoreModel(eps_net(net), sde, prediction="eps")
                 c0 = time.perf_counter()
-                if net_kw.get("compile"):  # compile (and capture) for the batch shape outside the timed solve
+                if compiled:  # compile (and capture) for the batch shape outside the timed solve
                     floor_ms(model, x, eps, device, reps=1)
                 compile_s = time.perf_counter() - c0
                 t0 = time.perf_counter()
@@ -277,7 +276,7 @@ def main() -> None:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
             report.add({"method": f"scoresolve [{key}]", "calls": r.calls, "rows": r.rows, "seconds": sec,
-                        "log_p": r.log_prob, "compile_s": compile_s if net_kw.get("compile") else None,
+                        "log_p": r.log_prob, "compile_s": compile_s if compiled else None,
                         "nfe_mean": float(r.nfe.double().mean())})
     table(report, floor)
     se = report.meta.get("std_error_one_probe")

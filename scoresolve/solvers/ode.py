@@ -127,8 +127,8 @@ DOPRI5_SHAMPINE = ButcherTableau(
     fsal=True,
 )
 """Dormand-Prince 5(4) with Shampine's alternative 4th-order embedded weights (Shampine 1986, "Some practical
-Runge-Kutta formulas", Math. Comp. 46; torchdiffeq's ``dopri5``): the same steps and solution as `DOPRI5`, an error
-estimate about 2/3 as large, so steps about 8% longer at the same tolerance."""
+Runge-Kutta formulas", Math. Comp. 46; torchdiffeq's ``dopri5``): the same stages and solution as `DOPRI5`, error
+weights b - b_hat exactly 2/3 of its ones, i.e. `DOPRI5` at 1.5x rtol and atol (steps ~8% longer)."""
 
 BOSH3 = ButcherTableau(
     name="bosh3",
