@@ -26,7 +26,7 @@ from scoresolve.models import load_digits_model
 
 def run(model, sde, x, compact: bool, tol: float):
     t0 = time.perf_counter()
-    r = ss.log_likelihood(model, x, sde, rtol=tol, atol=tol, compact=compact,
+    r = ss.log_likelihood(model, sde, x, rtol=tol, atol=tol, compact=compact,
                           generator=torch.Generator().manual_seed(0))
     return r, time.perf_counter() - t0
 

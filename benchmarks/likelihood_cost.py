@@ -28,8 +28,9 @@ import torch
 from torchdiffeq import odeint
 
 import scoresolve as ss
-from scoresolve.likelihood import _hutchinson_div_score, log_likelihood
-from scoresolve.solvers.ode import DOPRI5_GAINS, PIController
+from scoresolve.divergence import hutchinson_div_score
+from scoresolve.likelihood import log_likelihood
+from scoresolve.solvers import DOPRI5_GAINS, PIController
 
 PROBLEMS = {
     # name: (dim, components, scale_range, full covariances)
@@ -72,8 +73,8 @@ def torchdiffeq_baseline(score, sde, x, eps, t_eps, rtol, atol):
         xt, _ = state
         tb = t.expand(xt.shape[0]).to(xt.dtype)
         calls["n"] += 1
-        s, ds = _hutchinson_div_score(score, xt, tb, eps)
-        f, g2 = sde._f(tb), sde._g2(tb)
+        s, ds = hutchinson_div_score(score, xt, tb, eps)
+        f, g2 = sde.f(tb), sde.g2(tb)
         shp = (-1,) + (1,) * (xt.ndim - 1)
         v = f.reshape(shp) * xt - (0.5 * g2).reshape(shp) * s
         return v, (D * f)[:, None] - (0.5 * g2)[:, None] * ds
@@ -108,7 +109,7 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
     for name in problems:
         score, score_ext, x = make_problem(name, sde, batch)
         eps = torch.randint(0, 2, (1,) + tuple(x.shape), generator=torch.Generator().manual_seed(2)).double() * 2 - 1
-        ref = log_likelihood(score, x, sde, rtol=1e-10, atol=1e-10, t_eps=t_eps, max_steps=100_000,
+        ref = log_likelihood(score, sde, x, rtol=1e-10, atol=1e-10, t_eps=t_eps, max_steps=100_000,
                              generator=torch.Generator().manual_seed(2)).delta_log_prob
         # the probe drawn inside log_likelihood from seed 2 equals eps (same generator sequence)
         base_delta, base_calls, base_sec = torchdiffeq_baseline(score_ext, sde, x, eps, t_eps, rtol, rtol)
@@ -120,7 +121,7 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             results = {}
             for tol in TOLS:
                 t0 = time.perf_counter()
-                r = log_likelihood(score, x, sde, rtol=tol, atol=tol, t_eps=t_eps, solver=solver, time_variable=tv,
+                r = log_likelihood(score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver, time_variable=tv,
                                    generator=torch.Generator().manual_seed(2), controller=CONTROLLERS[ctrl])
                 sec = time.perf_counter() - t0
                 err = float((r.delta_log_prob.double() - ref).abs().mean())

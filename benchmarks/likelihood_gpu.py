@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import scoresolve as ss
-from scoresolve.likelihood import _hutchinson_div_score, _probes
-from scoresolve.solvers.ode import PIController
+from scoresolve.divergence import draw_probes, hutchinson_div_score
+from scoresolve.solvers import PIController
 from scoresolve.speedups import accelerate
 
 
@@ -64,11 +64,11 @@ def sync(device):
 def floor_ms(model, x, eps, device, reps=10) -> float:
     t = torch.full((x.shape[0],), 0.5, device=device)
     for _ in range(3):
-        _hutchinson_div_score(model, x, t, eps)
+        hutchinson_div_score(model, x, t, eps)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
-        _hutchinson_div_score(model, x, t, eps)
+        hutchinson_div_score(model, x, t, eps)
     sync(device)
     return (time.perf_counter() - t0) / reps
 
@@ -85,11 +85,11 @@ def scipy_baseline(model, sde, x, eps, t_eps, tol):
         nfe["n"] += 1
         xt = torch.from_numpy(y[: -B].astype(np.float32)).reshape(shape).to(device)
         tb = torch.full((B,), t, device=device)
-        fcoef, g2 = sde._f(tb), sde._g2(tb)
+        fcoef, g2 = sde.f(tb, check=False), sde.g2(tb, check=False)  # scipy and torchdiffeq step past T
         with torch.no_grad():
             s = model(xt, tb)  # drift: one forward
         v = fcoef.view(-1, 1, 1, 1) * xt - (0.5 * g2).view(-1, 1, 1, 1) * s
-        _, ds = _hutchinson_div_score(model, xt, tb, eps)  # divergence: a second forward + VJP
+        _, ds = hutchinson_div_score(model, xt, tb, eps)  # divergence: a second forward + VJP
         div = D * fcoef - 0.5 * g2 * ds[:, 0]
         return np.concatenate([v.flatten().cpu().numpy(), div.cpu().numpy()]).astype(np.float64)
 
@@ -113,8 +113,8 @@ def torchdiffeq_baseline(model, sde, x, eps, t_eps, tol):
         xt, _ = state
         nfe["n"] += 1
         tb = t.expand(xt.shape[0])
-        s, ds = _hutchinson_div_score(model, xt, tb, eps)
-        f, g2 = sde_ext._f(tb), sde_ext._g2(tb)
+        s, ds = hutchinson_div_score(model, xt, tb, eps)
+        f, g2 = sde_ext.f(tb, check=False), sde_ext.g2(tb, check=False)  # see above
         return f.view(-1, 1, 1, 1) * xt - (0.5 * g2).view(-1, 1, 1, 1) * s, D * f - 0.5 * g2 * ds[:, 0]
 
     t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def main() -> None:
     sde = ss.VPSDE()
     x = (torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
     # the probe log_likelihood draws from this seed, so every method integrates the same estimator
-    eps = _probes(x, 1, "rademacher", torch.Generator(device=device).manual_seed(2))
+    eps = draw_probes(x, 1, "rademacher", torch.Generator(device=device).manual_seed(2))
     plain = ss.ScoreModel(eps_net(unet), sde, prediction="eps")
     floor = floor_ms(plain, x, eps, device)
     print(f"floor: one forward + one VJP = {1e3 * floor:.1f} ms", flush=True)
@@ -245,7 +245,7 @@ def main() -> None:
         elif key == "se":
             # the Hutchinson standard error of a one-probe log p, from the spread of 4 probes
             if fits(4.0 * 0.3 * est_calls * floor, key):
-                r4 = ss.log_likelihood(plain, x, sde, rtol=args.se_tol, atol=args.se_tol, t_eps=args.t_eps, probes=4,
+                r4 = ss.log_likelihood(plain, sde, x, rtol=args.se_tol, atol=args.se_tol, t_eps=args.t_eps, probes=4,
                                        generator=torch.Generator(device=device).manual_seed(3), compact=True)
                 se = float(2 * r4.std_error.double().cpu().mean())  # 4-probe error x sqrt(4): one probe's
                 report.meta["std_error_one_probe"] = se
@@ -265,7 +265,7 @@ def main() -> None:
                     floor_ms(model, x, eps, device, reps=1)
                 compile_s = time.perf_counter() - c0
                 t0 = time.perf_counter()
-                r = ss.log_likelihood(model, x, sde, rtol=args.tol, atol=args.tol, t_eps=args.t_eps,
+                r = ss.log_likelihood(model, sde, x, rtol=args.tol, atol=args.tol, t_eps=args.t_eps,
                                       generator=torch.Generator(device=device).manual_seed(2), **solve_kw)
                 sync(device)
                 sec = time.perf_counter() - t0

@@ -91,8 +91,7 @@ class GaussianMixture:
         check_batched(x)
         if tuple(x.shape[1:]) != self.event_shape:
             raise ValueError(f"x has event shape {tuple(x.shape[1:])}, the mixture has {self.event_shape}")
-        t = sde._t(t, like=x, batch=x.shape[0])
-        a, s = torch.exp(sde._log_alpha(t)), sde._sigma(t)
+        a, s = sde.marginal(sde.as_time(t, like=x, batch=x.shape[0]))
         logw, mu, lam, U = self._params(x)
         xf = x.flatten(1)  # [B, D]
         a2 = a.reshape(-1, 1, 1) if a.ndim else a
@@ -137,8 +136,8 @@ class GaussianMixture:
 
     def pf_ode_divergence(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> torch.Tensor:
         """Exact divergence of the probability-flow drift: D f(t) - g(t)^2/2 * Laplacian log p_t; ``[batch]``."""
-        tt = sde._t(t, like=x, batch=x.shape[0])
-        return self.dim * sde._f(tt) - 0.5 * sde._g2(tt) * self.laplacian(x, tt, sde)
+        tt = sde.as_time(t, like=x, batch=x.shape[0])
+        return self.dim * sde.f(tt) - 0.5 * sde.g2(tt) * self.laplacian(x, tt, sde)
 
     def pf_ode_flow(self, x: torch.Tensor, t_from: float, t_to: float, sde: ForwardSDE) -> torch.Tensor:
         """Exact probability-flow ODE solution map x(t_from) -> x(t_to); single-component mixtures only.
@@ -151,7 +150,7 @@ class GaussianMixture:
         check_batched(x)
         _, mu, lam, U = self._params(x)
         tf = torch.tensor([float(t_from), float(t_to)], dtype=x.dtype, device=x.device)
-        a, s = torch.exp(sde._log_alpha(tf)), sde._sigma(tf)
+        a, s = sde.marginal(tf)
         c = a[:, None] ** 2 * lam[0][None] + s[:, None] ** 2  # [2, D]
         y = x.flatten(1) - a[0] * mu[0]
         if U is not None:

@@ -11,22 +11,7 @@ from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
-from .solvers._core import check_grid
-
-
-def _progress_callback(total: int, enabled: bool, user: Callable | None):
-    if not enabled:
-        return user, None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="sampling", unit="step")
-
-    def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
-        bar.update(1)
-        if user is not None:
-            user(i, t, x)
-
-    return cb, bar
+from .solvers._grid import check_grid
 
 
 def sample(
@@ -77,7 +62,8 @@ def sample(
         raise ValueError("x_T contains non-finite values")
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
-    model = ScoreModel.wrap(score, sde)
+    model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
+    keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
     if ":" in solver:
         from .solvers.backends import solve_with_backend
 
@@ -93,17 +79,17 @@ def sample(
         spec = REGISTRY[solver]
         spec.check_options(options)
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
+        if spec.stochastic:
+            keywords["generator"] = generator
         if spec.kind == "adaptive":
             if nfe is not None or steps is not None:
                 raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
             if grid is not None:
                 raise ValueError(f"solver {solver!r} is adaptive and chooses its own steps: grid applies only to "
                                  "grid solvers")
-            kw = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
-            if spec.stochastic:
-                kw["generator"] = generator
-            cb, bar = _progress_callback(0, progress, callback)
-            sol = spec.fn(process, x_T, sde.T, t_eps, callback=cb, save_trajectory=save_trajectory, **kw, **options)
+            keywords.update({k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None})
+            span = torch.tensor([sde.T, t_eps], dtype=torch.float64)
+            sol = spec(process, x_T, span, progress=progress, **keywords, **options)
         else:
             if rtol is not None or atol is not None:
                 raise ValueError(f"solver {solver!r} runs on a time grid: give nfe or steps, not rtol/atol")
@@ -117,13 +103,8 @@ def sample(
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
                 ts = time_grid(sde, steps, grid or spec.default_grid, t_eps)
-            kw = {"generator": generator} if spec.stochastic else {}
-            cb, bar = _progress_callback(ts.numel() - 1, progress, callback)
-            sol = spec.fn(process, x_T, ts.to(device=x_T.device), callback=cb, save_trajectory=save_trajectory,
-                          **kw, **options)
+            sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
-        if bar is not None:
-            bar.close()
     if denoise:
         # at the time the solve ended (a custom grid's last time, which need not be t_eps)
         if sol.t is not None:

@@ -123,7 +123,7 @@ class ScoreModel:
             return t * (self.num_timesteps - 1)
         if self.time == "discrete":
             return self.sde.timestep(t)  # type: ignore[attr-defined]
-        sigma = self.sde._sigma(t)
+        sigma = self.sde.sigma(t, check=False)
         return sigma if self.time == "sigma" else torch.log(sigma)
 
     def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +144,8 @@ class ScoreModel:
         out = self.raw(x, t)
         if kind == self.prediction:
             return out
-        alpha = torch.exp(self.sde._log_alpha(t))
-        return convert(out, self.prediction, kind, x, alpha, self.sde._sigma(t))
+        alpha, sigma = self.sde.marginal(t, check=False)  # times come from solvers, some outside ours
+        return convert(out, self.prediction, kind, x, alpha, sigma)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.predict(x, t, "score")

@@ -16,14 +16,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ._utils import Time, as_time, bcast, check_batched
-
-if TYPE_CHECKING:
-    from .reverse import ReverseProcess
+from .reverse import ReverseProcess
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -56,38 +54,75 @@ class ForwardSDE(ABC):
     def prior_std(self) -> float:
         """Standard deviation of the Gaussian prior N(0, prior_std^2 I) at t = T."""
 
-    # --- public API --------------------------------------------------------------------------------------
-    def _t(self, t: Time, like: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
-        return as_time(t, self.T, like=like, batch=batch)
+    def _log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self._log_alpha(t) - torch.log(self._sigma(t))
 
-    def marginal(self, t: Time) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- public schedule API: every other module uses these (floats, 0-d or [batch] tensors) -----------
+    def as_time(self, t: Time, like: torch.Tensor | None = None, batch: int | None = None, *,
+                check: bool = True) -> torch.Tensor:
+        """``t`` as a tensor (x's dtype/device with ``like``; a ``[batch]`` one must match ``batch``), checked to lie
+        in [0, T] (on the host only: on an accelerator the check would synchronise; ``check=False`` skips it, for
+        times an outside solver may have stepped a little past T)."""
+        return as_time(t, self.T, like=like, batch=batch, check=check)
+
+    def log_alpha(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """log alpha(t), the log mean coefficient of x_t = alpha x_0 + sigma z."""
+        return self._log_alpha(self.as_time(t, check=check))
+
+    def alpha(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """alpha(t), the mean coefficient of x_t = alpha x_0 + sigma z."""
+        return torch.exp(self.log_alpha(t, check=check))
+
+    def sigma(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """sigma(t), the marginal standard deviation of x_t = alpha x_0 + sigma z."""
+        return self._sigma(self.as_time(t, check=check))
+
+    def marginal(self, t: Time, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha(t), sigma(t)) with x_t = alpha x_0 + sigma z; shapes follow t (0-d or ``[batch]``)."""
-        t = self._t(t)
+        t = self.as_time(t, check=check)
         return torch.exp(self._log_alpha(t)), self._sigma(t)
 
-    def log_snr(self, t: Time) -> torch.Tensor:
+    def log_snr(self, t: Time, *, check: bool = True) -> torch.Tensor:
         """lambda(t) = log alpha(t) - log sigma(t) (half the log signal-to-noise ratio), decreasing in t."""
-        t = self._t(t)
-        return self._log_alpha(t) - torch.log(self._sigma(t))
+        return self._log_snr(self.as_time(t, check=check))
 
     def t_from_log_snr(self, lam: Time) -> torch.Tensor:
         """Inverse of [`log_snr`][scoresolve.ForwardSDE.log_snr]."""
         lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam), dtype=torch.get_default_dtype())
         return self._t_from_log_snr(lam)
 
-    def drift_coef(self, t: Time) -> torch.Tensor:
-        """f(t), the scalar with drift f(x, t) = f(t) x."""
-        return self._f(self._t(t))
+    def f(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """f(t), the scalar with drift f(x, t) = f(t) x; f = d log alpha / dt."""
+        return self._f(self.as_time(t, check=check))
+
+    def drift_coef(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """f(t), the scalar with drift f(x, t) = f(t) x (the same as [`f`][scoresolve.ForwardSDE.f])."""
+        return self.f(t, check=check)
+
+    def g2(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """g(t)^2, the squared diffusion coefficient; g^2 = d sigma^2/dt - 2 f sigma^2."""
+        return self._g2(self.as_time(t, check=check))
+
+    def diffusion(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """g(t), the scalar diffusion coefficient of the forward SDE."""
+        return torch.sqrt(self.g2(t, check=check))
+
+    def dsigma_dt(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """d sigma / dt = (g^2 + 2 f sigma^2) / (2 sigma)."""
+        t = self.as_time(t, check=check)
+        s = self._sigma(t)
+        return (self._g2(t) + 2 * self._f(t) * s**2) / (2 * s)
+
+    def dlog_snr_dt(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """d lambda / dt = f - (d sigma/dt)/sigma = -g^2 / (2 sigma^2) (< 0: lambda decreases in t)."""
+        t = self.as_time(t, check=check)
+        return -self._g2(t) / (2 * self._sigma(t) ** 2)
 
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """f(x, t) = f(t) x; ``x`` of shape ``[batch, ...]``."""
         check_batched(x)
-        t = self._t(t, like=x, batch=x.shape[0])
+        t = self.as_time(t, like=x, batch=x.shape[0])
         return bcast(self._f(t), x) * x
-
-    def diffusion(self, t: Time) -> torch.Tensor:
-        """g(t), the scalar diffusion coefficient."""
-        return torch.sqrt(self._g2(self._t(t)))
 
     def perturb(
         self,
@@ -98,7 +133,7 @@ class ForwardSDE(ABC):
     ) -> torch.Tensor:
         """Sample x_t = alpha(t) x0 + sigma(t) noise from the transition kernel p(x_t | x_0)."""
         check_batched(x0, "x0")
-        t = self._t(t, like=x0, batch=x0.shape[0])
+        t = self.as_time(t, like=x0, batch=x0.shape[0])
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         elif noise.shape != x0.shape:
@@ -125,17 +160,15 @@ class ForwardSDE(ABC):
         sq = z.flatten(1).square().sum(1)
         return -0.5 * sq / s**2 - 0.5 * D * (_LOG_2PI + 2 * math.log(s))
 
-    def reverse(self, score: Callable, diffusion: float | Callable = 1.0) -> "ReverseProcess":
+    def reverse(self, score: Callable, diffusion: float | Callable = 1.0) -> ReverseProcess:
         """The reverse-time process with the same marginals: dx = [f - (g^2 + s^2)/2 score] dt + s dw_bar.
 
         ``diffusion`` is s(t): a float multiplies g(t) (1 = reverse SDE, 0 = probability-flow ODE), a callable
         ``s(t) -> tensor`` gives it directly.
         """
-        from .reverse import ReverseProcess
-
         return ReverseProcess(self, score, diffusion)
 
-    def probability_flow(self, score: Callable) -> "ReverseProcess":
+    def probability_flow(self, score: Callable) -> ReverseProcess:
         """The probability-flow ODE dx/dt = f - g^2/2 score: the s = 0 member of
         [`reverse`][scoresolve.ForwardSDE.reverse]."""
         return self.reverse(score, 0.0)
@@ -163,8 +196,7 @@ class _LinearBetaSDE(ForwardSDE):
         _check_T(self.T)
 
     def beta(self, t: Time) -> torch.Tensor:
-        t = self._t(t)  # type: ignore[attr-defined]
-        return self._beta(t)
+        return self._beta(self.as_time(t))  # type: ignore[attr-defined]
 
     def _beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -267,8 +299,8 @@ class VESDE(ForwardSDE):
         # d sigma^2 / dt = 2 sigma^2 log(smax/smin) / T
         return self._sigma(t) ** 2 * (2 * self._log_ratio / self.T)
 
-    def log_snr(self, t: Time) -> torch.Tensor:
-        return -self._log_sigma(self._t(t))
+    def _log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return -self._log_sigma(t)
 
     def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
         return (-lam - math.log(self.sigma_min)) / self._log_ratio * self.T
@@ -345,7 +377,7 @@ class CosineVPSDE(ForwardSDE):
         return torch.sqrt((-torch.expm1(2 * self._log_alpha(t))).clamp(min=0))
 
     def beta(self, t: Time) -> torch.Tensor:
-        return self._beta(self._t(t))
+        return self._beta(self.as_time(t))
 
     def _beta(self, t: torch.Tensor) -> torch.Tensor:
         return torch.tan(self._theta(t)) * (math.pi / (1 + self.s))
@@ -416,8 +448,7 @@ class DiscreteVPSDE(ForwardSDE):
 
     def timestep(self, t: Time) -> torch.Tensor:
         """Continuous DDPM timestep index N t - 1 for time t (index i <-> t = (i + 1)/N)."""
-        t = self._t(t)
-        return t * self.num_timesteps - 1
+        return self.as_time(t) * self.num_timesteps - 1
 
     def _knots(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._t_knots.to(like), self._log_alpha_knots.to(like)
@@ -435,7 +466,7 @@ class DiscreteVPSDE(ForwardSDE):
         return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
 
     def beta(self, t: Time) -> torch.Tensor:
-        return self._beta(self._t(t))
+        return self._beta(self.as_time(t))
 
     def _beta(self, t: torch.Tensor) -> torch.Tensor:
         return -2 * self._segment(t)[1]

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from scoresolve.score import ScoreModel
-from scoresolve.solvers._core import EvalCounter
+from scoresolve.solvers import EvalCounter
 
 _PKG = "_scoresolve_kdiffusion"  # private name: never shadows a real ``k_diffusion`` import
 _STUBS = ("PIL", "PIL.Image", "safetensors", "torchvision", "torchvision.transforms",

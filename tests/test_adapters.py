@@ -374,7 +374,7 @@ def test_likelihood_of_a_random_unet_is_finite():
     seen = []
     hook = unet.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach()))
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    res = ss.log_likelihood(model, x, sde, t_eps=1 / N, rtol=1e-2, atol=1e-2,
+    res = ss.log_likelihood(model, sde, x, t_eps=1 / N, rtol=1e-2, atol=1e-2,
                             generator=torch.Generator().manual_seed(0))
     hook.remove()
     assert bool(torch.isfinite(res.log_prob).all()) and int(res.nfe[0]) > 10
@@ -387,7 +387,7 @@ def test_likelihood_of_an_exact_network_matches_the_mixture(gm4):
     model, sde = from_diffusers(GMUNet(gm4, sch, "v_prediction"), sch)
     x = gm4.sample(3, torch.Generator().manual_seed(0), dtype=torch.float64)
     t_eps = 1 / N
-    res = ss.log_likelihood(model, x, sde, divergence="exact", t_eps=t_eps, rtol=1e-7, atol=1e-7)
+    res = ss.log_likelihood(model, sde, x, divergence="exact", t_eps=t_eps, rtol=1e-7, atol=1e-7)
     # the prior N(0, I) is not p_T exactly (alpha(1) = 6e-3): compare with the exact p_T of the latent
     exact_start = gm4.log_prob(res.latent, 1.0, sde)
     err = (exact_start + res.delta_log_prob - gm4.log_prob(x, t_eps, sde)).abs().max()

@@ -22,7 +22,7 @@ def exact_delta(gm, x, z, sde, t_eps=T_EPS):
 def test_exact_divergence_matches_closed_form(sde, time_variable):
     gm = ss.GaussianMixture.random(2, 3, seed=1)
     x = gm.sample(6, generator=torch.Generator().manual_seed(0), dtype=F64)
-    r = log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", rtol=1e-9, atol=1e-9,
+    r = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", rtol=1e-9, atol=1e-9,
                        time_variable=time_variable)
     err = (r.delta_log_prob - exact_delta(gm, x, r.latent, sde)).abs().max()
     assert err <= 1e-4, err
@@ -39,7 +39,7 @@ def test_high_dimension_with_analytic_divergence(sde):
     gm = ss.GaussianMixture.random(3072, 2, seed=2, full=False, event_shape=(3, 32, 32))
     x = gm.sample(3, generator=torch.Generator().manual_seed(1), dtype=F64)
     div = lambda xt, t: gm.pf_ode_divergence(xt, t, sde)  # noqa: E731
-    r = log_likelihood(gm.score_fn(sde), x, sde, divergence=div, rtol=1e-8, atol=1e-8)
+    r = log_likelihood(gm.score_fn(sde), sde, x, divergence=div, rtol=1e-8, atol=1e-8)
     err = (r.delta_log_prob - exact_delta(gm, x, r.latent, sde)).abs().max()
     assert err <= 1e-4, err
     assert r.latent.shape == x.shape
@@ -50,14 +50,14 @@ def test_hutchinson_is_unbiased_at_d3072(probe):
     sde = ss.VPSDE()
     gm = ss.GaussianMixture.random(3072, 2, seed=3, full=False, scale_range=(0.05, 0.5))
     x = gm.sample(2, generator=torch.Generator().manual_seed(2), dtype=F64)
-    r = log_likelihood(gm.score_fn(sde), x, sde, probes=24, probe=probe, rtol=1e-5, atol=1e-5,
+    r = log_likelihood(gm.score_fn(sde), sde, x, probes=24, probe=probe, rtol=1e-5, atol=1e-5,
                        generator=torch.Generator().manual_seed(3))
     ex = exact_delta(gm, x, r.latent, sde)
     z = (r.delta_log_prob - ex) / r.std_error
     assert torch.all(z.abs() < 4), (r.delta_log_prob, ex, r.std_error)
     assert torch.all(r.std_error > 0)
     # one probe per solve: the estimator is noisy but its error is of the size of its spread
-    r1 = log_likelihood(gm.score_fn(sde), x, sde, probes=1, probe=probe, rtol=1e-5, atol=1e-5,
+    r1 = log_likelihood(gm.score_fn(sde), sde, x, probes=1, probe=probe, rtol=1e-5, atol=1e-5,
                         generator=torch.Generator().manual_seed(4))
     assert r1.std_error is None
     assert torch.all((r1.delta_log_prob - ex).abs() < 5 * r.std_error * math.sqrt(24))
@@ -71,7 +71,7 @@ def test_rademacher_has_lower_variance_than_gaussian():
     x = gm.sample(2, generator=torch.Generator().manual_seed(0), dtype=F64)
     se = {}
     for probe in ("rademacher", "gaussian"):
-        r = log_likelihood(gm.score_fn(sde), x, sde, probes=16, probe=probe, rtol=1e-5, atol=1e-5,
+        r = log_likelihood(gm.score_fn(sde), sde, x, probes=16, probe=probe, rtol=1e-5, atol=1e-5,
                            generator=torch.Generator().manual_seed(1))
         se[probe] = r.std_error
     assert torch.all(se["rademacher"] < 0.5 * se["gaussian"]), se
@@ -81,13 +81,13 @@ def test_batch_invariance_and_reproducibility():
     sde = ss.VPSDE()
     gm = ss.GaussianMixture.random(2, 3, seed=5)
     x = gm.sample(5, generator=torch.Generator().manual_seed(0), dtype=F64)
-    full = log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", rtol=1e-6, atol=1e-6)
+    full = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", rtol=1e-6, atol=1e-6)
     for i in (0, 3):
-        one = log_likelihood(gm.score_fn(sde), x[i : i + 1], sde, divergence="exact", rtol=1e-6, atol=1e-6)
+        one = log_likelihood(gm.score_fn(sde), sde, x[i : i + 1], divergence="exact", rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(one.log_prob, full.log_prob[i : i + 1], rtol=1e-12, atol=1e-12)
         assert one.nfe.item() == full.nfe[i].item()
-    a = log_likelihood(gm.score_fn(sde), x, sde, probes=2, generator=torch.Generator().manual_seed(9))
-    b = log_likelihood(gm.score_fn(sde), x, sde, probes=2, generator=torch.Generator().manual_seed(9))
+    a = log_likelihood(gm.score_fn(sde), sde, x, probes=2, generator=torch.Generator().manual_seed(9))
+    b = log_likelihood(gm.score_fn(sde), sde, x, probes=2, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=0)
 
 
@@ -103,7 +103,7 @@ def test_one_forward_per_evaluation_and_exact_nfe():
         return gm.score(x, t, sde)
 
     x = gm.sample(1, generator=torch.Generator().manual_seed(0), dtype=F64)
-    r = log_likelihood(score, x, sde, probes=3, rtol=1e-5, atol=1e-5)
+    r = log_likelihood(score, sde, x, probes=3, rtol=1e-5, atol=1e-5)
     assert r.calls == calls["n"]  # every network call is counted
     assert calls["rows"] == calls["n"]  # three probes share one forward
     # a sample's own count stops when it is done; finished samples ride along until the next check
@@ -126,7 +126,7 @@ def test_ve_matches_k_diffusion_log_likelihood():
         return xs + sigma.reshape(-1, 1) ** 2 * gm.score(xs, t, sde)
 
     ll_kd, info = kd.log_likelihood(denoiser, x, sde.sigma_min, sde.sigma_max, atol=1e-8, rtol=1e-8)
-    r = log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", rtol=1e-8, atol=1e-8, t_eps=1e-12)
+    r = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", rtol=1e-8, atol=1e-8, t_eps=1e-12)
     # k-diffusion starts at sigma_min exactly: our t_eps -> 0 has sigma(t_eps) -> sigma_min
     torch.testing.assert_close(r.log_prob, ll_kd.to(F64), rtol=1e-5, atol=1e-5)
     # and both equal the exact log-density up to the prior/p_T mismatch, which is exact here
@@ -145,9 +145,9 @@ def test_low_precision_network_inside_float32_solve():
         return score32(xs.to(torch.bfloat16).float(), t).to(torch.bfloat16)
 
     g = torch.Generator().manual_seed(0)
-    r32 = log_likelihood(score32, x, sde, probes=4, generator=g, rtol=1e-4, atol=1e-4)
+    r32 = log_likelihood(score32, sde, x, probes=4, generator=g, rtol=1e-4, atol=1e-4)
     g = torch.Generator().manual_seed(0)
-    r16 = log_likelihood(score16, x, sde, probes=4, generator=g, rtol=1e-4, atol=1e-4, max_steps=20_000)
+    r16 = log_likelihood(score16, sde, x, probes=4, generator=g, rtol=1e-4, atol=1e-4, max_steps=20_000)
     assert r16.log_prob.dtype == torch.float32
     assert torch.all(torch.isfinite(r16.log_prob))
     assert torch.all((r16.log_prob - r32.log_prob).abs() < 0.5)
@@ -158,17 +158,17 @@ def test_bad_input_raises():
     gm = ss.GaussianMixture.random(2, 2, seed=0)
     x = gm.sample(2, dtype=F64)
     with pytest.raises(ValueError, match="probe"):
-        log_likelihood(gm.score_fn(sde), x, sde, probe="uniform")
+        log_likelihood(gm.score_fn(sde), sde, x, probe="uniform")
     with pytest.raises(ValueError, match="probes"):
-        log_likelihood(gm.score_fn(sde), x, sde, probes=0)
+        log_likelihood(gm.score_fn(sde), sde, x, probes=0)
     with pytest.raises(ValueError, match="t_eps"):
-        log_likelihood(gm.score_fn(sde), x, sde, t_eps=0.0)
+        log_likelihood(gm.score_fn(sde), sde, x, t_eps=0.0)
     with pytest.raises(ValueError, match="divergence"):
-        log_likelihood(gm.score_fn(sde), x, sde, divergence="trace")
+        log_likelihood(gm.score_fn(sde), sde, x, divergence="trace")
     with pytest.raises(ValueError, match="non-finite"):
-        log_likelihood(gm.score_fn(sde), torch.full((2, 2), float("nan"), dtype=F64), sde)
+        log_likelihood(gm.score_fn(sde), sde, torch.full((2, 2), float("nan"), dtype=F64))
     with pytest.raises(ValueError, match=r"\[batch, \.\.\.\]"):
-        log_likelihood(gm.score_fn(sde), torch.zeros(3, dtype=F64), sde)
+        log_likelihood(gm.score_fn(sde), sde, torch.zeros(3, dtype=F64))
 
 
 @pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
@@ -185,9 +185,9 @@ def test_compaction_same_log_prob_less_work(divergence):
         return gm.score(xx, t, sde)
 
     kw = dict(divergence=divergence, probes=2, rtol=1e-6, atol=1e-6)
-    plain = log_likelihood(score, x, sde, generator=torch.Generator().manual_seed(4), **kw)
+    plain = log_likelihood(score, sde, x, generator=torch.Generator().manual_seed(4), **kw)
     rows.clear()
-    comp = log_likelihood(score, x, sde, generator=torch.Generator().manual_seed(4), compact=True, **kw)
+    comp = log_likelihood(score, sde, x, generator=torch.Generator().manual_seed(4), compact=True, **kw)
     torch.testing.assert_close(comp.log_prob, plain.log_prob, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(comp.latent, plain.latent, rtol=1e-11, atol=1e-11)
     assert torch.equal(comp.nfe, plain.nfe) and comp.calls == plain.calls
@@ -206,11 +206,23 @@ def test_progress_bar_reaches_the_end_and_changes_nothing(capsys, compact):
     gm = ss.GaussianMixture.random(2, 3, seed=5)
     x = gm.sample(6, generator=torch.Generator().manual_seed(0), dtype=F64)
     kw = dict(divergence="exact", rtol=1e-6, atol=1e-6, compact=compact)
-    quiet = log_likelihood(gm.score_fn(sde), x, sde, **kw)
+    quiet = log_likelihood(gm.score_fn(sde), sde, x, **kw)
     capsys.readouterr()
-    shown = log_likelihood(gm.score_fn(sde), x, sde, progress=True, **kw)
+    shown = log_likelihood(gm.score_fn(sde), sde, x, progress=True, **kw)
     err = capsys.readouterr().err
     torch.testing.assert_close(shown.log_prob, quiet.log_prob, rtol=0, atol=0)
     assert torch.equal(shown.nfe, quiet.nfe)
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert last.startswith("log_likelihood: 100%") and "6/6 done" in last, err[-500:]
+
+
+def test_the_old_argument_order_still_works_with_a_deprecation_warning():
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 2, seed=0)
+    x = gm.sample_marginal(4, 1e-3, sde, generator=torch.Generator().manual_seed(0), dtype=F64)
+    new = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", t_eps=1e-3)
+    with pytest.warns(DeprecationWarning, match=r"log_likelihood\(score, sde, x\)"):
+        old = log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", t_eps=1e-3)
+    assert torch.equal(old.log_prob, new.log_prob) and torch.equal(old.nfe, new.nfe)
+    with pytest.raises(TypeError, match="ForwardSDE"):
+        log_likelihood(gm.score_fn(sde), x, x)

@@ -210,8 +210,8 @@ def test_log_likelihood_is_batch_invariant(split, seed, time_variable):
     gm = ss.GaussianMixture.random(2, 2, seed=seed % 5)
     y = gm.sample(4, generator=torch.Generator().manual_seed(seed), dtype=F64)
     kw = dict(divergence="exact", rtol=1e-4, atol=1e-4, t_eps=1e-3, time_variable=time_variable)
-    whole = ss.log_likelihood(gm.score_fn(sde), y, sde, **kw)
-    parts = [ss.log_likelihood(gm.score_fn(sde), p, sde, **kw) for p in (y[:split], y[split:])]
+    whole = ss.log_likelihood(gm.score_fn(sde), sde, y, **kw)
+    parts = [ss.log_likelihood(gm.score_fn(sde), sde, p, **kw) for p in (y[:split], y[split:])]
     torch.testing.assert_close(torch.cat([p.log_prob for p in parts]), whole.log_prob, rtol=1e-12, atol=1e-12)
     for attr in ("nfe", "steps", "rejected"):
         assert torch.equal(torch.cat([getattr(p, attr) for p in parts]), getattr(whole, attr)), attr

@@ -189,9 +189,10 @@ def test_stochastic_options_and_reproducibility():
     assert torch.equal(run("ddim", eta=1.0), run("ddim", eta=1.0))
     assert not torch.equal(run("ddim", eta=1.0), run("ddim", eta=0.0))
     assert torch.equal(run("ddim", eta=0.0), ss.sample(score, sde, x, solver="ddim", steps=12).x)
-    # the process's constant diffusion scale c is the same as eta = c (ddim) or eta = c^2 (dpmpp_2m_sde)
+    # the process's constant diffusion scale c is the same as eta = c, in ddim and dpmpp_2m_sde alike
     assert torch.equal(run("ddim", diffusion=1.0), run("ddim", eta=1.0))
-    assert torch.equal(run("dpmpp_2m_sde", diffusion=0.5), run("dpmpp_2m_sde", eta=0.25))
+    assert torch.equal(run("dpmpp_2m_sde", diffusion=0.5), run("dpmpp_2m_sde", eta=0.5))
+    assert not torch.equal(run("dpmpp_2m_sde", eta=0.5), run("dpmpp_2m_sde", eta=0.25))
     with pytest.raises(ValueError, match="contradicts"):
         run("ddim", diffusion=1.0, eta=0.3)
     with pytest.raises(ValueError, match="eta"):

@@ -350,7 +350,7 @@ def test_invalid_tolerances_and_arguments():
     with pytest.raises(ValueError, match="returned"):
         odeint_adaptive(lambda t, y: y[:, :1], x, 0.0, 1.0)
     with pytest.raises(ValueError, match="SDE sampler"):
-        REGISTRY["tsit5"].fn(sde.reverse(score, 1.0), x, 1.0, T_EPS)
+        REGISTRY["tsit5"].fn(sde.reverse(score, 1.0), x, torch.tensor([1.0, T_EPS]))
     with pytest.raises(TypeError):
         ss.sample(score, sde, x, solver="tsit5", no_such_option=1)
     with pytest.raises(ValueError):

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import scoresolve as ss
-from scoresolve.solvers import REGISTRY, NonFiniteError
+from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
 from scoresolve.solvers.grids import time_grid
-from scoresolve.solvers.ode import MaxStepsError
+from scoresolve.solvers.noise import BrownianMemory as _BrownianMemory
 from scoresolve.solvers.sde import (
-    _BrownianMemory,
     adaptive_sde,
     euler_maruyama,
     pc,
@@ -23,6 +22,11 @@ from scoresolve.solvers.sde import (
 )
 
 T_EPS = 1e-3
+
+
+def span(sde):
+    """The [t0, t1] span of an adaptive solve from T to T_EPS."""
+    return torch.tensor([sde.T, T_EPS], dtype=torch.float64)
 N = 8000  # Monte-Carlo batch of the moment tests (2-D)
 GM = ss.GaussianMixture.random(2, 3, seed=1)  # component stds in [0.05, 0.5], correlated, well separated
 SDES = {"vp": ss.VPSDE(), "ve": ss.VESDE(), "subvp": ss.SubVPSDE()}
@@ -196,7 +200,7 @@ def test_adaptive_sde_moments(name):
     sde = SDES[name]
     score = CountingScore(GM, sde)
     x = prior(name)[:5000]
-    sol = adaptive_sde(sde.reverse(score, 1.0), x, sde.T, T_EPS, generator=gen(5))
+    sol = adaptive_sde(sde.reverse(score, 1.0), x, span(sde), generator=gen(5))
     assert_moments(sol.x, sde)
     assert torch.equal(sol.t, torch.full((len(x),), T_EPS, dtype=torch.float64))
     # rejections do happen (so the bridge is exercised) and are counted per sample
@@ -229,7 +233,7 @@ def test_adaptive_nfe_exact_per_sample():
     sde = SDES["ve"]
     score = CountingScore(GM, sde)
     x = prior("ve")[:64]
-    sol = adaptive_sde(sde.reverse(score, 1.0), x, sde.T, T_EPS, generator=gen(6))
+    sol = adaptive_sde(sde.reverse(score, 1.0), x, span(sde), generator=gen(6))
     # calls alternate: EM stage at each sample's own t, then the improved-Euler stage; a sample is attempting a
     # step exactly when its first-stage time is still above t_eps (finished samples sit at t_eps)
     first = torch.stack(score.times[0::2])
@@ -265,7 +269,7 @@ def test_adaptive_beats_euler_maruyama_with_half_the_nfe():
     sde, n = SDES["vp"], 3000
     x = SHARP.sample_marginal(n, sde.T, sde, generator=gen(0), dtype=torch.float64)
     proc = sde.reverse(SHARP.score_fn(sde), 1.0)
-    ad = adaptive_sde(proc, x, sde.T, T_EPS, rtol=0.02, generator=gen(1))
+    ad = adaptive_sde(proc, x, span(sde), rtol=0.02, generator=gen(1))
     nfe_ad = ad.nfe.double().mean().item()
     steps_em = 2 * math.ceil(nfe_ad)
     em = euler_maruyama(proc, x, time_grid(sde, steps_em, "uniform", T_EPS), generator=gen(1))
@@ -283,7 +287,7 @@ def test_adaptive_nfe_ratio_ladder():
     ladder = [200, 400, 800, 1600, 3200]
     em = {N: abs(_quality(euler_maruyama(proc, x, time_grid(sde, N, "uniform", T_EPS), generator=gen(1)).x)[0])
           for N in ladder}
-    ad = adaptive_sde(proc, x, sde.T, T_EPS, rtol=0.02, generator=gen(1))
+    ad = adaptive_sde(proc, x, span(sde), rtol=0.02, generator=gen(1))
     nfe_ad, q_ad = ad.nfe.double().mean().item(), abs(_quality(ad.x)[0])
     eq = None  # EM NFE at adaptive's |dlogp|, log-log interpolation
     for (n0, e0), (n1, e1) in zip(list(em.items()), list(em.items())[1:]):
@@ -367,7 +371,7 @@ def test_adaptive_tight_tolerance_many_rejections_moments():
     sde = SDES["vp"]
     gm = ss.GaussianMixture.random(2, 2, seed=7, scale_range=(0.1, 0.3))
     x = gm.sample_marginal(4000, sde.T, sde, generator=gen(0), dtype=torch.float64)
-    sol = adaptive_sde(sde.reverse(gm.score_fn(sde), 1.0), x, sde.T, T_EPS, rtol=0.01, generator=gen(1))
+    sol = adaptive_sde(sde.reverse(gm.score_fn(sde), 1.0), x, span(sde), rtol=0.01, generator=gen(1))
     assert (sol.rejected.double() / (sol.nfe.double() / 2)).mean() > 0.15
     assert_moments(sol.x, sde, gm=gm)
 
@@ -381,7 +385,7 @@ def test_same_generator_same_result():
     proc = sde.reverse(GM.score_fn(sde), 1.0)
     ts = time_grid(sde, 20, "uniform", T_EPS)
     for run in (lambda g: euler_maruyama(proc, x, ts, generator=g), lambda g: pc(proc, x, ts, generator=g),
-                lambda g: adaptive_sde(proc, x, sde.T, T_EPS, generator=g)):
+                lambda g: adaptive_sde(proc, x, span(sde), generator=g)):
         a, b, c = run(gen(11)), run(gen(11)), run(gen(12))
         assert torch.equal(a.x, b.x) and torch.equal(torch.as_tensor(a.nfe), torch.as_tensor(b.nfe))
         assert (a.x - c.x).abs().max() > 1e-3
@@ -395,7 +399,7 @@ def test_seeded_noise_is_batch_independent():
     seeds, rows = [101, 102, 103, 104, 105, 2**40 + 7], [1, 3, 5]
     for run in (lambda xx, s: euler_maruyama(proc, xx, ts, seeds=s), lambda xx, s: pc(proc, xx, ts, seeds=s),
                 lambda xx, s: reverse_diffusion(proc, xx, ts, seeds=s),
-                lambda xx, s: adaptive_sde(proc, xx, sde.T, T_EPS, seeds=s)):
+                lambda xx, s: adaptive_sde(proc, xx, span(sde), seeds=s)):
         full = run(x, seeds)
         sub = run(x[rows], [seeds[i] for i in rows])
         torch.testing.assert_close(sub.x, full.x[rows], rtol=1e-12, atol=1e-12)
@@ -437,7 +441,7 @@ def test_seeded_sampler_moments():
 def test_adaptive_max_steps_error():
     sde = SDES["vp"]
     with pytest.raises(MaxStepsError, match="max_steps=5"):
-        adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), prior("vp")[:10], sde.T, T_EPS, generator=gen(0),
+        adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), prior("vp")[:10], span(sde), generator=gen(0),
                      max_steps=5)
 
 
@@ -450,7 +454,7 @@ def test_adaptive_non_finite_score_is_reported():
         return torch.where((t < 0.5)[:, None] & (torch.arange(len(x)) == 2)[:, None], math.nan, s)
 
     with pytest.raises(NonFiniteError) as info:
-        adaptive_sde(sde.reverse(score, 1.0), prior("vp")[:5], sde.T, T_EPS, generator=gen(0))
+        adaptive_sde(sde.reverse(score, 1.0), prior("vp")[:5], span(sde), generator=gen(0))
     assert info.value.indices == [2] and 0.45 < info.value.times[0] < 0.55
 
 
@@ -471,7 +475,7 @@ def test_argument_errors():
         pc(sde.reverse(GM.score_fn(sde), 0.0), x, ts)
     pc(sde.reverse(GM.score_fn(sde), 0.5), x, ts, predictor="euler_maruyama", generator=gen(0))  # fine
     with pytest.raises(ValueError, match="diffusion > 0"):
-        adaptive_sde(sde.reverse(GM.score_fn(sde), 0.0), x, sde.T, T_EPS)
+        adaptive_sde(sde.reverse(GM.score_fn(sde), 0.0), x, span(sde))
     with pytest.raises(ValueError, match="not both"):
         euler_maruyama(sde.reverse(GM.score_fn(sde), 1.0), x, ts, generator=gen(0), seeds=[1, 2, 3, 4])
     with pytest.raises(ValueError, match="one integer per sample"):
@@ -498,7 +502,7 @@ def test_trajectories_and_callbacks():
              save_trajectory=True, callback=lambda i, t, xx: seen.append(i))
     assert sol.xs.shape == (7, 16, 2) and sol.ts.shape == (7,) and seen == list(range(6))
     assert torch.equal(sol.xs[-1], sol.x) and torch.equal(sol.xs[0], x)
-    ad = adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), x, sde.T, T_EPS, generator=gen(0), save_trajectory=True)
+    ad = adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), x, span(sde), generator=gen(0), save_trajectory=True)
     n_it = ad.stats["iterations"]
     assert ad.ts.shape == (n_it + 1, 16) and ad.xs.shape == (n_it + 1, 16, 2)
     assert torch.equal(ad.xs[-1], ad.x) and bool((ad.ts[1:] <= ad.ts[:-1]).all())
@@ -517,5 +521,5 @@ def test_sample_entry_point():
     again = ss.sample(GM.score_fn(sde), sde, x, solver="adaptive_sde", diffusion=1.0, rtol=0.05, generator=gen(3))
     assert torch.equal(sol.x, again.x)  # sample() hands the generator to the adaptive SDE solver
     seeded = ss.sample(GM.score_fn(sde), sde, x, solver="adaptive_sde", diffusion=1.0, seeds=list(range(32)))
-    assert torch.equal(seeded.x, adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), x, sde.T, T_EPS,
+    assert torch.equal(seeded.x, adaptive_sde(sde.reverse(GM.score_fn(sde), 1.0), x, span(sde),
                                               seeds=list(range(32))).x)

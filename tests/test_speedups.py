@@ -52,7 +52,7 @@ def test_bf16_autocast_inside_a_float32_likelihood():
     model = ss.ScoreModel(accelerate(net, autocast=torch.bfloat16), sde, prediction="eps")
     eps_out = model.net(x, torch.full((4,), 0.5))
     assert eps_out.dtype == torch.bfloat16  # the network really ran in bf16 ...
-    r = ss.log_likelihood(model, x, sde, **kw)
+    r = ss.log_likelihood(model, sde, x, **kw)
     assert r.log_prob.dtype == torch.float32  # ... inside a float32 solve
     D = x[0].numel()
     # bf16 keeps 8 bits: log p moves (0.27 nats/dim for this random network near t_eps, where sigma is small)

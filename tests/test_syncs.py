@@ -94,7 +94,7 @@ def test_adaptive_solvers_sync_once_per_check(name):
 def test_log_likelihood_syncs_once_per_check(kw):
     sde, score, x = _case(B=6)
     with count_syncs() as log:
-        r = ss.log_likelihood(score, x, sde, rtol=1e-8, atol=1e-8, generator=torch.Generator().manual_seed(0), **kw)
+        r = ss.log_likelihood(score, sde, x, rtol=1e-8, atol=1e-8, generator=torch.Generator().manual_seed(0), **kw)
     iterations = int((r.steps + r.rejected).max())
     assert iterations > _bound(iterations) and torch.isfinite(r.log_prob).all()
     assert len(log) <= _bound(iterations), (len(log), iterations, log)

@@ -53,8 +53,8 @@ class RescaledDenoiser:
         self.denoiser, self.sde = denoiser, sde
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        log_alpha = self.sde._log_alpha(t)
-        sigma_edm = self.sde._sigma(t) * torch.exp(-log_alpha)
+        log_alpha = self.sde.log_alpha(t)
+        sigma_edm = self.sde.sigma(t) * torch.exp(-log_alpha)
         return self.denoiser(x * bcast(torch.exp(-log_alpha), x), sigma_edm, **kwargs)
 
 

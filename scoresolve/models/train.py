@@ -155,7 +155,7 @@ def loss_weight(sde: ForwardSDE, t: torch.Tensor, weighting: str) -> torch.Tenso
     if weighting in ("eps", "score"):
         return torch.ones_like(t)
     if weighting == "likelihood":
-        return sde._g2(t) / sde._sigma(t) ** 2
+        return sde.g2(t) / sde.sigma(t) ** 2
     raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
 
 

@@ -1,7 +1,24 @@
-"""Solvers, one module per family; every solver registers itself in ``REGISTRY`` under its ``solver=`` name."""
+"""Solvers, one module per family; every solver registers itself in ``REGISTRY`` under its ``solver=`` name.
 
-from . import backends, exponential, fixed, ode, sde  # noqa: F401  (imports register the solvers)
-from ._core import REGISTRY, EvalCounter, FiniteGuard, NonFiniteError, Solution, SolverSpec
+Layout: `_registry` (entries, options, the counting wrap), `_solution` (the result type), `_grid` (the one
+fixed-grid run), `integrate` (the one adaptive loop), `tableaux` and `controllers` (methods and step-size rules as
+data), `noise` (generators, per-sample seeds, Brownian memory), and the step functions: `fixed` (Euler, Heun, RK4),
+`exponential` (DDIM, DPM-Solver), `multistep` (DPM-Solver++, UniPC), `sde` (EM, ancestral, PC, adaptive SDE),
+`ode` (adaptive RK on the PF-ODE), `backends` (torchdiffeq, torchsde), `grids` (time grids).
+"""
+
+from . import backends, exponential, fixed, multistep, ode, sde  # noqa: F401  (imports register the solvers)
+from ._registry import REGISTRY, EvalCounter, SolverSpec
+from ._solution import Solution
+from .controllers import DOPRI5_GAINS, IController, PIController
+from .errors import MaxStepsError, NonFiniteError, NonFiniteStepError, StepSizeUnderflowError
 from .grids import GRIDS, time_grid
+from .integrate import integrate
+from .ode import odeint_adaptive
+from .tableaux import TABLEAUX, ButcherTableau
 
-__all__ = ["GRIDS", "REGISTRY", "EvalCounter", "FiniteGuard", "NonFiniteError", "Solution", "SolverSpec", "time_grid"]
+__all__ = [
+    "DOPRI5_GAINS", "GRIDS", "REGISTRY", "TABLEAUX", "ButcherTableau", "EvalCounter", "IController",
+    "MaxStepsError", "NonFiniteError", "NonFiniteStepError", "PIController", "Solution", "SolverSpec",
+    "StepSizeUnderflowError", "integrate", "odeint_adaptive", "time_grid",
+]

@@ -25,7 +25,9 @@ import torch
 
 from .._utils import check_batched
 from ..reverse import ReverseProcess
-from ._core import NonFiniteError, Solution, counted_model, with_score
+from ._registry import counted
+from ._solution import Solution
+from .errors import NonFiniteError
 from .grids import GRIDS, time_grid
 
 # evaluations of the vector field per step, for turning an nfe budget into a step count
@@ -118,8 +120,7 @@ class _ODEFunc:
     """dx/dt of the probability-flow ODE with torchdiffeq's step callbacks (to count steps)."""
 
     def __init__(self, process: ReverseProcess, x: torch.Tensor, adaptive: bool) -> None:
-        self.model, self.counter = counted_model(process)
-        self.proc = with_score(process, self.model)
+        self.proc, self.model, self.counter = counted(process)
         self.B = x.shape[0]
         self.steps = 0
         self.rejected = 0
@@ -199,8 +200,7 @@ class _ReverseSDE(torch.nn.Module):
     def __init__(self, process: ReverseProcess, x: torch.Tensor, sde_type: str) -> None:
         super().__init__()
         self.sde_type = sde_type
-        self.model, self.counter = counted_model(process)
-        self.proc = with_score(process, self.model)
+        self.proc, self.model, self.counter = counted(process)
         self.process = process
         self.shape = tuple(x.shape)
         self._cache: tuple | None = None

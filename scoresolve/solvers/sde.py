@@ -2,212 +2,61 @@
 
     dx = [f(x, t) - (g(t)^2 + s(t)^2)/2 score(x, t)] dt + s(t) dw_bar
 
-* `euler_maruyama` -- Euler-Maruyama on a time grid, any member s(t) (s = 0: Euler on the PF-ODE).
-* `reverse_diffusion` -- ancestral sampling: the reverse of the forward Gaussian transition, written with
-  alpha(t) and sigma(t) so that one formula serves every forward SDE (DDPM ancestral for VP, SMLD's for VE).
-* `pc` -- predictor-corrector (Song et al. 2021, Algorithm 2): reverse-diffusion or EM predictor, then
-  Langevin corrector steps with the signal-to-noise step-size rule, computed per sample.
-* `adaptive_sde` -- the adaptive solver of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast"): an EM /
-  stochastic improved-Euler pair, per-sample step sizes, and rejected Brownian increments split with a Brownian
-  bridge instead of being redrawn.
+* `euler_maruyama` -- Euler-Maruyama on a time grid, any member s(t) (s = 0: the ``euler`` step, no noise).
+* `reverse_diffusion` -- ancestral sampling: the reverse of the forward Gaussian transition, written with alpha(t)
+  and sigma(t) so that one formula serves every forward SDE (DDPM ancestral for VP, SMLD's for VE); its mean is DDIM's
+  eta = 1 step (`scoresolve.solvers.exponential.ddim_update`), its variance the forward or the posterior one.
+* `pc` -- predictor-corrector (Song et al. 2021, Algorithm 2): reverse-diffusion or EM predictor, then Langevin
+  corrector steps with the signal-to-noise step-size rule, computed per sample.
+* `adaptive_sde` -- the adaptive solver of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast"): an EM / stochastic
+  improved-Euler pair (`StochasticHeunStepper`) run by the one per-sample integrator, with rejected Brownian
+  increments split with a Brownian bridge instead of being redrawn.
 
-Noise. Every sampler takes ``generator`` (a ``torch.Generator``: reproducible, but the numbers a sample receives
-depend on its position in the batch and on the batch size) or ``seeds`` (one integer per sample: counter-based
-noise, see `seeded_normal`, so that a sample's path depends only on its own seed and start point, never on
-its batch-mates). With neither, torch's global generator is used.
-
-Conventions: ``ts`` is a strictly decreasing grid from T to t_eps; a step goes from t = ts[i] to s = ts[i + 1] < t.
+Noise: ``generator`` or per-sample ``seeds`` (`scoresolve.solvers.noise`). Conventions: ``ts`` is a strictly
+decreasing grid from T to t_eps; a step goes from t = ts[i] to s = ts[i + 1] < t.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+import warnings
+from typing import Any
 
 import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
-from ._core import FiniteGuard, GridRun, Solution, SolverSpec, Trajectory, counted_model, register, with_score
-from .ode import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError
-
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
-Seeds = Union[Sequence[int], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Noise: a torch.Generator, or counter-based per-sample streams
-# ------------------------------------------------------------------------------------------------------------------
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(x * m) mod 2^32 for int64 ``x`` in [0, 2^32) without int64 overflow (m split into 16-bit halves)."""
-    lo, hi = m & 0xFFFF, m >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xorshift-multiply, the constants of the "lowbias32" mixer)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _lane(seed_lo: torch.Tensor, seed_hi: torch.Tensor, counter: torch.Tensor, stream: int, salt: int) -> torch.Tensor:
-    h = _mix32(seed_lo ^ salt)
-    h = _mix32(h ^ seed_hi)
-    h = _mix32(h ^ counter)
-    return _mix32(h ^ (stream & _MASK32))
-
-
-def seeded_normal(
-    seeds: torch.Tensor,
-    counter: int | torch.Tensor,
-    stream: int,
-    shape: Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Standard normal numbers that are a pure function of (seed, counter, stream, element index).
-
-    ``seeds`` is a ``[batch]`` int64 tensor (any 64-bit values), ``counter`` an int or a ``[batch]`` tensor (e.g.
-    the step index of each sample), ``stream`` an int that separates independent uses within a step; ``shape`` is
-    the full shape ``[batch, ...]``. Row i depends only on (seeds[i], counter[i], stream): this is what makes a
-    sample's noise independent of its batch-mates and of the batch size. No Python loop over the batch.
-
-    Construction: two independent 32-bit lanes, each a chain of a bijective 32-bit integer hash over the seed's
-    two halves, the counter and the stream, then hashed twice more with the element index; the lanes give two
-    uniforms u1, u2 in (0, 1) (resolution 2^-32) and z = sqrt(-2 log u1) cos(2 pi u2) (Box-Muller). Two noise
-    vectors coincide only if both 32-bit lanes collide.
-    """
-    dev = seeds.device if device is None else torch.device(device)
-    seeds = seeds.to(device=dev, dtype=torch.int64)
-    B = seeds.shape[0]
-    n = math.prod(shape[1:])
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    if torch.is_tensor(counter):
-        c = counter.to(device=dev, dtype=torch.int64).expand(B) & _MASK32
-    else:
-        c = torch.full((B,), int(counter) & _MASK32, dtype=torch.int64, device=dev)
-    e = torch.arange(n, dtype=torch.int64, device=dev)
-    bits = []
-    for salt, esalt in ((0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344)):  # digits of pi as salts
-        k = _lane(lo, hi, c, stream, salt)  # [B]
-        eh = _mix32(e ^ esalt)  # [n]
-        bits.append(_mix32(_mix32(k[:, None] ^ eh[None, :]) ^ esalt))  # [B, n]
-    fdtype = torch.float32 if dev.type == "mps" else torch.float64
-    u1 = (bits[0].to(fdtype) + 0.5) * 2.0**-32
-    u2 = (bits[1].to(fdtype) + 0.5) * 2.0**-32
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
-    return z.reshape(tuple(shape)).to(dtype)
-
-
-class _Noise:
-    """Standard normal draws shaped like ``x`` from a generator, or per-sample counter-based streams (seeds)."""
-
-    def __init__(self, x: torch.Tensor, generator: torch.Generator | None, seeds: Seeds | None) -> None:
-        self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
-        self.generator = generator
-        self.seeds: torch.Tensor | None = None
-        if seeds is not None:
-            if generator is not None:
-                raise ValueError("give either generator or seeds, not both")
-            vals = seeds.tolist() if torch.is_tensor(seeds) else list(seeds)
-            if len(vals) != x.shape[0]:
-                raise ValueError(f"seeds must hold one integer per sample: got {len(vals)} for batch size {x.shape[0]}")
-            ints = []
-            for v in vals:
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise TypeError(f"seeds must be integers, got {type(v).__name__}")
-                ints.append(((v & 0xFFFFFFFFFFFFFFFF) ^ 0x8000000000000000) - 0x8000000000000000)  # as signed 64-bit
-            self.seeds = torch.tensor(ints, dtype=torch.int64, device=x.device)
-
-    def __call__(self, counter: int | torch.Tensor = 0, stream: int = 0) -> torch.Tensor:
-        if self.seeds is None:
-            return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
-        return seeded_normal(self.seeds, counter, stream, self.shape, self.dtype, self.device)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Grid samplers: shared plumbing
-# ------------------------------------------------------------------------------------------------------------------
-class _Run(GridRun):
-    """What a grid sampler needs: counted score, grid coefficients (Python floats, one sync on entry), noise,
-    non-finite guard, trajectory and callback."""
-
-    def __init__(self, name: str, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor,
-                 generator: torch.Generator | None, seeds: Seeds | None, callback: Callback | None,
-                 save_trajectory: bool) -> None:
-        super().__init__(name, process, x, ts, callback, save_trajectory)
-        self.noise = _Noise(x, generator, seeds)
-        t64 = self.t64
-        alpha, sigma = self.sde.marginal(t64)
-        self.log_alpha = torch.log(alpha).tolist()
-        self.sigma = sigma.tolist()
-        self.lam = self.sde.log_snr(t64).tolist()
-        self.s = process.diffusion(t64).to(torch.float64).expand(t64.shape).tolist()  # s(t) on the grid
-
-    def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.model(x, self.time(i, x))
-
-    def drift(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        t = self.time(i, x)
-        return self.proc.drift_from_score(x, t, self.model(x, t))
-
+from ._grid import GridRun
+from ._registry import SolverSpec, counted, register
+from ._solution import Solution
+from .controllers import IController
+from .exponential import ddim_update, posterior_fraction
+from .fixed import rk_step
+from .integrate import check_tolerance, integrate
+from .noise import BrownianMemory, Noise, seeded_normal  # noqa: F401  (seeded_normal re-exported)
+from .tableaux import EULER
 
 
 def _require_reverse_sde(name: str, process: ReverseProcess) -> None:
-    c = process.diffusion_scale
-    if callable(c) or float(c) != 1.0:
+    if process.constant_scale != 1.0:
         raise ValueError(
-            f"solver {name!r} discretises the reverse SDE (diffusion=1), got diffusion={c!r}; use "
-            "'euler_maruyama' (or pc with predictor='euler_maruyama') for other members of the reverse family"
+            f"solver {name!r} discretises the reverse SDE (diffusion=1), got diffusion={process.diffusion_scale!r}; "
+            "use 'euler_maruyama' (or pc with predictor='euler_maruyama') for other members of the reverse family"
         )
 
 
-def _em_step(run: _Run, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------------------------------
+# Euler-Maruyama and reverse diffusion
+# ------------------------------------------------------------------------------------------------------------------
+def em_step(run: GridRun, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
     """x_s = x_t + (s - t) drift(x_t, t) + s(t) sqrt(t - s) z  (s < t, so (s - t) drift moves against the drift)."""
-    h = run.t[i + 1] - run.t[i]
-    x_new = x + h * run.drift(x, i)
+    x_new = rk_step(EULER, run, x, i)
     if not run.process.is_ode:
-        x_new = x_new + (run.s[i] * math.sqrt(-h)) * run.noise(i, stream)
+        x_new = x_new + (run.s[i] * math.sqrt(run.t[i] - run.t[i + 1])) * run.normal(x, i, stream)
     return x_new
 
 
-def _rd_coefficients(run: _Run, i: int, variance: str) -> tuple[float, float, float]:
-    """(a, sigma_{t|s}^2, noise variance) of the reverse-diffusion step t = ts[i] -> s = ts[i + 1]."""
-    a = math.exp(run.log_alpha[i] - run.log_alpha[i + 1])  # alpha_t / alpha_s
-    # sigma_t^2 - a^2 sigma_s^2 = sigma_t^2 (1 - e^{2 (lambda_t - lambda_s)}), without cancellation
-    var_ts = -run.sigma[i] ** 2 * math.expm1(2 * (run.lam[i] - run.lam[i + 1]))
-    if variance == "forward":
-        var = var_ts
-    else:  # posterior: Var(x_s | x_t, x_0)
-        var = var_ts * (run.sigma[i + 1] / run.sigma[i]) ** 2
-    return a, var_ts, var
-
-
-def _rd_step(run: _Run, x: torch.Tensor, i: int, variance: str, stream: int = 0) -> torch.Tensor:
-    a, var_ts, var = _rd_coefficients(run, i, variance)
-    x_new = (x + var_ts * run.score(x, i)) / a
-    return x_new + math.sqrt(var) * run.noise(i, stream)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Euler-Maruyama
-# ------------------------------------------------------------------------------------------------------------------
-def euler_maruyama(
-    process: ReverseProcess,
-    x: torch.Tensor,
-    ts: torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    seeds: Seeds | None = None,
-    callback: Callback | None = None,
-    save_trajectory: bool = False,
-) -> Solution:
+def euler_maruyama_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """Euler-Maruyama on the member s(t) of the reverse family (any ``diffusion``; 1 NFE per step).
 
     For a step t = ts[i] -> s = ts[i + 1] < t:
@@ -217,27 +66,17 @@ def euler_maruyama(
     With diffusion = 0 this is Euler on the probability-flow ODE and no noise is drawn. Strong and weak order 1
     (the noise is additive: s depends on t only).
     """
-    run = _Run("euler_maruyama", process, x, ts, generator, seeds, callback, save_trajectory)
-    for i in range(run.steps):
-        x = _em_step(run, x, i)
-        run.done(i, x)
-    return run.solution(x)
+    return em_step(run, x, i)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Reverse diffusion (ancestral sampling)
-# ------------------------------------------------------------------------------------------------------------------
-def reverse_diffusion(
-    process: ReverseProcess,
-    x: torch.Tensor,
-    ts: torch.Tensor,
-    *,
-    variance: str = "forward",
-    generator: torch.Generator | None = None,
-    seeds: Seeds | None = None,
-    callback: Callback | None = None,
-    save_trajectory: bool = False,
-) -> Solution:
+def rd_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """One reverse-diffusion step: DDIM's eta = 1 mean, the forward (sigma_t) or posterior (sigma_s) noise std."""
+    frac = posterior_fraction(run, i)
+    std = frac * (run.sigma[i] if run.options["variance"] == "forward" else run.sigma[i + 1])
+    return ddim_update(run, x, run.x0(x, i), i, frac, std)
+
+
+def reverse_diffusion_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """Ancestral sampling ("reverse diffusion") for any forward SDE of the package; 1 NFE per step.
 
     For a step t -> s < t the forward transition is x_t = a x_s + sigma_{t|s} z with a = alpha_t / alpha_s and
@@ -260,14 +99,18 @@ def reverse_diffusion(
     c_s sigma_{t|s}^2 / c_t (e.g. "forward" is exact for unit-variance data under VP, "posterior" for a point
     mass), and both tend to the reverse SDE as the steps shrink. Needs the reverse SDE itself (diffusion=1).
     """
-    _require_reverse_sde("reverse_diffusion", process)
+    return rd_step(run, x, i)
+
+
+def _check_variance(variance: str) -> None:
     if variance not in ("forward", "posterior"):
         raise ValueError(f"variance must be 'forward' or 'posterior', got {variance!r}")
-    run = _Run("reverse_diffusion", process, x, ts, generator, seeds, callback, save_trajectory)
-    for i in range(run.steps):
-        x = _rd_step(run, x, i, variance)
-        run.done(i, x)
-    return run.solution(x, variance=variance)
+
+
+def _rd_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
+    _require_reverse_sde("reverse_diffusion", process)
+    _check_variance(options["variance"])
+    return options
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,21 +127,7 @@ def _langevin(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, c: float, n
     return x + bcast(eps, x) * score + bcast(torch.sqrt(2 * eps), x) * z
 
 
-def pc(
-    process: ReverseProcess,
-    x: torch.Tensor,
-    ts: torch.Tensor,
-    *,
-    predictor: str = "reverse_diffusion",
-    snr: float = 0.16,
-    corrector_steps: int = 1,
-    norms: str = "sample",
-    variance: str = "forward",
-    generator: torch.Generator | None = None,
-    seeds: Seeds | None = None,
-    callback: Callback | None = None,
-    save_trajectory: bool = False,
-) -> Solution:
+def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2, 4, 5); 1 + ``corrector_steps`` NFE per step.
 
     Each step t = ts[i] -> s = ts[i + 1] is a predictor step (``"reverse_diffusion"``, see
@@ -328,141 +157,100 @@ def pc(
     ``snr`` defaults to 0.16, score_sde's CIFAR-10 setting for VP and VE alike (it uses 0.075 for its
     high-resolution VE models). The reverse-diffusion predictor needs diffusion=1; EM accepts any member.
     """
+    o = run.options
+    x = rd_step(run, x, i) if o["predictor"] == "reverse_diffusion" else em_step(run, x, i)
+    a = math.exp(2 * (run.log_alpha[i] - run.log_alpha[i + 1]))
+    for j in range(o["corrector_steps"]):
+        score = run.score(x, i + 1)
+        z = run.normal(x, i, 1 + j)
+        x = _langevin(x, score, z, 2 * a * o["snr"] ** 2, o["norms"])
+    return x
+
+
+def _pc_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
+    predictor, norms, cs = options["predictor"], options["norms"], options["corrector_steps"]
     if predictor not in ("reverse_diffusion", "euler_maruyama"):
         raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler_maruyama', got {predictor!r}")
     if predictor == "reverse_diffusion":
         _require_reverse_sde("pc (predictor='reverse_diffusion')", process)
-    if variance not in ("forward", "posterior"):
-        raise ValueError(f"variance must be 'forward' or 'posterior', got {variance!r}")
+    _check_variance(options["variance"])
     if norms not in ("sample", "batch"):
         raise ValueError(f"norms must be 'sample' or 'batch', got {norms!r}")
-    snr = float(snr)
+    snr = float(options["snr"])
     if not (math.isfinite(snr) and snr >= 0):
         raise ValueError(f"snr must be a finite number >= 0, got {snr}")
-    if int(corrector_steps) != corrector_steps or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
-    corrector_steps = int(corrector_steps)
-    run = _Run("pc", process, x, ts, generator, seeds, callback, save_trajectory)
-    for i in range(run.steps):
-        if predictor == "reverse_diffusion":
-            x = _rd_step(run, x, i, variance)
-        else:
-            x = _em_step(run, x, i)
-        a = math.exp(2 * (run.log_alpha[i] - run.log_alpha[i + 1]))
-        for j in range(corrector_steps):
-            score = run.score(x, i + 1)
-            z = run.noise(i, 1 + j)
-            x = _langevin(x, score, z, 2 * a * snr**2, norms)
-        run.done(i, x)
-    return run.solution(x, predictor=predictor, snr=snr, corrector_steps=corrector_steps, norms=norms)
+    if int(cs) != cs or cs < 0:
+        raise ValueError(f"corrector_steps must be an integer >= 0, got {cs!r}")
+    return {**options, "snr": snr, "corrector_steps": int(cs)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Adaptive SDE solver (Gotta Go Fast)
+# Adaptive SDE solver (Gotta Go Fast): a stochastic stepper for the one integrator
 # ------------------------------------------------------------------------------------------------------------------
-class _BrownianMemory:
-    """Per-sample memory of the Brownian path ahead of each sample's current time.
+class StochasticHeunStepper:
+    """The Euler-Maruyama / stochastic improved-Euler pair of `adaptive_sde` as a stepper of
+    `scoresolve.solvers.integrate.integrate`. Its carry (compacted with the batch) is the EM proposal of the last
+    accepted step, the Brownian memory and the per-sample seeds; noise counter = the sample's attempt index."""
 
-    Sample b remembers up to ``depth`` points of its Brownian path beyond its current time: the distance
-    U[b, k] > 0 from the current time and the value W[b, k] relative to the current point, in unordered slots
-    (``valid`` marks the used ones). These are values of one fixed Brownian path that an earlier, rejected attempt
-    has already looked at, so later queries must agree with them (Rackauckas & Nie 2017, "rejection sampling
-    with memory"). ``increment(h)`` returns W(h), the increment over the next h:
+    order = 2
 
-    * if a remembered point lies at h, its value;
-    * else, if one lies beyond h, a Brownian-bridge sample between the nearest remembered points a < h < b
-      (a = the current point if none is nearer): W(h) = W_a + (h - U_a)/(U_b - U_a) (W_b - W_a)
-      + sqrt((h - U_a)(U_b - h)/(U_b - U_a)) xi;
-    * else a fresh increment from the farthest remembered point: W(h) = W_a + sqrt(h - U_a) xi;
+    def __init__(self, process: ReverseProcess, noise: Noise, rtol: float, atol: float, depth: int) -> None:
+        self.process, self.noise, self.rtol, self.atol, self.depth = process, noise, rtol, atol, depth
+        self.mem: BrownianMemory | None = None
 
-    and remembers the new point. ``advance()`` moves accepted samples to their new time (distances shrink by h,
-    values are re-referenced to W(h), points now behind are forgotten); after a rejection everything stays, so
-    the shorter retry is bridged inside the increment that was drawn, and a step accepted later sees the same
-    path. Every query is answered by one Brownian path, so the accepted steps are driven by a genuine Brownian
-    motion whatever the accept/reject decisions (which depend on that path); redrawing after a rejection (the
-    reference code) keeps only the draws that led to small errors and biases the noise. When all ``depth`` slots
-    are full the new point is not remembered (``overflows`` counts this per sample; it takes about ``depth``
-    rejections in a row): the retry after it re-bridges inside (a, b), a small-scale loss that keeps the far
-    points, which carry the large-scale path, exact.
-    """
+    def start(self, t: torch.Tensor, y: tuple, evaluate) -> tuple:
+        (x,) = y
+        self.mem = BrownianMemory(x, self.depth, t.dtype)
+        seeds = () if self.noise.seeds is None else (self.noise.seeds,)
+        return (x, *self.mem.tensors(), *seeds)
 
-    def __init__(self, x: torch.Tensor, depth: int, tdtype: torch.dtype) -> None:
-        B = x.shape[0]
-        self.U = torch.zeros(B, depth, dtype=tdtype, device=x.device)
-        self.valid = torch.zeros(B, depth, dtype=torch.bool, device=x.device)
-        self.W = torch.zeros((B, depth) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        self.k = torch.arange(depth, device=x.device)[None, :]
-        self.rel = 1e-9 if tdtype == torch.float64 else 1e-5
-        self.overflows = torch.zeros(B, dtype=torch.long, device=x.device)
-        self._dw: torch.Tensor | None = None
+    def initial_step(self, *args: Any) -> torch.Tensor:
+        raise AssertionError("adaptive_sde starts from first_step")
 
-    def _at(self, idx: torch.Tensor) -> torch.Tensor:
-        """W[b, idx[b]] for each sample, shape like x."""
-        W = self.W
-        return W.gather(1, bcast(idx[:, None], W).expand((W.shape[0], 1) + W.shape[2:]))[:, 0]
+    def attempt(self, t, h, t_new, y, carry, evaluate, active, attempts, first):
+        (x,), x_prev = y, carry[0]
+        seeds = carry[5] if len(carry) > 5 else None
+        mem = self.mem
+        mem.load(carry[1:5])
+        hs = -h  # h < 0: the reverse process runs towards t1 < t
+        fresh, bridge = self.noise(x.shape, attempts, 0, seeds), self.noise(x.shape, attempts, 1, seeds)
+        dW = mem.increment(hs, active, fresh, bridge)
+        hx = bcast(hs.to(x.dtype), x)
+        t_1 = torch.where(active, t_new, t)
+        s0 = bcast(self.process.diffusion(t).to(x.dtype), x)
+        s1 = bcast(self.process.diffusion(t_1).to(x.dtype), x)
+        (d0,) = evaluate(t, (x,), active)
+        x_em = x - hx * d0 + s0 * dW
+        (d1,) = evaluate(t_1, (x_em,), active)
+        x_new = x - hx * (0.5 * (d0 + d1)) + (0.5 * (s0 + s1)) * dW
+        scale = torch.clamp(self.rtol * torch.maximum(x_em.abs(), x_prev.abs()), min=self.atol)
+        err = ((x_new - x_em) / scale).square().flatten(1).mean(1).sqrt().to(t.dtype)
+        bad = ~(torch.isfinite(x_new).flatten(1).all(1) & torch.isfinite(err))
+        err = torch.where(bad, torch.full_like(err, math.inf), err)
+        return (x_new,), err, bad, (x_em, mem.tensors(), dW)
 
-    def increment(self, h: torch.Tensor, active: torch.Tensor, fresh: torch.Tensor, bridge: torch.Tensor):
-        """W over the next ``h`` (``[batch]``; 0 for inactive samples); ``fresh``, ``bridge``: N(0, I) like x."""
-        U, V = self.U, self.valid
-        inf = torch.full_like(U, math.inf)
-        beyond = V & (U >= (h * (1 - self.rel))[:, None])
-        Ub, ib = torch.where(beyond, U, inf).min(1)
-        Ua, ia = torch.where(V & ~beyond, U, -inf).max(1)
-        has_b, has_a = torch.isfinite(Ub), torch.isfinite(Ua)
-        Ua = torch.where(has_a, Ua, 0.0)
-        Wa = torch.where(bcast(has_a, fresh), self._at(ia), 0.0)
-        Wb = self._at(ib)
-        on_b = has_b & (Ub <= h * (1 + self.rel))
-        inside = has_b & ~on_b
-        Ub_safe = torch.where(inside, Ub, Ua + 1.0)
-        frac = torch.where(inside, (h - Ua) / (Ub_safe - Ua), 0.0)
-        var = torch.where(inside, (h - Ua) * (Ub_safe - h) / (Ub_safe - Ua), (h - Ua)).clamp(min=0)
-        noise = torch.where(bcast(inside, fresh), bridge, fresh)
-        dw = Wa + bcast(frac.to(fresh.dtype), fresh) * (Wb - Wa) + bcast(var.sqrt().to(fresh.dtype), fresh) * noise
-        dw = torch.where(bcast(on_b, dw), Wb, dw)
-        dw = torch.where(bcast(active, dw), dw, 0.0)
-        # remember the new point in a free slot; when all are taken it is not remembered (so the far points,
-        # which carry the large-scale path, are kept and the loss is confined inside the bracket (a, b))
-        free = ~V
-        new = active & ~on_b
-        self.overflows = self.overflows + (new & ~free.any(1)).long()
-        put = (self.k == free.long().argmax(1)[:, None]) & (new & free.any(1))[:, None]
-        self.U = torch.where(put, h[:, None], U)
-        self.valid = V | put
-        self.W = torch.where(bcast(put, self.W), dw[:, None], self.W)
-        self._dw = dw
-        return dw
+    def commit(self, accept, done, h, carry, trial):
+        x_em, mem_tensors, dW = trial
+        x_prev = torch.where(bcast(accept, x_em), x_em, carry[0])
+        mem = self.mem
+        mem.load(mem_tensors)
+        mem._dw = dW
+        mem.advance(-h, accept, done)
+        return (x_prev, *mem.tensors(), *carry[5:])
 
-    def advance(self, h: torch.Tensor, accepted: torch.Tensor, finished: torch.Tensor) -> None:
-        """Move accepted samples forward by ``h`` (the step just tried); forget everything of finished ones."""
-        assert self._dw is not None
-        h = h.to(self.U.dtype)
-        U = torch.where(accepted[:, None], self.U - h[:, None], self.U)
-        self.valid = self.valid & ~finished[:, None] & (U > (h * self.rel)[:, None])
-        self.U = U
-        self.W = torch.where(bcast(accepted, self.W), self.W - self._dw[:, None], self.W)
+    def stats(self, carry: tuple) -> dict:
+        return {"bridge_overflows": carry[4]}
 
 
-def adaptive_sde(
-    process: ReverseProcess,
-    x: torch.Tensor,
-    t0: float,
-    t1: float,
-    *,
-    rtol: float = 0.05,
-    atol: float = 0.0078,
-    generator: torch.Generator | None = None,
-    seeds: Seeds | None = None,
-    callback: Callback | None = None,
-    save_trajectory: bool = False,
-    max_steps: int = 10_000,
-    h_init: float = 0.01,
-    h_max: float | None = None,
-    safety: float = 0.9,
-    exponent: float = 0.9,
-    check_every: int = 8,
-    bridge_depth: int = 8,
-) -> Solution:
+ADAPTIVE_SDE_OPTIONS = {"max_steps": 10_000, "first_step": 0.01, "max_step": None, "controller": None,
+                        "safety": 0.9, "exponent": 0.9, "check_every": 8, "bridge_depth": 8, "compact": False,
+                        "h_init": None, "h_max": None}
+
+
+def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,
+               rtol: float = 0.05, atol: float = 0.0078, generator: torch.Generator | None = None,
+               seeds: Any = None, callback: Any = None, save_trajectory: bool = False, progress: bool = False,
+               **options: Any) -> Solution:
     """Adaptive SDE solver of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast"), per sample; 2 NFE per attempt.
 
     From time t with step h (the reverse process runs towards t1 < t), with the Brownian increment dW ~ N(0, h):
@@ -473,7 +261,7 @@ def adaptive_sde(
 
     where x'_prev is the EM proposal of the sample's last accepted step (x_T at first), as in the paper. The step
     is accepted when E <= 1 and the state becomes x'' (the paper's "extrapolation"); either way
-    h <- min(h_max, safety h E^-exponent) (a non-finite candidate has E = inf and h shrinks tenfold). The last step
+    h <- min(max_step, safety h E^-exponent) (a non-finite candidate has E = inf and h shrinks tenfold). The last step
     lands exactly on t1 (a step within 1% of the remaining time is stretched to it).
 
     Every sample has its own t, h and error; the network is called with a ``[batch]`` time vector, and samples that
@@ -481,13 +269,16 @@ def adaptive_sde(
     ``check_every`` iterations or sooner when the slowest sample should finish earlier (no host sync per step).
 
     Brownian increments: after a rejection the drawn increment is kept and the shorter retry is bridged inside it;
-    see `_BrownianMemory` (at most ``bridge_depth`` remembered points per sample).
+    see `scoresolve.solvers.noise.BrownianMemory` (at most ``bridge_depth`` remembered points per sample).
 
-    Defaults: rtol = 0.05 and h_init = 0.01 as in the paper (it also runs rtol 0.01 and 0.02 for higher
+    Defaults: rtol = 0.05 and first_step = 0.01 as in the paper (it also runs rtol 0.01 and 0.02 for higher
     quality); atol = 0.0078 ~ 2/256, one 8-bit level of data scaled to [-1, 1] (the paper's VP setting; it uses
     0.0039 = 1/256 for data in [0, 1]). atol is in data units: for data of another scale use about range/256.
     rtol = 0 is pure absolute control. The error is relative to |x|, not to the data's fine structure: features
-    much finer than rtol |x| are resolved only with a tighter rtol. h_max defaults to t0 - t1 (no limit).
+    much finer than rtol |x| are resolved only with a tighter rtol. max_step defaults to t0 - t1 (no limit).
+    ``controller`` defaults to the paper's `IController(safety, exponent)`; ``max_steps``, ``check_every``,
+    ``compact`` and ``progress`` are the integrator's (`scoresolve.solvers.integrate.integrate`): this solver is
+    its stochastic stepper.
 
     Returns a [`Solution`][scoresolve.Solution] with per-sample ``nfe`` (= 2 x attempted steps of that sample),
     ``steps`` (accepted) and ``rejected``; ``stats["network_calls"]`` is the number of batched network calls (2 per
@@ -497,134 +288,55 @@ def adaptive_sde(
     finish, and the error comes at the end (naming every stuck sample with its time; the state of the others is their
     final one).
     """
-    name = "adaptive_sde"
+    o = spec.resolve(process, options)
     check_batched(x)
     if process.is_ode:
         raise ValueError("adaptive_sde integrates an SDE (diffusion > 0); for diffusion=0 use an ODE solver "
                          "such as 'dopri5' or 'tsit5'")
-    t0, t1 = float(t0), float(t1)
+    t0, t1 = (float(v) for v in ts.detach().cpu().tolist())
     if not (math.isfinite(t0) and math.isfinite(t1) and 0 < t1 < t0 <= process.sde.T * (1 + 1e-9)):
         raise ValueError(f"need 0 < t1 < t0 <= T = {process.sde.T}, got t0={t0}, t1={t1}")
-    for val, what, lo in ((rtol, "rtol", 0.0), (atol, "atol", 0.0)):
-        if not (math.isfinite(float(val)) and float(val) >= lo):
-            raise ValueError(f"{what} must be a finite number >= 0, got {val!r}")
-    rtol, atol = float(rtol), float(atol)
-    if atol <= 0:
-        raise ValueError(f"atol must be > 0 (it floors the error scale), got {atol}")
-    span = t0 - t1
-    h_max = span if h_max is None else float(h_max)
-    for val, what in ((h_init, "h_init"), (h_max, "h_max")):
-        if not (math.isfinite(float(val)) and float(val) > 0):
-            raise ValueError(f"{what} must be a finite number > 0, got {val!r}")
-    if not (0 < safety <= 1) or not exponent > 0:
-        raise ValueError(f"need 0 < safety <= 1 and exponent > 0, got {safety}, {exponent}")
-    if int(max_steps) < 1 or int(check_every) < 1 or int(bridge_depth) < 1:
-        raise ValueError(f"need max_steps >= 1, check_every >= 1, bridge_depth >= 1; "
-                         f"got {max_steps}, {check_every}, {bridge_depth}")
-    max_steps, check_every = int(max_steps), int(check_every)
+    rtol = check_tolerance(rtol, "rtol", allow_zero=True)
+    atol = check_tolerance(atol, "atol")
+    for old, new in (("h_init", "first_step"), ("h_max", "max_step")):
+        if o[old] is not None:
+            warnings.warn(f"adaptive_sde: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+            o[new] = o[old]
+    if int(o["bridge_depth"]) < 1:
+        raise ValueError(f"bridge_depth must be >= 1, got {o['bridge_depth']}")
+    controller = o["controller"] or IController(o["safety"], o["exponent"])
+    proc, _, counter = counted(process)
+    stepper = StochasticHeunStepper(process, Noise(x, generator, seeds), rtol, atol, int(o["bridge_depth"]))
 
-    model, counter = counted_model(process)
-    proc = with_score(process, model)
-    noise = _Noise(x, generator, seeds)
-    B, dev = x.shape[0], x.device
-    tdtype = torch.float32 if dev.type == "mps" else torch.float64
-    h_min = 1e-10 * max(t0, span)
-    t = torch.full((B,), t0, dtype=tdtype, device=dev)
-    t_end = torch.full((B,), t1, dtype=tdtype, device=dev)
-    h = torch.full((B,), min(float(h_init), h_max, span), dtype=tdtype, device=dev)
-    zeros = torch.zeros(B, dtype=torch.long, device=dev)
-    attempts, steps, rejected = zeros.clone(), zeros.clone(), zeros.clone()
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    stuck = torch.zeros(B, dtype=torch.bool, device=dev)
-    nonfinite_recent = torch.zeros(B, dtype=torch.bool, device=dev)
-    x_prev = x
-    memory = _BrownianMemory(x, int(bridge_depth), tdtype)
-    guard, traj = FiniteGuard(x, name), Trajectory(save_trajectory)
-    traj.add(t.to(x.dtype), x)
+    def drift(t: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        return proc.drift_from_score(xx, t, proc.score(xx, t))
 
-    def drift(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        tx = tt.to(x.dtype)
-        return proc.drift_from_score(xx, tx, model(xx, tx))
-
-    it, next_check = 0, 1
-    while True:
-        it += 1
-        active = ~(done | stuck)  # stuck samples (step-size underflow) are frozen too and reported at the end
-        remaining = t - t_end
-        last = h * 1.01 >= remaining
-        hs = torch.where(active, torch.where(last, remaining, h), torch.zeros_like(h))
-        t_new = torch.where(last, t_end, t - hs)
-        dW = memory.increment(hs, active, noise(attempts, 0), noise(attempts, 1))
-        hx = bcast(hs.to(x.dtype), x)
-        s0 = bcast(process.diffusion(t).to(x.dtype), x)
-        s1 = bcast(process.diffusion(torch.where(active, t_new, t)).to(x.dtype), x)
-        d0 = drift(x, t)
-        x_em = x - hx * d0 + s0 * dW
-        d1 = drift(x_em, torch.where(active, t_new, t))
-        x_new = x - hx * (0.5 * (d0 + d1)) + (0.5 * (s0 + s1)) * dW
-        scale = torch.clamp(rtol * torch.maximum(x_em.abs(), x_prev.abs()), min=atol)
-        err = ((x_new - x_em) / scale).square().flatten(1).mean(1).sqrt().to(tdtype)
-        bad = ~(torch.isfinite(x_new).flatten(1).all(1) & torch.isfinite(err))
-        err = torch.where(bad, torch.full_like(err, math.inf), err)
-
-        accept = active & (err <= 1.0)
-        reject = active & ~accept
-        fac = torch.where(bad, torch.full_like(err, 0.1), safety * err.clamp(min=1e-10).pow(-exponent))
-        h = torch.where(active, torch.clamp(hs * fac, max=h_max), h)
-        x = torch.where(bcast(accept, x), x_new, x)
-        x_prev = torch.where(bcast(accept, x), x_em, x_prev)
-        t = torch.where(accept, t_new, t)
-        attempts = attempts + active.long()
-        steps = steps + accept.long()
-        rejected = rejected + reject.long()
-        done = done | (accept & last)
-        memory.advance(hs, accept, done)
-        nonfinite_recent = torch.where(reject, bad, nonfinite_recent)
-        stuck = stuck | (reject & (hs < h_min))
-        guard.update(x, t)
-        traj.add(t.to(x.dtype), x)
-
-        if it >= next_check or it >= max_steps:
-            # the one host-device synchronisation: all finished? how many steps the slowest sample still needs
-            finished = done | stuck
-            need = torch.where(finished, torch.zeros_like(h), (t - t_end) / h).amax()
-            all_finished, n_est = torch.stack([finished.all().to(tdtype), need]).tolist()
-            next_check = it + max(1, min(check_every, math.ceil(n_est) if math.isfinite(n_est) else check_every))
-            if callback is not None:
-                callback(it, t.to(x.dtype), x)
-            if all_finished:
-                break
-            if it >= max_steps:
-                idx = (~finished).nonzero().flatten().tolist()
-                raise MaxStepsError(name, max_steps, idx, t[~finished].tolist(), x)
-
-    if not bool(done.all()):  # some samples are stuck; the others finished (their final states are in x)
-        idx = stuck.nonzero().flatten().tolist()
-        times = t[stuck].tolist()
-        nonfinite = nonfinite_recent[stuck].tolist()
-        if any(nonfinite):
-            raise NonFiniteStepError(name, [i for i, nf in zip(idx, nonfinite) if nf],
-                                     [ti for ti, nf in zip(times, nonfinite) if nf], x)
-        raise StepSizeUnderflowError(name, idx, times, x, h_min)
-    guard.check()
-    tr_ts, tr_xs = traj.result()
-    return Solution(x=x, nfe=2 * attempts, steps=steps, rejected=rejected, t=t.to(x.dtype), ts=tr_ts, xs=tr_xs,
-                    solver=name, stats={"calls": counter.calls, "network_calls": counter.calls, "iterations": it,
-                                        "h": h.to(x.dtype), "bridge_overflows": memory.overflows})
+    sol = integrate(stepper, drift, x, t0, t1, controller=controller, max_steps=o["max_steps"],
+                    first_step=min(float(o["first_step"]), t0 - t1),
+                    max_step=t0 - t1 if o["max_step"] is None else float(o["max_step"]),
+                    check_every=o["check_every"], callback=callback, save_trajectory=save_trajectory,
+                    progress=progress, name=spec.name, compact=o["compact"])
+    sol.stats["network_calls"] = counter.calls
+    return sol
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# registry
+# registry; the module-level functions are the entries themselves: fn(process, x, ts, **keywords)
 # ------------------------------------------------------------------------------------------------------------------
-register(SolverSpec("euler_maruyama", euler_maruyama, evals_per_step=1, order=1.0, default_grid="uniform",
-                    stochastic=True, default_diffusion=1.0,
-                    description="Euler-Maruyama on the reverse family (diffusion=0: Euler)"))
-register(SolverSpec("reverse_diffusion", reverse_diffusion, evals_per_step=1, order=1.0, default_grid="uniform",
-                    stochastic=True, default_diffusion=1.0,
-                    description="ancestral sampling (DDPM for VP, SMLD for VE), reverse SDE"))
-register(SolverSpec("pc", pc, evals_per_step=2, order=1.0, default_grid="uniform", stochastic=True,
-                    default_diffusion=1.0, evals_per_step_fn=lambda o: 1 + int(o.get("corrector_steps", 1)),
-                    description="predictor-corrector: reverse diffusion + per-sample Langevin (snr rule)"))
-register(SolverSpec("adaptive_sde", adaptive_sde, kind="adaptive", evals_per_step=2, order=1.0, stochastic=True,
-                    default_diffusion=1.0,
-                    description="adaptive EM/improved-Euler SDE solver (Gotta Go Fast), per-sample steps"))
+_RD = {"variance": "forward"}
+_PC = {"predictor": "reverse_diffusion", "snr": 0.16, "corrector_steps": 1, "norms": "sample", "variance": "forward"}
+euler_maruyama = register(SolverSpec(
+    "euler_maruyama", step=euler_maruyama_step, order=1.0, default_grid="uniform", stochastic=True,
+    default_diffusion=1.0, description="Euler-Maruyama on the reverse family (diffusion=0: Euler)"))
+reverse_diffusion = register(SolverSpec(
+    "reverse_diffusion", step=reverse_diffusion_step, options=_RD, prepare=_rd_prepare, order=1.0,
+    default_grid="uniform", stochastic=True, default_diffusion=1.0,
+    description="ancestral sampling (DDPM for VP, SMLD for VE), reverse SDE"))
+pc = register(SolverSpec(
+    "pc", step=pc_step, options=_PC, prepare=_pc_prepare, evals_per_step=2, order=1.0, default_grid="uniform",
+    stochastic=True, default_diffusion=1.0, evals_per_step_fn=lambda o: 1 + int(o.get("corrector_steps", 1)),
+    description="predictor-corrector: reverse diffusion + per-sample Langevin (snr rule)"))
+adaptive_sde = register(SolverSpec(
+    "adaptive_sde", kind="adaptive", run=_solve_sde, options=ADAPTIVE_SDE_OPTIONS, evals_per_step=2, order=1.0,
+    stochastic=True, default_diffusion=1.0,
+    description="adaptive EM/improved-Euler SDE solver (Gotta Go Fast), per-sample steps"))

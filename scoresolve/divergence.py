@@ -1,0 +1,107 @@
+"""Divergence of a score network: exact (D VJPs, chunked) or Hutchinson's estimator (one VJP per probe).
+
+Hutchinson: div s = E[e^T (ds/dx) e] with E[e e^T] = I; Rademacher probes have variance 2 sum_{i != j} A_ij^2 (the
+diagonal contributes nothing), Gaussian ones 2 ||A||_F^2. All probes share one network forward. The divergence of the
+linear part of the PF-ODE drift is exact and lives in `scoresolve.reverse.ReverseProcess.linear_divergence`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+PROBES = ("rademacher", "gaussian")
+
+
+def draw_probes(x: torch.Tensor, k: int, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+    """``k`` Hutchinson probes like x, ``[k, batch, ...]``: Rademacher (+-1) or Gaussian, E[e e^T] = I."""
+    shape = (k,) + tuple(x.shape)
+    if kind == "rademacher":
+        e = torch.randint(0, 2, shape, generator=generator, device=x.device, dtype=torch.int8)
+        return (2 * e - 1).to(x.dtype)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    raise ValueError(f"unknown probe {kind!r}; expected 'rademacher' or 'gaussian'")
+
+
+def exact_div_score(
+    model: Callable, x: torch.Tensor, t: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """score and its exact divergence (trace of the Jacobian), D VJPs in chunks of ``chunk`` rows."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        s = model(xg, t)
+        D = x[0].numel()
+        div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        eye_idx = torch.arange(D, device=x.device)
+        for start in range(0, D, chunk):
+            idx = eye_idx[start : start + chunk]
+            n = idx.numel()
+            basis = torch.zeros(n, *x.shape, dtype=x.dtype, device=x.device)
+            basis.view(n, x.shape[0], D)[torch.arange(n), :, idx] = 1.0
+            last = start + chunk >= D
+            try:
+                (g,) = torch.autograd.grad(s, xg, basis, retain_graph=not last, is_grads_batched=True)
+            except RuntimeError:  # a network that vmap cannot batch over: one VJP per basis vector
+                g = torch.stack(
+                    [torch.autograd.grad(s, xg, basis[j], retain_graph=not (last and j == n - 1))[0] for j in range(n)]
+                )
+            div = div + g.view(n, x.shape[0], D)[torch.arange(n), :, idx].sum(0)
+    return s.detach(), div
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: free + cached by PyTorch; CPU: MemAvailable), None if unknown."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        if device.type == "cpu":
+            try:
+                with open("/proc/meminfo") as fh:
+                    for line in fh:
+                        if line.startswith("MemAvailable:"):
+                            return int(line.split()[1]) * 1024
+            except OSError:
+                pass
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def check_exact_memory(x: torch.Tensor, chunk: int) -> None:
+    """Raise MemoryError before the exact divergence allocates more than the device has.
+
+    Each chunk of n VJPs materialises an n-row one-hot basis and its n VJPs, 2 n B D values (a lower bound: a
+    network's batched backward also holds n copies of its activations).
+    """
+    B, D = x.shape[0], x[0].numel()
+    n = min(int(chunk), D)
+    per_row = 2 * B * D * x.element_size()
+    need = n * per_row
+    avail = available_bytes(x.device)
+    if avail is None or need <= avail:
+        return
+    fits = avail // per_row
+    hint = (f"lower exact_chunk to at most {fits}" if fits >= 1 else "even one VJP row does not fit")
+    raise MemoryError(
+        f"divergence='exact' with exact_chunk={chunk} for a batch of {B} x D={D} ({x.dtype}) needs at least "
+        f"{need} bytes ({need / 2**30:.3g} GiB) per chunk (one-hot basis + {n} VJPs), more than the {avail} bytes "
+        f"({avail / 2**30:.3g} GiB) available on {x.device}; {hint}, or use divergence='hutchinson'"
+    )
+
+
+def hutchinson_div_score(model: Callable, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+    """score and e^T (ds/dx) e for each of the K probes in ``eps`` [K, B, ...]: one forward, K VJPs."""
+    K = eps.shape[0]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        s = model(xg, t)
+        ests = []
+        for k in range(K):
+            (vjp,) = torch.autograd.grad(s, xg, eps[k], retain_graph=k < K - 1)
+            ests.append((vjp * eps[k]).flatten(1).sum(1))
+    return s.detach(), torch.stack(ests, 1)  # [B, K]

@@ -1,0 +1,201 @@
+"""The one fixed-grid run: every grid solver (fixed-step RK, exponential integrators, SDE samplers) is a step function
+``step(run, x, i) -> x_next`` from grid time ``run.t[i]`` to ``run.t[i + 1]``, and `run_grid` does the rest.
+
+`GridRun` holds what steps share: the counted model (the one wrap of the score, see
+`scoresolve.solvers._registry.counted`) and the process using it, one host float64 copy of the validated grid (so
+step coefficients are Python floats and need no device sync), the schedule on the grid (alpha, sigma, lambda, s),
+the resolved options, seeded per-sample noise, a scratch ``memory`` for multistep histories, the non-finite guard,
+the trajectory, the callback and the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Any, Callable
+
+import torch
+
+from .._utils import bcast, check_batched
+from ..reverse import ReverseProcess
+from ._registry import SolverSpec, counted
+from ._solution import Solution, Trajectory
+from .errors import NonFiniteError
+from .noise import Noise, Seeds
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def check_grid(ts: torch.Tensor, T: float) -> torch.Tensor:
+    """Validate a time grid: 1-D, at least 2 points, strictly decreasing, inside (0, T]."""
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"a time grid must be a 1-D tensor of at least 2 times, got shape {tuple(ts.shape)}")
+    tc = ts.detach().cpu()
+    if not bool(torch.isfinite(tc).all()):
+        raise ValueError("the time grid contains non-finite values")
+    if not bool((tc[1:] < tc[:-1]).all()):
+        raise ValueError(f"the time grid must be strictly decreasing (from T towards t_eps), got {tc[:6].tolist()}...")
+    if float(tc[-1]) <= 0 or float(tc[0]) > T * (1 + 1e-6):
+        raise ValueError(f"the time grid must lie in (0, T] = (0, {T}], got [{float(tc[-1])}, {float(tc[0])}]")
+    return ts
+
+
+def batch_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A time (a 0-d tensor or a Python float) as a ``[batch]`` tensor in x's dtype/device."""
+    if torch.is_tensor(t):
+        return t.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
+    return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+
+
+class FiniteGuard:
+    """Tracks, without host-device synchronisation, when each sample first turns non-finite.
+
+    `update` after each step with the new state and its time; `check` once at the end raises
+    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad. ``last`` holds the last finite state of every
+    sample.
+    """
+
+    def __init__(self, x: torch.Tensor, solver: str) -> None:
+        self.solver = solver
+        self.last = x.detach().clone()
+        self.bad_t = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
+
+    def update(self, x: torch.Tensor, t: torch.Tensor | float) -> None:
+        ok = torch.isfinite(x).flatten(1).all(1)
+        good_before = torch.isnan(self.bad_t)
+        t = torch.as_tensor(t, dtype=self.bad_t.dtype, device=self.bad_t.device).expand_as(self.bad_t)
+        self.bad_t = torch.where(good_before & ~ok, t, self.bad_t)
+        self.last = torch.where(bcast(good_before & ok, x), x.detach(), self.last)
+
+    def check(self) -> None:
+        bad = ~torch.isnan(self.bad_t)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise NonFiniteError(self.solver, idx, self.bad_t[bad].tolist(), self.last)
+
+
+class GridRun:
+    """The state of one grid solve shared by its steps (see the module docstring). ``t`` are the grid's host
+    float64 times, ``ts`` the network times (x's dtype and device), ``options`` the solver's resolved options,
+    ``stats`` what the solution will report."""
+
+    def __init__(self, spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor,
+                 options: dict, *, generator: torch.Generator | None = None, seeds: Seeds | None = None,
+                 callback: Callback | None = None, save_trajectory: bool = False, progress: bool = False) -> None:
+        check_batched(x)
+        self.name, self.process, self.sde, self.callback = spec.name, process, process.sde, callback
+        self.proc, self.model, self.counter = counted(process)
+        self.t64 = check_grid(ts.detach().to("cpu", torch.float64), self.sde.T)  # the one host copy of the grid
+        self.t = self.t64.tolist()
+        self.steps = len(self.t) - 1
+        self.ts = ts.to(dtype=x.dtype, device=x.device)  # network times
+        self.options = options
+        self.noise = Noise(x, generator, seeds)
+        self.memory: dict[str, Any] = {}
+        self.stats: dict[str, Any] = dict(options)  # the resolved options, reported with the solution
+        self.guard, self.traj = FiniteGuard(x, spec.name), Trajectory(save_trajectory)
+        self.traj.add(self.ts[0], x)
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps, desc="sampling", unit="step")
+
+    # --- the schedule on the grid, as Python floats (computed once, on the host) ------------------------------
+    @cached_property
+    def alpha(self) -> list[float]:
+        return self.sde.alpha(self.t64).tolist()
+
+    @cached_property
+    def sigma(self) -> list[float]:
+        return self.sde.sigma(self.t64).tolist()
+
+    @cached_property
+    def log_alpha(self) -> list[float]:
+        return self.sde.log_alpha(self.t64).tolist()
+
+    @cached_property
+    def lam(self) -> list[float]:
+        return self.sde.log_snr(self.t64).tolist()
+
+    @cached_property
+    def s(self) -> list[float]:
+        """s(t), the reverse process's noise coefficient, on the grid."""
+        return self.process.diffusion(self.t64).to(torch.float64).expand(self.t64.shape).tolist()
+
+    def at_lambda(self, lam: float) -> tuple[float, float, float, float]:
+        """(t, alpha, sigma, lambda) at the time whose log-SNR is ``lam`` (lambda recomputed at that t)."""
+        t = self.sde.t_from_log_snr(torch.tensor([lam], dtype=torch.float64))
+        return float(t), float(self.sde.alpha(t)), float(self.sde.sigma(t)), float(self.sde.log_snr(t))
+
+    # --- evaluations ------------------------------------------------------------------------------------------
+    def time(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Grid time i as a ``[batch]`` tensor."""
+        return batch_t(self.ts[i], x)
+
+    def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.model(x, self.time(i, x))
+
+    def x0(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Data prediction at grid point i."""
+        return self.model.x0(x, self.time(i, x))
+
+    def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Noise prediction at grid point i."""
+        return self.model.eps(x, self.time(i, x))
+
+    def eps_at(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Noise prediction at an off-grid time t (a Python float: no host-device transfer)."""
+        return self.model.eps(x, batch_t(t, x))
+
+    def drift_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The reverse process's drift at ``[batch]`` times t."""
+        return self.proc.drift_from_score(x, t, self.model(x, t))
+
+    def drift(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.drift_at(x, self.time(i, x))
+
+    def normal(self, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
+        """N(0, I) like x for step i (with seeds: a function of each sample's seed, i and ``stream`` only)."""
+        return self.noise(x.shape, i, stream)
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+    def done(self, i: int, x: torch.Tensor) -> None:
+        """Record the state after step i (from ts[i] to ts[i + 1])."""
+        self.guard.update(x, self.ts[i + 1])
+        self.traj.add(self.ts[i + 1], x)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback(i, self.ts[i + 1], x)
+
+    def solution(self, x: torch.Tensor) -> Solution:
+        if self.bar is not None:
+            self.bar.close()
+        self.guard.check()
+        tr_ts, tr_xs = self.traj.result()
+        return Solution(x=x, nfe=self.counter.calls, steps=self.steps, t=batch_t(self.ts[-1], x), ts=tr_ts,
+                        xs=tr_xs, solver=self.name, stats=dict(self.stats))
+
+
+def run_grid(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,
+             generator: torch.Generator | None = None, seeds: Seeds | None = None, callback: Callback | None = None,
+             save_trajectory: bool = False, progress: bool = False, **options: Any) -> Solution:
+    """Run grid solver ``spec`` on ``process`` from ``x`` at ts[0] over the decreasing grid ``ts``."""
+    opts = spec.resolve(process, options, max(int(ts.numel()) - 1, 0))
+    run = GridRun(spec, process, x, ts, opts, generator=generator, seeds=seeds, callback=callback,
+                  save_trajectory=save_trajectory, progress=progress)
+    assert spec.step is not None
+    try:
+        for i in range(run.steps):
+            x = spec.step(run, x, i)
+            run.done(i, x)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    return run.solution(x)
+
+
+def sqrt_pos(v: float) -> float:
+    """sqrt of a variance that rounding may have left a hair below 0."""
+    return math.sqrt(max(v, 0.0))

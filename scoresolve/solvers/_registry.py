@@ -1,0 +1,160 @@
+"""Solver names -> registry entries, the one options convention, and the one counting wrap of the score.
+
+Every registered solver is called the same way, ``spec(process, x, ts, **keywords)``: ``ts`` is the decreasing time
+grid of a grid solver, or the span ``[t0, t1]`` of an adaptive one. A grid solver is one step function plus its
+entry (`scoresolve.solvers._grid` runs the grid); an adaptive one is a stepper for the one integrator
+(`scoresolve.solvers.integrate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from ..reverse import ReverseProcess
+from ..score import ScoreModel
+from ._solution import Solution
+
+# keyword arguments that sample() passes to a solver itself (they are not the caller's options)
+COMMON = frozenset({"callback", "save_trajectory", "generator", "rtol", "atol", "progress"})
+SET_BY_SAMPLE = COMMON  # the old name
+
+
+class EvalCounter:
+    """Wraps a score function and counts its (batched) calls; ``calls`` is the NFE of every sample in it."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def counted(process: ReverseProcess) -> tuple[ReverseProcess, ScoreModel, EvalCounter]:
+    """(process using a counted model, that model, its counter): the one place a solve wraps the score.
+
+    The copy of the process's [`ScoreModel`][scoresolve.ScoreModel] calls its network through the counter, so
+    ``counter.calls`` is the solve's exact NFE whatever prediction (score, eps, x0) a step asks for.
+    """
+    model = copy.copy(ScoreModel.wrap(process.score, process.sde))
+    counter = EvalCounter(model.net)
+    model.net = counter
+    return process.with_score(model), model, counter
+
+
+def check_options(name: str, unknown: Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise one TypeError for the ``unknown`` options of solver ``name``, listing the ``accepted`` ones."""
+    unknown = sorted(unknown)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "none"
+        raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; its options: {takes}")
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Registry entry of a solver.
+
+    kind: ``"grid"`` (runs on a decreasing time grid: fixed-step, exponential and SDE samplers; ``step`` is its
+    step function, see `scoresolve.solvers._grid`) or ``"adaptive"`` (chooses its own steps from rtol/atol; ``run``
+    solves). ``options`` maps the solver's options to their defaults; ``prepare(process, options, steps)`` checks
+    their values and returns them resolved (e.g. an ``eta`` read from the process's diffusion scale).
+    ``evals_per_step`` and ``extra_evals`` give the NFE of a grid solve: nfe = evals_per_step * steps + extra_evals
+    (this is how an ``nfe`` budget becomes a step count); ``evals_per_step_fn(options)`` overrides it where it
+    depends on options. ``min_steps`` is the fewest steps the method accepts, ``default_grid`` the grid used when the
+    caller gives none, ``default_diffusion`` the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
+    the SDE samplers). ``stochastic`` solvers take a ``generator`` or per-sample ``seeds``; if ``noise_option``
+    names an option (``eta`` for ddim) they draw noise only when it is > 0 (see `draws_noise`).
+    """
+
+    name: str
+    kind: str = "grid"
+    step: Callable[..., torch.Tensor] | None = None
+    run: Callable[..., Solution] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    prepare: Callable[[ReverseProcess, dict, int], dict] | None = None
+    evals_per_step: int = 1
+    extra_evals: int = 0
+    min_steps: int = 1
+    default_grid: str = "uniform"
+    order: float = 1.0
+    stochastic: bool = False
+    description: str = ""
+    noise_option: str | None = None
+    default_diffusion: float = 0.0
+    evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
+
+    def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
+        """Solve ``process`` from ``x`` over ``ts`` (the grid, or the span [t0, t1] of an adaptive solver)."""
+        if self.kind == "grid":
+            from ._grid import run_grid
+
+            return run_grid(self, process, x, ts, **keywords)
+        assert self.run is not None
+        return self.run(self, process, x, ts, **keywords)
+
+    @property
+    def fn(self) -> Callable[..., Solution]:
+        """The solver as a function ``fn(process, x, ts, **keywords)`` (the same as calling the entry)."""
+        return functools.partial(SolverSpec.__call__, self)
+
+    def accepted_options(self) -> tuple[str, ...]:
+        """The options ``sample(..., **options)`` may pass to this solver, sorted."""
+        names = set(self.options) | ({"seeds"} if self.stochastic else set())
+        return tuple(sorted(names))
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """TypeError naming the options this solver does not take (and the ones it does)."""
+        accepted = self.accepted_options()
+        check_options(self.name, [k for k in options if k not in accepted], accepted)
+
+    def resolve(self, process: ReverseProcess, options: Mapping[str, Any], steps: int = 0) -> dict:
+        """The options with their defaults filled in, checked (unknown names: TypeError) and resolved."""
+        self.check_options(options)
+        opts = {**self.options, **{k: v for k, v in options.items() if k != "seeds"}}
+        return self.prepare(process, opts, steps) if self.prepare is not None else opts
+
+    def evals(self, options: Mapping[str, Any] | None = None) -> int:
+        """Score evaluations per step with these options (e.g. pc: 1 + corrector_steps)."""
+        if self.evals_per_step_fn is not None:
+            return int(self.evals_per_step_fn({**self.options, **(options or {})}))
+        return self.evals_per_step
+
+    def draws_noise(self, options: Mapping[str, Any]) -> bool:
+        """Whether a run with these options is random (its result depends on the generator)."""
+        if not self.stochastic:
+            return False
+        return self.noise_option is None or float(options.get(self.noise_option, 0.0) or 0.0) > 0
+
+    def steps_for_nfe(self, nfe: int, options: Mapping[str, Any] | None = None) -> int:
+        per = self.evals(options)
+        steps = (int(nfe) - self.extra_evals) // per
+        if steps < self.min_steps:
+            need = self.min_steps * per + self.extra_evals
+            raise ValueError(f"solver {self.name!r} needs at least nfe={need}, got nfe={nfe}")
+        return steps
+
+    def nfe_for_steps(self, steps: int, options: Mapping[str, Any] | None = None) -> int:
+        return self.evals(options) * steps + self.extra_evals
+
+
+REGISTRY: dict[str, SolverSpec] = {}
+
+
+def register(spec: SolverSpec) -> SolverSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"solver {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def require_ode(name: str, process: ReverseProcess) -> None:
+    """ValueError unless ``process`` is the probability-flow ODE (s = 0)."""
+    if not process.is_ode:
+        raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); for diffusion > 0 use "
+                         "'ddim' with eta > 0, 'dpmpp_2m_sde', or an SDE sampler such as 'euler_maruyama'")
