@@ -238,7 +238,8 @@ def integrate(
             the first tensor of y) and ``y`` structured like ``y0``; it must return the same structure and shapes.
             Samples that have finished are still passed (at t1, with their final state); ignore their output.
         y0: initial state: a tensor ``[batch, ...]`` or a tuple of tensors that share the batch dimension.
-        t0, t1: start and end times (floats); t1 < t0 integrates backwards.
+        t0: start time (a float).
+        t1: end time; t1 < t0 integrates backwards.
         controller: step-size controller (default `PIController()`).
         max_steps: most step attempts (accepted + rejected) of any sample; then `MaxStepsError`.
         first_step: initial |h| for every sample; None asks the stepper (Hairer's heuristic for Runge-Kutta: one
