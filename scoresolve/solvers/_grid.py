@@ -10,7 +10,6 @@ the trajectory, the callback and the progress bar.
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from typing import Any, Callable
 
@@ -195,7 +194,3 @@ def run_grid(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: tor
             run.bar.close()
     return run.solution(x)
 
-
-def sqrt_pos(v: float) -> float:
-    """sqrt of a variance that rounding may have left a hair below 0."""
-    return math.sqrt(max(v, 0.0))

@@ -19,10 +19,6 @@ from ..reverse import ReverseProcess
 from ..score import ScoreModel
 from ._solution import Solution
 
-# keyword arguments that sample() passes to a solver itself (they are not the caller's options)
-COMMON = frozenset({"callback", "save_trajectory", "generator", "rtol", "atol", "progress"})
-SET_BY_SAMPLE = COMMON  # the old name
-
 
 class EvalCounter:
     """Wraps a score function and counts its (batched) calls; ``calls`` is the NFE of every sample in it."""

@@ -9,7 +9,7 @@ an embedded pair from `scoresolve.solvers.tableaux`. The registered solvers ``do
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -100,7 +100,3 @@ for _tab, _what in ((DOPRI5, "Dormand-Prince 5(4)"), (TSIT5, "Tsitouras 5(4)"), 
     register(SolverSpec(_tab.name, kind="adaptive", run=_solve_pf_ode, options=PF_ODE_OPTIONS, order=_tab.order,
                         description=f"{_what}, adaptive per-sample steps, on the PF-ODE"))
 
-
-def adaptive_ode_options() -> Sequence[str]:
-    """The options every registered adaptive ODE solver takes."""
-    return tuple(sorted(PF_ODE_OPTIONS))
