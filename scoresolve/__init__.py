@@ -6,8 +6,8 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusion, score_sde models)
 from .analytic import GaussianMixture
-from .dataset_eval import EvalSummary, evaluate_dataset
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
+from .evaluation import EvalSummary, evaluate_dataset
 from .likelihood import LikelihoodResult, log_likelihood
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample

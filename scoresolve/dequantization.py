@@ -85,6 +85,47 @@ def levels_bits_per_dim(
     return -log_prob / (int(num_dims) * math.log(2)) + offset
 
 
+def resolve_levels(bits: int | None, num_levels: int | None, data_range: Range = (-1.0, 1.0)) -> int | None:
+    """The number of quantisation levels L of the data from ``bits`` (L = 2^k) or ``num_levels`` (L itself).
+
+    Args:
+        bits: k of k-bit data (an integer in [1, 32]), or None.
+        num_levels: L (an integer >= 2), or None.
+        data_range: (lo, hi) of the data, checked to be finite with lo < hi when a quantisation is given.
+    Returns:
+        L, or None when both are None (continuous data, no dequantization).
+    Raises:
+        ValueError: an invalid ``bits``, ``num_levels`` or ``data_range``, or ``bits`` and ``num_levels`` that
+            disagree (both may be given only if num_levels == 2^bits).
+    """
+    if bits is None and num_levels is None:
+        return None
+    L = None
+    if bits is not None:
+        bin_offset(bits, data_range)  # validates bits (an integer in [1, 32]) and data_range
+        L = 2 ** int(bits)
+    if num_levels is not None:
+        check_levels_range(num_levels, data_range)
+        if L is not None and int(num_levels) != L:
+            raise ValueError(
+                f"bits={bits!r} (2^{int(bits)} = {L} levels) and num_levels={num_levels!r} disagree: give one of them"
+            )
+        L = int(num_levels)
+    return L
+
+
+def pow2_bits(num_levels: int) -> int | None:
+    """k if L = 2^k with k in [1, 32] (the range of the k-bit helpers), else None."""
+    k = int(num_levels).bit_length() - 1
+    return k if 1 <= k <= 32 and 1 << k == num_levels else None
+
+
+def grid_name(num_levels: int) -> str:
+    """``"k-bit"`` for L = 2^k, else ``"L-level"``: the grid's name in messages."""
+    k = pow2_bits(num_levels)
+    return f"{k}-bit" if k is not None else f"{int(num_levels)}-level"
+
+
 def grid_levels(x: torch.Tensor, num_levels: int, data_range: Range, what: str | None = None) -> torch.Tensor:
     """Integer levels i (int64) of L-level data: integer tensors are taken as levels, floats as lo + (hi-lo) i/(L-1).
 

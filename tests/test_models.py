@@ -11,7 +11,7 @@ import scoresolve
 from scoresolve import EDMSDE, VESDE, VPSDE, GaussianMixture, ScoreModel, SubVPSDE
 from scoresolve import data as sdata
 from scoresolve.models import MLPScoreNet, TrainConfig, UNet, export_model, load_checkpoint, num_parameters
-from scoresolve.models.train import add_train_args, cmd_train, dsm_loss, sample_time, train
+from scoresolve.models.train import dsm_loss, sample_time, train
 
 try:
     import sklearn  # noqa: F401
@@ -236,39 +236,6 @@ def test_checkpoint_round_trip_and_bit_identical_resume(tmp_path):
     torch.testing.assert_close(load_checkpoint(str(tmp_path / "m32.pt"))[0](x, t), expect, rtol=0, atol=0)
     torch.testing.assert_close(load_checkpoint(str(tmp_path / "m16.pt"))[0](x, t), expect, rtol=1e-2, atol=1e-2)
     assert (tmp_path / "m16.pt").stat().st_size < (tmp_path / "m32.pt").stat().st_size
-
-
-def test_cmd_train(tmp_path, capsys):
-    import argparse
-
-    parser = add_train_args(argparse.ArgumentParser())
-    out = str(tmp_path / "run")
-    argv = ["--data", "swissroll", "--sde", "subvp", "--steps", "4", "--batch-size", "16", "--out", out, "--quiet",
-            "--model-arg", "hidden=16", "--model-arg", "depth=1", "--weighting", "likelihood", "--importance-sampling"]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
-    assert "4 steps" in capsys.readouterr().out
-    assert cmd_train(parser.parse_args(argv)) == 2  # an existing run is not overwritten without --resume
-    args = parser.parse_args([*argv, "--resume", "--steps", "6", "--export", str(tmp_path / "m.pt")])
-    assert cmd_train(args) == 0
-    model, sde, config = load_checkpoint(str(tmp_path / "m.pt"))
-    assert isinstance(sde, SubVPSDE) and config.steps == 6 and config.weighting == "likelihood"
-    assert model(torch.randn(3, 2), torch.rand(3)).shape == (3, 2)
-
-
-def test_cmd_train_on_the_edm_sde(tmp_path, capsys):
-    import argparse
-
-    parser = add_train_args(argparse.ArgumentParser())
-    out = str(tmp_path / "run")
-    argv = ["--data", "swissroll", "--sde", "edm", "--sde-arg", "T=20", "--steps", "3", "--batch-size", "16",
-            "--out", out, "--quiet", "--model-arg", "hidden=16", "--model-arg", "depth=1", "--weighting", "likelihood",
-            "--importance-sampling", "--export", str(tmp_path / "m.pt")]
-    assert cmd_train(parser.parse_args(argv)) == 0
-    model, sde, config = load_checkpoint(str(tmp_path / "m.pt"))
-    assert isinstance(sde, EDMSDE) and sde.T == 20.0 and config.sde == "edm"
-    x = torch.randn(5, 2)
-    assert torch.isfinite(model(x, torch.full((5,), 0.01))).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

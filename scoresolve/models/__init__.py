@@ -22,14 +22,13 @@ from .unet import UNet, num_parameters
 _TRAIN_NAMES = (
     "TrainConfig",
     "TrainResult",
-    "add_train_args",
     "build_network",
     "build_sde",
-    "cmd_train",
     "dsm_loss",
     "export_model",
     "load_checkpoint",
 )
+_CLI_NAMES = ("add_train_args", "cmd_train")  # the `scoresolve train` command, in scoresolve.cli.train
 
 
 def __getattr__(name: str):
@@ -37,6 +36,10 @@ def __getattr__(name: str):
         from . import train as _train
 
         return getattr(_train, name)
+    if name in _CLI_NAMES:
+        from ..cli import train as _cli_train
+
+        return getattr(_cli_train, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,7 +1,8 @@
 """Measurements of a trained image model: bits/dim on held-out digits and sample grids.
 
-    python -m scoresolve.models.evaluate --checkpoint scoresolve/models/checkpoints/digits_vp.pt \\
-        --bpd-n 200 --grid digits_samples.png
+    scoresolve evaluate --checkpoint scoresolve/models/checkpoints/digits_vp.pt --bpd-n 200 --grid digits_samples.png
+
+(or ``python -m scoresolve.models.evaluate`` with the same options; the command lives in `scoresolve.cli.evaluate`).
 
 Bits/dim: each held-out image is uniformly dequantized on its 17 levels
 ([`scoresolve.data.dequantize`][scoresolve.data.dequantize]), its log-density is computed with
@@ -12,7 +13,6 @@ adaptive dopri5) and converted with [`scoresolve.data.bits_per_dim`][scoresolve.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -23,7 +23,6 @@ import torch
 
 from ..data import DIGITS_LEVELS, DIGITS_RANGE, bits_per_dim, dequantize
 from ..likelihood import log_likelihood
-from ..sampling import sample
 
 
 @dataclass
@@ -63,7 +62,7 @@ def dequantized_bpd(
         for b, start in enumerate(range(0, x.shape[0], batch_size)):
             g = torch.Generator().manual_seed(seed + 1000 * r + b)
             y = dequantize(x[start : start + batch_size], num_levels, data_range, generator=g)
-            res = log_likelihood(model, y, sde, generator=g, **likelihood_kwargs)
+            res = log_likelihood(model, sde, y, generator=g, **likelihood_kwargs)
             row.append(bits_per_dim(res.log_prob.double(), D, num_levels, data_range))
             nfes.append(res.nfe.double())
         rows.append(torch.cat(row))
@@ -102,47 +101,7 @@ def save_sample_grids(panels: Sequence[tuple[str, torch.Tensor]], path: str, nro
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ..data import digits
-    from .train import load_checkpoint
+if __name__ == "__main__":  # python -m scoresolve.models.evaluate: the `scoresolve evaluate` command
+    from ..cli.evaluate import main
 
-    p = argparse.ArgumentParser(prog="python -m scoresolve.models.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--bpd-n", type=int, default=200, help="held-out images for bits/dim (0: skip)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--probes", type=int, default=1)
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--repeats", type=int, default=1, help="dequantization draws per image")
-    p.add_argument("--grid", default="", help="PNG of 64 samples: dpmpp_2m (20 NFE) and dopri5")
-    p.add_argument("--grid-rtol", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, sde, config = load_checkpoint(args.checkpoint)
-    if args.grid:
-        x_T = sde.prior_sample((64, 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
-        a = sample(model, sde, x_T, solver="dpmpp_2m", nfe=20)
-        b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol)
-        nfe_b = float(b.nfe.double().mean()) if torch.is_tensor(b.nfe) else float(b.nfe)
-        test = digits("test", seed=config.split_seed)[:64]
-        panels = [("held-out data", test), ("dpmpp_2m, 20 NFE", a.x)]
-        panels.append((f"dopri5 rtol={args.grid_rtol:g}, NFE {nfe_b:.0f}", b.x))
-        save_sample_grids(panels, args.grid)
-        print(f"sample grid written to {args.grid}")
-    if args.bpd_n > 0:
-        x = digits("test", seed=config.split_seed)[: args.bpd_n]
-        res = dequantized_bpd(model, sde, x, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed,
-                              probes=args.probes, rtol=args.rtol, atol=args.atol)
-        print(
-            f"bits/dim on {x.shape[0]} held-out digits (17 levels, uniform dequantization, {args.repeats} draw(s), "
-            f"{args.probes} Hutchinson probe(s), dopri5 rtol={args.rtol:g} atol={args.atol:g}): "
-            f"{res.mean:.4f} +- {res.std_error:.4f}  (mean NFE {res.nfe_mean:.0f}, {res.seconds:.0f} s)"
-        )
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

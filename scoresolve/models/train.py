@@ -27,7 +27,6 @@ continues bit-identically on the same machine. `export_model` writes the EMA wei
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -394,112 +393,7 @@ def train(
     return TrainResult(net, ema, sde, config, step, losses, shape, time.perf_counter() - t0)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------------------------
-def _parse_kv(items: Sequence[str] | None) -> dict:
-    out: dict = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                if "," in value:
-                    out[key] = [int(v) for v in value.split(",")]
-                else:
-                    out[key] = value
-    return out
+if __name__ == "__main__":  # python -m scoresolve.models.train: the `scoresolve train` command
+    from ..cli.train import main
 
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``scoresolve train`` (sets ``func=cmd_train``)."""
-    from ..data import DATASETS
-
-    d = TrainConfig()
-    p = parser
-    p.add_argument("--data", choices=DATASETS, default="moons", help="dataset (default: moons)")
-    p.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
-    p.add_argument("--sde-arg", action="append", metavar="KEY=VALUE", help="SDE constructor argument, repeatable")
-    p.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto",
-                   help="network (default: auto = unet for images, mlp otherwise)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="network constructor argument, repeatable (e.g. base_channels=16, channel_mult=1,2)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"total optimizer steps (default: {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear lr warm-up steps (default: {d.warmup})")
-    p.add_argument("--weighting", choices=WEIGHTINGS, default="eps", help="DSM weighting (default: eps)")
-    p.add_argument("--importance-sampling", action="store_true",
-                   help="with --weighting likelihood: draw t uniformly in log-SNR")
-    p.add_argument("--t-eps", type=float, default=d.t_eps, help=f"smallest training time (default: {d.t_eps})")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default: {d.ema_decay}")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0: off ({d.grad_clip})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and every random draw")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--out", default=None, help="run directory for train_state.pt and model.pt "
-                   "(default: runs/<data>_<sde>)")
-    p.add_argument("--export", default=None, help="path of the exported EMA model (default: <out>/model.pt)")
-    p.add_argument("--export-dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if it exists")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-    return p
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """``scoresolve train``: train, checkpoint to ``--out``, export the EMA model, print a summary."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = TrainConfig(
-        data=args.data,
-        sde=args.sde,
-        sde_kwargs=_parse_kv(args.sde_arg),
-        model=args.model,
-        model_kwargs=_parse_kv(args.model_arg),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        weighting=args.weighting,
-        importance_sampling=args.importance_sampling,
-        t_eps=args.t_eps,
-        ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
-    out = args.out or os.path.join("runs", f"{args.data}_{args.sde}")
-    state = os.path.join(out, STATE_FILE)
-    if os.path.exists(state) and not args.resume:
-        print(f"{state} exists: pass --resume to continue it, or choose another --out", file=sys.stderr)
-        return 2
-    res = train(config, out_dir=out, resume=args.resume, progress=not args.quiet)
-    export = args.export or os.path.join(out, MODEL_FILE)
-    export_model(res, export, dtype=getattr(torch, args.export_dtype))
-    n_par = sum(p.numel() for p in res.net.parameters())
-    tail = res.losses[-100:]
-    mean_tail = sum(tail) / max(len(tail), 1)
-    print(
-        f"{config.data}/{config.sde}: {res.step} steps ({res.seconds:.1f} s this run), {n_par} parameters, "
-        f"mean loss of the last {len(tail)} steps {mean_tail:.4f}\n"
-        f"training state: {state}\nEMA model ({args.export_dtype}, {os.path.getsize(export) / 1e6:.2f} MB): {export}"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m scoresolve.models.train ...`` (same options as ``scoresolve train``)."""
-    parser = argparse.ArgumentParser(prog="python -m scoresolve.models.train", description=__doc__.split("\n")[0])
-    add_train_args(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,8 @@
-"""Helper process for test_dataset_eval.py: evaluate an analytic Gaussian-mixture dataset with an exact per-batch
-function (optionally slowed down, optionally with generator noise), as a plain process or under torchrun.
+"""Helper process for the tests of scoresolve.evaluation (tests/test_evaluation_*.py): evaluate an analytic
+Gaussian-mixture dataset with an exact per-batch function (optionally slowed down, optionally with generator noise),
+as a plain process or under torchrun.
 
-Run: python tests/_dataset_eval_worker.py OUT_DIR [--n N] [--repeats R] [--batch-size B] [--sleep S] [--noise E]
+Run: python tests/_evaluation_worker.py OUT_DIR [--n N] [--repeats R] [--batch-size B] [--sleep S] [--noise E]
 Under torchrun (WORLD_SIZE > 1 in the environment) it joins a gloo process group through env://.
 """
 
@@ -16,7 +17,7 @@ import time
 import torch
 
 import scoresolve as ss
-from scoresolve.dataset_eval import evaluate_dataset
+from scoresolve.evaluation import evaluate_dataset
 
 T_EPS = 1e-5
 

@@ -1,0 +1,57 @@
+"""The ``scoresolve`` command: ``compare`` (the default), ``sample``, ``likelihood``, ``train`` and ``evaluate``.
+
+Every command lives in its own module here (``add_<command>_args`` and ``cmd_<command>``); library modules hold no
+argparse code. Bad option values, missing input files and unusable output paths are usage errors (exit status 2),
+found before a command starts its work.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from ._args import CommandParser
+from .compare import DEFAULT_SOLVERS, add_compare_args, cmd_compare
+from .evaluate import add_evaluate_args, cmd_evaluate
+from .likelihood import add_likelihood_args, cmd_likelihood
+from .sample import add_sample_args, cmd_sample
+from .train import add_train_args, cmd_train
+
+COMMANDS = {
+    "compare": (add_compare_args, "work-precision study of solvers on an analytic Gaussian mixture (default)"),
+    "sample": (add_sample_args, "sample the analytic mixture (scored exactly) or the shipped digits model"),
+    "likelihood": (add_likelihood_args, "log-likelihood / bits-per-dim of a dataset via the PF-ODE"),
+    "train": (add_train_args, "train a reference score network by denoising score matching"),
+    "evaluate": (add_evaluate_args, "bits/dim and a sample grid of a trained digits model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scoresolve`` parser: one sub-command per entry of ``COMMANDS``."""
+    parser = CommandParser(prog="scoresolve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    for name, (add_args, help_) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``scoresolve ARGV`` (no command: ``compare``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # the main job: a work-precision study on the built-in default model
+        args = parser.parse_args(["compare", *(argv or [])])
+    return args.func(args)
+
+
+__all__ = [
+    "COMMANDS",
+    "DEFAULT_SOLVERS",
+    "build_parser",
+    "cmd_compare",
+    "cmd_evaluate",
+    "cmd_likelihood",
+    "cmd_sample",
+    "cmd_train",
+    "main",
+]

@@ -1,0 +1,115 @@
+"""``scoresolve train`` (also ``python -m scoresolve.models.train``): train a reference score network by denoising
+score matching (`scoresolve.models.train`), checkpoint it and export its EMA weights."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+from ._args import (
+    NONNEGATIVE_FLOAT,
+    NONNEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    UsageError,
+    add_check,
+    key_value,
+    number,
+    output_dir,
+    output_file_in_new_dir,
+    run_module,
+)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from ..models.train import build_sde
+
+    try:
+        sde = build_sde(args.sde, **dict(args.sde_arg or []))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--sde {args.sde} with --sde-arg {dict(args.sde_arg or [])}: {e}") from None
+    if not args.t_eps < sde.T:
+        raise UsageError(f"--t-eps must lie in (0, T) = (0, {sde.T:g}) for this SDE, got {args.t_eps:g}")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``scoresolve train`` (sets ``func=cmd_train``)."""
+    from ..data import DATASETS
+    from ..models.train import SDES, WEIGHTINGS, TrainConfig
+
+    d = TrainConfig()
+    p = parser
+    p.add_argument("--data", choices=DATASETS, default="moons", help="dataset (default: moons)")
+    p.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
+    p.add_argument("--sde-arg", type=key_value, action="append", metavar="KEY=VALUE",
+                   help="SDE constructor argument, repeatable")
+    p.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto",
+                   help="network (default: auto = unet for images, mlp otherwise)")
+    p.add_argument("--model-arg", type=key_value, action="append", metavar="KEY=VALUE",
+                   help="network constructor argument, repeatable (e.g. base_channels=16, channel_mult=1,2)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=d.steps, help=f"total optimizer steps (default: {d.steps})")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help=f"default: {d.batch_size}")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=NONNEGATIVE_INT, default=d.warmup,
+                   help=f"linear lr warm-up steps (default: {d.warmup})")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="eps", help="DSM weighting (default: eps)")
+    p.add_argument("--importance-sampling", action="store_true",
+                   help="with --weighting likelihood: draw t uniformly in log-SNR")
+    p.add_argument("--t-eps", type=POSITIVE_FLOAT, default=d.t_eps, help=f"smallest training time (default: {d.t_eps})")
+    p.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
+                   help=f"in [0, 1) (default: {d.ema_decay})")
+    p.add_argument("--grad-clip", type=NONNEGATIVE_FLOAT, default=d.grad_clip,
+                   help=f"max gradient norm, 0: off ({d.grad_clip})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and every random draw")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every,
+                   help="steps between checkpoints")
+    p.add_argument("--out", type=output_dir, default=None, help="run directory for train_state.pt and model.pt "
+                   "(default: runs/<data>_<sde>)")
+    p.add_argument("--export", type=output_file_in_new_dir, default=None,
+                   help="path of the exported EMA model (default: <out>/model.pt)")
+    p.add_argument("--export-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if it exists")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    add_check(p, _check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m scoresolve.models.train ...``: ``scoresolve train`` as a stand-alone program."""
+    return run_module("scoresolve.models.train", add_train_args, argv)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``scoresolve train``: train, checkpoint to ``--out``, export the EMA model, print a summary."""
+    from ..models.train import MODEL_FILE, STATE_FILE, TrainConfig, export_model, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**options, sde_kwargs=dict(args.sde_arg or []), model_kwargs=dict(args.model_arg or []))
+    out = args.out or os.path.join("runs", f"{args.data}_{args.sde}")
+    state = os.path.join(out, STATE_FILE)
+    if os.path.exists(state) and not args.resume:
+        print(f"{state} exists: pass --resume to continue it, or choose another --out", file=sys.stderr)
+        return 2
+    res = train(config, out_dir=out, resume=args.resume, progress=not args.quiet)
+    export = args.export or os.path.join(out, MODEL_FILE)
+    export_model(res, export, dtype=getattr(torch, args.export_dtype))
+    n_par = sum(p.numel() for p in res.net.parameters())
+    tail = res.losses[-100:]
+    mean_tail = sum(tail) / max(len(tail), 1)
+    print(
+        f"{config.data}/{config.sde}: {res.step} steps ({res.seconds:.1f} s this run), {n_par} parameters, "
+        f"mean loss of the last {len(tail)} steps {mean_tail:.4f}\n"
+        f"training state: {state}\nEMA model ({args.export_dtype}, {os.path.getsize(export) / 1e6:.2f} MB): {export}"
+    )
+    return 0
+

@@ -1,0 +1,171 @@
+"""The manifest of a dataset evaluation: the settings a resume must share with the run it continues, and the
+fingerprints of the data and of the model that tell two runs apart."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import types
+import warnings
+import zlib
+from typing import Any
+
+import torch
+
+from .inputs import item
+from .records import atomic_write
+
+FORMAT = "scoresolve.dataset_eval/1"  # on-disk format: unchanged, so that older output directories resume
+MANIFEST = "manifest.json"
+RESULTS = "results.json"
+_INFO_KEYS = ("batch_size", "world_size", "fn")  # recorded, not checked on resume
+_SEARCH_DEPTH = 4
+_MAX_ITEMS = 64
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def data_fingerprint(data: Any) -> str:
+    """CRC32 over 16 evenly spaced items (index, dtype, shape and bytes): a spot check that a resume sees the same
+    data, cheap for datasets that load from disk. Identical for a tensor and a dataset yielding its rows."""
+    n = len(data)
+    pos = sorted({round(k * (n - 1) / 15) for k in range(16)}) if n > 1 else [0]
+    crc = 0
+    for p in pos:
+        t = item(data, p)
+        crc = zlib.crc32(f"{p}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
+        crc = zlib.crc32(_tensor_bytes(t), crc)
+    return f"crc32-spot16:{crc:08x}"
+
+
+def callable_id(f: Any) -> str:
+    """A name for a score model; a torch module (or an object with a module ``.net``) adds a checksum of its state.
+
+    (The ``likelihood.score`` entry of manifests written by the default per-batch function: kept as it is so that
+    those runs resume.)"""
+    module = f if isinstance(f, torch.nn.Module) else getattr(f, "net", None)
+    name = getattr(f, "__qualname__", type(f).__qualname__)
+    if isinstance(module, torch.nn.Module):
+        crc = 0
+        for k, v in sorted(module.state_dict().items()):
+            crc = zlib.crc32(k.encode(), crc)
+            if torch.is_tensor(v):
+                crc = zlib.crc32(_tensor_bytes(v), crc)
+        return f"{name}:state-crc32={crc:08x}"
+    return name
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """``ClassName:blake2b=<hex>`` over the names, dtypes, shapes and bytes of every parameter and buffer."""
+    h = hashlib.blake2b(digest_size=16)
+    for kind, named in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            h.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(_tensor_bytes(t))
+    return f"{type(module).__qualname__}:blake2b={h.hexdigest()}"
+
+
+def _children(obj: Any) -> list:
+    if isinstance(obj, (str, bytes, torch.Tensor, type, types.ModuleType)):
+        return []
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args, *obj.keywords.values()]
+    if inspect.ismethod(obj):
+        return [obj.__self__, obj.__func__]
+    if inspect.isfunction(obj):
+        out = []
+        for cell in obj.__closure__ or ():
+            try:
+                out.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        return out
+    if isinstance(obj, (list, tuple)):
+        return list(obj[:_MAX_ITEMS])
+    if isinstance(obj, dict):
+        return list(obj.values())[:_MAX_ITEMS]
+    if hasattr(obj, "__dict__"):
+        return list(vars(obj).values())  # an object's attributes (e.g. ScoreModel.net)
+    return []
+
+
+def reachable_modules(f: Any, depth: int = _SEARCH_DEPTH) -> list[torch.nn.Module]:
+    """The torch modules a callable reaches: itself, a bound method's object, ``functools.partial`` arguments, the
+    cells of a closure, an object's attributes and the items of lists, tuples and dicts (the first 64), followed up
+    to ``depth`` levels (globals are not followed). Deduplicated, in the order found."""
+    found: list[torch.nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, d: int) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            found.append(obj)
+            return
+        if d > 0:
+            for child in _children(obj):
+                visit(child, d - 1)
+
+    visit(f, depth)
+    return found
+
+
+def model_fingerprint(f: Any) -> str | None:
+    """The fingerprint of the model behind a callable, stored in the manifest and checked on resume.
+
+    A torch module: its class name and a hash of its parameters and buffers. Another callable: the fingerprints of
+    the modules it reaches ([`reachable_modules`][scoresolve.evaluation.manifest.reachable_modules]), joined; None
+    when it reaches none (nothing to compare: ``model_id`` names such a model).
+    """
+    modules = reachable_modules(f)
+    return "; ".join(module_fingerprint(m) for m in modules) if modules else None
+
+
+def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
+    """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (ValueError if not)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):  # every rank of a run writes the same content, atomically
+        atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    with open(path, encoding="utf-8") as f:
+        try:
+            old = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); delete it only if the records belong to this run") from e
+    if isinstance(old, dict) and "num_levels" not in old and "num_levels" in manifest:
+        # a run started before num_levels existed stored only bits: its L is 2^bits (None: continuous data)
+        old_bits = old.get("bits")
+        ok = type(old_bits) in (int, float) and old_bits == int(old_bits) and 1 <= old_bits <= 32
+        old["num_levels"] = 2 ** int(old_bits) if ok else None
+    if isinstance(old, dict) and "model_fingerprint" not in old:
+        old["model_fingerprint"] = manifest.get("model_fingerprint")  # a run from before fingerprints: not checked
+    if old.get("model_fingerprint") != manifest.get("model_fingerprint"):
+        raise ValueError(
+            f"cannot resume in {out_dir!r}: its records were computed with another model\n"
+            f"  stored model fingerprint: {old.get('model_fingerprint')}\n"
+            f"  this run's model:         {manifest.get('model_fingerprint')}\n"
+            "use another out_dir, or restore the original model"
+        )
+    diffs = [
+        f"  {k}: stored {old.get(k)!r}, now {manifest.get(k)!r}"
+        for k in sorted(set(old) | set(manifest))
+        if k not in _INFO_KEYS and old.get(k) != manifest.get(k)
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume in {out_dir!r}: its manifest does not match this run's settings:\n"
+            + "\n".join(diffs)
+            + "\nuse another out_dir, or restore the original settings"
+        )
+    if old.get("batch_size") != manifest["batch_size"] and rank == 0:
+        warnings.warn(
+            f"resuming with batch_size {manifest['batch_size']} (the run started with {old.get('batch_size')}): "
+            "remaining samples get other probe/generator draws than an uninterrupted run would",
+            RuntimeWarning,
+            stacklevel=3,
+        )

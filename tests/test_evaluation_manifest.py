@@ -1,0 +1,150 @@
+"""scoresolve.evaluation.manifest: a resume must match the run it continues (settings, data, levels, model)."""
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+from _evaluation_helpers import assert_same_records
+from _evaluation_worker import make_fn, make_problem
+
+from scoresolve.evaluation import evaluate_dataset, model_fingerprint, read_records
+
+F64 = torch.float64
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_incompatible_resume_is_a_clear_error(tmp_path):
+    gm, sde, x = make_problem(12)
+    out = str(tmp_path / "run")
+    fn = make_fn(gm, sde)
+    evaluate_dataset(x, out, fn=fn, batch_size=4, repeats=2, seed=3, progress=False)
+    for kwargs, key in [
+        (dict(seed=4), "seed"),
+        (dict(repeats=3), "repeats"),
+        (dict(model_id="another model"), "model_id"),
+    ]:
+        args = dict(fn=fn, batch_size=4, repeats=2, seed=3, progress=False) | kwargs
+        with pytest.raises(ValueError, match=rf"cannot resume(.|\n)*{key}: stored"):
+            evaluate_dataset(x, out, **args)
+    with pytest.raises(ValueError, match="num_samples: stored 12, now 11"):
+        evaluate_dataset(x[:11], out, fn=fn, batch_size=4, repeats=2, seed=3, progress=False)
+    with pytest.raises(ValueError, match="data_fingerprint"):
+        evaluate_dataset(x + 1, out, fn=fn, batch_size=4, repeats=2, seed=3, progress=False)
+    with pytest.raises(ValueError, match="sample_shape"):
+        evaluate_dataset(x.reshape(12, 3, 1), out, fn=fn, batch_size=4, repeats=2, seed=3, progress=False)
+    # a different batch size is compatible (with a warning); the exact fn gives the same numbers
+    before = read_records(out)
+    with pytest.warns(RuntimeWarning, match="batch_size 5"):
+        evaluate_dataset(x, out, fn=fn, batch_size=5, repeats=2, seed=3, progress=False)
+    assert_same_records(read_records(out), before)
+    # k-bit data evaluated with dequantization cannot be resumed as continuous data
+    xg = torch.randint(0, 256, (12, 3), generator=torch.Generator().manual_seed(0)) / 255 * 2 - 1
+    evaluate_dataset(xg, str(tmp_path / "g"), fn=fn, bits=8, progress=False)
+    with pytest.raises(ValueError, match=r"bits: stored 8, now None(.|\n)*data_range: stored \[-1.0, 1.0\], now None"):
+        evaluate_dataset(xg, str(tmp_path / "g"), fn=fn, progress=False)
+    # misuse of the default function
+    with pytest.raises(ValueError, match="either fn, or score and sde"):
+        evaluate_dataset(x, str(tmp_path / "x"), progress=False)
+    with pytest.raises(ValueError, match="give bits"):
+        evaluate_dataset(torch.zeros(3, 2, dtype=torch.uint8), str(tmp_path / "x"), fn=fn, progress=False)
+    with pytest.raises(ValueError, match="would be ignored"):
+        evaluate_dataset(x, str(tmp_path / "x"), fn=fn, rtol=1e-3, progress=False)
+
+
+def test_resume_with_another_num_levels_is_refused(tmp_path):
+    # integer levels 0..15 are valid data for 16 and for 17 levels: only the manifest can tell the runs apart
+    v = torch.randint(0, 16, (10, 3), generator=torch.Generator().manual_seed(0))
+    fn = lambda y, g: -y.double().pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    s = evaluate_dataset(v, out, fn=fn, num_levels=17, batch_size=4, progress=False)
+    for kwargs, msg in [
+        (dict(num_levels=16), r"cannot resume(.|\n)*num_levels: stored 17, now 16"),
+        (dict(bits=4), r"bits: stored None, now 4(.|\n)*num_levels: stored 17, now 16"),
+        (dict(num_levels=18), "num_levels: stored 17, now 18"),
+        (dict(num_levels=17, data_range=(0.0, 1.0)), "data_range: stored"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            evaluate_dataset(v, out, fn=fn, batch_size=4, progress=False, **kwargs)
+    assert evaluate_dataset(v, out, fn=fn, num_levels=17, batch_size=4, progress=False) == s
+    # grid data on every L-level grid of [-1, 1] (only the end points): continuous evaluation is refused too
+    xe = torch.tensor([[-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=F64)
+    evaluate_dataset(xe, str(tmp_path / "e"), fn=fn, num_levels=17, progress=False)
+    with pytest.raises(ValueError, match="num_levels: stored 17, now None"):
+        evaluate_dataset(xe, str(tmp_path / "e"), fn=fn, progress=False)
+    # a run started before num_levels was recorded (manifest with bits only) resumes with its L = 2^bits
+    old = str(tmp_path / "old")
+    s = evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False)
+    path = os.path.join(old, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    del m["num_levels"]
+    with open(path, "w") as f:
+        json.dump(m, f)
+    assert evaluate_dataset(v, old, fn=fn, num_levels=16, batch_size=4, progress=False) == s
+    assert evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False) == s
+    with pytest.raises(ValueError, match="num_levels: stored 16, now 17"):
+        evaluate_dataset(v, old, fn=fn, num_levels=17, batch_size=4, progress=False)
+
+
+class Density(torch.nn.Module):
+    """A per-batch function that is a torch module: log p = -scale |x - mu|^2 (a parameter and a buffer)."""
+
+    def __init__(self, mu: float, scale: float = 1.0):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.tensor(mu, dtype=F64))
+        self.register_buffer("scale", torch.tensor(scale, dtype=F64))
+
+    def forward(self, x, generator):
+        return {"log_prob": -self.scale * (x - self.mu).pow(2).sum(1)}
+
+
+def test_resume_with_another_model_is_refused_naming_both_fingerprints(tmp_path):
+    _, _, x = make_problem(12)
+    a, b, a_buffer = Density(0.0), Density(0.5), Density(0.0, scale=2.0)
+    fa, fb, fab = (model_fingerprint(m) for m in (a, b, a_buffer))
+    assert fa.startswith("Density:blake2b=") and len({fa, fb, fab}) == 3  # parameters and buffers both count
+    assert model_fingerprint(Density(0.0)) == fa  # the same weights in another object: the same model
+    kw = dict(batch_size=4, progress=False)
+    for name, first, second in [
+        ("module", a, b),
+        ("buffer", a, a_buffer),
+        ("closure", lambda y, g: a(y, g), lambda y, g: b(y, g)),  # a wrapper reaches its model
+        ("partial", functools.partial(Density.forward, a), functools.partial(Density.forward, b)),
+    ]:
+        out = str(tmp_path / name)
+        evaluate_dataset(x, out, fn=first, **kw)
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert json.load(f)["model_fingerprint"] == fa
+        before = read_records(out)
+        with pytest.raises(ValueError, match="its records were computed with another model") as e:
+            evaluate_dataset(x, out, fn=second, **kw)
+        assert fa in str(e.value) and model_fingerprint(second) in str(e.value)
+        assert_same_records(read_records(out), before)
+    # the same model behind another wrapper resumes (nothing recomputed)
+    calls, same = [], Density(0.0)
+    s = evaluate_dataset(x, str(tmp_path / "module"), fn=lambda y, g: calls.append(1) or same(y, g), **kw)
+    assert calls == [] and s.count == 12
+    # the default per-batch function fingerprints the score model
+    with pytest.raises(ValueError, match="another model"):
+        evaluate_dataset(x, str(tmp_path / "module"), score=b, sde=object(), **kw)
+
+
+def test_manifests_without_a_fingerprint_still_resume(tmp_path):
+    _, _, x = make_problem(12)
+    out = str(tmp_path / "old")
+    s = evaluate_dataset(x, out, fn=Density(0.0), batch_size=4, progress=False)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    del m["model_fingerprint"]  # written before fingerprints existed
+    with open(path, "w") as f:
+        json.dump(m, f)
+    assert evaluate_dataset(x, out, fn=Density(0.5), batch_size=4, progress=False) == s  # nothing to compare
+    # a function that reaches no torch module has no fingerprint (model_id names such a model)
+    fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
+    assert model_fingerprint(fn) is None
+    evaluate_dataset(x, str(tmp_path / "plain"), fn=fn, batch_size=4, progress=False)
+    with open(os.path.join(tmp_path / "plain", "manifest.json")) as f:
+        assert json.load(f)["model_fingerprint"] is None
