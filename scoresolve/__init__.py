@@ -8,6 +8,7 @@ from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusi
 from .analytic import GaussianMixture
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
 from .evaluation import EvalSummary, evaluate_dataset
+from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample
@@ -26,6 +27,11 @@ __all__ = [
     "NonFiniteError",
     "Solution",
     "GaussianMixture",
+    "Interpolant",
+    "RectifiedFlow",
+    "TrigonometricInterpolant",
+    "flux_shift",
+    "sd3_shift",
     "LikelihoodResult",
     "ReverseProcess",
     "SDE_NAMES",

@@ -10,12 +10,15 @@ Each Sigma_k = U_k diag(lam_k) U_k^T is diagonalised once, so C_k^{-1} is cheap 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ._utils import Time, check_batched
+from ._utils import Time, bcast, check_batched
 from .sde import ForwardSDE
+
+if TYPE_CHECKING:
+    from .score import ScoreModel
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -134,10 +137,90 @@ class GaussianMixture:
 
         return score
 
-    def pf_ode_divergence(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> torch.Tensor:
-        """Exact divergence of the probability-flow drift: D f(t) - g(t)^2/2 * Laplacian log p_t; ``[batch]``."""
+    def _posterior(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x0 | x_t = x] flattened ``[B, D]``, tr Cov[x0 | x_t = x] ``[B]``), finite where alpha = 0.
+
+        Per component the posterior is Gaussian with mean mu + a Sigma C^{-1}(x - a mu) and covariance
+        s^2 Sigma C^{-1} (eigenvalues lam s^2 / c); the mixture's is the r-weighted mixture of these.
+        """
+        xf, y, c, U, logits = self._terms(x, t, sde)
+        a, s = sde.marginal(sde.as_time(t, like=x, batch=x.shape[0]))
+        a2 = a.reshape(-1, 1, 1) if a.ndim else a
+        s2 = s.reshape(-1, 1, 1) if s.ndim else s
+        _, mu, lam, _ = self._params(x)
+        r = torch.softmax(logits, dim=1)  # [B, K]
+        shift_y = a2 * lam[None] * y / c  # Sigma C^{-1}(x - a mu) * a, eigenbasis
+        shift = shift_y if U is None else torch.einsum("kde,bke->bkd", U, shift_y)
+        m_k = mu[None] + shift  # [B, K, D]
+        m = (r[..., None] * m_k).sum(1)
+        second = (s2**2 * lam[None] / c).sum(-1) + m_k.square().sum(-1)  # tr Cov_k + |m_k|^2
+        return m, (r * second).sum(1) - m.square().sum(1)
+
+    def x0(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> torch.Tensor:
+        """E[x0 | x_t = x], the exact data prediction (Tweedie's denoiser), shape like x; finite at alpha = 0."""
+        return self._posterior(x, t, sde)[0].reshape(x.shape)
+
+    def flow(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> torch.Tensor:
+        """The exact probability-flow velocity f x - g^2/2 score = alpha' x0 + sigma' eps, shape like x.
+
+        Taken from the score where alpha >= sigma and from the posterior mean elsewhere (the second form is finite at
+        alpha = 0, the first has no cancellation as sigma -> 0); the branch not taken is evaluated at a safe time so
+        that gradients through it stay finite.
+        """
         tt = sde.as_time(t, like=x, batch=x.shape[0])
-        return self.dim * sde.f(tt) - 0.5 * sde.g2(tt) * self.laplacian(x, tt, sde)
+        a, s = sde.marginal(tt, check=False)
+        low = a >= s  # low noise: the score form
+        t_lo, t_hi = torch.where(low, tt, torch.zeros_like(tt)), torch.where(low, torch.full_like(tt, sde.T), tt)
+        v_lo = bcast(sde.f(t_lo, check=False), x) * x - bcast(0.5 * sde.g2(t_lo, check=False), x) * self.score(
+            x, t_lo.clamp(min=1e-300), sde)
+        a_hi, s_hi = sde.marginal(t_hi, check=False)
+        x0 = self.x0(x, t_hi, sde)
+        eps = (x - bcast(a_hi, x) * x0) / bcast(s_hi, x)
+        v_hi = bcast(sde.dalpha_dt(t_hi, check=False), x) * x0 + bcast(sde.dsigma_dt(t_hi, check=False), x) * eps
+        return torch.where(bcast(low, x), v_lo, v_hi)
+
+    def model(self, sde: ForwardSDE, prediction: str = "x0") -> "ScoreModel":
+        """The exact model as a [`ScoreModel`][scoresolve.ScoreModel] predicting ``prediction`` (score, eps, x0, v or
+        flow), finite wherever sigma > 0 (also at alpha = 0, for every prediction but score-derived x0 forms)."""
+        from .score import PREDICTIONS, ScoreModel
+
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if prediction == "flow":
+                return self.flow(x, t, sde)
+            if prediction == "x0":
+                return self.x0(x, t, sde)
+            score = self.score(x, t, sde)
+            if prediction == "score":
+                return score
+            a, s = (bcast(c, x) for c in sde.marginal(t, check=False))
+            eps = -s * score
+            return eps if prediction == "eps" else a * eps - s * self.x0(x, t, sde)  # v = alpha eps - sigma x0
+
+        return ScoreModel(net, sde, prediction=prediction, time="t")  # type: ignore[arg-type]
+
+    def pf_ode_divergence(self, x: torch.Tensor, t: Time, sde: ForwardSDE) -> torch.Tensor:
+        """Exact divergence of the probability-flow drift: D f(t) - g(t)^2/2 * Laplacian log p_t; ``[batch]``.
+
+        On a ``velocity_form`` process (f, g^2 may diverge at alpha = 0) the same quantity where alpha < sigma in a
+        form finite at alpha = 0: with J = d E[x0|x]/dx = (a / s^2) Cov[x0|x] (second-order Tweedie),
+        div v = a' tr J + s' (D - a tr J) / s.
+        """
+        tt = sde.as_time(t, like=x, batch=x.shape[0])
+        if not sde.velocity_form:
+            return self.dim * sde.f(tt) - 0.5 * sde.g2(tt) * self.laplacian(x, tt, sde)
+        a, s = sde.marginal(tt, check=False)
+        low = a >= s
+        t_lo, t_hi = torch.where(low, tt, torch.zeros_like(tt)), torch.where(low, torch.full_like(tt, sde.T), tt)
+        d_lo = self.dim * sde.f(t_lo, check=False) - 0.5 * sde.g2(t_lo, check=False) * self.laplacian(
+            x, t_lo.clamp(min=1e-300), sde)
+        a_hi, s_hi = sde.marginal(t_hi, check=False)
+        trJ = a_hi * self._posterior(x, t_hi, sde)[1] / s_hi**2
+        da, ds = sde.dalpha_dt(t_hi, check=False), sde.dsigma_dt(t_hi, check=False)
+        d_hi = da * trJ + ds * (self.dim - a_hi * trJ) / s_hi
+        return torch.where(low, d_lo, d_hi)
 
     def pf_ode_flow(self, x: torch.Tensor, t_from: float, t_to: float, sde: ForwardSDE) -> torch.Tensor:
         """Exact probability-flow ODE solution map x(t_from) -> x(t_to); single-component mixtures only.

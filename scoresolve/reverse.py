@@ -86,7 +86,22 @@ class ReverseProcess:
         check_batched(x)
         t = self.sde.as_time(t, like=x, batch=x.shape[0])
         tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-        return self.drift_from_score(x, tb, self.score(x, tb))
+        return self.drift_at(x, tb)
+
+    def drift_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The drift at ``[batch]`` times ``t`` (x's dtype; unchecked, for solvers) with one score evaluation.
+
+        On a process with ``velocity_form`` (interpolants, where f and g^2 diverge at alpha = 0) the probability-flow
+        part f x - g^2/2 score is taken as the model's flow prediction alpha' x0 + sigma' eps, finite there:
+        drift = flow - s^2/2 score.
+        """
+        predict_many = getattr(self.score, "predict_many", None)
+        if not (self.sde.velocity_form and predict_many is not None):
+            return self.drift_from_score(x, t, self.score(x, t))
+        if self.is_ode:
+            return predict_many(x, t, ("flow",))[0]
+        flow, score = predict_many(x, t, ("flow", "score"))
+        return flow - bcast(0.5 * self.s2(t), x) * score
 
     def drift_from_score(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """The drift f(t) x - (g^2 + s^2)/2 score given an already evaluated score (``t`` a tensor in x's dtype)."""

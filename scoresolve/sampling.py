@@ -29,6 +29,7 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     grid: str | torch.Tensor | None = None,
+    shift: float | None = None,
     save_trajectory: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     **options: Any,
@@ -53,7 +54,11 @@ def sample(
         generator: randomness of stochastic solvers.
         progress: show a progress bar.
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit decreasing tensor of
-            times (then its last time is the end time and ``t_eps`` is not used).
+            times (then its last time is the end time and ``t_eps`` is not used). Default: the solver's default
+            grid, or ``uniform`` on a process whose alpha(T) = 0 (rectified flow), where grids denser near t_eps
+            waste steps.
+        shift: SD3's timestep shift of a named grid (`scoresolve.sd3_shift`; Flux's: `scoresolve.flux_shift`),
+            end points kept.
         save_trajectory: keep the states at every step in ``Solution.xs``.
         options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc, ``max_steps`` for adaptive ones).
     """
@@ -84,9 +89,9 @@ def sample(
         if spec.kind == "adaptive":
             if nfe is not None or steps is not None:
                 raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
-            if grid is not None:
-                raise ValueError(f"solver {solver!r} is adaptive and chooses its own steps: grid applies only to "
-                                 "grid solvers")
+            if grid is not None or shift is not None:
+                raise ValueError(f"solver {solver!r} is adaptive and chooses its own steps: grid and shift apply only "
+                                 "to grid solvers")
             keywords.update({k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None})
             span = torch.tensor([sde.T, t_eps], dtype=torch.float64)
             sol = spec(process, x_T, span, progress=progress, **keywords, **options)
@@ -94,6 +99,8 @@ def sample(
             if rtol is not None or atol is not None:
                 raise ValueError(f"solver {solver!r} runs on a time grid: give nfe or steps, not rtol/atol")
             if torch.is_tensor(grid):
+                if shift is not None:
+                    raise ValueError("shift applies to a named grid, not to an explicit grid tensor")
                 ts = check_grid(grid.to(torch.float64), sde.T)
                 if steps is not None or nfe is not None:
                     raise ValueError("give either an explicit grid tensor or steps/nfe, not both")
@@ -102,7 +109,7 @@ def sample(
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                ts = time_grid(sde, steps, grid or spec.default_grid, t_eps)
+                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:
@@ -119,6 +126,14 @@ def sample(
         sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
+
+
+def default_grid(solver_default: str, sde: ForwardSDE) -> str:
+    """The grid a solver uses when the caller names none: its registered default, but ``uniform`` where alpha(T) = 0
+    (interpolants such as rectified flow; the defaults denser near t_eps were chosen on VP)."""
+    if sde.velocity_form and float(sde.alpha(sde.T)) == 0.0:
+        return "uniform"
+    return solver_default
 
 
 def list_solvers() -> dict[str, str]:

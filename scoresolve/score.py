@@ -1,16 +1,20 @@
-"""Score models: wrap a network predicting score, eps, x0 or v, and convert between the four predictions.
+"""Score models: wrap a network predicting score, eps, x0, v or a flow velocity, and convert between the predictions.
 
-With x_t = alpha x0 + sigma eps (alpha, sigma from the forward SDE):
-    score = -eps / sigma,   x0 = (x_t - sigma eps) / alpha,   v = alpha eps - sigma x0   (Salimans & Ho 2022).
+With x_t = alpha x0 + sigma eps (alpha, sigma from the forward process):
+    score = -eps / sigma,   x0 = (x_t - sigma eps) / alpha,   v = alpha eps - sigma x0   (Salimans & Ho 2022),
+    flow  = alpha' x0 + sigma' eps = d x_t/dt   (flow matching; u = eps - x0 for rectified flow, alpha = 1 - t).
 Inverting v for eps in general (alpha^2 + sigma^2 need not be 1, e.g. VE or sub-VP):
     eps = (alpha v + sigma x_t) / (alpha^2 + sigma^2).
+Inverting the flow with W = alpha sigma' - alpha' sigma (= 1 for rectified flow):
+    eps = (alpha u - alpha' x_t) / W,   x0 = (sigma' x_t - sigma u) / W,
+finite where alpha = 0. The flow of any forward process is its probability-flow drift f x - g^2/2 score.
 Guidance lives here too, as transforms of a score callable.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
 import torch
 
@@ -19,17 +23,31 @@ from ._utils import bcast
 if TYPE_CHECKING:
     from .sde import ForwardSDE
 
-Prediction = Literal["score", "eps", "x0", "v"]
-TimeConvention = Union[Literal["t", "index", "discrete", "sigma", "log_sigma"], Callable[[torch.Tensor], torch.Tensor]]
+Prediction = Literal["score", "eps", "x0", "v", "flow"]
+TimeConvention = Union[Literal["t", "index", "discrete", "sigma", "log_sigma", "scaled"],
+                       Callable[[torch.Tensor], torch.Tensor]]
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-PREDICTIONS = ("score", "eps", "x0", "v")
+PREDICTIONS = ("score", "eps", "x0", "v", "flow")
+TIME_CONVENTIONS = ("t", "index", "discrete", "sigma", "log_sigma", "scaled")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {kind!r}; expected one of {PREDICTIONS}")
+
+
+def _need_derivatives(dalpha: torch.Tensor | None, dsigma: torch.Tensor | None) -> None:
+    if dalpha is None or dsigma is None:
+        raise ValueError("the 'flow' prediction needs dalpha = alpha'(t) and dsigma = sigma'(t)")
 
 
 def to_eps(
-    pred: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+    pred: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+    dalpha: torch.Tensor | None = None, dsigma: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Convert a prediction of ``kind`` at (x, alpha, sigma) to the noise prediction eps."""
+    """Convert a prediction of ``kind`` at (x, alpha, sigma) to the noise prediction eps (``flow`` also needs the
+    derivatives alpha', sigma')."""
     a, s = bcast(alpha, x), bcast(sigma, x)
     if kind == "eps":
         return pred
@@ -39,13 +57,20 @@ def to_eps(
         return (x - a * pred) / s
     if kind == "v":
         return (a * pred + s * x) / (a * a + s * s)
-    raise ValueError(f"unknown prediction {kind!r}; expected one of {PREDICTIONS}")
+    if kind == "flow":
+        _need_derivatives(dalpha, dsigma)
+        da, ds = bcast(dalpha, x), bcast(dsigma, x)
+        return (a * pred - da * x) / (a * ds - da * s)
+    _check_kind(kind)
+    raise AssertionError
 
 
 def from_eps(
-    eps: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+    eps: torch.Tensor, kind: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+    dalpha: torch.Tensor | None = None, dsigma: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Convert the noise prediction eps at (x, alpha, sigma) to a prediction of ``kind``."""
+    """Convert the noise prediction eps at (x, alpha, sigma) to a prediction of ``kind`` (``flow`` also needs the
+    derivatives alpha', sigma')."""
     a, s = bcast(alpha, x), bcast(sigma, x)
     if kind == "eps":
         return eps
@@ -55,25 +80,66 @@ def from_eps(
         return (x - s * eps) / a
     if kind == "v":
         return a * eps - s * (x - s * eps) / a
-    raise ValueError(f"unknown prediction {kind!r}; expected one of {PREDICTIONS}")
+    if kind == "flow":
+        _need_derivatives(dalpha, dsigma)
+        da, ds = bcast(dalpha, x), bcast(dsigma, x)
+        return da * ((x - s * eps) / a) + ds * eps
+    _check_kind(kind)
+    raise AssertionError
+
+
+def _flow_to_x0(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, da: torch.Tensor,
+                ds: torch.Tensor) -> torch.Tensor:
+    return (ds * x - s * pred) / (a * ds - da * s)
+
+
+def _x0_to_flow(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, da: torch.Tensor,
+                ds: torch.Tensor) -> torch.Tensor:
+    return da * x0 + ds * ((x - a * x0) / s)
 
 
 def convert(
-    pred: torch.Tensor, src: Prediction, dst: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+    pred: torch.Tensor, src: Prediction, dst: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+    dalpha: torch.Tensor | None = None, dsigma: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Convert a prediction between any two of ``score``, ``eps``, ``x0``, ``v``."""
+    """Convert a prediction between any two of ``score``, ``eps``, ``x0``, ``v``, ``flow``.
+
+    ``dalpha``, ``dsigma`` (alpha'(t), sigma'(t)) are needed when either side is ``flow``. Conversions that involve
+    the flow go through x0 where alpha may vanish (flow <-> x0 and flow <-> v stay finite at alpha = 0).
+    """
+    _check_kind(src)
+    _check_kind(dst)
     if src == dst:
-        if src not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {src!r}; expected one of {PREDICTIONS}")
         return pred
-    return from_eps(to_eps(pred, src, x, alpha, sigma), dst, x, alpha, sigma)
+    if {src, dst} == {"x0", "v"}:  # directly: finite at alpha = 0
+        a, s = bcast(alpha, x), bcast(sigma, x)
+        if src == "x0":
+            return a * ((x - a * pred) / s) - s * pred
+        return (a * x - s * pred) / (a * a + s * s)
+    if "flow" in (src, dst):
+        _need_derivatives(dalpha, dsigma)
+        a, s, da, ds = (bcast(c, x) for c in (alpha, sigma, dalpha, dsigma))  # type: ignore[arg-type]
+        if src == "flow":
+            x0 = _flow_to_x0(pred, x, a, s, da, ds)
+            if dst == "x0":
+                return x0
+            if dst == "v":  # v = alpha eps - sigma x0 with eps = (x - alpha x0)/sigma, finite at alpha = 0
+                return (a * x - x0 * (a * a + s * s)) / s
+            return from_eps(to_eps(pred, "flow", x, alpha, sigma, dalpha, dsigma), dst, x, alpha, sigma)
+        if src in ("x0", "v"):
+            x0 = pred if src == "x0" else (a * x - s * pred) / (a * a + s * s)
+            return _x0_to_flow(x0, x, a, s, da, ds)
+    return from_eps(to_eps(pred, src, x, alpha, sigma, dalpha, dsigma), dst, x, alpha, sigma, dalpha, dsigma)
 
 
 class ScoreModel:
     """A network ``net(x, t_in, **net_kwargs)`` predicting ``prediction`` with time convention ``time``.
 
+    ``prediction`` is ``"score"``, ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"`` (the velocity d x_t/dt =
+    alpha' x0 + sigma' eps of flow matching: u = eps - x0 under `RectifiedFlow`).
     ``time`` maps the solver's continuous t (shape ``[batch]``) to the network's input:
     ``"t"`` t itself; ``"index"`` t (N - 1) (score_sde's continuous VP models, N = ``num_timesteps``);
+    ``"scaled"`` t N (diffusers' flow-matching transformers: timestep = sigma * 1000 with sigma = t);
     ``"discrete"`` the DDPM index N t - 1 of [`DiscreteVPSDE`][scoresolve.DiscreteVPSDE]; ``"sigma"`` / ``"log_sigma"``
     the marginal std sigma(t) or its log (VE models); or any callable ``t -> t_in``.
     Calling the model returns the score; [`eps`][scoresolve.ScoreModel.eps], [`x0`][scoresolve.ScoreModel.x0],
@@ -91,9 +157,8 @@ class ScoreModel:
         num_timesteps: int = 1000,
         net_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-        if not callable(time) and time not in ("t", "index", "discrete", "sigma", "log_sigma"):
+        _check_kind(prediction)
+        if not callable(time) and time not in TIME_CONVENTIONS:
             raise ValueError(f"unknown time convention {time!r}")
         if time == "discrete" and not hasattr(sde, "timestep"):
             raise ValueError("time='discrete' needs a DiscreteVPSDE (an SDE with a timestep(t) method)")
@@ -121,6 +186,8 @@ class ScoreModel:
             return t
         if self.time == "index":
             return t * (self.num_timesteps - 1)
+        if self.time == "scaled":
+            return t * self.num_timesteps
         if self.time == "discrete":
             return self.sde.timestep(t)  # type: ignore[attr-defined]
         sigma = self.sde.sigma(t, check=False)
@@ -139,13 +206,22 @@ class ScoreModel:
         return out.to(x.dtype)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, kind: Prediction = "score") -> torch.Tensor:
-        """Prediction of ``kind`` (score, eps, x0 or v) at (x, t)."""
+        """Prediction of ``kind`` (score, eps, x0, v or flow) at (x, t)."""
+        return self.predict_many(x, t, (kind,))[0]
+
+    def predict_many(self, x: torch.Tensor, t: torch.Tensor, kinds: Sequence[Prediction]) -> list[torch.Tensor]:
+        """Several predictions at (x, t) from one network evaluation."""
+        for kind in kinds:
+            _check_kind(kind)
         t = _batch_time(t, x)
         out = self.raw(x, t)
-        if kind == self.prediction:
-            return out
+        if all(kind == self.prediction for kind in kinds):
+            return [out for _ in kinds]
         alpha, sigma = self.sde.marginal(t, check=False)  # times come from solvers, some outside ours
-        return convert(out, self.prediction, kind, x, alpha, sigma)
+        da = ds = None
+        if "flow" in kinds or self.prediction == "flow":
+            da, ds = self.sde.dalpha_dt(t, check=False), self.sde.dsigma_dt(t, check=False)
+        return [convert(out, self.prediction, kind, x, alpha, sigma, da, ds) for kind in kinds]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.predict(x, t, "score")
@@ -161,6 +237,11 @@ class ScoreModel:
     def v(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity v = alpha eps - sigma x0 at (x, t), i.e. ``predict(x, t, "v")``."""
         return self.predict(x, t, "v")
+
+    def flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity alpha' x0 + sigma' eps at (x, t) (the probability-flow drift), i.e.
+        ``predict(x, t, "flow")``."""
+        return self.predict(x, t, "flow")
 
 
 def _batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

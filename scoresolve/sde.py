@@ -30,6 +30,9 @@ class ForwardSDE(ABC):
     """Base class of forward diffusions dx = f(t) x dt + g(t) dw on [0, T]."""
 
     T: float = 1.0
+    velocity_form: bool = False
+    """True where f and g^2 may diverge (alpha = 0 at T, flow matching): reverse processes then take their drift from
+    the model's velocity ("flow") prediction, which stays finite (`scoresolve.interpolant`)."""
 
     # --- schedule functions (subclasses implement these on tensors, with no range checking) ---------------
     @abstractmethod
@@ -106,6 +109,11 @@ class ForwardSDE(ABC):
     def diffusion(self, t: Time, *, check: bool = True) -> torch.Tensor:
         """g(t), the scalar diffusion coefficient of the forward SDE."""
         return torch.sqrt(self.g2(t, check=check))
+
+    def dalpha_dt(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """d alpha / dt = f alpha."""
+        t = self.as_time(t, check=check)
+        return self._f(t) * torch.exp(self._log_alpha(t))
 
     def dsigma_dt(self, t: Time, *, check: bool = True) -> torch.Tensor:
         """d sigma / dt = (g^2 + 2 f sigma^2) / (2 sigma)."""
@@ -496,9 +504,16 @@ SDE_NAMES: dict[str, type[ForwardSDE]] = {
 """The forward SDEs by the names that command lines and training configs use (DiscreteVPSDE needs its betas)."""
 
 
+def register_sde(name: str, cls: type[ForwardSDE]) -> None:
+    """Add ``cls`` to `SDE_NAMES` under ``name`` (the interpolants of `scoresolve.interpolant` register here)."""
+    if SDE_NAMES.get(name, cls) is not cls:
+        raise ValueError(f"sde name {name!r} is taken by {SDE_NAMES[name].__name__}")
+    SDE_NAMES[name] = cls
+
+
 def sde_from_name(name: str, **kwargs: Any) -> ForwardSDE:
-    """The SDE called ``name`` in `SDE_NAMES` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``), built with
-    ``kwargs`` (e.g. ``sigma_max=80.0``)."""
+    """The process called ``name`` in `SDE_NAMES` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``, and the
+    interpolants ``rf`` (rectified flow) and ``trig``), built with ``kwargs`` (e.g. ``sigma_max=80.0``)."""
     if name not in SDE_NAMES:
         raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDE_NAMES)}")
     return SDE_NAMES[name](**kwargs)

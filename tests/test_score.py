@@ -15,6 +15,7 @@ def test_parametrization_round_trips_exact(sde, shape):
     eps = torch.randn(shape, generator=g, dtype=F64)
     t = torch.tensor([0.01, 0.3, 0.6, 1.0], dtype=F64)
     a, s = sde.marginal(t)
+    da, ds = sde.dalpha_dt(t), sde.dsigma_dt(t)
     xt = sde.perturb(x0, t, noise=eps)
     shp = (-1,) + (1,) * (len(shape) - 1)
     truth = {
@@ -22,12 +23,13 @@ def test_parametrization_round_trips_exact(sde, shape):
         "x0": x0,
         "score": -eps / s.reshape(shp),
         "v": a.reshape(shp) * eps - s.reshape(shp) * x0,
+        "flow": da.reshape(shp) * x0 + ds.reshape(shp) * eps,
     }
     for src in PREDICTIONS:
         for dst in PREDICTIONS:
-            out = ss.convert(truth[src], src, dst, xt, a, s)
+            out = ss.convert(truth[src], src, dst, xt, a, s, da, ds)
             torch.testing.assert_close(out, truth[dst], rtol=1e-11, atol=1e-12)
-            back = ss.convert(out, dst, src, xt, a, s)
+            back = ss.convert(out, dst, src, xt, a, s, da, ds)
             torch.testing.assert_close(back, truth[src], rtol=1e-11, atol=1e-12)
 
 
@@ -38,7 +40,8 @@ def test_score_model_wraps_any_prediction(pred):
 
     def net(x, t_in):  # a "network" trained to predict `pred`, with continuous time
         a, s = sde.marginal(t_in)
-        return ss.convert(gm.score(x, t_in, sde), "score", pred, x, a, s)
+        da, ds = sde.dalpha_dt(t_in), sde.dsigma_dt(t_in)
+        return ss.convert(gm.score(x, t_in, sde), "score", pred, x, a, s, da, ds)
 
     model = ss.ScoreModel(net, sde, prediction=pred)
     x = torch.randn(5, 3, dtype=F64)

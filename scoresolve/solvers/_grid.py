@@ -10,6 +10,7 @@ the trajectory, the callback and the progress bar.
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
-from ._registry import SolverSpec, counted
+from ._registry import SolverSpec, check_start, counted
 from ._solution import Solution, Trajectory
 from .errors import NonFiniteError
 from .noise import Noise, Seeds
@@ -88,6 +89,7 @@ class GridRun:
         self.t = self.t64.tolist()
         self.steps = len(self.t) - 1
         self.ts = ts.to(dtype=x.dtype, device=x.device)  # network times
+        check_start(spec.name, spec.starts_at_alpha0, process, self.model, self.t[0])
         self.options = options
         self.noise = Noise(x, generator, seeds)
         self.memory: dict[str, Any] = {}
@@ -116,6 +118,13 @@ class GridRun:
     @cached_property
     def lam(self) -> list[float]:
         return self.sde.log_snr(self.t64).tolist()
+
+    @cached_property
+    def start(self) -> int:
+        """Index of the first grid time with a finite log-SNR: 1 when the grid starts where alpha = 0 (rectified flow
+        at t = 1), else 0. Multistep methods build their history from there (a step from lambda = -inf is exact in
+        the data prediction, but lambda differences to that point carry no information)."""
+        return 1 if self.lam[0] == -math.inf else 0
 
     @cached_property
     def s(self) -> list[float]:
@@ -149,7 +158,7 @@ class GridRun:
 
     def drift_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The reverse process's drift at ``[batch]`` times t."""
-        return self.proc.drift_from_score(x, t, self.model(x, t))
+        return self.proc.drift_at(x, t)
 
     def drift(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return self.drift_at(x, self.time(i, x))

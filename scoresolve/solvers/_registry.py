@@ -66,6 +66,8 @@ class SolverSpec:
     caller gives none, ``default_diffusion`` the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
     the SDE samplers). ``stochastic`` solvers take a ``generator`` or per-sample ``seeds``; if ``noise_option``
     names an option (``eta`` for ddim) they draw noise only when it is > 0 (see `draws_noise`).
+    ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR = -inf, t = 1 of rectified flow) from
+    a model that predicts x0 there (flow, x0 or v; see `check_start`).
     """
 
     name: str
@@ -84,6 +86,7 @@ class SolverSpec:
     noise_option: str | None = None
     default_diffusion: float = 0.0
     evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
+    starts_at_alpha0: bool = False
 
     def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
         """Solve ``process`` from ``x`` over ``ts`` (the grid, or the span [t0, t1] of an adaptive solver)."""
@@ -154,3 +157,28 @@ def require_ode(name: str, process: ReverseProcess) -> None:
     if not process.is_ode:
         raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); for diffusion > 0 use "
                          "'ddim' with eta > 0, 'dpmpp_2m_sde', or an SDE sampler such as 'euler_maruyama'")
+
+
+ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "dpmpp_2m_sde", "dopri5", "tsit5",
+                  "bosh3")
+
+
+def check_start(name: str, can_start: bool, process: ReverseProcess, model: ScoreModel, t0: float) -> None:
+    """ValueError where a solve would start at a time t0 with alpha(t0) = 0 (log-SNR = -inf) and cannot.
+
+    Only the probability-flow ODE in t (RK, adaptive) and the data-prediction exponential integrators can start
+    there; and only from a model whose prediction carries x0 at alpha = 0 (flow, x0, v): a score or eps model
+    equals -x / sigma or x there, whatever the data.
+    """
+    sde = process.sde
+    if float(sde.alpha(torch.tensor(t0, dtype=torch.float64), check=False)) > 0:
+        return
+    if not can_start:
+        raise ValueError(
+            f"solver {name!r} cannot start at t = {t0}, where alpha = 0 (log-SNR = -inf: {sde!r} at T); use one of "
+            f"{', '.join(ALPHA0_SOLVERS)} (probability-flow ODE), or start below T with an explicit grid")
+    if model.prediction in ("score", "eps"):
+        raise ValueError(
+            f"solver {name!r} starts at t = {t0}, where alpha = 0: a {model.prediction!r}-prediction model carries no "
+            "information about x0 there; use a model predicting 'flow', 'x0' or 'v', or start below T with an "
+            "explicit grid")

@@ -138,7 +138,7 @@ class _ODEFunc:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tb = torch.as_tensor(t, dtype=y.dtype, device=y.device).expand(self.B)
-        return self.proc.drift_from_score(y, tb, self.model(y, tb))
+        return self.proc.drift_at(y, tb)
 
 
 def _torchdiffeq(solver, method, process, x, T, t_eps, nfe, steps, rtol, atol, options) -> Solution:
@@ -214,7 +214,7 @@ class _ReverseSDE(torch.nn.Module):
             return self._cache[1]
         t = self._time(tau, y)
         xb = y.reshape(self.shape)
-        out = -self.proc.drift_from_score(xb, t, self.model(xb, t)).reshape(y.shape)
+        out = -self.proc.drift_at(xb, t).reshape(y.shape)
         self._cache = (key, out)
         return out
 

@@ -38,4 +38,4 @@ for _tab, _grid, _what in ((EULER, "uniform", "Euler"), (HEUN, "quadratic", "Heu
     register(SolverSpec(
         _tab.name, step=lambda run, x, i, _t=_tab: rk_step(_t, run, x, i),
         prepare=lambda p, o, n, _n=_tab.name: _ode_only(p, o, n, _n), evals_per_step=_tab.stages, order=_tab.order,
-        default_grid=_grid, description=f"{_what} on the PF-ODE"))
+        default_grid=_grid, starts_at_alpha0=True, description=f"{_what} on the PF-ODE"))

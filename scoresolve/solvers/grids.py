@@ -4,9 +4,15 @@
 - ``quadratic``: uniform in sqrt(t) (DPM-Solver's "time_quadratic"), denser near t_eps.
 - ``logsnr``:    uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR").
 - ``karras``:    EDM's rho-schedule (Karras et al. 2022, eq. 5) in sigma_edm = sigma/alpha = exp(-lambda), rho = 7.
+
+``shift`` s applies SD3's timestep shift t/T -> s u/(1 + (s - 1) u) (`scoresolve.sd3_shift`; Flux: s =
+`scoresolve.flux_shift`) to the grid, keeping both end points: the named grid is laid between T and the pre-image of
+t_eps, then shifted (a uniform grid then matches diffusers' FlowMatchEulerDiscreteScheduler with ``shift=s``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,10 +29,12 @@ def time_grid(
     T: float | None = None,
     *,
     rho: float = 7.0,
+    shift: float | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """A decreasing grid of ``steps + 1`` times from T to t_eps (both included)."""
+    """A decreasing grid of ``steps + 1`` times from T to t_eps (both included); ``shift``: see the module
+    docstring."""
     T = sde.T if T is None else float(T)
     steps = int(steps)
     if steps < 1:
@@ -35,6 +43,18 @@ def time_grid(
         raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
     if T > sde.T * (1 + 1e-9):
         raise ValueError(f"T = {T} exceeds the SDE's T = {sde.T}")
+    if shift is not None:
+        from ..interpolant import sd3_shift
+
+        if kind in ("logsnr", "karras"):
+            raise ValueError(f"shift applies to the grids in t (uniform, quadratic), not to {kind!r}")
+        s = float(shift)
+        sd3_shift(torch.zeros(()), s)  # validates s
+        pre = lambda t: t / (s - (s - 1) * t)  # noqa: E731  (inverse of the shift, on t/T)
+        base = time_grid(sde, steps, kind, t_eps=pre(t_eps / T) * T, T=T, rho=rho)
+        ts = sd3_shift(base / T, s) * T
+        ts[0], ts[-1] = T, t_eps
+        return ts.to(dtype=dtype, device=device)
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if kind == "uniform":
         ts = T + (t_eps - T) * u
@@ -43,6 +63,9 @@ def time_grid(
     elif kind in ("logsnr", "karras"):
         end = torch.tensor([T, t_eps], dtype=torch.float64)
         lam_T, lam_eps = sde.log_snr(end).tolist()
+        if not math.isfinite(lam_T):
+            raise ValueError(f"grid {kind!r} is laid out in the log-SNR, which is -inf at T = {T} for {sde!r} "
+                             "(alpha(T) = 0); use 'uniform' or 'quadratic' (with shift=), or a T below the SDE's")
         if kind == "logsnr":
             lam = lam_T + (lam_eps - lam_T) * u
         else:

@@ -28,9 +28,10 @@ def lower_order_final(option: bool | None, steps: int) -> bool:
     return steps < 100 if option is None else bool(option)
 
 
-def multistep_order(order: int, i: int, steps: int, lower_final: bool) -> int:
-    """Order of multistep step i: warm up with the i + 1 evaluations available, optionally wind down at the end."""
-    q = min(order, i + 1)
+def multistep_order(order: int, i: int, steps: int, lower_final: bool, start: int = 0) -> int:
+    """Order of multistep step i: warm up with the i + 1 - start evaluations available (``start``: see
+    `GridRun.start`), optionally wind down at the end."""
+    q = max(1, min(order, i + 1 - start))
     return min(q, steps - i) if lower_final else q
 
 
@@ -51,7 +52,7 @@ def dpmpp_2m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     a, s, lam = run.alpha, run.sigma, run.lam
     h = lam[i + 1] - lam[i]
     m = run.x0(x, i)
-    if multistep_order(2, i, run.steps, run.options["lower_order_final"]) == 1:
+    if multistep_order(2, i, run.steps, run.options["lower_order_final"], run.start) == 1:
         d = m
     else:
         r = (lam[i] - lam[i - 1]) / h
@@ -76,7 +77,7 @@ def dpmpp_3m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     a, s, lam = run.alpha, run.sigma, run.lam
     h = lam[i + 1] - lam[i]
     ms = run.memory["ms"] = (run.memory.get("ms", []) + [run.x0(x, i)])[-3:]
-    q = multistep_order(3, i, run.steps, run.options["lower_order_final"])
+    q = multistep_order(3, i, run.steps, run.options["lower_order_final"], run.start)
     x_new = (s[i + 1] / s[i]) * x - (a[i + 1] * math.expm1(-h)) * ms[-1]
     if q >= 2:
         h0 = lam[i] - lam[i - 1]
@@ -125,7 +126,7 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
         run.memory["hist"] = [(lam[0], run.x0(x, 0))]  # (lambda, x0 prediction), newest last
     hist = run.memory["hist"]
     h = lam[i + 1] - lam[i]
-    p = multistep_order(order, i, run.steps, run.options["lower_order_final"])
+    p = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
     l0, m0 = hist[-1]
     prev = hist[-p:-1]
     rs = [(lm - l0) / h for lm, _ in prev]
@@ -138,6 +139,9 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     if i == run.steps - 1:
         return x_pred
     m_new = run.x0(x_pred, i + 1)
+    if i < run.start:  # a step from lambda = -inf: no corrector (its weights assume a finite h)
+        run.memory["hist"] = [(lam[i + 1], m_new)]
+        return x_pred
     # UniC-p: the same update with the new prediction appended at r = 1
     ws = unipc_weights(rs + [1.0], h)
     run.memory["hist"] = (hist + [(lam[i + 1], m_new)])[-order:]
@@ -181,12 +185,14 @@ def _sde_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 _LOF = {"lower_order_final": None}
 register(SolverSpec("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepare("dpmpp_2m"), order=2,
-                    default_grid="quadratic", description="multistep DPM-Solver++(2M) (data prediction)"))
+                    default_grid="quadratic", starts_at_alpha0=True,
+                    description="multistep DPM-Solver++(2M) (data prediction)"))
 register(SolverSpec("dpmpp_3m", step=dpmpp_3m_step, options=_LOF, prepare=_prepare("dpmpp_3m"), order=3,
-                    default_grid="quadratic", description="multistep DPM-Solver++(3M) (data prediction)"))
+                    default_grid="quadratic", starts_at_alpha0=True,
+                    description="multistep DPM-Solver++(3M) (data prediction)"))
 register(SolverSpec("unipc", step=unipc_step, options={"order": 3, **_LOF}, prepare=_unipc_prepare, order=3,
-                    default_grid="quadratic",
+                    default_grid="quadratic", starts_at_alpha0=True,
                     description="UniPC-3 bh2: UniP predictor + free UniC corrector (data prediction)"))
 register(SolverSpec("dpmpp_2m_sde", step=dpmpp_2m_sde_step, options={"eta": None}, prepare=_sde_prepare, order=1,
-                    default_grid="quadratic", stochastic=True,
+                    default_grid="quadratic", stochastic=True, starts_at_alpha0=True,
                     description="DPM-Solver++(2M) SDE (data prediction, eta=1: reverse SDE)"))

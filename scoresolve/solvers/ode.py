@@ -15,7 +15,7 @@ import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess, TimeVariable
-from ._registry import SolverSpec, counted, register, require_ode
+from ._registry import SolverSpec, check_start, counted, register, require_ode
 from ._solution import Solution
 from .controllers import DOPRI5_GAINS, Controller, IController, PIController  # noqa: F401  (re-exported)
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError  # noqa: F401  (re-exported)
@@ -60,7 +60,7 @@ def pf_ode_field(process: ReverseProcess, time: TimeVariable):
 
     def field(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = time.t(u)
-        v = process.drift_from_score(x, t, process.score(x, t))
+        v = process.drift_at(x, t)
         return v if time.name == "t" else bcast(time.dt_du(t), x) * v
 
     return field
@@ -73,8 +73,9 @@ def _solve_pf_ode(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts
     require_ode(spec.name, process)
     check_batched(x)
     t0, t1 = (float(v) for v in ts.detach().cpu().tolist())
-    proc, _, counter = counted(process)
+    proc, model, counter = counted(process)
     time = TimeVariable(process.sde, opts.pop("time_variable"), t_min=0.5 * min(t0, t1))
+    check_start(spec.name, time.name == "t", process, model, max(t0, t1))
     if time.name == "t":
         u0, u1, user_cb = t0, t1, callback
     else:

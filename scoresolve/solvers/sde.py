@@ -27,7 +27,7 @@ import torch
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import SolverSpec, counted, register
+from ._registry import SolverSpec, check_start, counted, register
 from ._solution import Solution
 from .controllers import IController
 from .exponential import ddim_update, posterior_fraction
@@ -305,11 +305,12 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
     if int(o["bridge_depth"]) < 1:
         raise ValueError(f"bridge_depth must be >= 1, got {o['bridge_depth']}")
     controller = o["controller"] or IController(o["safety"], o["exponent"])
-    proc, _, counter = counted(process)
+    proc, model, counter = counted(process)
+    check_start("adaptive_sde", False, process, model, max(t0, t1))
     stepper = StochasticHeunStepper(process, Noise(x, generator, seeds), rtol, atol, int(o["bridge_depth"]))
 
     def drift(t: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        return proc.drift_from_score(xx, t, proc.score(xx, t))
+        return proc.drift_at(xx, t)
 
     sol = integrate(stepper, drift, x, t0, t1, controller=controller, max_steps=o["max_steps"],
                     first_step=min(float(o["first_step"]), t0 - t1),
