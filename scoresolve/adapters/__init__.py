@@ -6,6 +6,10 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
   (``DiscreteVPSDE``), or ``ScoreSdeVeScheduler`` (``VESDE``); [`scheduler_grid`][scoresolve.adapters.scheduler_grid] /
   [`timesteps_to_grid`][scoresolve.adapters.timesteps_to_grid] give the time grid that reproduces a scheduler's own
   loop.
+- [`from_diffusers_flow`][scoresolve.adapters.from_diffusers_flow]: diffusers flow-matching transformers (SD3,
+  Flux, ...) with ``FlowMatchEulerDiscreteScheduler`` or DPMSolverMultistep / UniPC with flow sigmas
+  (``RectifiedFlow``); [`flow_scheduler_grid`][scoresolve.adapters.flow_scheduler_grid] gives the grid, solver and
+  options that reproduce the scheduler's loop.
 - [`from_karras`][scoresolve.adapters.from_karras]: EDM / k-diffusion denoisers D(x, sigma) (``VESDE``,
   [`EDMSDE`][scoresolve.EDMSDE] with t = sigma, or any SDE).
 - [`from_score_sde`][scoresolve.adapters.from_score_sde]: score_sde / score_sde_pytorch networks (VP, sub-VP, VE;
@@ -23,6 +27,13 @@ from .diffusers import (
     sde_from_scheduler,
     timesteps_to_grid,
 )
+from .diffusers_flow import (
+    FlowSchedule,
+    FlowTimestep,
+    FlowTransformerNet,
+    flow_scheduler_grid,
+    from_diffusers_flow,
+)
 from .karras import EDMSDE, RescaledDenoiser, from_karras
 from .score_sde import ReversedIndex, from_score_sde
 
@@ -30,9 +41,14 @@ __all__ = [
     "DDPMTimestep",
     "DiffusersNet",
     "EDMSDE",
+    "FlowSchedule",
+    "FlowTimestep",
+    "FlowTransformerNet",
     "RescaledDenoiser",
     "ReversedIndex",
+    "flow_scheduler_grid",
     "from_diffusers",
+    "from_diffusers_flow",
     "from_karras",
     "from_score_sde",
     "load_diffusers",
