@@ -1,5 +1,6 @@
 """``scoresolve likelihood``: log-likelihood / bits-per-dim of a dataset through the PF-ODE, resumable and sharded
-(``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture."""
+(``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture, or under a shipped
+digits model (``--model digits`` / ``digits_flow``, on held-out digits by default)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,12 @@ def _check(args: argparse.Namespace) -> None:
     lo, hi = args.data_range
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise UsageError(f"--data-range needs finite LO < HI, got {lo:g} {hi:g}")
-    check_t_eps(args.t_eps, args.sde)
+    check_t_eps(args.t_eps, _BUILTIN_SDE.get(args.model, args.sde))
+    if args.model != "mixture" and args.float64:
+        raise UsageError(f"--model {args.model} is a float32 network: drop --float64")
+
+
+_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf"}  # the process each shipped model was trained under
 
 
 def add_likelihood_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +86,10 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         help="samples of the built-in mixture dataset (default: 256; under torchrun write --num-samples: "
         "torchrun rejects --n as an ambiguous abbreviation of its own options)",
     )
+    p.add_argument("--model", choices=["mixture", *_BUILTIN_SDE], default="mixture",
+                   help="the analytic Gaussian mixture (exact reference), or a shipped digits U-Net: digits (VP SDE), "
+                   "digits_flow (rectified flow); these ignore --sde and take the first --num-samples held-out digits "
+                   "as 17-level data unless --data is given")
     p.add_argument("--sde", choices=sorted(SDE_NAMES), default="vp", help="forward SDE (default: vp)")
     p.add_argument("--dim", type=POSITIVE_INT, default=16,
                    help="dimension of the mixture (default: 16; --data sets it)")
@@ -138,6 +148,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
     from ..sde import sde_from_name
 
+    if args.model != "mixture":
+        return _cmd_builtin(args)
     sde = sde_from_name(args.sde)
     num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
     dtype = torch.float64 if args.float64 else torch.float32
@@ -203,6 +215,51 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             exact.append(gm.log_prob(x.to(torch.float64), args.t_eps, sde))
         exact = torch.cat(exact)
         _report(args, summary, rec, exact, dim, num_levels)
+        return 0
+    finally:
+        if we_initialised:
+            torch.distributed.destroy_process_group()
+
+
+def _cmd_builtin(args: argparse.Namespace) -> int:
+    """``--model digits`` / ``digits_flow``: the shipped model's PF-ODE likelihood of held-out digits (17 levels,
+    uniformly dequantized) or of ``--data``; bits/dim and NFE (no exact reference)."""
+    from ..data import DIGITS_LEVELS, digits
+    from ..dequantization import resolve_levels
+    from ..evaluation import evaluate_dataset
+    from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
+    from ..models import BUILTIN_MODELS
+
+    model, sde = BUILTIN_MODELS[args.model]()
+    num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
+    if args.data is not None:
+        data = args.data if torch.is_tensor(args.data) else tensor_file(args.data)
+        data = data.float() if data.is_floating_point() else data
+    else:
+        data = digits("test")[: args.n]
+        num_levels = num_levels or DIGITS_LEVELS
+    kwargs = {k: getattr(args, k) for k in ("divergence", "probes", "probe", "solver", "rtol", "atol", "t_eps")}
+    we_initialised = maybe_init_distributed()
+    try:
+        summary = evaluate_dataset(
+            data, args.out_dir, score=model, sde=sde, batch_size=args.batch_size, repeats=args.repeats,
+            seed=args.seed, num_levels=num_levels, data_range=tuple(args.data_range), device=args.device,
+            model_id=f"{args.model}; {sde!r}; log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            + ")", progress=not args.quiet, **kwargs,
+        )
+        if is_secondary_rank():
+            return 0
+        nfe = summary.mean_nfe
+        print(
+            f"{args.model} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {args.divergence} "
+            f"divergence ({args.probes} probe(s)), {args.solver} rtol={args.rtol:g} atol={args.atol:g}, "
+            f"t_eps={args.t_eps:g}"
+        )
+        quant = "" if num_levels is None else f" ({num_levels}-level data)"
+        print(
+            f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}{quant}   "
+            f"mean NFE {'n/a' if nfe is None else f'{nfe:.1f}'}   results: {summary.path}"
+        )
         return 0
     finally:
         if we_initialised:

@@ -1,4 +1,4 @@
-"""``scoresolve sample``: sample the analytic mixture (scored exactly) or the shipped digits model."""
+"""``scoresolve sample``: sample the analytic mixture (scored exactly) or a shipped digits model."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def solver_name(text: str) -> str:
 def _check(args: argparse.Namespace) -> None:
     from ..solvers import REGISTRY
 
-    check_t_eps(args.t_eps, "vp" if args.model == "digits" else args.sde)  # the shipped model is a VP one
+    # the shipped models fix their process: digits is a VP model, digits_flow a rectified flow
+    check_t_eps(args.t_eps, {"digits": "vp", "digits_flow": "rf"}.get(args.model, args.sde))
     spec = REGISTRY.get(args.solver)
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
@@ -47,8 +48,9 @@ def _check(args: argparse.Namespace) -> None:
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve sample`` (sets ``func=cmd_sample``)."""
     add_model_args(p)
-    p.add_argument("--model", choices=["mixture", "digits"], default="mixture",
-                   help="the analytic Gaussian mixture (scored exactly) or the shipped digits U-Net (PNG grid)")
+    p.add_argument("--model", choices=["mixture", "digits", "digits_flow"], default="mixture",
+                   help="the analytic Gaussian mixture (scored exactly) or a shipped digits U-Net (PNG grid): digits "
+                   "(VP SDE), digits_flow (rectified flow); these ignore --sde")
     p.add_argument("--solver", type=solver_name, default="dpmpp_2m")
     p.add_argument("--nfe", type=POSITIVE_INT, default=None, help="score evaluations of a grid solver")
     p.add_argument("--diffusion", type=NONNEGATIVE_FLOAT, default=None,
@@ -67,11 +69,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     dtype = torch.float64 if args.float64 else torch.float32
     kw = {"nfe": args.nfe} if args.nfe else {}
-    if args.model == "digits":  # the shipped U-Net trained on scikit-learn's digits
-        from ..models import load_digits_model
+    if args.model != "mixture":  # a shipped U-Net trained on scikit-learn's digits
+        from ..models import BUILTIN_MODELS
         from ..models.evaluate import save_sample_grids
 
-        model, sde = load_digits_model()
+        model, sde = BUILTIN_MODELS[args.model]()
         x_T = sde.prior_sample((args.batch, 1, 8, 8), generator=g, dtype=dtype)
         sol = sample(model, sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,
                      diffusion=args.diffusion, generator=g, denoise=True, **kw)

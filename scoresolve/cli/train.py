@@ -1,5 +1,6 @@
 """``scoresolve train`` (also ``python -m scoresolve.models.train``): train a reference score network by denoising
-score matching (`scoresolve.models.train`), checkpoint it and export its EMA weights."""
+score matching (flow matching with ``--sde rf`` / ``trig``; `scoresolve.models.train`), checkpoint it and export its
+EMA weights."""
 
 from __future__ import annotations
 
@@ -35,12 +36,17 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--sde {args.sde} with --sde-arg {dict(args.sde_arg or [])}: {e}") from None
     if not args.t_eps < sde.T:
         raise UsageError(f"--t-eps must lie in (0, T) = (0, {sde.T:g}) for this SDE, got {args.t_eps:g}")
+    if getattr(sde, "velocity_form", False) and (args.weighting != "eps" or args.importance_sampling):
+        raise UsageError(f"--sde {args.sde} trains by flow matching, which has no weighting: drop --weighting "
+                         "and --importance-sampling")
+    if args.importance_sampling and args.t_sampling != "uniform":
+        raise UsageError("--importance-sampling draws its own times: drop --t-sampling")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``scoresolve train`` (sets ``func=cmd_train``)."""
     from ..data import DATASETS
-    from ..models.train import SDES, WEIGHTINGS, TrainConfig
+    from ..models.train import SDES, T_SAMPLINGS, WEIGHTINGS, TrainConfig
 
     d = TrainConfig()
     p = parser
@@ -61,6 +67,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--importance-sampling", action="store_true",
                    help="with --weighting likelihood: draw t uniformly in log-SNR")
     p.add_argument("--t-eps", type=POSITIVE_FLOAT, default=d.t_eps, help=f"smallest training time (default: {d.t_eps})")
+    p.add_argument("--t-sampling", choices=T_SAMPLINGS, default=d.t_sampling,
+                   help="training times: uniform on (t_eps, T), or logit_normal as in SD3 (default: uniform)")
+    p.add_argument("--logit-mean", type=number(float), default=d.logit_mean,
+                   help=f"mean m of logit-normal t (default: {d.logit_mean})")
+    p.add_argument("--logit-std", type=POSITIVE_FLOAT, default=d.logit_std,
+                   help=f"std s of logit-normal t (default: {d.logit_std})")
     p.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
                    help=f"in [0, 1) (default: {d.ema_decay})")
     p.add_argument("--grad-clip", type=NONNEGATIVE_FLOAT, default=d.grad_clip,

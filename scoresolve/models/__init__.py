@@ -1,13 +1,15 @@
-"""Small reference score networks, denoising-score-matching training, and a shipped digits model.
+"""Small reference score networks, denoising-score-matching and flow-matching training, and shipped digits models.
 
     from scoresolve.models import UNet, MLPScoreNet, TrainConfig, load_checkpoint, load_digits_model
     from scoresolve.models.train import train
 
     model, sde = load_digits_model()          # U-Net trained on 8x8 digits under the VP SDE (eps prediction)
     x = scoresolve.sample(model, sde, sde.prior_sample((16, 1, 8, 8)), solver="dpmpp_2m", nfe=20).x
+    model, sde = load_digits_flow_model()     # the same U-Net trained by flow matching (RectifiedFlow, flow prediction)
 
-Networks take continuous t in [0, T] and predict eps; wrap them with
-``ScoreModel(net, sde, prediction="eps", time="t")``. Training and checkpoint formats: `scoresolve.models.train`.
+Networks take continuous t in [0, T] and predict eps (the velocity under an interpolant such as rectified flow); wrap
+them with ``ScoreModel(net, sde, prediction="eps", time="t")`` (``prediction="flow"``), as `load_checkpoint` does.
+Training and checkpoint formats: `scoresolve.models.train`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _TRAIN_NAMES = (
     "build_sde",
     "dsm_loss",
     "export_model",
+    "flow_matching_loss",
     "load_checkpoint",
 )
 _CLI_NAMES = ("add_train_args", "cmd_train")  # the `scoresolve train` command, in scoresolve.cli.train
@@ -45,6 +48,7 @@ def __getattr__(name: str):
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 DIGITS_CHECKPOINT = os.path.join(CHECKPOINT_DIR, "digits_vp.pt")
+DIGITS_FLOW_CHECKPOINT = os.path.join(CHECKPOINT_DIR, "digits_flow.pt")
 
 
 def load_digits_model(device: str = "cpu"):
@@ -62,9 +66,30 @@ def load_digits_model(device: str = "cpu"):
     return model, sde
 
 
+def load_digits_flow_model(device: str = "cpu"):
+    """(ScoreModel, RectifiedFlow()) of the shipped U-Net trained on scikit-learn's digits by flow matching.
+
+    Same data, network and training settings as `load_digits_model`'s; x_t = (1 - t) x0 + t eps on [0, 1] and the
+    network predicts the velocity u = eps - x0 (``prediction="flow"``). Sample from t = 1 (the prior N(0, I) is
+    exact there); ``checkpoints/README.md`` records how it was trained and what it scores.
+    """
+    if not os.path.exists(DIGITS_FLOW_CHECKPOINT):
+        raise FileNotFoundError(f"the shipped digits flow checkpoint is missing: {DIGITS_FLOW_CHECKPOINT}")
+    from .train import load_checkpoint
+
+    model, sde, _ = load_checkpoint(DIGITS_FLOW_CHECKPOINT, device=device)
+    return model, sde
+
+
+BUILTIN_MODELS = {"digits": load_digits_model, "digits_flow": load_digits_flow_model}
+"""The shipped models by the name the commands' ``--model`` takes: name -> loader returning (ScoreModel, sde)."""
+
+
 __all__ = [
     "CHECKPOINT_DIR",
+    "BUILTIN_MODELS",
     "DIGITS_CHECKPOINT",
+    "DIGITS_FLOW_CHECKPOINT",
     "MLPScoreNet",
     "TimeEmbedding",
     "TrainConfig",
@@ -76,7 +101,9 @@ __all__ = [
     "cmd_train",
     "dsm_loss",
     "export_model",
+    "flow_matching_loss",
     "load_checkpoint",
+    "load_digits_flow_model",
     "load_digits_model",
     "num_parameters",
 ]

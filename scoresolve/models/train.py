@@ -17,6 +17,15 @@ with t ~ U(t_eps, T). The score-matching weighting lambda(t) of the score error 
   (lambda the half log-SNR), so q is uniform in log-SNR: lam ~ U(lam(T), lam(t_eps)), t = t(lam), and
   w / q = 2 (lam(t_eps) - lam(T)).
 
+Flow matching: on a process with ``velocity_form`` (an interpolant, e.g. ``--sde rf``, `RectifiedFlow`) the network
+predicts the velocity instead, with the conditional flow-matching loss (Lipman et al. 2023; Liu et al. 2023)
+
+    L = E_{t, x0, eps} [ mean_d (u_hat(x_t, t) - u)^2 ],   u = alpha'(t) x0 + sigma'(t) eps   (eps - x0 for rf),
+
+t ~ U(t_eps, T) or, with ``t_sampling="logit_normal"``, t = t_eps + (T - t_eps) sigmoid(m + s n), n ~ N(0, 1)
+(SD3's logit-normal sampling, Esser et al. 2024, m = ``logit_mean``, s = ``logit_std``); the weighting must be
+"eps" (no weight) and importance sampling does not apply. Its checkpoints record ``prediction="flow"``.
+
 Training state (`train`): Adam, linear learning-rate warm-up, gradient-norm clipping, an EMA of the weights
 (decay ``min(ema_decay, (1 + step) / (10 + step))``), one ``torch.Generator`` seeded with ``seed`` for every random
 draw (batches, dequantization, t, noise) and the network initialised under ``torch.manual_seed(seed)``.
@@ -39,6 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._utils import bcast
 from ..score import ScoreModel
 from ..sde import SDE_NAMES, ForwardSDE, sde_from_name
 from .mlp import MLPScoreNet
@@ -46,6 +56,7 @@ from .unet import UNet
 
 SDES = SDE_NAMES  # the names --sde and TrainConfig.sde take
 WEIGHTINGS = ("eps", "score", "likelihood")
+T_SAMPLINGS = ("uniform", "logit_normal")
 STATE_FORMAT = "scoresolve.train_state/1"
 MODEL_FORMAT = "scoresolve.model/1"
 STATE_FILE = "train_state.pt"
@@ -61,6 +72,8 @@ class TrainConfig:
 
     ``model="auto"`` picks the U-Net for image data ``[C, H, W]`` and the MLP otherwise; ``model_kwargs`` go to
     the network's constructor, ``sde_kwargs`` to the SDE's. ``split_seed`` fixes the digits train/test split.
+    ``t_sampling`` is ``"uniform"`` (t ~ U(t_eps, T)) or ``"logit_normal"`` (``logit_mean``, ``logit_std``; module
+    docstring).
     """
 
     data: str = "moons"
@@ -80,12 +93,21 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     checkpoint_every: int = 500
+    t_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sde not in SDES:
             raise ValueError(f"unknown sde {self.sde!r}; expected one of {sorted(SDES)}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"unknown t_sampling {self.t_sampling!r}; expected one of {T_SAMPLINGS}")
+        if self.t_sampling != "uniform" and self.importance_sampling:
+            raise ValueError("importance_sampling draws its own t: use it with t_sampling='uniform'")
+        if not (math.isfinite(self.logit_mean) and math.isfinite(self.logit_std) and self.logit_std > 0):
+            raise ValueError("need a finite logit_mean and logit_std > 0")
         if self.model not in ("auto", "mlp", "unet"):
             raise ValueError(f"unknown model {self.model!r}; expected 'auto', 'mlp' or 'unet'")
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -116,8 +138,8 @@ class TrainResult:
     seconds: float = 0.0
 
     def score_model(self, use_ema: bool = True) -> ScoreModel:
-        """The (EMA) network as a ScoreModel predicting eps with continuous time t."""
-        return ScoreModel(self.ema if use_ema else self.net, self.sde, prediction="eps", time="t")
+        """The (EMA) network as a ScoreModel predicting eps (flow on a ``velocity_form`` process) with time t."""
+        return ScoreModel(self.ema if use_ema else self.net, self.sde, prediction=prediction_of(self.sde), time="t")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,6 +168,12 @@ def _resolved_model(config: TrainConfig, shape: Sequence[int]) -> str:
     return config.model if config.model != "auto" else ("unet" if len(shape) == 3 else "mlp")
 
 
+def prediction_of(sde: ForwardSDE) -> str:
+    """What a network trained here predicts under ``sde``: ``"flow"`` on a ``velocity_form`` process (flow
+    matching), ``"eps"`` otherwise (denoising score matching)."""
+    return "flow" if getattr(sde, "velocity_form", False) else "eps"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the objective
 # --------------------------------------------------------------------------------------------------------------------
@@ -165,12 +193,20 @@ def sample_time(
     generator: torch.Generator | None = None,
     importance_sampling: bool = False,
     dtype: torch.dtype = torch.float32,
+    logit_normal: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training times ``[n]``: t ~ U(t_eps, T), or with importance sampling t ~ q ∝ g^2/sigma^2 (uniform in log-SNR).
+    """Training times ``[n]``: t ~ U(t_eps, T), or with importance sampling t ~ q ∝ g^2/sigma^2 (uniform in log-SNR),
+    or with ``logit_normal=(m, s)`` t = t_eps + (T - t_eps) sigmoid(m + s n), n ~ N(0, 1) (SD3).
 
-    Returns (t, is_weight): ``is_weight`` is None for uniform t, else the constant w(t) / q(t) ``[n]`` that replaces
-    the likelihood weight (module docstring).
+    Returns (t, is_weight): ``is_weight`` is None for uniform or logit-normal t, else the constant w(t) / q(t)
+    ``[n]`` that replaces the likelihood weight (module docstring).
     """
+    if logit_normal is not None:
+        if importance_sampling:
+            raise ValueError("importance_sampling and logit_normal exclude each other")
+        m, s = logit_normal
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        return (t_eps + (sde.T - t_eps) * torch.sigmoid(m + s * z)).to(dtype), None
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     if not importance_sampling:
         return (t_eps + (sde.T - t_eps) * u).to(dtype), None
@@ -188,17 +224,40 @@ def dsm_loss(
     t_eps: float = 1e-5,
     generator: torch.Generator | None = None,
     importance_sampling: bool = False,
+    logit_normal: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Monte-Carlo estimate of the weighted denoising score-matching loss on a batch x0 (one t per sample)."""
+    """Monte-Carlo estimate of the weighted denoising score-matching loss on a batch x0 (one t per sample;
+    ``logit_normal=(m, s)``: logit-normal t, see `sample_time`)."""
     if importance_sampling and weighting != "likelihood":
         raise ValueError("importance_sampling applies to weighting='likelihood' only")
-    t, is_w = sample_time(sde, x0.shape[0], t_eps, generator, importance_sampling, dtype=x0.dtype)
+    t, is_w = sample_time(sde, x0.shape[0], t_eps, generator, importance_sampling, dtype=x0.dtype,
+                          logit_normal=logit_normal)
     t = t.to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     xt = sde.perturb(x0, t, noise=noise)
     per_sample = (net(xt, t) - noise).square().flatten(1).mean(1)
     w = is_w.to(x0.device) if is_w is not None else loss_weight(sde, t, weighting)
     return (w * per_sample).mean()
+
+
+def flow_matching_loss(
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sde: ForwardSDE,
+    x0: torch.Tensor,
+    t_eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    logit_normal: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Monte-Carlo estimate of the conditional flow-matching loss mean |u_hat(x_t, t) - u|^2 on a batch x0 (one t
+    per sample; u = alpha'(t) x0 + sigma'(t) eps, module docstring). t then eps are drawn from ``generator``."""
+    t, _ = sample_time(sde, x0.shape[0], t_eps, generator, dtype=x0.dtype, logit_normal=logit_normal)
+    t = t.to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    a, s = sde.marginal(t)
+    da, ds = sde.dalpha_dt(t), sde.dsigma_dt(t)
+    xt = bcast(a, x0) * x0 + bcast(s, x0) * noise
+    target = bcast(da, x0) * x0 + bcast(ds, x0) * noise
+    return (net(xt, t) - target).square().flatten(1).mean(1).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,6 +280,7 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 def _check_resume_config(saved: dict, config: TrainConfig) -> None:
     new = config.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}  # states written before a field existed hold its default
     diff = {k: (saved.get(k), v) for k, v in new.items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -237,6 +297,7 @@ def export_model(result: TrainResult, path: str, dtype: torch.dtype = torch.floa
         "arch": _resolved_model(result.config, result.shape),
         "step": result.step,
         "seed": result.config.seed,
+        "prediction": prediction_of(result.sde),
         "ema": state,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -247,6 +308,9 @@ def load_checkpoint(
     path: str, device: torch.device | str = "cpu", use_ema: bool = True
 ) -> tuple[ScoreModel, ForwardSDE, TrainConfig]:
     """(ScoreModel, sde, config) from a training state (``train_state.pt``) or an exported model file.
+
+    The ScoreModel predicts what the checkpoint records (``"eps"``, or ``"flow"`` for flow matching on an
+    interpolant; files without the record: what `prediction_of` gives for their SDE).
 
     The network is in eval mode, float32, with parameters that do not require gradients (gradients with respect
     to x, as the likelihood needs, still work). ``use_ema=False`` takes the raw weights of a training state.
@@ -261,7 +325,8 @@ def load_checkpoint(
     key = "ema" if (use_ema or fmt == MODEL_FORMAT) else "model"
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in obj[key].items()})
     net = net.to(device).eval().requires_grad_(False)
-    return ScoreModel(net, sde, prediction="eps", time="t"), sde, config
+    prediction = obj.get("prediction", prediction_of(sde))
+    return ScoreModel(net, sde, prediction=prediction, time="t"), sde, config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -296,7 +361,8 @@ def train(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train an eps network by denoising score matching (module docstring) and return it with its EMA copy.
+    """Train an eps network by denoising score matching, or a velocity network by flow matching on a
+    ``velocity_form`` process (module docstring), and return it with its EMA copy.
 
     Args:
         config: the run's settings.
@@ -309,6 +375,11 @@ def train(
     """
     draw, shape = _data_source(config, data)
     sde = build_sde(config.sde, **config.sde_kwargs)
+    flow = prediction_of(sde) == "flow"
+    if flow and (config.weighting != "eps" or config.importance_sampling):
+        raise ValueError(f"flow matching ({config.sde}) has no weighting: use weighting='eps' without "
+                         "importance_sampling")
+    logit_normal = (config.logit_mean, config.logit_std) if config.t_sampling == "logit_normal" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = build_network(config.model, shape, T=sde.T, **config.model_kwargs)
@@ -345,6 +416,7 @@ def train(
                 "arch": _resolved_model(config, shape),
                 "step": step,
                 "seed": config.seed,
+                "prediction": prediction_of(sde),
                 "model": net.state_dict(),
                 "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -367,7 +439,11 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
         x0 = draw(config.batch_size, gen).to(device)
-        loss = dsm_loss(net, sde, x0, config.weighting, config.t_eps, gen, config.importance_sampling)
+        if flow:
+            loss = flow_matching_loss(net, sde, x0, config.t_eps, gen, logit_normal)
+        else:
+            loss = dsm_loss(net, sde, x0, config.weighting, config.t_eps, gen, config.importance_sampling,
+                            logit_normal=logit_normal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
