@@ -33,6 +33,13 @@ from .solvers.integrate import RKStepper, integrate, tableau_by_name
 Divergence = Literal["hutchinson", "exact"]
 
 
+def _user_divergence(divergence: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A callable divergence ``div(x, t) -> [batch]`` as ``[batch, 1]``, with grad enabled for it alone (it may use
+    autograd) and its result detached."""
+    with torch.enable_grad():
+        return divergence(x, t).detach()[:, None]
+
+
 @dataclass
 class LikelihoodResult:
     """Result of [`log_likelihood`][scoresolve.log_likelihood] (all ``[batch]`` unless stated).
@@ -62,6 +69,15 @@ class LikelihoodResult:
     rejected: torch.Tensor
     calls: int = 0
     rows: int = 0
+
+    def __repr__(self) -> str:
+        from .solvers._solution import count_stats, describe
+
+        lp = self.log_prob.detach().double()
+        se = "" if self.std_error is None else f", std_error mean {float(self.std_error.double().mean()):.4g}"
+        return (f"LikelihoodResult(log_prob mean {float(lp.mean()):.6g} [{float(lp.min()):.6g}, "
+                f"{float(lp.max()):.6g}]{se}, latent={describe(self.latent)}, nfe={count_stats(self.nfe)}, "
+                f"steps={count_stats(self.steps)}, rejected={count_stats(self.rejected)}, calls={self.calls})")
 
 
 def log_likelihood(
@@ -172,7 +188,7 @@ def log_likelihood(
         t = time.t(u)
         if velocity:  # v is the model's flow prediction; its divergence is estimated whole (f diverges at alpha = 0)
             if callable(divergence):
-                v, div = model.flow(xt, t), divergence(xt, t)[:, None]
+                v, div = model.flow(xt, t), _user_divergence(divergence, xt, t)
             elif divergence == "exact":
                 v, div = exact_div_score(model.flow, xt, t, exact_chunk)
                 div = div[:, None]
@@ -180,7 +196,7 @@ def log_likelihood(
                 v, div = hutchinson_div_score(model.flow, xt, t, probe[0].transpose(0, 1))
         else:
             if callable(divergence):
-                s, div = model(xt, t), divergence(xt, t)[:, None]  # the whole drift's divergence
+                s, div = model(xt, t), _user_divergence(divergence, xt, t)  # the whole drift's divergence
             else:
                 if divergence == "exact":
                     s, ds = exact_div_score(model, xt, t, exact_chunk)
@@ -194,24 +210,26 @@ def log_likelihood(
         dt_du = time.dt_du(t)
         return bcast(dt_du, xt) * v, dt_du[:, None] * div
 
-    delta0 = torch.zeros(B, K, dtype=x.dtype, device=x.device)
-    try:
-        res = integrate(
-            stepper, func, (x.detach(), delta0), time.u(t_eps), time.u(sde.T),
-            controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
-            first_step=first_step, max_step=max_step, check_every=check_every,
-            progress="log_likelihood" if progress else False,
-            name=f"log_likelihood[{solver}]", args=() if eps is None else (eps.transpose(0, 1),),  # [B, K, ...]
-            compact=compact,
-        )
-    except (MaxStepsError, StepSizeUnderflowError) as err:
-        if time.name == "t":
-            raise
-        raise err.at_times(time.t_host(err.times)) from None
-    z, delta = res.x
-    prior = sde.prior_log_prob(z)
-    log_probs = prior[:, None] + delta  # [B, K]
-    std_error = log_probs.std(1) / math.sqrt(K) if K > 1 else None
+    # no autograd graph outside the divergence's own VJPs (which enable grad locally): nothing is kept across steps
+    with torch.no_grad():
+        delta0 = torch.zeros(B, K, dtype=x.dtype, device=x.device)
+        try:
+            res = integrate(
+                stepper, func, (x.detach(), delta0), time.u(t_eps), time.u(sde.T),
+                controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
+                first_step=first_step, max_step=max_step, check_every=check_every,
+                progress="log_likelihood" if progress else False,
+                name=f"log_likelihood[{solver}]", args=() if eps is None else (eps.transpose(0, 1),),  # [B, K, ...]
+                compact=compact,
+            )
+        except (MaxStepsError, StepSizeUnderflowError) as err:
+            if time.name == "t":
+                raise
+            raise err.at_times(time.t_host(err.times)) from None
+        z, delta = res.x
+        prior = sde.prior_log_prob(z)
+        log_probs = prior[:, None] + delta  # [B, K]
+        std_error = log_probs.std(1) / math.sqrt(K) if K > 1 else None
     return LikelihoodResult(
         log_prob=log_probs.mean(1),
         latent=z,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,7 @@ def sample(
     shift: float | None = None,
     save_trajectory: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    grad: bool = False,
     **options: Any,
 ) -> Solution:
     """Solve a reverse process of ``sde`` from ``x_T`` at time T down to ``t_eps``.
@@ -60,8 +62,21 @@ def sample(
         shift: SD3's timestep shift of a named grid (`scoresolve.sd3_shift`; Flux's: `scoresolve.flux_shift`),
             end points kept.
         save_trajectory: keep the states at every step in ``Solution.xs``.
+        grad: differentiate through the solve. By default (False) the solve runs under ``torch.no_grad()``: no
+            autograd graph is kept, whatever the network's parameters, and ``sol.x.requires_grad`` is False (memory
+            stays flat in the NFE). ``grad=True`` runs in the caller's grad mode, so gradients flow from ``sol.x``
+            to ``x_T`` and to the network's parameters (step sizes of adaptive solvers are treated as constants).
+            ``torch.no_grad`` rather than ``torch.inference_mode``: the samples stay ordinary tensors that can be
+            modified in place or fed to `log_likelihood` and to gradient guidance.
         options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc, ``max_steps`` for adaptive ones).
     """
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        return _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator,
+                       progress, grid, shift, save_trajectory, callback, options)
+
+
+def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator, progress, grid,
+            shift, save_trajectory, callback, options) -> Solution:
     check_batched(x_T, "x_T")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError("x_T contains non-finite values")

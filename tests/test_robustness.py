@@ -13,6 +13,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, StepSizeUnderflowError
+from tests._counts import uniform
 from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
@@ -381,7 +382,7 @@ def test_nfe_below_a_solvers_minimum_names_the_minimum():
         with pytest.raises(ValueError, match=rf"needs at least {spec.min_steps} step\(s\), got 0"):
             ss.sample(good, sde, x, solver=name, steps=0, **kw)
         sol = ss.sample(good, sde, x, solver=name, nfe=need, **kw)  # the minimum itself works
-        assert sol.nfe == need
+        assert uniform(sol.nfe) == need
 
 
 @pytest.mark.timeout(60)

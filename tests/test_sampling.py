@@ -5,6 +5,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
+from tests._counts import uniform
 
 F64 = torch.float64
 
@@ -41,8 +42,8 @@ def test_pc_budget_counts_corrector_steps(corrector_steps):
     sol = ss.sample(score, sde, x, solver="pc", nfe=24, corrector_steps=corrector_steps,
                     generator=torch.Generator().manual_seed(0))
     per = 1 + corrector_steps
-    assert sol.nfe == calls["n"] == (24 // per) * per
-    assert sol.nfe <= 24
+    assert uniform(sol.nfe) == calls["n"] == (24 // per) * per
+    assert uniform(sol.nfe) <= 24
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "unipc"])
@@ -52,8 +53,8 @@ def test_nfe_budget_is_respected_exactly(solver):
     for budget in (7, 12, 25):
         calls["n"] = 0
         sol = ss.sample(score, sde, x, solver=solver, nfe=budget)
-        assert sol.nfe == calls["n"] <= budget
-        assert budget - sol.nfe < spec.evals_per_step  # the largest step count that fits
+        assert uniform(sol.nfe) == calls["n"] <= budget
+        assert budget - uniform(sol.nfe) < spec.evals_per_step  # the largest step count that fits
 
 
 def test_denoise_is_tweedie_and_costs_one_evaluation():
@@ -61,7 +62,7 @@ def test_denoise_is_tweedie_and_costs_one_evaluation():
     plain = ss.sample(score, sde, x, solver="dpmpp_2m", nfe=10)
     calls["n"] = 0
     den = ss.sample(score, sde, x, solver="dpmpp_2m", nfe=10, denoise=True)
-    assert den.nfe == plain.nfe + 1 == calls["n"]
+    assert uniform(den.nfe) == uniform(plain.nfe) + 1 == calls["n"]
     t = torch.full((x.shape[0],), 1e-3, dtype=F64)
     a, s = sde.marginal(t)
     torch.testing.assert_close(den.x, (plain.x + s[:, None] ** 2 * gm.score(plain.x, t, sde)) / a[:, None])
@@ -83,7 +84,7 @@ def test_backend_grid_passthrough_and_dispatch_errors():
     a = ss.sample(score, sde, x, solver="torchdiffeq:euler", steps=30, grid="quadratic")
     b = ss.sample(score, sde, x, solver="euler", steps=30, grid="quadratic")
     torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-10)
-    assert a.nfe == 30
+    assert uniform(a.nfe) == 30
     with pytest.raises(ValueError, match="unknown solver"):
         ss.sample(score, sde, x, solver="dpm++")
     with pytest.raises(ValueError, match="adaptive"):

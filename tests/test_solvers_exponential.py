@@ -11,6 +11,7 @@ from _kdiffusion import from_kd, k_diffusion_denoiser, kd_sigmas, load_k_diffusi
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
 from scoresolve.solvers import exponential as ex
+from tests._counts import uniform
 
 OURS = ("ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "dpmpp_2m_sde")
 DETERMINISTIC = ("ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc")
@@ -229,14 +230,14 @@ def test_nfe_is_exact(solver):
     for nfe in (6, 12):  # fits every method exactly (2 and 3 evaluations per step)
         calls.clear()
         sol = ss.sample(score, sde, x, solver=solver, nfe=nfe, generator=torch.Generator().manual_seed(0))
-        assert len(calls) == sol.nfe == nfe
+        assert len(calls) == uniform(sol.nfe) == nfe
         assert sol.steps == nfe // REGISTRY[solver].evals_per_step
     calls.clear()
     sol = ss.sample(score, sde, x, solver=solver, nfe=13, generator=torch.Generator().manual_seed(0))
-    assert len(calls) == sol.nfe == REGISTRY[solver].nfe_for_steps(REGISTRY[solver].steps_for_nfe(13)) <= 13
+    assert len(calls) == uniform(sol.nfe) == REGISTRY[solver].nfe_for_steps(REGISTRY[solver].steps_for_nfe(13)) <= 13
     calls.clear()
     sol = ss.sample(score, sde, x, solver=solver, steps=1, generator=torch.Generator().manual_seed(0))
-    assert len(calls) == sol.nfe == REGISTRY[solver].evals_per_step
+    assert len(calls) == uniform(sol.nfe) == REGISTRY[solver].evals_per_step
 
 
 # --------------------------------------------------------------------------------------------------------------

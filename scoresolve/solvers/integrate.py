@@ -154,7 +154,7 @@ class RKStepper:
                          (0.01 / dmax).pow(1.0 / (self.tab.order + 1)))
         h = torch.minimum(100 * h0, h1)
         h = torch.nan_to_num(h, nan=1e-6 * span, posinf=span).clamp(min=1e-6 * span, max=span)
-        return direction * h
+        return (direction * h).detach()  # step sizes are constants, also when differentiating through a solve
 
     def attempt(self, t, h, t_new, y: Parts, carry: Parts, evaluate, active, attempts, first: bool):
         tab = self.tab
@@ -402,6 +402,7 @@ def integrate(
             t_new = torch.where(last, t_end, t + h_step)
             y_new, err, bad, trial = stepper.attempt(t, h_step, t_new, y, carry, evaluate, active, steps + rejected,
                                                      it == 1)
+            err = err.detach()  # the controller's input: no graph through step sizes (and none read on the host)
             accept = active & (err <= 1.0)
             reject = active & ~accept
             h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)
