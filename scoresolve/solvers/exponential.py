@@ -120,6 +120,7 @@ def dpm_solver_2_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 
     The intermediate point sits at lambda_s + r1 h (default r1 = 1/2, the midpoint in log-SNR).
     """
+    warn_coarse_singlestep(run, i)
     a, s, lam, r1 = run.alpha, run.sigma, run.lam, run.options["r1"]
     h = lam[i + 1] - lam[i]
     t1, a1, s1, l1 = run.at_lambda(lam[i] + r1 * h)
@@ -137,6 +138,7 @@ def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 
     Intermediate points at lambda_s + r1 h and lambda_s + r2 h (default 1/3, 2/3).
     """
+    warn_coarse_singlestep(run, i)
     a, s, lam = run.alpha, run.sigma, run.lam
     r1, r2 = run.options["r1"], run.options["r2"]
     h = lam[i + 1] - lam[i]
@@ -152,6 +154,34 @@ def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - (s_t/r2) ((e^h - 1)/h - 1) D2
     c2 = s[i + 1] * (h / h2) * (math.expm1(h) / h - 1)
     return (a[i + 1] / a[i]) * x - (s[i + 1] * math.expm1(h)) * e0 - c2 * d2
+
+
+COARSE_LOGSNR_STEP = 1.5
+"""Largest log-SNR step of singlestep DPM-Solver-2/3 without a warning (see `warn_coarse_singlestep`)."""
+
+
+def warn_coarse_singlestep(run: GridRun, i: int) -> None:
+    """Warn once per solve (at step 0) when the grid has a log-SNR step h > `COARSE_LOGSNR_STEP`.
+
+    Noise-prediction singlestep steps multiply the difference of two network evaluations by sigma_t (e^h - 1)/r:
+    exact for an analytic score, but a trained network's error differences are amplified too. Measured on an
+    eps-MLP trained on 2-D data (VP, t_eps = 1e-3; RMS error against the same model's dopri5 at rtol 1e-7,
+    samples of scale 1): at 10 NFE on the default grid dpm_solver_2 4.5 and dpm_solver_3 22.6 (largest h 2.9
+    and 4.0), while dpmpp_2m gave 0.08; dpm_solver_2 fell to 0.10 at h = 1.39 (30 NFE), dpm_solver_3 to 0.05 at
+    h = 1.33 (50 NFE).
+    """
+    if i != 0 or run.steps < 1:
+        return
+    lam = run.lam[run.start:]
+    h = max((b - a for a, b in zip(lam[:-1], lam[1:])), default=0.0)
+    if h > COARSE_LOGSNR_STEP:
+        import warnings
+
+        warnings.warn(
+            f"{run.name}: log-SNR steps up to {h:.2f} (> {COARSE_LOGSNR_STEP}); singlestep noise-prediction steps "
+            "amplify a trained network's errors by ~e^h at this coarseness. Start with dpmpp_2m (the default) or "
+            "unipc, or give dpm_solver_2/3 more steps (nfe >= 30 / 50 on the default grid)", UserWarning,
+            stacklevel=2)
 
 
 def _dpm2_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
