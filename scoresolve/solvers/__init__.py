@@ -7,7 +7,7 @@ data), `noise` (generators, per-sample seeds, Brownian memory), and the step fun
 `ode` (adaptive RK on the PF-ODE), `backends` (torchdiffeq, torchsde), `grids` (time grids).
 """
 
-from . import backends, exponential, fixed, multistep, ode, sde  # noqa: F401  (imports register the solvers)
+from . import adams, backends, exponential, fixed, multistep, ode, sde  # noqa: F401  (imports register the solvers)
 from ._registry import REGISTRY, EvalCounter, SolverSpec
 from ._solution import Solution
 from .controllers import DOPRI5_GAINS, IController, PIController
