@@ -5,7 +5,8 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
 - [`from_diffusers`][scoresolve.adapters.from_diffusers]: Hugging Face diffusers UNets + DDPM-family schedulers
   (``DiscreteVPSDE``), or ``ScoreSdeVeScheduler`` (``VESDE``); [`scheduler_grid`][scoresolve.adapters.scheduler_grid] /
   [`timesteps_to_grid`][scoresolve.adapters.timesteps_to_grid] give the time grid that reproduces a scheduler's own
-  loop.
+  loop; [`diffusers_schedule`][scoresolve.adapters.diffusers_schedule] the whole solve (solver, options, x0
+  clipping/thresholding, timestep rounding) for each supported scheduler, refusing the others.
 - [`from_diffusers_flow`][scoresolve.adapters.from_diffusers_flow]: diffusers flow-matching transformers (SD3,
   Flux, ...) with ``FlowMatchEulerDiscreteScheduler`` or DPMSolverMultistep / UniPC with flow sigmas
   (``RectifiedFlow``); [`flow_scheduler_grid`][scoresolve.adapters.flow_scheduler_grid] gives the grid, solver and
@@ -34,18 +35,22 @@ from .diffusers_flow import (
     flow_scheduler_grid,
     from_diffusers_flow,
 )
+from .diffusers_schedule import DiffusersSchedule, X0Processing, diffusers_schedule
 from .karras import EDMSDE, RescaledDenoiser, from_karras
 from .score_sde import ReversedIndex, from_score_sde
 
 __all__ = [
     "DDPMTimestep",
     "DiffusersNet",
+    "DiffusersSchedule",
     "EDMSDE",
     "FlowSchedule",
     "FlowTimestep",
     "FlowTransformerNet",
     "RescaledDenoiser",
+    "X0Processing",
     "ReversedIndex",
+    "diffusers_schedule",
     "flow_scheduler_grid",
     "from_diffusers",
     "from_diffusers_flow",

@@ -35,7 +35,9 @@ scheduler:
   ``sigmas[k]`` to ``sigmas[k + 1]`` with diffusers' sigma = sqrt((1 - ac)/ac) = exp(-lambda); a final sigma of 0
   (``final_sigmas_type="zero"``) is again ``denoise=True``, ``"sigma_min"`` is t = 1/N.
 
-Clipping and thresholding of x0 (``clip_sample``, ``thresholding``) are not part of the ODE and are not reproduced.
+Clipping and thresholding of x0 (``clip_sample``, ``thresholding``) are not part of the ODE; `scheduler_grid` ignores
+them. [`diffusers_schedule`][scoresolve.adapters.diffusers_schedule] gives the whole mapping (grid, solver, options,
+x0 processing, timestep rounding) for each supported scheduler and refuses the others.
 """
 
 from __future__ import annotations
@@ -338,7 +340,8 @@ def timesteps_to_grid(sde: DiscreteVPSDE, timesteps: Any, final: int | None = 0)
     return (idx + 1) / N
 
 
-def scheduler_grid(scheduler: Any, sde: ForwardSDE | None = None) -> tuple[torch.Tensor, bool]:
+def scheduler_grid(scheduler: Any, sde: ForwardSDE | None = None,
+                   drop_repeated_final: bool | None = None) -> tuple[torch.Tensor, bool]:
     """``(grid, denoise)`` reproducing the steps of a scheduler after ``set_timesteps(n)``.
 
     Sample with ``scoresolve.sample(model, sde, x_T, solver=..., grid=grid, denoise=denoise)``. For
@@ -347,7 +350,14 @@ def scheduler_grid(scheduler: Any, sde: ForwardSDE | None = None) -> tuple[torch
     ``lower_order_final=False`` when it is True (diffusers' first-order final step to sigma = 0 is our denoise).
     Sigma schedules that are not at integer timesteps (``use_karras_sigmas`` and friends) are mapped through the
     log-SNR exactly, but diffusers evaluates the network at rounded timesteps there while we evaluate it at the
-    exact fractional index: a warning says so.
+    exact fractional index: a warning says so (`diffusers_schedule` checks the timesteps and rounds like diffusers).
+
+    With ``final_sigmas_type="sigma_min"`` and a schedule whose last sigma already is sigma_min (Karras, Lu,
+    exponential, beta sigmas; or a last timestep 0), the scheduler's last step goes from that sigma to itself. For
+    DPM-Solver, DEIS and Euler that step is the identity and is dropped (``drop_repeated_final=None``, the default;
+    diffusers' wasted evaluation there is not made). UniPC corrects there: the default refuses it (ValueError); with
+    ``drop_repeated_final=True`` the point is dropped and ``unipc(final_corrector=True)`` reproduces it (see
+    [`diffusers_schedule`][scoresolve.adapters.diffusers_schedule]).
     """
     timesteps = getattr(scheduler, "timesteps", None)
     if getattr(scheduler, "num_inference_steps", None) is None or timesteps is None:
@@ -384,6 +394,18 @@ def scheduler_grid(scheduler: Any, sde: ForwardSDE | None = None) -> tuple[torch
     ref = torch.cat([ts, idx[ts.numel():].round()])
     close = (idx - ref).abs() <= 1e-3
     t = torch.where(close, (ref + 1) / N, t)
+    if not denoise and t.numel() >= 2 and float(t[-1]) == float(t[-2]):
+        name = type(scheduler).__name__
+        if drop_repeated_final is None:
+            drop_repeated_final = name != "UniPCMultistepScheduler"
+            if not drop_repeated_final:
+                raise ValueError(
+                    f"{name} with final_sigmas_type={cfg.get('final_sigmas_type')!r}: its last step goes from sigma "
+                    f"{float(sig[-1]):.6g} to itself and applies UniPC's corrector there; use diffusers_schedule("
+                    "scheduler) (unipc with final_corrector=True), or scheduler_grid(..., drop_repeated_final=True)")
+        if not drop_repeated_final:
+            raise ValueError(f"{name}: the last step goes from sigma {float(sig[-1]):.6g} to itself")
+        t = t[:-1]
     if not bool(close[: ts.numel()].all()):
         warnings.warn(
             f"{type(scheduler).__name__}'s sigmas are not at its integer timesteps (e.g. use_karras_sigmas): the grid "

@@ -14,7 +14,8 @@ extrapolated from the predictions of the last q grid points (one network evaluat
 - ``deis`` (Zhang & Chen 2022, Algorithm 1): the Lagrange polynomial through (t_{i-j}, eps_{i-j}) integrated exactly
   against drho: y_{i+1} = y_i + sum_j C_ij eps_{i-j}, C_ij = int_{t_i}^{t_{i+1}} l_j(t) rho'(t) dt ("tAB", the
   polynomial in t; Gauss-Legendre quadrature on the host, exact to float64 for these smooth schedules), or with
-  ``basis="rho"`` the polynomial in rho itself ("rhoAB": the variable-step Adams-Bashforth of iPNDM).
+  ``basis="rho"`` the polynomial in rho itself ("rhoAB": the variable-step Adams-Bashforth of iPNDM), or with
+  ``basis="log_rho"`` the polynomial in log rho = -lambda (diffusers' ``DEISMultistepScheduler``, "logrho").
 
 Both start from alpha > 0 only (y = x / alpha is infinite at alpha = 0). The weights are Python floats from the host
 grid: no host-device synchronisation in the loop.
@@ -94,6 +95,11 @@ def deis_weights(run: GridRun, i: int, q: int) -> list[float]:
     rho, t = _rho(run), run.t
     if run.options["basis"] == "rho":
         return lagrange_integrals([rho[i - j] for j in range(q)], rho[i], rho[i + 1])
+    if run.options["basis"] == "log_rho":  # int l_j(u) e^u du over u = log rho
+        u = [math.log(rho[i - j]) for j in range(q)]
+        x, _ = _gauss_legendre(_QUAD_NODES)
+        pts = 0.5 * (math.log(rho[i + 1]) - u[0]) * x + 0.5 * (u[0] + math.log(rho[i + 1]))
+        return lagrange_integrals(u, u[0], math.log(rho[i + 1]), weight=np.exp(pts), points=pts)
     x, _ = _gauss_legendre(_QUAD_NODES)
     a_, b_ = t[i], t[i + 1]
     pts = 0.5 * (b_ - a_) * x + 0.5 * (a_ + b_)
@@ -104,7 +110,8 @@ def deis_weights(run: GridRun, i: int, q: int) -> list[float]:
 
 def deis_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """DEIS (Zhang & Chen 2022), exponential Adams-Bashforth on the noise prediction; order ``order`` (1-4, default
-    3; order 1 is DDIM) after a warm-up, 1 NFE/step; ``basis`` "t" (tAB, default) or "rho" (rhoAB)."""
+    3; order 1 is DDIM) after a warm-up, 1 NFE/step; ``basis`` "t" (tAB, default), "rho" (rhoAB) or "log_rho"
+    (the polynomial in log rho = -lambda: diffusers' DEISMultistepScheduler)."""
     a = run.alpha
     order = run.options["order"]
     hist = _push_eps(run, x, i, order)
@@ -118,8 +125,8 @@ def _prepare(name: str):
         require_ode(name, process)
         if options["order"] not in (1, 2, 3, 4):
             raise ValueError(f"{name} order must be 1, 2, 3 or 4, got {options['order']}")
-        if name == "deis" and options["basis"] not in ("t", "rho"):
-            raise ValueError(f"deis basis must be 't' (tAB) or 'rho' (rhoAB), got {options['basis']!r}")
+        if name == "deis" and options["basis"] not in ("t", "rho", "log_rho"):
+            raise ValueError(f"deis basis must be 't' (tAB), 'rho' (rhoAB) or 'log_rho', got {options['basis']!r}")
         if not isinstance(options["lower_order_final"], bool):
             raise ValueError(f"lower_order_final must be True or False, got {options['lower_order_final']!r}")
         return options

@@ -120,6 +120,10 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     predictions available and ``lower_order_final`` (default: steps < 100) winds down over the last p - 1 steps.
     The registered order is 3: the first (order-2) step leaves an O(h^3) term whose constant is tiny because x0_hat
     hardly moves near T, so in practice the error falls like h^4 until it is very small.
+
+    ``final_corrector=True`` corrects the last step too, at the cost of one more evaluation (at the end point): this
+    is what diffusers' ``UniPCMultistepScheduler`` does with ``final_sigmas_type="sigma_min"`` (it evaluates the
+    network at its last sigma, corrects, and then steps from that sigma to itself).
     """
     a, s, lam, order = run.alpha, run.sigma, run.lam, run.options["order"]
     if i == 0:
@@ -136,7 +140,7 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     x_pred = x_base  # UniP-p
     if ds:
         x_pred = x_base + aB * sum(w * d for w, d in zip(unipc_weights(rs, h), ds))
-    if i == run.steps - 1:
+    if i == run.steps - 1 and not run.options["final_corrector"]:
         return x_pred
     m_new = run.x0(x_pred, i + 1)
     if i < run.start:  # a step from lambda = -inf: no corrector (its weights assume a finite h)
@@ -151,6 +155,8 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 def _unipc_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
     if options["order"] not in (1, 2, 3, 4):
         raise ValueError(f"unipc order must be 1, 2, 3 or 4, got {options['order']}")
+    if not isinstance(options["final_corrector"], bool):
+        raise ValueError(f"unipc final_corrector must be True or False, got {options['final_corrector']!r}")
     return _prepare("unipc")(process, options, steps)
 
 
@@ -190,7 +196,8 @@ register(SolverSpec("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepa
 register(SolverSpec("dpmpp_3m", step=dpmpp_3m_step, options=_LOF, prepare=_prepare("dpmpp_3m"), order=3,
                     default_grid="quadratic", starts_at_alpha0=True,
                     description="multistep DPM-Solver++(3M) (data prediction)"))
-register(SolverSpec("unipc", step=unipc_step, options={"order": 3, **_LOF}, prepare=_unipc_prepare, order=3,
+register(SolverSpec("unipc", step=unipc_step, options={"order": 3, "final_corrector": False, **_LOF},
+                    prepare=_unipc_prepare, order=3,
                     default_grid="quadratic", starts_at_alpha0=True,
                     description="UniPC-3 bh2: UniP predictor + free UniC corrector (data prediction)"))
 register(SolverSpec("dpmpp_2m_sde", step=dpmpp_2m_sde_step, options={"eta": None}, prepare=_sde_prepare, order=1,
