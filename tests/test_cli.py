@@ -426,3 +426,222 @@ def test_evaluate_command_on_the_shipped_digits_model(tmp_path, capsys):
     pytest.importorskip("sklearn")
     assert main([*EVALUATE, "--bpd-n", "2", "--batch-size", "2", "--rtol", "1e-2", "--atol", "1e-2"]) == 0
     assert "bits/dim on 2 held-out digits" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# any model: a trained checkpoint and a user's own network (--model-spec MODULE:FACTORY), on every command
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The commands set torch's thread count (--threads): give the other tests back theirs."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+USER_MODULE = '''
+import torch
+import scoresolve as ss
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        return 0.1 * self.f(torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)
+
+
+def make(dim=2, hidden=16):
+    torch.manual_seed(0)
+    sde = ss.VPSDE()
+    return ss.ScoreModel(Net(dim, hidden), sde, prediction="eps"), sde
+
+
+def make_image():
+    return make(dim=16)[0]  # a ScoreModel alone: its sde is the process
+
+
+def make_wrong():
+    return "not a model"
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``cli_user_net`` on sys.path with factories ``make(dim, hidden)`` -> (ScoreModel, VPSDE), ``make_image``
+    (a ScoreModel alone) and ``make_wrong``."""
+    (tmp_path / "cli_user_net.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cli_user_net", raising=False)
+    return tmp_path / "cli_user_net.py"
+
+
+def _table(text):
+    rows = (line.split() for line in text.splitlines())
+    return {(r[0], r[1]): r for r in rows if len(r) >= 5 and r[1].startswith(("nfe=", "rtol="))}
+
+
+def test_every_command_runs_on_a_trained_checkpoint(tmp_path, capsys):
+    ckpt = str(tmp_path / "run" / "model.pt")
+    assert main(["train", "--data", "moons", "--steps", "3", "--batch-size", "16", "--model-arg", "hidden=16",
+                 "--model-arg", "depth=1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    # sample: the recorded shape [2]
+    out = tmp_path / "s.pt"
+    assert main(["sample", "--checkpoint", ckpt, "--batch", "16", "--nfe", "6", "--quiet", "--out", str(out)]) == 0
+    assert f"{ckpt} (VPSDE" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    assert saved["x"].shape == (16, 2) and torch.isfinite(saved["x"]).all()
+    # likelihood: default data are fresh samples of its toy set
+    assert main(["likelihood", "--checkpoint", ckpt, "--num-samples", "8", "--batch-size", "8", "--rtol", "1e-3",
+                 "--atol", "1e-3", "--out-dir", str(tmp_path / "ll"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{ckpt} (VPSDE") and "8 samples" in text
+    assert math.isfinite(float(text.split("bits/dim ")[1].split()[0]))
+    # compare: errors against a float64 dopri5 solve of the same network; no SWD / log p; stochastic runs skipped
+    png = tmp_path / "wp.png"
+    assert main(["compare", "--checkpoint", ckpt, "--batch", "16", "--nfe", "6", "12", "--tol", "1e-4",
+                 "--solvers", "euler", "dpmpp_2m", "dopri5", "euler_maruyama", "--out", str(png), "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert "reference: dopri5 float64 rtol=atol=1e-08" in cap.out and "SWD" not in cap.out
+    assert "skipping stochastic solvers" in cap.err and "euler_maruyama" in cap.err
+    rows = _table(cap.out)
+    assert set(rows) == {("euler", "nfe=6"), ("euler", "nfe=12"), ("dpmpp_2m", "nfe=6"), ("dpmpp_2m", "nfe=12"),
+                         ("dopri5", "rtol=0.0001")}
+    err = {k: float(r[3]) for k, r in rows.items()}
+    assert err[("dopri5", "rtol=0.0001")] < err[("dpmpp_2m", "nfe=12")] < err[("euler", "nfe=12")]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # evaluate scores digits models only; the checkpoint's process fixes --t-eps's range
+    assert "evaluate scores digits models" in usage_error(["evaluate", "--checkpoint", ckpt], capsys)
+    assert "give the model" in usage_error(["evaluate"], capsys)
+    assert "(0, T) = (0, 1) for" in usage_error(["sample", "--checkpoint", ckpt, "--t-eps", "1.5"], capsys)
+    assert "not a scoresolve checkpoint" in usage_error(["sample", "--checkpoint", str(out)], capsys)
+
+
+def test_every_command_runs_on_a_user_module(user_module, tmp_path, capsys):
+    spec = ["--model-spec", "cli_user_net:make", "--model-arg", "hidden=8"]
+    out = tmp_path / "s.pt"
+    assert main(["sample", *spec, "--shape", "2", "--batch", "16", "--nfe", "6", "--quiet", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("cli_user_net:make (VPSDE")
+    x = torch.load(out, weights_only=True)["x"]
+    assert x.shape == (16, 2)
+    data = tmp_path / "data.pt"
+    torch.save(x[:8], data)
+    assert main(["likelihood", *spec, "--data", str(data), "--batch-size", "8", "--rtol", "1e-3", "--atol", "1e-3",
+                 "--out-dir", str(tmp_path / "ll"), "--quiet"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert main(["compare", *spec, "--shape", "2", "--batch", "8", "--nfe", "8", "--tol", "1e-3", "--solvers",
+                 "euler", "dopri5", "--out", "", "--quiet", "--float64"]) == 0
+    text = capsys.readouterr().out
+    assert "reference: dopri5 float64" in text and set(_table(text)) == {("euler", "nfe=8"), ("dopri5", "rtol=0.001")}
+    # a .py file works too, and a factory may return a ScoreModel alone
+    assert main(["sample", "--model-spec", f"{user_module}:make_image", "--shape", "1,4,4", "--batch", "4", "--nfe",
+                 "4", "--quiet", "--out", str(tmp_path / "img.png")]) == 0
+    assert (tmp_path / "img.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the contract is checked before any work
+    for argv, msg in [
+        (["sample", "--model-spec", "cli_user_net:make"], "unknown: give --shape"),
+        (["sample", "--model-spec", "no_such_module_xyz:make", "--shape", "2"], "cannot import 'no_such_module_xyz'"),
+        (["sample", "--model-spec", "cli_user_net:nope", "--shape", "2"], "has no function 'nope'"),
+        (["sample", "--model-spec", "cli_user_net", "--shape", "2"], "expected MODULE:FACTORY"),
+        (["sample", "--model-spec", "cli_user_net:make_wrong", "--shape", "2"], "must return (model, sde)"),
+        (["sample", *spec[:2], "--model-arg", "bogus=1", "--shape", "2"], "unexpected keyword argument 'bogus'"),
+        (["sample", "--model-arg", "hidden=8"], "--model-arg goes with --model-spec"),
+        (["sample", *spec[:2], "--model", "digits"], "give one of --model, --checkpoint, --model-spec"),
+        (["sample", *spec, "--shape", "2", "--out", str(tmp_path / "x.png")], "a PNG grid needs image samples"),
+        (["likelihood", *spec], "has no default dataset: give --data"),
+        (["likelihood", *spec, "--float64", "--data", str(data)], "float32 network: drop --float64"),
+    ]:
+        assert msg in usage_error(argv, capsys), argv
+
+
+def test_a_user_module_on_pythonpath_runs_in_a_fresh_process(user_module, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(
+        os.path.abspath(ss.__file__)))])}
+    proc = subprocess.run([sys.executable, "-m", "scoresolve", "sample", "--model-spec", "cli_user_net:make",
+                           "--shape", "2", "--batch", "8", "--nfe", "4", "--quiet", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path / "..", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cli_user_net:make (VPSDE") and "NFE 5" in proc.stdout  # 4 + denoising
+
+
+def test_sample_grid_is_square_and_capped(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    from scoresolve.cli.sample import GRID_MAX, grid_layout
+    from scoresolve.models import evaluate as me
+
+    assert GRID_MAX == 256 and grid_layout(512) == (256, 16) and grid_layout(10) == (10, 4) and grid_layout(4) == (4, 2)
+    calls = []
+    real = me.save_sample_grids
+
+    def spy(panels, path, nrow=8):
+        calls.append((panels[0][1].shape[0], nrow, me.image_grid(panels[0][1], nrow).shape))
+        return real(panels, path, nrow=nrow)
+
+    monkeypatch.setattr(me, "save_sample_grids", spy)
+    out = tmp_path / "d.png"
+    assert main(["sample", "--model", "digits", "--batch", "300", "--solver", "euler", "--nfe", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    assert "first 256 of 300" in capsys.readouterr().out
+    assert calls == [(256, 16, (145, 145))]  # 16 x 16 digits of 8 px, 1 px apart: square
+    assert "at most 256 drawn" in " ".join(_help("sample").split())
+
+
+def _help(command):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return sub.format_help()
+
+
+@pytest.mark.parametrize("command", ["compare", "sample", "likelihood", "train", "evaluate"])
+def test_help_explains_every_option_with_its_default(command, capsys):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help text"
+        if action.default is not None and action.default is not False:
+            assert "default" in formatter._get_help_string(action), (command, action.option_strings[0])
+    text = " ".join(_help(command).split())
+    assert "--threads" in text and "--model" in text or command == "train"
+    if command == "sample":
+        for expected in ("--seed SEED seed of", "(default: 0)", "(default: dpmpp_2m)", "(default: the solver's own",
+                         "--checkpoint", "--model-spec MODULE:FACTORY"):
+            assert expected in text, expected
+    if command == "compare":
+        assert "(default: 10 20 50)" in text and "(default: work_precision.png)" in text
+
+
+def test_threads_option_and_default(capsys):
+    from scoresolve.cli._args import default_threads
+
+    parser = build_parser()
+    for command in ("compare", "sample", "likelihood", "train", "evaluate"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert any("--threads" in a.option_strings for a in sub._actions), command
+    argv = ["sample", "--dim", "2", "--components", "2", "--batch", "8", "--nfe", "4", "--quiet"]
+    torch.set_num_threads(1)
+    assert main([*argv, "--threads", "3"]) == 0 and torch.get_num_threads() == 3
+    assert main(argv) == 0 and torch.get_num_threads() == default_threads()
+    assert 1 <= default_threads() <= min(os.cpu_count(), 4)
+    assert "at least 1, got 0" in usage_error([*argv, "--threads", "0"], capsys)
+
+
+def test_compare_plot_draws_the_noise_floor_as_a_labelled_band(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from scoresolve.compare import Run, plot_work_precision
+
+    spans, lines = [], []
+    real_span = matplotlib.axes.Axes.axhspan
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhspan",
+                        lambda self, *a, **k: spans.append((a, k)) or real_span(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, *a, **k: lines.append((a, k)))
+    runs = [Run("euler", f"nfe={n}", n, 1.0 / n, 0.0, swd=0.5 / n, logp=-1.0) for n in (10, 20, 50)]
+    runs.append(Run("exact samples", "-", 0.0, 0.0, 0.0, swd=0.03, logp=-1.0))
+    plot_work_precision(runs, str(tmp_path / "p.png"))
+    assert lines == [] and len(spans) == 1
+    (bottom, top), kw = spans[0]
+    assert top == 0.03 and bottom < 0.01 and "noise floor" in kw["label"] and "two exact samples" in kw["label"]

@@ -1,7 +1,9 @@
 """The ``scoresolve`` command: ``compare`` (the default), ``sample``, ``likelihood``, ``train`` and ``evaluate``.
 
 Every command lives in its own module here (``add_<command>_args`` and ``cmd_<command>``); library modules hold no
-argparse code. Bad option values, missing input files and unusable output paths are usage errors (exit status 2),
+argparse code. The commands run on any model (``--model``, ``--checkpoint``, ``--model-spec MODULE:FACTORY``: see
+``_args.add_network_args``), state every option's default in ``--help`` and set torch's thread count
+(``--threads``). Bad option values, missing input files and unusable output paths are usage errors (exit status 2),
 found before a command starts its work.
 """
 
@@ -18,11 +20,13 @@ from .sample import add_sample_args, cmd_sample
 from .train import add_train_args, cmd_train
 
 COMMANDS = {
-    "compare": (add_compare_args, "work-precision study of solvers on an analytic Gaussian mixture (default)"),
-    "sample": (add_sample_args, "sample the analytic mixture (scored exactly) or the shipped digits model"),
+    "compare": (add_compare_args, "work-precision study of solvers on the analytic Gaussian mixture or any model "
+                "(default command)"),
+    "sample": (add_sample_args, "sample the analytic mixture (scored exactly), a shipped model, a checkpoint or "
+               "--model-spec MODULE:FACTORY"),
     "likelihood": (add_likelihood_args, "log-likelihood / bits-per-dim of a dataset via the PF-ODE"),
     "train": (add_train_args, "train a reference score network by denoising score matching"),
-    "evaluate": (add_evaluate_args, "bits/dim and a sample grid of a trained digits model"),
+    "evaluate": (add_evaluate_args, "bits/dim and a sample grid of a digits model (shipped, checkpoint or your own)"),
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -17,6 +19,26 @@ class UsageError(Exception):
     """Raised by a check: the parser turns it into a usage error."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: ``(default: X)`` is appended unless the help text already says
+    what the default is (it mentions "default"); flags (default False) and options without a default (None) keep
+    their own wording, which says what happens when they are not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in help_ or default is None or default is False
+                or default == argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
+            return help_
+        if isinstance(default, (list, tuple)):
+            shown = " ".join(str(v) for v in default)
+        elif default == "":
+            shown = "none"
+        else:
+            shown = str(default)
+        return f"{help_} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser that runs its checks (cross-option rules, see `add_check`) after parsing, as usage errors.
 
@@ -24,6 +46,7 @@ class CommandParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.checks: list[Check] = []
 
@@ -211,7 +234,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagonal", action="store_true", help="axis-aligned components instead of correlated ones")
     p.add_argument("--batch", type=POSITIVE_INT, default=512, help="samples per run (default: 512)")
     p.add_argument("--t-eps", type=POSITIVE_FLOAT, default=1e-3, help="final time (default: 1e-3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the mixture, the initial noise and every random draw")
     p.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
 
 
@@ -220,3 +243,209 @@ def mixture(args: argparse.Namespace):
     from ..analytic import GaussianMixture
 
     return GaussianMixture.random(args.dim, args.components, seed=args.seed, full=not args.diagonal)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------------------------------------------------
+MAX_DEFAULT_THREADS = 4
+
+
+def default_threads() -> int:
+    """min(usable CPU cores, 4), and 1 on a machine already busy (1-minute load average >= its cores): torch's own
+    choice, one thread per core, stalls on an oversubscribed CPU (measured: a 2-core machine at load 8, a tiny MLP
+    compare run took 75 s with 2 threads and 3 s with 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    n = max(1, min(cores, MAX_DEFAULT_THREADS))
+    try:
+        if os.getloadavg()[0] >= cores:
+            n = 1
+    except (AttributeError, OSError):
+        pass
+    return n
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op thread count (every command has it; `apply_threads` sets it)."""
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help=f"torch intra-op threads (default: min(CPU cores, {MAX_DEFAULT_THREADS}), 1 if the machine is "
+                   "already busy: torch's own choice, one per core, stalls on an oversubscribed CPU)")
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's intra-op threads to ``--threads``, else `default_threads`; returns the count."""
+    n = getattr(args, "threads", None) or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the model a command runs: the analytic mixture, a shipped model, a trained checkpoint or a user's own network
+# --------------------------------------------------------------------------------------------------------------------
+MODEL_SPEC_HELP = (
+    "your own network: MODULE:FACTORY, where MODULE is an importable module (on PYTHONPATH; the current directory is "
+    "searched too) or a .py file, and FACTORY(**model_args) returns (model, sde): model a scoresolve.ScoreModel "
+    "(wrap a network predicting eps/x0/v/flow with ScoreModel(net, sde, prediction=...)) or any score(x, t) "
+    "callable, sde a scoresolve forward SDE (a ScoreModel alone also works: its sde is used)"
+)
+
+
+def model_spec(text: str) -> str:
+    """An argparse type: ``MODULE:FACTORY`` (the module is imported by `check_model_source`)."""
+    module, sep, attr = text.rpartition(":")
+    if not sep or not module or not attr.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected MODULE:FACTORY (e.g. mynets:make_model), got {text!r}")
+    return text
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """An argparse type: the shape of one sample, ``C,H,W`` or ``D`` (positive integers)."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape C,H,W or D (positive integers), got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape C,H,W or D (positive integers), got {text!r}")
+    return dims
+
+
+def add_network_args(p: argparse.ArgumentParser, builtin: Sequence[str] = ("mixture", "digits", "digits_flow"),
+                     model_help: str = "", with_shape: bool = True, required: bool = False) -> None:
+    """The model options: ``--model`` (the built-in names), ``--checkpoint``, ``--model-spec`` / ``--model-arg`` and
+    ``--shape``; `check_model_source` checks them and `network` loads the model. Without any of them the model is
+    ``builtin[0]``, unless ``required`` (then the command's check asks for one)."""
+    from ..models import BUILTIN_MODELS
+
+    names = [n for n in builtin if n == "mixture" or n in BUILTIN_MODELS]
+    p.add_argument("--model", choices=names, default=None,
+                   help=(model_help or "a built-in model") + ("" if required else f" (default: {names[0]})")
+                   + "; give one of --model, --checkpoint, --model-spec")
+    p.add_argument("--checkpoint", type=input_file, default=None, metavar="PATH.pt",
+                   help="a trained model: model.pt or train_state.pt as written by `scoresolve train` "
+                   "(scoresolve.models.export_model); its process and sample shape come with it")
+    p.add_argument("--model-spec", type=model_spec, default=None, metavar="MODULE:FACTORY", help=MODEL_SPEC_HELP)
+    p.add_argument("--model-arg", type=key_value, action="append", metavar="KEY=VALUE",
+                   help="keyword argument of --model-spec's FACTORY, repeatable (int, float, list of ints or string)")
+    if with_shape:
+        p.add_argument("--shape", type=shape, default=None, metavar="C,H,W|D",
+                       help="shape of one sample of a --model-spec model (a checkpoint records its own)")
+
+
+@dataclass
+class Network:
+    """A command's network: a shipped model, a checkpoint or a user's ``--model-spec`` model."""
+
+    name: str  # how messages and model ids name it
+    model: Any  # a ScoreModel or a score(x, t) callable
+    sde: Any  # its ForwardSDE
+    shape: tuple[int, ...] | None  # of one sample, None if unknown
+    config: Any = None  # the TrainConfig of a checkpoint
+
+
+def _import_factory(spec: str) -> Callable:
+    import importlib
+    import importlib.util
+
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise UsageError(f"--model-spec {spec}: {module_name!r}: no such file")
+        name = os.path.splitext(os.path.basename(module_name))[0]
+        loader_spec = importlib.util.spec_from_file_location(name, module_name)
+        module = importlib.util.module_from_spec(loader_spec)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's module failed: say so
+            raise UsageError(f"--model-spec {spec}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+    else:
+        added = os.getcwd() not in sys.path and "" not in sys.path
+        if added:
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"--model-spec {spec}: cannot import {module_name!r} ({type(e).__name__}: {e}); put its "
+                             "directory on PYTHONPATH or give a .py file") from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--model-spec {spec}: module {module_name!r} has no function {attr!r}")
+    return factory
+
+
+def _load_spec(spec: str, kwargs: dict, shape_: tuple[int, ...] | None) -> Network:
+    from ..score import ScoreModel
+    from ..sde import ForwardSDE
+
+    factory = _import_factory(spec)
+    try:
+        out = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--model-spec {spec}: {spec.rpartition(':')[2]}(**{kwargs}) failed: "
+                         f"{type(e).__name__}: {e}") from None
+    if isinstance(out, ScoreModel):
+        out = (out, out.sde)
+    if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0]) and isinstance(out[1], ForwardSDE)):
+        raise UsageError(f"--model-spec {spec} must return (model, sde): a ScoreModel or score(x, t) callable and a "
+                         f"scoresolve forward SDE; got {type(out).__name__}")
+    return Network(spec, out[0], out[1], shape_)
+
+
+def _load_checkpoint(path: str) -> Network:
+    from ..models.train import load_checkpoint
+
+    try:
+        model, sde, config = load_checkpoint(path)
+        recorded = torch.load(path, map_location="cpu", weights_only=True).get("shape")
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is the file's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--checkpoint {path}: not a scoresolve checkpoint ({first})") from None
+    return Network(path, model, sde, tuple(int(v) for v in recorded) if recorded else None, config)
+
+
+def network(args: argparse.Namespace) -> Network | None:
+    """The network of ``add_network_args``'s options, loaded once (None: the analytic mixture)."""
+    if "_network" in vars(args):
+        return args._network
+    spec, path = getattr(args, "model_spec", None), getattr(args, "checkpoint", None)
+    name = getattr(args, "model", None)
+    if spec:
+        net = _load_spec(spec, dict(args.model_arg or []), getattr(args, "shape", None))
+    elif path:
+        net = _load_checkpoint(path)
+    elif name not in (None, "mixture"):
+        from ..data import DIGITS_SHAPE
+        from ..models import BUILTIN_MODELS
+
+        model, sde = BUILTIN_MODELS[name]()
+        net = Network(name, model, sde, DIGITS_SHAPE)
+    else:
+        net = None
+    args._network = net
+    return net
+
+
+def check_model_source(args: argparse.Namespace, *, need_shape: bool = False) -> Network | None:
+    """Usage errors for the model options (at most one source; ``--model-arg`` / ``--shape`` only with
+    ``--model-spec``; an importable factory returning (model, sde); a sample shape if ``need_shape``); loads it."""
+    given = [f"--{k.replace('_', '-')}" for k in ("model", "checkpoint", "model_spec") if getattr(args, k, None)]
+    if len(given) > 1:
+        raise UsageError(f"give one of --model, --checkpoint, --model-spec, not {' and '.join(given)}")
+    if not getattr(args, "model_spec", None):
+        for opt in ("model_arg", "shape"):
+            if getattr(args, opt, None):
+                raise UsageError(f"--{opt.replace('_', '-')} goes with --model-spec")
+    net = network(args)
+    if net is not None:
+        if need_shape and net.shape is None:
+            raise UsageError(f"the sample shape of --model-spec {net.name} is unknown: give --shape C,H,W or --shape D")
+        t_eps = getattr(args, "t_eps", None)
+        if t_eps is not None and not 0 < t_eps < net.sde.T:
+            raise UsageError(f"--t-eps must lie in (0, T) = (0, {net.sde.T:g}) for {net.name}'s process, "
+                             f"got {t_eps:g}")
+    return net

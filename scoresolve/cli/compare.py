@@ -1,14 +1,29 @@
-"""``scoresolve compare`` (the default command): a work-precision study of solvers on an analytic Gaussian mixture."""
+"""``scoresolve compare`` (the default command): a work-precision study of solvers on an analytic Gaussian mixture,
+a shipped model, a trained checkpoint or a user's own network."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from ._args import POSITIVE_FLOAT, POSITIVE_INT, add_check, add_model_args, check_t_eps, mixture, output_file
+from ._args import (
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    add_check,
+    add_model_args,
+    add_network_args,
+    add_threads_arg,
+    apply_threads,
+    check_model_source,
+    check_t_eps,
+    mixture,
+    network,
+    output_file,
+)
 
 DEFAULT_SOLVERS = [
     "euler",
@@ -24,19 +39,29 @@ DEFAULT_SOLVERS = [
 ]
 
 
+def _check(args: argparse.Namespace) -> None:
+    if check_model_source(args, need_shape=True) is None:
+        check_t_eps(args.t_eps, args.sde)
+
+
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve compare`` (sets ``func=cmd_compare``)."""
     add_model_args(p)
-    p.add_argument(
-        "--solvers", nargs="+", default=DEFAULT_SOLVERS, help="solver names, optionally with a grid: dpmpp_2m@karras"
-    )
+    add_network_args(p, model_help="the analytic Gaussian mixture (errors against a float64 reference solve, sliced "
+                     "W2 and exact log p against exact samples), or a shipped digits U-Net; for a network (also "
+                     "--checkpoint, --model-spec) the error is against a tight dopri5 solve of the same model "
+                     "(float64 where it converts), stochastic solvers are skipped and there are no SWD / log p "
+                     "columns; networks ignore --sde, --dim, --components and --diagonal")
+    p.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS,
+                   help="solver names, optionally with a grid: dpmpp_2m@karras")
     p.add_argument("--nfe", nargs="+", type=POSITIVE_INT, default=[10, 20, 50], help="NFE budgets of grid solvers")
     p.add_argument("--tol", nargs="+", type=POSITIVE_FLOAT, default=[1e-2, 1e-3, 1e-4],
-                   help="tolerances of adaptive ones")
+                   help="tolerances (rtol = atol) of adaptive solvers")
     p.add_argument("--out", type=output_file, default="work_precision.png", help="PNG path for the plot ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_compare)
-    add_check(p, lambda args: check_t_eps(args.t_eps, args.sde))
+    add_check(p, _check)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -45,14 +70,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..sde import sde_from_name
     from ..solvers import REGISTRY
 
-    sde = sde_from_name(args.sde)
-    gm = mixture(args)
+    apply_threads(args)
     dtype = torch.float64 if args.float64 else torch.float32
-    x_T = sde.prior_sample((args.batch, args.dim), generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
     solvers = [s for s in args.solvers if s.partition("@")[0] in REGISTRY or ":" in s]
     missing = sorted(set(args.solvers) - set(solvers))
     if missing:
         print(f"skipping unknown solvers: {missing}", file=sys.stderr)
+    g = torch.Generator().manual_seed(args.seed)
+    net = network(args)
+    if net is not None:
+        return _compare_network(args, net, solvers, dtype, g)
+    sde = sde_from_name(args.sde)
+    gm = mixture(args)
+    x_T = sde.prior_sample((args.batch, args.dim), generator=g, dtype=dtype)
     print(
         f"{args.sde.upper()} SDE, {args.components}-component Gaussian mixture in {args.dim} dims, "
         f"batch {args.batch}, t_eps={args.t_eps}, {str(dtype).replace('torch.', '')}"
@@ -73,6 +103,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(runs))
     if args.out:
         plot_work_precision(runs, args.out, title=f"{args.sde.upper()} SDE, {args.dim}-D mixture")
+        print(f"work-precision plot written to {args.out}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: torch.dtype,
+                     g: torch.Generator) -> int:
+    """A network has no exact reference: path-wise errors against a tight dopri5 solve of the same model, no
+    distribution columns; stochastic solvers (no path-wise reference) are skipped."""
+    from ..compare import (
+        _is_random,
+        float64_model,
+        format_table,
+        network_reference,
+        plot_work_precision,
+        work_precision,
+    )
+    from ..solvers import REGISTRY
+
+    random = [s for s in solvers if _is_random(s.partition("@")[0], REGISTRY.get(s.partition("@")[0]), {})]
+    if random:
+        print(f"skipping stochastic solvers (a network has no exact samples to compare them with): {random}",
+              file=sys.stderr)
+    solvers = [s for s in solvers if s not in random]
+    model = net.model
+    if args.float64:
+        model = float64_model(model)
+        if model is None:
+            raise SystemExit(f"{net.name} cannot run in float64: drop --float64")
+    x_T = net.sde.prior_sample((args.batch, *net.shape), generator=g, dtype=dtype)
+    t0 = time.perf_counter()
+    reference, how = network_reference(model, net.sde, x_T, args.t_eps)
+    print(f"{net.name} ({net.sde!r}), samples of shape {tuple(net.shape)}, batch {args.batch}, t_eps={args.t_eps}, "
+          f"{str(dtype).replace('torch.', '')}; reference: {how}")
+    runs = work_precision(model, net.sde, x_T, solvers, nfes=args.nfe, tolerances=args.tol, t_eps=args.t_eps,
+                          reference=reference, progress=not args.quiet)
+    print(format_table(runs))
+    if args.out:
+        plot_work_precision(runs, args.out, title=f"{os.path.basename(net.name)}: error vs dopri5 of the same model")
         print(f"work-precision plot written to {args.out}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0

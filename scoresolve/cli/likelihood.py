@@ -1,6 +1,7 @@
 """``scoresolve likelihood``: log-likelihood / bits-per-dim of a dataset through the PF-ODE, resumable and sharded
-(``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture, or under a shipped
-digits model (``--model digits`` / ``digits_flow``, on held-out digits by default)."""
+(``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture, or under a network: a
+shipped digits model (``--model digits`` / ``digits_flow``, on held-out digits by default), a trained checkpoint
+(``--checkpoint``) or a user's own (``--model-spec MODULE:FACTORY``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from ._args import (
     POSITIVE_INT,
     UsageError,
     add_check,
+    add_network_args,
+    add_threads_arg,
+    apply_threads,
+    check_model_source,
     check_t_eps,
     device,
+    network,
     number,
     output_dir,
     tensor_file,
@@ -47,16 +53,41 @@ class _LevelsAction(argparse.Action):
             )
 
 
+_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf"}  # the process each shipped model was trained under
+
+
 def _check(args: argparse.Namespace) -> None:
     lo, hi = args.data_range
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise UsageError(f"--data-range needs finite LO < HI, got {lo:g} {hi:g}")
-    check_t_eps(args.t_eps, _BUILTIN_SDE.get(args.model, args.sde))
-    if args.model != "mixture" and args.float64:
-        raise UsageError(f"--model {args.model} is a float32 network: drop --float64")
+    net = check_model_source(args)
+    if net is None:
+        check_t_eps(args.t_eps, args.sde)
+        return
+    if args.float64:
+        raise UsageError(f"{net.name} is a float32 network: drop --float64")
+    if args.data is None:
+        _default_data(args, net, check_only=True)
+    elif net.shape is not None and tuple(args.data.shape[1:]) != tuple(net.shape):
+        raise UsageError(f"--data holds samples of shape {tuple(args.data.shape[1:])}, but {net.name} models "
+                         f"samples of shape {tuple(net.shape)}")
 
 
-_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf"}  # the process each shipped model was trained under
+def _default_data(args: argparse.Namespace, net, check_only: bool = False):
+    """(data, num_levels) of a network without ``--data``: held-out digits (17 levels) for the shipped models and
+    checkpoints trained on digits, fresh samples of the 2-D toy set of a checkpoint trained on one."""
+    from ..data import DIGITS_LEVELS, DIGITS_SHAPE, TOY_DATASETS, digits, toy_dataset
+
+    config = net.config
+    name = "digits" if config is None and net.name in _BUILTIN_SDE else getattr(config, "data", None)
+    shape_ = DIGITS_SHAPE if name == "digits" else (2,) if name in TOY_DATASETS else None
+    if name is None or shape_ is None or (net.shape is not None and tuple(net.shape) != tuple(shape_)):
+        raise UsageError(f"{net.name} has no default dataset: give --data FILE")
+    if check_only:
+        return None
+    if name == "digits":
+        return digits("test", seed=getattr(config, "split_seed", 0))[: args.n], DIGITS_LEVELS
+    return toy_dataset(name, args.n, seed=10_000 + args.seed), None
 
 
 def add_likelihood_args(p: argparse.ArgumentParser) -> None:
@@ -86,23 +117,25 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         help="samples of the built-in mixture dataset (default: 256; under torchrun write --num-samples: "
         "torchrun rejects --n as an ambiguous abbreviation of its own options)",
     )
-    p.add_argument("--model", choices=["mixture", *_BUILTIN_SDE], default="mixture",
-                   help="the analytic Gaussian mixture (exact reference), or a shipped digits U-Net: digits (VP SDE), "
-                   "digits_flow (rectified flow); these ignore --sde and take the first --num-samples held-out digits "
-                   "as 17-level data unless --data is given")
+    add_network_args(p, ("mixture", *_BUILTIN_SDE), with_shape=False, model_help="the analytic Gaussian mixture "
+                     "(exact reference), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow). "
+                     "Networks (also --checkpoint, --model-spec) ignore --sde and evaluate --data; without it, the "
+                     "shipped models and checkpoints trained on digits take the first --num-samples held-out digits "
+                     "as 17-level data, checkpoints trained on a 2-D toy set fresh samples of it")
     p.add_argument("--sde", choices=sorted(SDE_NAMES), default="vp", help="forward SDE (default: vp)")
     p.add_argument("--dim", type=POSITIVE_INT, default=16,
                    help="dimension of the mixture (default: 16; --data sets it)")
     p.add_argument("--components", type=POSITIVE_INT, default=8, help="mixture components (default: 8)")
     p.add_argument("--diagonal", action="store_true", help="axis-aligned components instead of correlated ones")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="samples per likelihood solve")
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="evaluations per sample (fresh noise each)")
     p.add_argument("--divergence", choices=["hutchinson", "exact"], default="hutchinson", help="divergence estimator")
     p.add_argument("--probes", type=POSITIVE_INT, default=1, help="Hutchinson probes per sample")
     p.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher", help="probe distribution")
-    p.add_argument("--solver", type=adaptive_method, default="dopri5")
-    p.add_argument("--rtol", type=POSITIVE_FLOAT, default=1e-5)
-    p.add_argument("--atol", type=POSITIVE_FLOAT, default=1e-5)
+    p.add_argument("--solver", type=adaptive_method, default="dopri5",
+                   help="embedded Runge-Kutta pair of the likelihood ODE")
+    p.add_argument("--rtol", type=POSITIVE_FLOAT, default=1e-5, help="relative tolerance of the likelihood ODE")
+    p.add_argument("--atol", type=POSITIVE_FLOAT, default=1e-5, help="absolute tolerance of the likelihood ODE")
     p.add_argument("--t-eps", type=POSITIVE_FLOAT, default=1e-5,
                    help="start time of the likelihood ODE (default: 1e-5)")
     p.add_argument(
@@ -121,11 +154,13 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         help="L-level data (any L >= 2, e.g. 17 for the digits), an alternative to --bits: dequantize them on "
         "their L levels and add the bits/dim offset log2(L / (HI - LO))",
     )
-    p.add_argument("--data-range", type=number(float), nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-range", type=number(float), nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"),
+                   help="range [LO, HI] of the quantised data's levels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mixture, its dataset, dequantization and probes")
     p.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
     p.add_argument("--device", type=device, default=None, help="device of the solve (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_likelihood)
     add_check(p, _check)
 
@@ -148,8 +183,10 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
     from ..sde import sde_from_name
 
-    if args.model != "mixture":
-        return _cmd_builtin(args)
+    apply_threads(args)
+    net = network(args)
+    if net is not None:
+        return _cmd_network(args, net)
     sde = sde_from_name(args.sde)
     num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
     dtype = torch.float64 if args.float64 else torch.float32
@@ -221,37 +258,35 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _cmd_builtin(args: argparse.Namespace) -> int:
-    """``--model digits`` / ``digits_flow``: the shipped model's PF-ODE likelihood of held-out digits (17 levels,
-    uniformly dequantized) or of ``--data``; bits/dim and NFE (no exact reference)."""
-    from ..data import DIGITS_LEVELS, digits
+def _cmd_network(args: argparse.Namespace, net) -> int:
+    """A network (``--model digits`` / ``digits_flow``, ``--checkpoint``, ``--model-spec``): its PF-ODE likelihood
+    of ``--data`` or of its default dataset (`_default_data`); bits/dim and NFE (no exact reference)."""
     from ..dequantization import resolve_levels
     from ..evaluation import evaluate_dataset
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
-    from ..models import BUILTIN_MODELS
 
-    model, sde = BUILTIN_MODELS[args.model]()
+    model, sde = net.model, net.sde
     num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
     if args.data is not None:
         data = args.data if torch.is_tensor(args.data) else tensor_file(args.data)
         data = data.float() if data.is_floating_point() else data
     else:
-        data = digits("test")[: args.n]
-        num_levels = num_levels or DIGITS_LEVELS
+        data, default_levels = _default_data(args, net)
+        num_levels = num_levels or default_levels
     kwargs = {k: getattr(args, k) for k in ("divergence", "probes", "probe", "solver", "rtol", "atol", "t_eps")}
     we_initialised = maybe_init_distributed()
     try:
         summary = evaluate_dataset(
             data, args.out_dir, score=model, sde=sde, batch_size=args.batch_size, repeats=args.repeats,
             seed=args.seed, num_levels=num_levels, data_range=tuple(args.data_range), device=args.device,
-            model_id=f"{args.model}; {sde!r}; log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            model_id=f"{net.name}; {sde!r}; log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             + ")", progress=not args.quiet, **kwargs,
         )
         if is_secondary_rank():
             return 0
         nfe = summary.mean_nfe
         print(
-            f"{args.model} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {args.divergence} "
+            f"{net.name} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {args.divergence} "
             f"divergence ({args.probes} probe(s)), {args.solver} rtol={args.rtol:g} atol={args.atol:g}, "
             f"t_eps={args.t_eps:g}"
         )

@@ -1,8 +1,10 @@
-"""``scoresolve sample``: sample the analytic mixture (scored exactly) or a shipped digits model."""
+"""``scoresolve sample``: sample the analytic mixture (scored exactly), a shipped digits model, a trained checkpoint
+or a user's own network (``--model-spec MODULE:FACTORY``)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -12,8 +14,13 @@ from ._args import (
     UsageError,
     add_check,
     add_model_args,
+    add_network_args,
+    add_threads_arg,
+    apply_threads,
+    check_model_source,
     check_t_eps,
     mixture,
+    network,
     output_file,
 )
 
@@ -35,11 +42,28 @@ def solver_name(text: str) -> str:
     return text
 
 
+GRID_MAX = 256  # images drawn in a PNG grid
+
+
+def grid_layout(n: int, cap: int = GRID_MAX) -> tuple[int, int]:
+    """(images drawn, images per row) of a PNG grid of ``n`` samples: at most ``cap``, in a square grid."""
+    shown = min(n, cap)
+    return shown, max(1, math.ceil(math.sqrt(shown)))
+
+
+def _is_image(shape_: tuple[int, ...] | None) -> bool:
+    return shape_ is not None and len(shape_) == 3 and shape_[0] in (1, 3)
+
+
 def _check(args: argparse.Namespace) -> None:
     from ..solvers import REGISTRY
 
-    # the shipped models fix their process: digits is a VP model, digits_flow a rectified flow
-    check_t_eps(args.t_eps, {"digits": "vp", "digits_flow": "rf"}.get(args.model, args.sde))
+    net = check_model_source(args, need_shape=True)
+    if net is None:
+        check_t_eps(args.t_eps, args.sde)
+    elif args.out.endswith(".png") and not _is_image(net.shape):
+        raise UsageError(f"a PNG grid needs image samples [C, H, W] with 1 or 3 channels, but {net.name} makes "
+                         f"samples of shape {net.shape}: write a .pt file")
     spec = REGISTRY.get(args.solver)
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
@@ -48,16 +72,21 @@ def _check(args: argparse.Namespace) -> None:
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve sample`` (sets ``func=cmd_sample``)."""
     add_model_args(p)
-    p.add_argument("--model", choices=["mixture", "digits", "digits_flow"], default="mixture",
-                   help="the analytic Gaussian mixture (scored exactly) or a shipped digits U-Net (PNG grid): digits "
-                   "(VP SDE), digits_flow (rectified flow); these ignore --sde")
-    p.add_argument("--solver", type=solver_name, default="dpmpp_2m")
-    p.add_argument("--nfe", type=POSITIVE_INT, default=None, help="score evaluations of a grid solver")
+    add_network_args(p, model_help="the analytic Gaussian mixture (scored exactly: exact log p and sliced W2 to exact "
+                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow); networks "
+                     "ignore --sde, --dim, --components and --diagonal")
+    p.add_argument("--solver", type=solver_name, default="dpmpp_2m",
+                   help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD")
+    p.add_argument("--nfe", type=POSITIVE_INT, default=None,
+                   help="score evaluations of a grid solver (default: the solver's own budget; adaptive solvers "
+                   "choose their steps)")
     p.add_argument("--diffusion", type=NONNEGATIVE_FLOAT, default=None,
                    help="s(t)/g(t) of the reverse family (default: 1 for SDE samplers, 0 for ODE solvers)")
     p.add_argument("--out", type=output_file, default="",
-                   help="output: .pt file of samples, or .png grid (digits; default samples.png)")
-    p.add_argument("--quiet", action="store_true")
+                   help=f"output: .pt file of samples, or .png grid of image samples (at most {GRID_MAX} drawn, "
+                   "in a square grid); default: samples.png for image models, none otherwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_sample)
     add_check(p, _check)
 
@@ -66,25 +95,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Sample, report NFE and (mixture) exact log p and sliced W2 to exact samples; save the samples."""
     from ..sampling import sample
 
+    apply_threads(args)
     g = torch.Generator().manual_seed(args.seed)
     dtype = torch.float64 if args.float64 else torch.float32
     kw = {"nfe": args.nfe} if args.nfe else {}
-    if args.model != "mixture":  # a shipped U-Net trained on scikit-learn's digits
-        from ..models import BUILTIN_MODELS
-        from ..models.evaluate import save_sample_grids
+    net = network(args)
+    if net is not None:  # a network: shipped, trained checkpoint or the user's own
+        if net.shape is None:
+            raise SystemExit(f"the sample shape of {net.name} is unknown: give --shape")
+        model, sde = net.model, net.sde
+        if args.float64:
+            from ..compare import float64_model
 
-        model, sde = BUILTIN_MODELS[args.model]()
-        x_T = sde.prior_sample((args.batch, 1, 8, 8), generator=g, dtype=dtype)
+            model = float64_model(model)
+            if model is None:
+                raise SystemExit(f"{net.name} cannot run in float64: drop --float64")
+        x_T = sde.prior_sample((args.batch, *net.shape), generator=g, dtype=dtype)
         sol = sample(model, sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,
                      diffusion=args.diffusion, generator=g, denoise=True, **kw)
-        nfe = sol.nfe.double().mean().item() if torch.is_tensor(sol.nfe) else sol.nfe
-        print(f"solver {args.solver}: {args.batch} digits, NFE {nfe:g}")
-        out = args.out or "samples.png"
+        nfe = sol.nfe.double().mean().item()
+        x = sol.x.double().flatten(1)
+        print(f"{net.name} ({sde!r}), solver {args.solver}: {args.batch} samples of shape {tuple(net.shape)}, "
+              f"NFE {nfe:g}; sample mean {x.mean():.4f}, std {x.std():.4f}")
+        out = args.out or ("samples.png" if _is_image(net.shape) else "")
         if out.endswith(".png"):
-            save_sample_grids([(f"{args.solver}, NFE {nfe:g}", sol.x.clamp(-1, 1))], out)
-        else:
+            from ..models.evaluate import save_sample_grids
+
+            shown, nrow = grid_layout(args.batch)
+            save_sample_grids([(f"{args.solver}, NFE {nfe:g}", sol.x[:shown].clamp(-1, 1))], out, nrow=nrow)
+            if shown < args.batch:
+                print(f"the grid shows the first {shown} of {args.batch} samples")
+        elif out:
             torch.save({"x": sol.x, "nfe": sol.nfe}, out)
-        print(f"samples written to {out}")
+        if out:
+            print(f"samples written to {out}")
         return 0
     from ..compare import sliced_wasserstein
     from ..sde import sde_from_name

@@ -19,6 +19,8 @@ from ._args import (
     POSITIVE_INT,
     UsageError,
     add_check,
+    add_threads_arg,
+    apply_threads,
     key_value,
     number,
     output_dir,
@@ -59,7 +61,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model-arg", type=key_value, action="append", metavar="KEY=VALUE",
                    help="network constructor argument, repeatable (e.g. base_channels=16, channel_mult=1,2)")
     p.add_argument("--steps", type=POSITIVE_INT, default=d.steps, help=f"total optimizer steps (default: {d.steps})")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help=f"default: {d.batch_size}")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size,
+                   help=f"samples per optimizer step (default: {d.batch_size})")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, default=d.warmup,
                    help=f"linear lr warm-up steps (default: {d.warmup})")
@@ -76,7 +79,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
                    help=f"in [0, 1) (default: {d.ema_decay})")
     p.add_argument("--grad-clip", type=NONNEGATIVE_FLOAT, default=d.grad_clip,
-                   help=f"max gradient norm, 0: off ({d.grad_clip})")
+                   help="max gradient norm, 0: off")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and every random draw")
     p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every,
                    help="steps between checkpoints")
@@ -84,10 +87,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default: runs/<data>_<sde>)")
     p.add_argument("--export", type=output_file_in_new_dir, default=None,
                    help="path of the exported EMA model (default: <out>/model.pt)")
-    p.add_argument("--export-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--export-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the exported weights")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if it exists")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    add_threads_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     add_check(p, _check)
@@ -103,8 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``scoresolve train``: train, checkpoint to ``--out``, export the EMA model, print a summary."""
     from ..models.train import MODEL_FILE, STATE_FILE, TrainConfig, export_model, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**options, sde_kwargs=dict(args.sde_arg or []), model_kwargs=dict(args.model_arg or []))
     out = args.out or os.path.join("runs", f"{args.data}_{args.sde}")
