@@ -7,7 +7,8 @@ Every method starts from the same x_T ~ N(0, I) at t = 1 and returns x at t = 0,
 ours run their grid from 1 to t_eps = 1e-3 and take the final jump x0 = x - t u (``denoise=True``, counted in the
 NFE); diffusers' FlowMatchEuler takes n Euler steps on sigmas linspace(1, 1/1000, n) (after its shift) and 0.
 Error: RMS over the batch of |x - x_ref|_2 / sqrt(D), x_ref from adaptive dopri5 at rtol = atol = 1e-10 to
-t = 1e-6 and the same final jump. Ratio: diffusers' best error over our best at each NFE (higher is better for us).
+t = 1e-6 and the same final jump
+(1e-8 for the network). Ratio: diffusers' best error over our best at each NFE (higher is better for us).
 
     python benchmarks/flow_work_precision.py [--model mixture|digits_flow] [--dim 16] [--batch 256]
 """
@@ -74,7 +75,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model, sde, x_T = problem(args.model, args.dim, args.batch, args.seed)
-    ref = ss.sample(model, sde, x_T, solver="dopri5", rtol=1e-10, atol=1e-10, t_eps=1e-6, denoise=True,
+    tol = 1e-10 if args.model == "mixture" else 1e-8  # the network: float64 round-off of the U-Net sets the floor
+    ref = ss.sample(model, sde, x_T, solver="dopri5", rtol=tol, atol=tol, t_eps=1e-6, denoise=True,
                     max_steps=100_000)
     print(f"problem: {args.model}, D = {x_T[0].numel()}, batch {args.batch}; reference NFE "
           f"{float(ref.nfe.double().mean()):.0f}")

@@ -1,13 +1,15 @@
 """Work-precision of the ODE samplers against k-diffusion's, on the same probability-flow ODE and x_T.
 
-64-dimensional, 8-component Gaussian mixture (correlated components), VP SDE, t_eps = 1e-3, batch 256, float64.
+``--model mixture`` (default): D-dimensional (``--dim``, 64), 8-component Gaussian mixture (correlated components);
+``--model digits``: the shipped digits U-Net (float64 weights). VP SDE, t_eps = 1e-3, batch 256, float64.
 Error: RMS over the batch of |x - x_ref|_2 / sqrt(D), x_ref from adaptive dopri5 at rtol = atol = 1e-10.
 k-diffusion (PyPI 0.1.1.post1, loaded without its heavy dependencies) runs in its own variables x/alpha and
-sigma/alpha = exp(-lambda) on its Karras grid ending at sigma(t_eps) (no final step to sigma = 0), with the
+sigma/alpha = exp(-lambda) on its Karras grid and on the grid uniform in t, both ending at sigma(t_eps) (no final
+step to sigma = 0), with euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_3m_sde (eta 0) and dpm_fast and the
 denoiser D = E[x0 | x_t] of the same mixture; its result is mapped back by x = alpha(t_eps) x_kd.
-Ratios: k-diffusion's best error over ours at each NFE (higher is better for us; goal >= 2 at 10 and 20 NFE).
+Ratios: k-diffusion's best error over ours at each NFE (higher is better for us; goal >= 2 at 5 and 10 NFE).
 
-    python benchmarks/work_precision.py [--seed 0] [--batch 256] [--plot wp.png]
+    python benchmarks/work_precision.py [--model mixture|digits] [--dim 64] [--seed 0] [--batch 256] [--plot wp.png]
 """
 
 from __future__ import annotations
@@ -25,27 +27,39 @@ import scoresolve as ss  # noqa: E402
 from scoresolve.compare import Run, format_table, plot_work_precision, reference_solve, rms_error, work_precision  # noqa: E402
 from tests._kdiffusion import k_diffusion_denoiser, load_k_diffusion_sampling  # noqa: E402
 
-OURS = ["euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc"]
+OURS = ["euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]
+AFS = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]  # also run with the analytical first step (afs=True)
 GRIDS = ["uniform", "quadratic", "logsnr", "karras"]
-NFES = (10, 20, 50)
+NFES = (5, 10, 20, 50)
 
 
 def k_diffusion_runs(kd, score, sde, x_T, ref, t_eps: float) -> list[Run]:
-    """k-diffusion's euler, heun, lms, dpmpp_2m and dpm_fast at each NFE budget."""
+    """k-diffusion's deterministic samplers at each NFE budget, on the Karras grid and the grid uniform in t."""
     alpha_T = float(sde.marginal(torch.tensor(sde.T, dtype=torch.float64))[0])
     alpha_e = float(sde.marginal(torch.tensor(t_eps, dtype=torch.float64))[0])
     lam = sde.log_snr(torch.tensor([sde.T, t_eps], dtype=torch.float64))
     smax, smin = float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
     x_kd = x_T / alpha_T
+
+    def grids(n: int):
+        yield "karras", kd.get_sigmas_karras(n + 1, smin, smax, rho=7.0, device=x_T.device)[:-1].to(x_T.dtype)
+        ts = ss.time_grid(sde, n, "uniform", t_eps)
+        yield "uniform-t", torch.exp(-sde.log_snr(ts)).to(dtype=x_T.dtype, device=x_T.device)
+
     runs = []
-    for name, steps_for in (("euler", lambda n: n), ("heun", lambda n: n // 2), ("lms", lambda n: n),
-                            ("dpmpp_2m", lambda n: n)):
+    samplers = (("euler", lambda n: n, {}), ("heun", lambda n: (n + 1) // 2, {}),
+                ("dpm_2", lambda n: (n + 1) // 2, {}), ("lms", lambda n: n, {}), ("dpmpp_2m", lambda n: n, {}),
+                ("dpmpp_3m_sde", lambda n: n, {"eta": 0.0}))
+    for name, steps_for, kw in samplers:
         for nfe in NFES:
             n = steps_for(nfe)
-            sig = kd.get_sigmas_karras(n + 1, smin, smax, rho=7.0, device=x_T.device)[:-1].to(x_T.dtype)  # no 0
-            den, counter = k_diffusion_denoiser(score, sde, count=True)
-            out = getattr(kd, f"sample_{name}")(den, x_kd, sig, disable=True)
-            runs.append(Run(f"k-diffusion {name}", f"nfe={nfe}", counter.calls, rms_error(out * alpha_e, ref), 0.0))
+            for gname, sig in grids(n):
+                den, counter = k_diffusion_denoiser(score, sde, count=True)
+                out = getattr(kd, f"sample_{name}")(den, x_kd, sig, disable=True, **kw)
+                if counter.calls > nfe:  # heun/dpm_2 take one evaluation fewer on the last step only to sigma=0
+                    continue
+                runs.append(Run(f"k-diffusion {name}@{gname}", f"nfe={nfe}", counter.calls,
+                                rms_error(out * alpha_e, ref), 0.0))
     for nfe in NFES:
         den, counter = k_diffusion_denoiser(score, sde, count=True)
         out = kd.sample_dpm_fast(den, x_kd, smin, smax, nfe, disable=True)
@@ -57,23 +71,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--model", choices=["mixture", "digits"], default="mixture")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--components", type=int, default=8)
     p.add_argument("--plot", default="", help="write the work-precision plot to this PNG")
     args = p.parse_args()
     torch.set_num_threads(1)
     t_eps, sde = 1e-3, ss.VPSDE()
-    gm = ss.GaussianMixture.random(args.dim, args.components, seed=args.seed)
-    score = gm.score_fn(sde)
-    x_T = sde.prior_sample((args.batch, args.dim), generator=torch.Generator().manual_seed(args.seed + 1),
-                           dtype=torch.float64)
+    if args.model == "mixture":
+        gm = ss.GaussianMixture.random(args.dim, args.components, seed=args.seed)
+        score, shape, what = gm.score_fn(sde), (args.batch, args.dim), f"{args.components}-component mixture in " \
+            f"{args.dim} dims (seed {args.seed})"
+    else:
+        from scoresolve.models import load_digits_model
+
+        score, sde = load_digits_model()
+        score.net = score.net.double()
+        shape, what = (args.batch, 1, 8, 8), "the shipped digits U-Net"
+    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
     ref = reference_solve(score, sde, x_T, t_eps)
     ours = work_precision(score, sde, x_T, [f"{s}@{g}" for s in OURS for g in GRIDS], nfes=NFES, t_eps=t_eps,
                           reference=ref)
+    afs_names = [f"{s}@{g}" for s in AFS for g in GRIDS]
+    with_afs = work_precision(score, sde, x_T, afs_names, nfes=NFES, t_eps=t_eps, reference=ref,
+                              solver_options={n: {"afs": True} for n in afs_names})
+    for r in with_afs:  # the analytical first step: one more step for the same NFE
+        base, _, grid = r.solver.partition("@")
+        r.solver = f"{base}+afs@{grid}"
+    ours += with_afs
     default = work_precision(score, sde, x_T, OURS, nfes=NFES, t_eps=t_eps, reference=ref)
     kd = load_k_diffusion_sampling()
     theirs = k_diffusion_runs(kd, score, sde, x_T, ref, t_eps) if kd is not None else []
-    print(f"VP SDE, {args.components}-component mixture in {args.dim} dims (seed {args.seed}), batch {args.batch}, "
+    print(f"VP SDE, {what}, batch {args.batch}, "
           f"t_eps={t_eps}, float64; error = RMS |x - x_ref| / sqrt(D)\n")
     print("scoresolve, default grids:")
     print(format_table(default))
@@ -89,18 +118,18 @@ def main() -> None:
                 f"(default grids: {best_default.solver} {best_default.error:.3e})")
         if theirs:
             kbest = min((r for r in theirs if r.setting == setting), key=lambda r: r.error)
-            line += f"   k-diffusion {kbest.solver[12:]:<9} {kbest.error:.3e}   ratio {kbest.error / best.error:6.1f}x"
+            line += f"   k-diffusion {kbest.solver[12:]:<22} {kbest.error:.3e}   ratio {kbest.error / best.error:6.1f}x"
             line += f" (default grids {kbest.error / best_default.error:.1f}x)"
         print(line)
     print("\nall grids:")
-    for s in OURS:
+    for s in OURS + [f"{a}+afs" for a in AFS]:
         cells = []
         for g in GRIDS:
             errs = [r.error for r in ours if r.solver == f"{s}@{g}"]
             cells.append(" ".join(f"{e:8.1e}" if not math.isnan(e) else "     -  " for e in errs))
         print(f"  {s:<13} " + " | ".join(f"{g}: {c}" for g, c in zip(GRIDS, cells)))
     if args.plot:
-        plot_work_precision(default + theirs, args.plot, title=f"VP, {args.dim}-D mixture, t_eps={t_eps}")
+        plot_work_precision(default + theirs, args.plot, title=f"VP, {what}, t_eps={t_eps}")
         print(f"plot written to {args.plot}")
 
 

@@ -130,16 +130,20 @@ class SolverSpec:
             return False
         return self.noise_option is None or float(options.get(self.noise_option, 0.0) or 0.0) > 0
 
+    def extra(self, options: Mapping[str, Any] | None = None) -> int:
+        """Evaluations beyond evals_per_step * steps: ``extra_evals``, one fewer with the analytical first step."""
+        return self.extra_evals - (1 if (options or {}).get("afs") else 0)
+
     def steps_for_nfe(self, nfe: int, options: Mapping[str, Any] | None = None) -> int:
-        per = self.evals(options)
-        steps = (int(nfe) - self.extra_evals) // per
+        per, extra = self.evals(options), self.extra(options)
+        steps = (int(nfe) - extra) // per
         if steps < self.min_steps:
-            need = self.min_steps * per + self.extra_evals
+            need = self.min_steps * per + extra
             raise ValueError(f"solver {self.name!r} needs at least nfe={need}, got nfe={nfe}")
         return steps
 
     def nfe_for_steps(self, steps: int, options: Mapping[str, Any] | None = None) -> int:
-        return self.evals(options) * steps + self.extra_evals
+        return self.evals(options) * steps + self.extra(options)
 
 
 REGISTRY: dict[str, SolverSpec] = {}

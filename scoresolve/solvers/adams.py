@@ -135,9 +135,11 @@ def _prepare(name: str):
 
 
 assert math.isclose(sum(AB_WEIGHTS[4]), 1.0)
-register(SolverSpec("ipndm", step=ipndm_step, options={"order": 4, "lower_order_final": False},
+register(SolverSpec("ipndm", step=ipndm_step, options={"order": 4, "lower_order_final": False,
+                                                        "afs": False},
                     prepare=_prepare("ipndm"), order=4, default_grid="quadratic",
                     description="iPNDM: Adams-Bashforth (uniform-step weights) on the noise prediction"))
-register(SolverSpec("deis", step=deis_step, options={"order": 3, "basis": "t", "lower_order_final": False},
+register(SolverSpec("deis", step=deis_step, options={"order": 3, "basis": "t",
+                                                      "lower_order_final": False, "afs": False},
                     prepare=_prepare("deis"), order=3, default_grid="quadratic",
                     description="DEIS tAB (rhoAB with basis='rho'): exponential Adams-Bashforth, noise prediction"))

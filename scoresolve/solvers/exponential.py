@@ -200,7 +200,8 @@ def _dpm3_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 # Default grid "quadratic" (uniform in sqrt(t)): on VP with t_eps = 1e-3 (64-D, 8-component mixtures) it gave the
 # lowest ODE error at 10 and 20 NFE for every exponential method (benchmarks/work_precision.py).
-register(SolverSpec("ddim", step=ddim_step, options={"eta": None}, prepare=_ddim_prepare, order=1,
+register(SolverSpec("ddim", step=ddim_step, options={"eta": None, "afs": False}, prepare=_ddim_prepare,
+                    order=1,
                     default_grid="quadratic", stochastic=True, noise_option="eta", starts_at_alpha0=True,
                     description="DDIM = DPM-Solver-1 (eta > 0: stochastic DDIM)"))
 register(SolverSpec("dpm_solver_2", step=dpm_solver_2_step, options={"r1": 0.5}, prepare=_dpm2_prepare,

@@ -189,7 +189,7 @@ def _sde_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
     return {**options, "eta": noise_level("dpmpp_2m_sde", process, options["eta"], 1.0)}
 
 
-_LOF = {"lower_order_final": None}
+_LOF = {"lower_order_final": None, "afs": False}
 register(SolverSpec("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepare("dpmpp_2m"), order=2,
                     default_grid="quadratic", starts_at_alpha0=True,
                     description="multistep DPM-Solver++(2M) (data prediction)"))
