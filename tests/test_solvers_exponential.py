@@ -198,7 +198,8 @@ def test_stochastic_options_and_reproducibility():
         run("ddim", diffusion=1.0, eta=0.3)
     with pytest.raises(ValueError, match="eta"):
         run("dpmpp_2m_sde", eta=-1.0)
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['lower_order_finl'\]; its options: afs, lower_order_final"):
+    with pytest.raises(TypeError,
+                       match=r"unknown option\(s\) \['lower_order_finl'\]; its options: afs, lower_order_final"):
         run("dpmpp_2m", lower_order_finl=False)
     # eta = 0 turns DPM-Solver++(2M) SDE into DPM-Solver++(2M)
     det = ss.sample(score, sde, x, solver="dpmpp_2m", steps=12, grid="logsnr", lower_order_final=False).x
