@@ -4,6 +4,8 @@
 - ``quadratic``: uniform in sqrt(t) (DPM-Solver's "time_quadratic"), denser near t_eps.
 - ``logsnr``:    uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR").
 - ``karras``:    EDM's rho-schedule (Karras et al. 2022, eq. 5) in sigma_edm = sigma/alpha = exp(-lambda), rho = 7.
+- ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>`` (`load_grid`); its step
+  count, T and t_eps must match the request (e.g. ``sample(..., nfe=5, grid="tuned:digits-unipc-5")``).
 
 ``shift`` s applies SD3's timestep shift t/T -> s u/(1 + (s - 1) u) (`scoresolve.sd3_shift`; Flux: s =
 `scoresolve.flux_shift`) to the grid, keeping both end points: the named grid is laid between T and the pre-image of
@@ -43,6 +45,8 @@ def time_grid(
         raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
     if T > sde.T * (1 + 1e-9):
         raise ValueError(f"T = {T} exceeds the SDE's T = {sde.T}")
+    if isinstance(kind, str) and kind.startswith("tuned:"):
+        return _tuned_grid(kind, steps, t_eps, T, shift).to(dtype=dtype, device=device)
     if shift is not None:
         from ..interpolant import sd3_shift
 
@@ -77,3 +81,18 @@ def time_grid(
     else:
         raise ValueError(f"unknown grid {kind!r}; expected one of {GRIDS}")
     return ts.to(dtype=dtype, device=device)
+
+
+def _tuned_grid(kind: str, steps: int, t_eps: float, T: float, shift: float | None) -> torch.Tensor:
+    from ..tuning import load_grid
+
+    tuned = load_grid(kind[len("tuned:"):])
+    if shift is not None:
+        raise ValueError(f"shift does not apply to a tuned grid ({kind!r})")
+    if tuned.steps != steps:
+        raise ValueError(f"grid {kind!r} has {tuned.steps} steps (tuned for {tuned.solver} at nfe={tuned.nfe}), but "
+                         f"{steps} were asked: pass nfe={tuned.nfe} (sample's default is nfe=20)")
+    if not math.isclose(tuned.t_eps, t_eps, rel_tol=1e-9) or not math.isclose(tuned.T, T, rel_tol=1e-9):
+        raise ValueError(f"grid {kind!r} runs from T={tuned.T} to t_eps={tuned.t_eps}, but T={T}, t_eps={t_eps} "
+                         "were asked")
+    return tuned.grid.clone()
