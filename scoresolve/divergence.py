@@ -7,6 +7,7 @@ linear part of the PF-ODE drift is exact and lives in `scoresolve.reverse.Revers
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -33,7 +34,7 @@ def exact_div_score(
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         s = model(xg, t)
-        D = x[0].numel()
+        D = math.prod(x.shape[1:])
         div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         eye_idx = torch.arange(D, device=x.device)
         for start in range(0, D, chunk):
@@ -78,7 +79,7 @@ def check_exact_memory(x: torch.Tensor, chunk: int) -> None:
     Each chunk of n VJPs materialises an n-row one-hot basis and its n VJPs, 2 n B D values (a lower bound: a
     network's batched backward also holds n copies of its activations).
     """
-    B, D = x.shape[0], x[0].numel()
+    B, D = x.shape[0], math.prod(x.shape[1:])
     n = min(int(chunk), D)
     per_row = 2 * B * D * x.element_size()
     need = n * per_row

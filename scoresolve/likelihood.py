@@ -74,9 +74,11 @@ class LikelihoodResult:
         from .solvers._solution import count_stats, describe
 
         lp = self.log_prob.detach().double()
-        se = "" if self.std_error is None else f", std_error mean {float(self.std_error.double().mean()):.4g}"
-        return (f"LikelihoodResult(log_prob mean {float(lp.mean()):.6g} [{float(lp.min()):.6g}, "
-                f"{float(lp.max()):.6g}]{se}, latent={describe(self.latent)}, nfe={count_stats(self.nfe)}, "
+        se = "" if self.std_error is None or not lp.numel() else \
+            f", std_error mean {float(self.std_error.double().mean()):.4g}"
+        logp = (f"log_prob mean {float(lp.mean()):.6g} [{float(lp.min()):.6g}, {float(lp.max()):.6g}]"
+                if lp.numel() else "log_prob []")
+        return (f"LikelihoodResult({logp}{se}, latent={describe(self.latent)}, nfe={count_stats(self.nfe)}, "
                 f"steps={count_stats(self.steps)}, rejected={count_stats(self.rejected)}, calls={self.calls})")
 
 
@@ -164,7 +166,7 @@ def log_likelihood(
     velocity = sde.velocity_form
     stepper = RKStepper(tableau_by_name(solver), rtol, atol)
     process, model, counter = counted(sde.probability_flow(ScoreModel.wrap(score, sde)))
-    B, D = x.shape[0], x[0].numel()
+    B, D = x.shape[0], math.prod(x.shape[1:])
     eps = None
     if callable(divergence):
         K = 1

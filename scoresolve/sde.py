@@ -163,7 +163,7 @@ class ForwardSDE(ABC):
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Exact log-density of the Gaussian prior, summed over all non-batch dims; shape ``[batch]``."""
         check_batched(z, "z")
-        D = z[0].numel()
+        D = math.prod(z.shape[1:])
         s = self.prior_std
         sq = z.flatten(1).square().sum(1)
         return -0.5 * sq / s**2 - 0.5 * D * (_LOG_2PI + 2 * math.log(s))

@@ -98,6 +98,10 @@ def solve_with_backend(
     T, t_eps = float(T), float(t_eps)
     if not (0 < t_eps < T):
         raise ValueError(f"need 0 < t_eps < T, got t_eps={t_eps}, T={T}")
+    if x_T.shape[0] == 0:  # an empty batch: nothing to integrate, as for the registered solvers
+        return Solution(x=x_T.clone(), nfe=0, steps=0, rejected=0,
+                        t=torch.full((0,), t_eps, dtype=x_T.dtype, device=x_T.device), solver=solver,
+                        stats={"backend": backend, "method": method, "calls": 0})
     if backend == "torchdiffeq":
         return _torchdiffeq(solver, method, process, x_T, T, t_eps, nfe, steps, rtol, atol, options)
     if backend == "torchsde":
