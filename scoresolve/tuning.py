@@ -243,7 +243,9 @@ def tune_grid(
         candidates: candidate times of the DP (uniform in log-SNR), including T and t_eps.
         substeps: reference sub-steps per candidate interval (the reference solve takes
             ``(candidates - 1) * substeps`` steps of ``reference_solver``).
-        max_sweeps, initial_step, min_step: the compass search (steps in the softmax logits of the increments).
+        max_sweeps: most sweeps of the compass search over the grid points.
+        initial_step: its first step in the softmax logits of the increments.
+        min_step: the step at which it stops.
         objective: what the descent minimises on the tuning samples: ``"mean"`` (default), the mean over samples of
             the relative error ``||x - ref|| / ||ref||``, or ``"rmse"``, the relative RMSE of the batch (dominated by
             the few samples that end near another mode, so it overfits them; measured in ``benchmarks/tune_grid.py``).
