@@ -645,3 +645,22 @@ def test_compare_plot_draws_the_noise_floor_as_a_labelled_band(tmp_path, monkeyp
     assert lines == [] and len(spans) == 1
     (bottom, top), kw = spans[0]
     assert top == 0.03 and bottom < 0.01 and "noise floor" in kw["label"] and "two exact samples" in kw["label"]
+
+
+@pytest.mark.parametrize("sde", ["vp", "rf"])
+def test_compare_best_picks_the_lowest_error_solver_and_grid(sde, capsys):
+    from scoresolve.cli.compare import best_candidates
+
+    names = best_candidates(ss.sde_from_name(sde))
+    assert "ipndm@karras" in names if sde == "vp" else "unipc@uniform" in names and "ipndm@uniform" not in names
+    assert not any(n.startswith(("euler_maruyama", "pc@", "dpmpp_2m_sde", "dopri5")) for n in names)
+    assert main(["compare", "--sde", sde, "--best", "--dim", "3", "--components", "2", "--batch", "16", "--nfe", "6",
+                 "--out", "", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    best = [line for line in out.splitlines() if line.startswith("best at nfe=6:")]
+    assert len(best) == 1
+    solver, grid = best[0].split("solver=")[1].split()[0], best[0].split("grid=")[1].split()[0]
+    err = float(best[0].split("error=")[1])
+    rows = [line.split() for line in out.splitlines() if "nfe=6" in line and "@" in line]
+    assert err == pytest.approx(min(float(r[3]) for r in rows if float(r[2]) <= 6), rel=1e-3)
+    assert any(r[0] == f"{solver}@{grid}" for r in rows)

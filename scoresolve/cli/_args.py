@@ -449,3 +449,9 @@ def check_model_source(args: argparse.Namespace, *, need_shape: bool = False) ->
             raise UsageError(f"--t-eps must lie in (0, T) = (0, {net.sde.T:g}) for {net.name}'s process, "
                              f"got {t_eps:g}")
     return net
+
+
+def exact_model(gm, sde):
+    """The mixture's exact model for a command: its score, or on an interpolant (flow matching, alpha(T) = 0,
+    where a score carries no x0) its exact velocity."""
+    return gm.model(sde, "flow") if sde.velocity_form else gm.score_fn(sde)

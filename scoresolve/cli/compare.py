@@ -20,6 +20,7 @@ from ._args import (
     apply_threads,
     check_model_source,
     check_t_eps,
+    exact_model,
     mixture,
     network,
     output_file,
@@ -57,6 +58,10 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", nargs="+", type=POSITIVE_INT, default=[10, 20, 50], help="NFE budgets of grid solvers")
     p.add_argument("--tol", nargs="+", type=POSITIVE_FLOAT, default=[1e-2, 1e-3, 1e-4],
                    help="tolerances (rtol = atol) of adaptive solvers")
+    p.add_argument("--best", action="store_true",
+                   help="pick the best (solver, grid) for the model at each --nfe budget: runs every deterministic "
+                        "grid solver on every grid the process allows (ignores --solvers and --tol) and prints the "
+                        "winner per budget after the table")
     p.add_argument("--out", type=output_file, default="work_precision.png", help="PNG path for the plot ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads_arg(p)
@@ -78,6 +83,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"skipping unknown solvers: {missing}", file=sys.stderr)
     g = torch.Generator().manual_seed(args.seed)
     net = network(args)
+    if args.best:
+        solvers = best_candidates(net.sde if net is not None else sde_from_name(args.sde))
+        args.tol = []
     if net is not None:
         return _compare_network(args, net, solvers, dtype, g)
     sde = sde_from_name(args.sde)
@@ -89,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     runs = work_precision(
-        gm.score_fn(sde),
+        exact_model(gm, sde),
         sde,
         x_T,
         solvers,
@@ -101,6 +109,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     runs.append(exact_baseline(gm, sde, args.batch, args.t_eps, args.seed))
     print(format_table(runs))
+    if args.best:
+        print_best(runs)
     if args.out:
         plot_work_precision(runs, args.out, title=f"{args.sde.upper()} SDE, {args.dim}-D mixture")
         print(f"work-precision plot written to {args.out}")
@@ -140,8 +150,40 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
     runs = work_precision(model, net.sde, x_T, solvers, nfes=args.nfe, tolerances=args.tol, t_eps=args.t_eps,
                           reference=reference, progress=not args.quiet)
     print(format_table(runs))
+    if args.best:
+        print_best(runs)
     if args.out:
         plot_work_precision(runs, args.out, title=f"{os.path.basename(net.name)}: error vs dopri5 of the same model")
         print(f"work-precision plot written to {args.out}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def best_candidates(sde) -> list[str]:
+    """Every deterministic grid solver on every grid the process allows, as ``solver@grid`` names."""
+    from ..solvers import GRIDS, REGISTRY
+
+    alpha_T = float(sde.alpha(sde.T))
+    grids = [g for g in GRIDS if alpha_T > 0 or g in ("uniform", "quadratic")]
+    names = []
+    for name, spec in sorted(REGISTRY.items()):
+        if spec.kind != "grid" or spec.stochastic and spec.noise_option is None or spec.default_diffusion:
+            continue
+        if alpha_T == 0 and not spec.starts_at_alpha0:
+            continue
+        names += [f"{name}@{g}" for g in grids]
+    return names
+
+
+def print_best(runs) -> None:
+    """The lowest-error run at each NFE budget (within its budget)."""
+    import math
+
+    settings = sorted({r.setting for r in runs if r.setting.startswith("nfe=")}, key=lambda s: int(s[4:]))
+    for setting in settings:
+        budget = int(setting[4:])
+        ok = [r for r in runs if r.setting == setting and r.nfe <= budget and not math.isnan(r.error)]
+        if ok:
+            b = min(ok, key=lambda r: r.error)
+            solver, _, grid = b.solver.partition("@")
+            print(f"best at {setting}: solver={solver} grid={grid or 'default'} error={b.error:.3e}")

@@ -22,6 +22,7 @@ from ._args import (
     check_model_source,
     check_t_eps,
     device,
+    exact_model,
     network,
     number,
     output_dir,
@@ -202,7 +203,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     gm = GaussianMixture.random(dim, args.components, seed=args.seed, full=full, event_shape=event_shape)
     if data is None:
         data = gm.sample(args.n, generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
-    score = gm.score_fn(sde)
+    score = exact_model(gm, sde)
     kwargs = {k: getattr(args, k) for k in ("divergence", "probes", "probe", "solver", "rtol", "atol", "t_eps")}
 
     def fn(x: torch.Tensor, generator: torch.Generator) -> dict:

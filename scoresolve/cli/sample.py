@@ -19,6 +19,7 @@ from ._args import (
     apply_threads,
     check_model_source,
     check_t_eps,
+    exact_model,
     mixture,
     network,
     output_file,
@@ -136,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sde = sde_from_name(args.sde)
     gm = mixture(args)
     x_T = sde.prior_sample((args.batch, args.dim), generator=g, dtype=dtype)
-    sol = sample(gm.score_fn(sde), sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,
+    sol = sample(exact_model(gm, sde), sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,
                  diffusion=args.diffusion, generator=g, **kw)
     exact = gm.sample_marginal(args.batch, args.t_eps, sde, generator=g, dtype=torch.float64)
     nfe = sol.nfe.double().mean().item() if torch.is_tensor(sol.nfe) else sol.nfe
