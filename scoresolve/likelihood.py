@@ -158,9 +158,10 @@ def log_likelihood(
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     if int(probes) < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
+    finite_T = math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))))
     if time_variable is None:  # the log-SNR, unless it is infinite at T (alpha(T) = 0: flow matching)
-        time_variable = "logsnr" if math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))) else "t"
-    elif time_variable == "logsnr" and not math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))):
+        time_variable = "logsnr" if finite_T else "t"
+    elif time_variable == "logsnr" and not finite_T:
         raise ValueError(f"time_variable='logsnr' needs a finite log-SNR at T; {sde!r} has alpha(T) = 0: use 't'")
     time = TimeVariable(sde, time_variable, t_min=0.5 * t_eps)
     velocity = sde.velocity_form

@@ -12,9 +12,7 @@ on a small nonlinear velocity model and compares it with ``scoresolve.sample`` o
 from __future__ import annotations
 
 import ast
-import inspect
 import math
-import types
 from pathlib import Path
 
 import numpy as np
@@ -70,29 +68,6 @@ class VelocityNet:
 @pytest.fixture
 def x_T() -> torch.Tensor:
     return torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-
-class _Float64(types.ModuleType):
-    """A module proxy whose ``float32`` is ``float64`` (for torch and numpy as seen by one diffusers module)."""
-
-    def __init__(self, real: types.ModuleType) -> None:
-        super().__init__(real.__name__)
-        self._real = real
-
-    def __getattr__(self, name: str):
-        return getattr(self._real, "float64" if name == "float32" else name)
-
-
-@pytest.fixture
-def diffusers_in_float64(monkeypatch):
-    """Run a scheduler class's own code with float64 wherever it says float32 (sigmas, the state in ``step``)."""
-
-    def patch(cls):
-        module = inspect.getmodule(cls)
-        monkeypatch.setattr(module, "torch", _Float64(torch))
-        monkeypatch.setattr(module, "np", _Float64(np))
-
-    return patch
 
 
 def run_diffusers(net, scheduler, x, n=None, time_scale=1.0, **set_kw):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -66,27 +64,6 @@ class Net:
         A, b = self.A.to(x.dtype), self.b.to(x.dtype)
         out = torch.tanh(xf @ A.T) * (1 + tt) + b * torch.cos(3 * tt) + 0.3 * xf
         return ((self.scale * out).reshape(x.shape),)
-
-
-class _Float64(types.ModuleType):
-    def __init__(self, real: types.ModuleType) -> None:
-        super().__init__(real.__name__)
-        self._real = real
-
-    def __getattr__(self, name: str):
-        return getattr(self._real, "float64" if name == "float32" else name)
-
-
-@pytest.fixture
-def diffusers_in_float64(monkeypatch):
-    """Run a scheduler class's own code with float64 wherever it says float32."""
-
-    def patch(cls):
-        module = inspect.getmodule(cls)
-        monkeypatch.setattr(module, "torch", _Float64(torch))
-        monkeypatch.setattr(module, "np", _Float64(np))
-
-    return patch
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every solver at every NFE budget / tolerance, print the table, write the plot."""
-    from ..compare import exact_baseline, format_table, plot_work_precision, work_precision
+    from ..compare import exact_baseline, work_precision
     from ..sde import sde_from_name
     from ..solvers import REGISTRY
 
@@ -108,11 +108,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     runs.append(exact_baseline(gm, sde, args.batch, args.t_eps, args.seed))
+    return _report(args, runs, f"{args.sde.upper()} SDE, {args.dim}-D mixture", t0)
+
+
+def _report(args: argparse.Namespace, runs: list, title: str, t0: float) -> int:
+    """The table, the best run per budget (``--best``), the plot and the total time of a compare run."""
+    from ..compare import format_table, plot_work_precision
+
     print(format_table(runs))
     if args.best:
         print_best(runs)
     if args.out:
-        plot_work_precision(runs, args.out, title=f"{args.sde.upper()} SDE, {args.dim}-D mixture")
+        plot_work_precision(runs, args.out, title=title)
         print(f"work-precision plot written to {args.out}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
@@ -125,9 +132,7 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
     from ..compare import (
         _is_random,
         float64_model,
-        format_table,
         network_reference,
-        plot_work_precision,
         work_precision,
     )
     from ..solvers import REGISTRY
@@ -149,14 +154,7 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
           f"{str(dtype).replace('torch.', '')}; reference: {how}")
     runs = work_precision(model, net.sde, x_T, solvers, nfes=args.nfe, tolerances=args.tol, t_eps=args.t_eps,
                           reference=reference, progress=not args.quiet)
-    print(format_table(runs))
-    if args.best:
-        print_best(runs)
-    if args.out:
-        plot_work_precision(runs, args.out, title=f"{os.path.basename(net.name)}: error vs dopri5 of the same model")
-        print(f"work-precision plot written to {args.out}")
-    print(f"total {time.perf_counter() - t0:.1f} s")
-    return 0
+    return _report(args, runs, f"{os.path.basename(net.name)}: error vs dopri5 of the same model", t0)
 
 
 def best_candidates(sde) -> list[str]:

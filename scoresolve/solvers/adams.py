@@ -66,9 +66,7 @@ def lagrange_integrals(nodes: list[float], a: float, b: float, weight: np.ndarra
 
 
 def _rho(run: GridRun) -> list[float]:
-    if "rho" not in run.memory:
-        if any(a == 0.0 for a in run.alpha):
-            raise ValueError(f"solver {run.name!r} works in y = x / alpha and cannot use a grid where alpha = 0")
+    if "rho" not in run.memory:  # alpha > 0 on the grid: a start at alpha = 0 is refused by check_start
         run.memory["rho"] = [s / a for a, s in zip(run.alpha, run.sigma)]
     return run.memory["rho"]
 
