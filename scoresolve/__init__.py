@@ -6,6 +6,7 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusion, score_sde models)
 from .analytic import GaussianMixture
+from .control_variate import GaussianControlVariate
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
@@ -51,4 +52,5 @@ __all__ = [
     "sde_from_name",
     "time_grid",
     "uniform_dequantize",
+    "GaussianControlVariate",
 ]

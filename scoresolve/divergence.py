@@ -3,6 +3,13 @@
 Hutchinson: div s = E[e^T (ds/dx) e] with E[e e^T] = I; Rademacher probes have variance 2 sum_{i != j} A_ij^2 (the
 diagonal contributes nothing), Gaussian ones 2 ||A||_F^2. All probes share one network forward. The divergence of the
 linear part of the PF-ODE drift is exact and lives in `scoresolve.reverse.ReverseProcess.linear_divergence`.
+
+Orthogonal probes (``"orthogonal"``): K Rademacher probes that are mutually orthogonal, so that the K probes sample
+the directions "without replacement". Each one alone is a uniform Rademacher vector (same variance as plain
+probes); averaged over the random coordinate permutation the covariance of two of them is -Var/(D - 1), so the mean
+of K has variance Var/K (D - K)/(D - 1): a real gain only when K is a sizeable fraction of D. Antithetic pairs
+(e, -e) give nothing for a quadratic form (e^T A e is even in e). The variance lever is the control variate of
+`scoresolve.control_variate`.
 """
 
 from __future__ import annotations
@@ -13,18 +20,57 @@ from typing import Callable
 
 import torch
 
-PROBES = ("rademacher", "gaussian")
+PROBES = ("rademacher", "gaussian", "orthogonal")
 
 
 def draw_probes(x: torch.Tensor, k: int, kind: str, generator: torch.Generator | None) -> torch.Tensor:
-    """``k`` Hutchinson probes like x, ``[k, batch, ...]``: Rademacher (+-1) or Gaussian, E[e e^T] = I."""
+    """``k`` Hutchinson probes like x, ``[k, batch, ...]``, E[e e^T] = I: Rademacher (+-1), Gaussian, or orthogonal.
+
+    ``"orthogonal"``: per sample, e_j = s * w_{c_j}[pi] with s uniform random signs, pi a uniform random permutation
+    of the D coordinates and w_c the Walsh function (-1)^popcount(i & c) of distinct codes c_j < 2^m (m: the
+    smallest with 2^m >= the group size). Walsh functions of distinct codes are orthogonal over every block of 2^m
+    consecutive indices, so the probes are orthogonal in groups of up to the largest power of two dividing D
+    (all k when k <= it; groups are independent; for odd D every probe is a plain Rademacher one). Module docstring:
+    what it gains.
+
+    Args:
+        x: data ``[batch, ...]`` whose shape, dtype and device the probes take.
+        k: number of probes per sample.
+        kind: ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"``.
+        generator: the random generator (None: torch's global one).
+    """
     shape = (k,) + tuple(x.shape)
     if kind == "rademacher":
         e = torch.randint(0, 2, shape, generator=generator, device=x.device, dtype=torch.int8)
         return (2 * e - 1).to(x.dtype)
     if kind == "gaussian":
         return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-    raise ValueError(f"unknown probe {kind!r}; expected 'rademacher' or 'gaussian'")
+    if kind == "orthogonal":
+        return _orthogonal_probes(x, k, generator)
+    raise ValueError(f"unknown probe {kind!r}; expected one of {PROBES}")
+
+
+def _orthogonal_probes(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``draw_probes(x, k, "orthogonal", generator)``: no loop over the batch; one over the code bits."""
+    B, D = x.shape[0], math.prod(x.shape[1:])
+    block = D & -D if D > 0 else 1  # the largest power of two dividing D
+    group = min(k, block)
+    m = max(group - 1, 0).bit_length()  # 2^m >= group
+    n_groups = -(-k // group)
+    dev = x.device
+    # distinct codes within each group: a random permutation of [0, 2^m) per group, its first `group` entries
+    codes = torch.argsort(torch.rand(n_groups, 1 << m, generator=generator, device=dev), dim=1)[:, :group]
+    codes = codes.reshape(-1)[:k]  # [k]
+    idx = torch.arange(D, device=dev)
+    parity = torch.zeros(k, D, dtype=torch.int64, device=dev)
+    for bit in range(m):
+        parity ^= ((idx >> bit) & 1)[None] & ((codes >> bit) & 1)[:, None]
+    walsh = 1 - 2 * parity  # [k, D], +-1
+    perm = torch.argsort(torch.rand(B, D, generator=generator, device=dev), dim=1)  # [B, D]
+    w = walsh[:, perm]  # [k, B, D]: w[j, b, i] = walsh[j, perm[b, i]]
+    signs = 2 * torch.randint(0, 2, (n_groups, B, D), generator=generator, device=dev, dtype=torch.int8) - 1
+    signs = signs.repeat_interleave(group, dim=0)[:k]  # independent signs per group: the groups are independent
+    return (w * signs).to(x.dtype).reshape((k,) + tuple(x.shape))
 
 
 def exact_div_score(

@@ -21,6 +21,7 @@ from typing import Callable, Literal
 import torch
 
 from ._utils import bcast, check_batched
+from .control_variate import GaussianControlVariate
 from .divergence import PROBES, check_exact_memory, draw_probes, exact_div_score, hutchinson_div_score
 from .reverse import TimeVariable
 from .score import ScoreModel
@@ -104,6 +105,7 @@ def log_likelihood(
     compact: bool = False,
     controller: Controller | None = None,
     progress: bool = False,
+    control_variate: GaussianControlVariate | None = None,
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) through the probability-flow ODE of ``sde`` with score ``score``.
 
@@ -117,7 +119,9 @@ def log_likelihood(
             exact divergence of the whole PF-ODE drift (analytic models).
         probes: number of Hutchinson probes, drawn once per solve from ``generator`` and fixed along the
             trajectory; all share one network forward per evaluation.
-        probe: their kind, ``"rademacher"`` or ``"gaussian"``.
+        probe: their kind, ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` (Rademacher probes mutually
+            orthogonal, `scoresolve.divergence.draw_probes`; ``std_error`` treats probes as independent, which
+            overstates the error of orthogonal ones, by sqrt((D - 1)/(D - K)) on average).
         solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``, or ``dopri5_shampine``: torchdiffeq's dopri5,
             whose error estimate is 2/3 of Hairer's, i.e. ``dopri5`` at 1.5x the tolerances).
         rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
@@ -143,6 +147,9 @@ def log_likelihood(
             `scoresolve.solvers.controllers.DOPRI5_GAINS` (0.78x the NFE of `PIController()` on the digits
             U-Net at rtol 1e-5, at an error float32 cannot resolve; no worse at matched error in float64).
         progress: a tqdm bar of the slowest sample's share of the span.
+        control_variate: a [`GaussianControlVariate`][scoresolve.GaussianControlVariate] (Hutchinson only): each
+            probe's e^T J e becomes e^T J e - e^T J_G e + tr J_G with J_G the Jacobian of the Gaussian's score (of its
+            velocity on ``velocity_form`` processes), still unbiased, with far less variance when J is near J_G.
     Every sample has its own adaptive steps, so its result does not depend on its batch-mates.
     """
     if torch.is_tensor(sde) and isinstance(x, ForwardSDE):
@@ -178,11 +185,19 @@ def log_likelihood(
         check_exact_memory(x, exact_chunk)
     elif divergence == "hutchinson":
         if probe not in PROBES:
-            raise ValueError(f"unknown probe {probe!r}; expected 'rademacher' or 'gaussian'")
+            raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
         K = int(probes)
         eps = draw_probes(x, K, probe, generator)
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected 'hutchinson', 'exact' or a callable")
+    cv = control_variate
+    if cv is not None:
+        if not isinstance(cv, GaussianControlVariate):
+            raise TypeError(f"control_variate must be a GaussianControlVariate, got {type(cv).__name__}")
+        if callable(divergence) or divergence != "hutchinson":
+            raise ValueError("control_variate needs divergence='hutchinson'")
+        if tuple(x.shape[1:]) != cv.event_shape:
+            raise ValueError(f"control_variate has event shape {cv.event_shape}, x has {tuple(x.shape[1:])}")
 
     def func(u: torch.Tensor, state, *probe):
         """(dx/du, d delta/du) at u with one network forward; ``probe``: the Hutchinson probes of these rows,
@@ -197,6 +212,8 @@ def log_likelihood(
                 div = div[:, None]
             else:
                 v, div = hutchinson_div_score(model.flow, xt, t, probe[0].transpose(0, 1))
+                if cv is not None:
+                    div = div + cv.correction(probe[0].transpose(0, 1), t, sde, velocity=True)
         else:
             if callable(divergence):
                 s, div = model(xt, t), _user_divergence(divergence, xt, t)  # the whole drift's divergence
@@ -206,6 +223,8 @@ def log_likelihood(
                     ds = ds[:, None]
                 else:
                     s, ds = hutchinson_div_score(model, xt, t, probe[0].transpose(0, 1))
+                    if cv is not None:
+                        ds = ds + cv.correction(probe[0].transpose(0, 1), t, sde)
                 div = process.linear_divergence(t, D)[:, None] - process.score_coef(t)[:, None] * ds
             v = process.drift_from_score(xt, t, s)
         if time.name == "t":
