@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import scoresolve as ss  # noqa: E402
 from scoresolve.compare import Run, format_table, rms_error  # noqa: E402
 
-OURS = ["euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc"]
+OURS = ["euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]
 SHIFTS = (None, 3.0)
 NFES = (5, 10, 20)
 

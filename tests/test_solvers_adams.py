@@ -99,5 +99,26 @@ def test_refusals():
     with pytest.raises(ValueError, match="probability-flow"):
         ss.sample(gm.score_fn(sde), sde, x_T, solver="ipndm", nfe=10, diffusion=1.0)
     rf = ss.RectifiedFlow()
-    with pytest.raises(ValueError, match="alpha = 0"):
-        ss.sample(gm.model(rf, "flow"), rf, x_T, solver="ipndm", nfe=10)
+    for solver in ("ipndm", "deis"):  # a score model carries no x0 at alpha = 0
+        with pytest.raises(ValueError, match="alpha = 0"):
+            ss.sample(gm.model(rf, "score"), rf, x_T, solver=solver, nfe=10)
+
+
+@pytest.mark.parametrize("sde", [ss.RectifiedFlow(), ss.TrigonometricInterpolant()], ids=["rf", "trig"])
+def test_interpolants_from_t1(sde):
+    """From alpha = 0 (t = 1): an exact DDIM first step in the data prediction, then the eps history. On the exact
+    velocity of a Gaussian, on the grid uniform in t (no log-SNR), finite and second order (the one-step start limits
+    the order, as for dpmpp_2m and unipc); measured 2.0-2.8."""
+    gm = _gaussian()
+    model = gm.model(sde, "flow")
+    x_T = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = gm.pf_ode_flow(x_T, sde.T, 1e-3, sde)
+    for solver, opts in (("ipndm", {}), ("deis", {}), ("deis", {"basis": "rho"}), ("deis", {"basis": "log_rho"}),
+                         ("ipndm", {"afs": True})):
+        e = [_rel(ss.sample(model, sde, x_T, solver=solver, steps=n, t_eps=1e-3, grid="uniform", **opts).x, exact)
+             for n in (40, 80)]
+        assert all(math.isfinite(v) for v in e) and e[0] < 0.02, (solver, opts, e)
+        if not opts.get("afs"):
+            assert math.log2(e[0] / e[1]) > 1.6, (solver, opts, e)
+    sol = ss.sample(model, sde, x_T, solver="deis", nfe=5, denoise=True)
+    assert bool(torch.isfinite(sol.x).all()) and int(sol.nfe.max()) == 6

@@ -17,8 +17,11 @@ extrapolated from the predictions of the last q grid points (one network evaluat
   ``basis="rho"`` the polynomial in rho itself ("rhoAB": the variable-step Adams-Bashforth of iPNDM), or with
   ``basis="log_rho"`` the polynomial in log rho = -lambda (diffusers' ``DEISMultistepScheduler``, "logrho").
 
-Both start from alpha > 0 only (y = x / alpha is infinite at alpha = 0). The weights are Python floats from the host
-grid: no host-device synchronisation in the loop.
+Where the grid starts at alpha = 0 (rectified flow and the trigonometric interpolant at t = 1; log-SNR -inf, rho and
+y infinite) the first step is the exact DDIM step in the data prediction, x_1 = (sigma_1 / sigma_0) x_0 + alpha_1 x0
+(as for dpmpp_2m and unipc, see `GridRun.start`), from a model that predicts x0 there (flow, x0 or v); the noise
+prediction history, and the warm-up of the order, start at the first grid point with alpha > 0. The weights are
+Python floats from the host grid: no host-device synchronisation in the loop.
 """
 
 from __future__ import annotations
@@ -66,9 +69,16 @@ def lagrange_integrals(nodes: list[float], a: float, b: float, weight: np.ndarra
 
 
 def _rho(run: GridRun) -> list[float]:
-    if "rho" not in run.memory:  # alpha > 0 on the grid: a start at alpha = 0 is refused by check_start
-        run.memory["rho"] = [s / a for a, s in zip(run.alpha, run.sigma)]
+    if "rho" not in run.memory:  # rho = inf where alpha = 0 (only at a grid start: see first_step_from_alpha0)
+        run.memory["rho"] = [s / a if a > 0 else math.inf for a, s in zip(run.alpha, run.sigma)]
     return run.memory["rho"]
+
+
+def first_step_from_alpha0(run: GridRun, x: torch.Tensor) -> torch.Tensor:
+    """The exact first step from alpha_0 = 0 (log-SNR -inf): DDIM in the data prediction,
+    x_1 = (sigma_1 / sigma_0) x_0 + alpha_1 x0_hat (x0_hat the prior's 0 with ``afs``)."""
+    s = run.sigma
+    return (s[1] / s[0]) * x + run.alpha[1] * run.x0(x, 0)
 
 
 def _push_eps(run: GridRun, x: torch.Tensor, i: int, keep: int) -> list[torch.Tensor]:
@@ -80,10 +90,12 @@ def _push_eps(run: GridRun, x: torch.Tensor, i: int, keep: int) -> list[torch.Te
 def ipndm_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """iPNDM (Zhang & Chen 2022): Adams-Bashforth with the uniform-step weights on dy/drho = eps; order ``order``
     (default 4) after a warm-up of lower orders, 1 NFE/step."""
+    if i < run.start:
+        return first_step_from_alpha0(run, x)
     rho, a = _rho(run), run.alpha
     order = run.options["order"]
     hist = _push_eps(run, x, i, order)
-    q = multistep_order(order, i, run.steps, run.options["lower_order_final"])
+    q = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
     d = sum(w * e for w, e in zip(AB_WEIGHTS[q], hist))
     return (a[i + 1] / a[i]) * x + (a[i + 1] * (rho[i + 1] - rho[i])) * d
 
@@ -110,10 +122,12 @@ def deis_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """DEIS (Zhang & Chen 2022), exponential Adams-Bashforth on the noise prediction; order ``order`` (1-4, default
     3; order 1 is DDIM) after a warm-up, 1 NFE/step; ``basis`` "t" (tAB, default), "rho" (rhoAB) or "log_rho"
     (the polynomial in log rho = -lambda: diffusers' DEISMultistepScheduler)."""
+    if i < run.start:
+        return first_step_from_alpha0(run, x)
     a = run.alpha
     order = run.options["order"]
     hist = _push_eps(run, x, i, order)
-    q = multistep_order(order, i, run.steps, run.options["lower_order_final"])
+    q = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
     cs = deis_weights(run, i, q)
     return (a[i + 1] / a[i]) * x + a[i + 1] * sum(c * e for c, e in zip(cs, hist))
 
@@ -135,9 +149,9 @@ def _prepare(name: str):
 assert math.isclose(sum(AB_WEIGHTS[4]), 1.0)
 register(SolverSpec("ipndm", step=ipndm_step, options={"order": 4, "lower_order_final": False,
                                                         "afs": False},
-                    prepare=_prepare("ipndm"), order=4, default_grid="quadratic",
+                    prepare=_prepare("ipndm"), order=4, default_grid="quadratic", starts_at_alpha0=True,
                     description="iPNDM: Adams-Bashforth (uniform-step weights) on the noise prediction"))
 register(SolverSpec("deis", step=deis_step, options={"order": 3, "basis": "t",
                                                       "lower_order_final": False, "afs": False},
-                    prepare=_prepare("deis"), order=3, default_grid="quadratic",
+                    prepare=_prepare("deis"), order=3, default_grid="quadratic", starts_at_alpha0=True,
                     description="DEIS tAB (rhoAB with basis='rho'): exponential Adams-Bashforth, noise prediction"))
