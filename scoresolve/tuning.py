@@ -16,11 +16,16 @@ How (GITS, Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusio
    reference state at candidate time t_i to t_j is the RMS distance of its result to the reference state at t_j,
    averaged over the tuning samples (one network call per candidate time gives every pair). Dynamic programming
    picks the path of ``steps`` steps from T to t_eps with the least summed cost. GITS uses this one-step cost for
-   multistep solvers too.
-3. ``method="descent"`` (the default): GITS's grid, or the solver's default grid if that is better on the tuning
-   samples, refined by a compass search minimising the actual solver's end error (mean per-sample relative error
-   against the reference end) on the tuning samples. The grid is parametrised monotonically: softmax increments of
-   the log-SNR (of t where the log-SNR is -inf at T) between the fixed end points. The search stops after
+   multistep solvers too; ``cost="solver"`` uses the solver's own second-order two-step update instead (the step
+   from t_i to t_j with the predictions at t_i and at the previous grid time t_k: DPM-Solver++(2M) for dpmpp_2m,
+   dpmpp_3m and unipc, Adams-Bashforth-2 on eps for ipndm, DEIS's two-node Lagrange weights for deis), with the
+   first step (and with ``lower_order_final`` the last) one-step; with ``afs=True`` the first prediction is the
+   prior's. The DP then runs over pairs (t_k, t_i).
+3. ``method="descent"`` (the default): GITS's grid, or the solver's default grid (or one of the named grids in
+   ``starts``) if that is better on the tuning samples, refined by a compass search minimising the actual solver's
+   end error (mean per-sample relative error against the reference end) on the tuning samples. The grid is
+   parametrised monotonically: softmax increments of the log-SNR (of t where the log-SNR is -inf at T) between the
+   fixed end points. The search stops after
    ``max_sweeps`` sweeps over the coordinates or when its step falls below ``min_step``.
 
 The record (`TunedGrid`) carries the grid, the train error of the solver on it and on the default grid, and the cost of
@@ -48,6 +53,9 @@ from .solvers._grid import check_grid
 from .solvers.grids import time_grid
 
 METHODS = ("gits", "descent")
+COSTS = ("ddim", "solver")
+# solvers with a two-step form for ``cost="solver"`` (their second-order update from two predictions)
+TWO_STEP = ("dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis")
 GRID_DIR_ENV = "SCORESOLVE_GRID_DIR"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FORMAT = 1
@@ -225,6 +233,8 @@ def tune_grid(
     initial_step: float = 0.5,
     min_step: float = 0.03,
     objective: str = "mean",
+    cost: str = "ddim",
+    starts: Sequence[str] = (),
     name: str | None = None,
     **options: Any,
 ) -> TunedGrid:
@@ -249,6 +259,11 @@ def tune_grid(
         objective: what the descent minimises on the tuning samples: ``"mean"`` (default), the mean over samples of
             the relative error ``||x - ref|| / ||ref||``, or ``"rmse"``, the relative RMSE of the batch (dominated by
             the few samples that end near another mode, so it overfits them; measured in ``benchmarks/tune_grid.py``).
+        cost: the local cost of GITS's dynamic programming: ``"ddim"`` (default, GITS's one-step DDIM cost for every
+            solver) or ``"solver"`` (the two-step cost of the solver's own second-order update, for dpmpp_2m,
+            dpmpp_3m, unipc, ipndm and deis; see the module docstring).
+        starts: named grids (``"uniform"``, ``"logsnr"``, ``"karras"``, ...) also evaluated on the tuning samples as
+            starting points of the descent; the best of GITS's, the default and these is refined.
         name: stored in the record (``save()`` uses it).
         options: solver options (e.g. ``order=2``), used while tuning and recorded.
     Returns:
@@ -262,6 +277,12 @@ def tune_grid(
                          f"batch), got {objective!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if cost not in COSTS:
+        raise ValueError(f"unknown cost {cost!r}; expected one of {COSTS}")
+    if cost == "solver" and solver not in TWO_STEP + ("ddim",):
+        raise ValueError(f"cost='solver' needs a solver with a two-step form ({', '.join(TWO_STEP)}) or ddim, "
+                         f"got {solver!r}")
+    starts = [str(k) for k in starts]
     if solver not in REGISTRY:
         raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
     spec = REGISTRY[solver]
@@ -313,19 +334,62 @@ def tune_grid(
         err = rel_rmse(sol.x, x_ref) if objective == "rmse" else mean_rel_error(sol.x, x_ref)
         return err if math.isfinite(err) else math.inf
 
-    # 2. GITS: one-step DDIM costs between all candidate pairs, then dynamic programming
+    # 2. GITS: one-step DDIM costs between all candidate pairs (or the solver's two-step costs), then dynamic
+    #    programming
     alpha, sigma = sde.marginal(ts)
     a, s = alpha.tolist(), sigma.tolist()
     flat = xs.flatten(2).to(torch.float64)  # [n, batch, D]
-    cost = torch.full((n, n), math.inf, dtype=torch.float64)
+    x0s = []
+    cost1 = torch.full((n, n), math.inf, dtype=torch.float64)
+    afs = bool(options.get("afs"))
     for i in range(n - 1):
-        x0 = model.x0(xs[i], torch.full((x_T.shape[0],), float(ts[i]), dtype=x_T.dtype)).flatten(1).double()
-        count.add(1)
+        if i == 0 and afs and cost == "solver":
+            x0 = torch.zeros_like(flat[0])  # the analytical first step's prediction
+        else:
+            x0 = model.x0(xs[i], torch.full((x_T.shape[0],), float(ts[i]), dtype=x_T.dtype)).flatten(1).double()
+            count.add(1)
+        x0s.append(x0)
         r = torch.tensor(s[i + 1:], dtype=torch.float64) / s[i]  # sigma_j / sigma_i
         b = torch.tensor(a[i + 1:], dtype=torch.float64) - a[i] * r  # alpha_j - alpha_i sigma_j / sigma_i
         pred = r[:, None, None] * flat[i] + b[:, None, None] * x0  # [n - i - 1, batch, D]
         err = (pred - flat[i + 1:]).pow(2).mean(2).sqrt().mean(1)
-        cost[i, i + 1:] = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+        cost1[i, i + 1:] = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+    if cost == "solver" and steps > 1 and solver != "ddim" and options.get("order", 2) != 1:
+        resolved = spec.resolve(sde.probability_flow(model), options, steps)
+        path = _two_step_path(sde, solver, resolved, ts, flat, torch.stack(x0s), cost1, steps,
+                              bool(resolved.get("lower_order_final")))
+    else:
+        path = _one_step_path(cost1, steps)
+    gits = ts[path].clone()
+    gits[0], gits[-1] = T, t_eps
+    gits_error = end_error(gits)
+    named = default_grid(spec.default_grid, sde)
+    default = time_grid(sde, steps, named, t_eps)
+    default_error = end_error(default)
+
+    grid, err, start = gits, gits_error, "gits"
+    if method == "descent":
+        if default_error < gits_error:
+            grid, err, start = default, default_error, "default"
+        for kind in starts:
+            g = time_grid(sde, steps, kind, t_eps)
+            e = end_error(g)
+            if e < err:
+                grid, err, start = g, e, kind
+        grid, err = _compass(grid, err, sde, end_error, max_sweeps, initial_step, min_step)
+    grid = grid.clone()
+    grid[0], grid[-1] = T, t_eps  # exact end points (the quadratic default grid ends a rounding error off t_eps)
+    check_grid(grid, T)
+    return TunedGrid(grid=grid, solver=solver, nfe=spec.nfe_for_steps(steps, options), steps=steps, method=method,
+                     t_eps=float(t_eps), T=T, train_error=err, default_error=default_error, gits_error=gits_error,
+                     evaluations=count.evaluations, calls=count.calls, seconds=time.perf_counter() - start_time,
+                     num_samples=int(x_T.shape[0]), candidates=n, sde=repr(sde), start=start, default_grid=named,
+                     options=dict(options), gits_grid=gits, name=name)
+
+
+def _one_step_path(cost: torch.Tensor, steps: int) -> list[int]:
+    """The candidate indices 0 = i_0 < ... < i_steps = n - 1 with the least summed one-step ``cost[i, j]``."""
+    n = cost.shape[0]
     best = torch.full((n,), math.inf, dtype=torch.float64)
     best[0] = 0.0
     back = []
@@ -339,26 +403,109 @@ def tune_grid(
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     path.reverse()
-    gits = ts[path].clone()
-    gits[0], gits[-1] = T, t_eps
-    gits_error = end_error(gits)
-    named = default_grid(spec.default_grid, sde)
-    default = time_grid(sde, steps, named, t_eps)
-    default_error = end_error(default)
+    return path
 
-    grid, err, start = gits, gits_error, "gits"
-    if method == "descent":
-        if default_error < gits_error:
-            grid, err, start = default, default_error, "default"
-        grid, err = _compass(grid, err, sde, end_error, max_sweeps, initial_step, min_step)
-    grid = grid.clone()
-    grid[0], grid[-1] = T, t_eps  # exact end points (the quadratic default grid ends a rounding error off t_eps)
-    check_grid(grid, T)
-    return TunedGrid(grid=grid, solver=solver, nfe=spec.nfe_for_steps(steps, options), steps=steps, method=method,
-                     t_eps=float(t_eps), T=T, train_error=err, default_error=default_error, gits_error=gits_error,
-                     evaluations=count.evaluations, calls=count.calls, seconds=time.perf_counter() - start_time,
-                     num_samples=int(x_T.shape[0]), candidates=n, sde=repr(sde), start=start, default_grid=named,
-                     options=dict(options), gits_grid=gits, name=name)
+
+def _two_step_coefficients(sde: ForwardSDE, solver: str, options: dict, ts: torch.Tensor,
+                           i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The solver's second-order step from candidate i to every j > i with the predictions at i and every k < i:
+    x_j = A[j] x_i + P[k, j] m_i + Q[k, j] m_k, m the data prediction (``eps=False``) or the noise prediction."""
+    t = ts.to(torch.float64)
+    lam = sde.log_snr(t)
+    alpha, sigma = sde.marginal(t)
+    k, j = slice(0, i), slice(i + 1, None)
+    if solver in ("dpmpp_2m", "dpmpp_3m", "unipc"):  # DPM-Solver++(2M) (UniPC's predictor with one history point)
+        h = lam[j] - lam[i]  # [J]
+        r = (lam[i] - lam[k])[:, None] / h[None, :]  # [K, J]
+        e = (alpha[j] * torch.expm1(-h))[None, :]
+        return sigma[j] / sigma[i], -e * (1 + 1 / (2 * r)), e / (2 * r), False
+    rho = sigma / alpha
+    if solver == "ipndm":  # Adams-Bashforth-2 with the uniform-step weights
+        d = (alpha[j] * (rho[j] - rho[i]))[None, :].expand(i, -1)
+        return alpha[j] / alpha[i], 1.5 * d, -0.5 * d, True
+    basis = options.get("basis", "t")  # deis: the Lagrange polynomial through (u_k, eps_k), (u_i, eps_i)
+    if basis == "rho":  # int (v - rho_k) / (rho_i - rho_k) dv over [rho_i, rho_j], and the other basis function
+        rk, ri, rj = rho[k][:, None], rho[i], rho[j][None, :]
+        p = ((rj - rk) ** 2 - (ri - rk) ** 2) / (2 * (ri - rk))
+        q = (rj - ri) ** 2 / (2 * (rk - ri))
+    else:
+        if basis == "log_rho":  # u = log rho: I0 = int e^u du, I1 = int u e^u du
+            u = torch.log(rho)
+            i0 = rho[j] - rho[i]
+            i1 = (u[j] - 1) * rho[j] - (u[i] - 1) * rho[i]
+        else:  # u = t: I0 = int rho' dt, I1 = int t rho' dt = [t rho] - int rho dt
+            u, big_r = t, _rho_integral(sde, t)
+            i0 = rho[j] - rho[i]
+            i1 = t[j] * rho[j] - t[i] * rho[i] - (big_r[j] - big_r[i])
+        uk, ui = u[k][:, None], u[i]
+        p = (i1[None, :] - uk * i0[None, :]) / (ui - uk)
+        q = (i1[None, :] - ui * i0[None, :]) / (uk - ui)
+    return alpha[j] / alpha[i], alpha[j][None, :] * p, alpha[j][None, :] * q, True
+
+
+def _rho_integral(sde: ForwardSDE, t: torch.Tensor) -> torch.Tensor:
+    """int_{t_s}^{t_m} rho(u) du (rho = sigma / alpha) at the decreasing candidate times t_m, by 32-point
+    Gauss-Legendre quadrature on each interval; t_s = t_0, or t_1 where rho is infinite at t_0 (alpha = 0: the
+    solvers' history starts at t_1 there), and the value at t_0 is then nan (unused)."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(32)
+    x, w = torch.from_numpy(x), torch.from_numpy(w)
+    start = 0 if bool(torch.isfinite(sde.log_snr(t[:1], check=False)).all()) else 1
+    a, b = t[start:-1], t[start + 1:]
+    pts = 0.5 * (b - a)[:, None] * x[None, :] + 0.5 * (a + b)[:, None]  # [m, 32]
+    rho = torch.exp(-sde.log_snr(pts.reshape(-1), check=False)).reshape(pts.shape)
+    out = torch.zeros_like(t)
+    out[start + 1:] = torch.cumsum(0.5 * (b - a) * (rho * w[None, :]).sum(1), 0)
+    if start:
+        out[0] = math.nan
+    return out
+
+
+def _two_step_path(sde: ForwardSDE, solver: str, options: dict, ts: torch.Tensor, flat: torch.Tensor,
+                   x0s: torch.Tensor, cost1: torch.Tensor, steps: int, lower_final: bool) -> list[int]:
+    """DP over pairs (k, i) with the one-step cost on the first (and with ``lower_final`` the last) step and the
+    solver's two-step cost c[k, i, j] on the others; ``flat`` the reference states, ``x0s`` the data predictions at
+    the candidates (``[n, batch, D]``; the last candidate's is not needed)."""
+    n = flat.shape[0]
+    alpha, sigma = sde.marginal(ts.to(torch.float64))
+    from_alpha0 = float(alpha[0]) == 0.0
+    preds = {False: x0s}
+    cost2 = torch.full((n, n, n), math.inf, dtype=torch.float64)  # [k, i, j]
+    for i in range(1, n - 1):
+        A, P, Q, eps = _two_step_coefficients(sde, solver, options, ts, i)
+        if eps not in preds:
+            preds[eps] = (flat[:-1] - alpha[:-1, None, None] * x0s) / sigma[:-1, None, None]
+        m = preds[eps]
+        base = A[:, None, None] * flat[i] - flat[i + 1:]  # [J, b, D]
+        mi, mk = m[i], m[:i]  # [b, D], [K, b, D]
+        # |base_j + P m_i + Q m_k|^2 per sample, expanded in inner products: [K, J, b]
+        sq = ((base ** 2).sum(2)[None] + P[..., None] ** 2 * (mi ** 2).sum(1)
+              + Q[..., None] ** 2 * (mk ** 2).sum(2)[:, None] + 2 * P[..., None] * (base * mi).sum(2)[None]
+              + 2 * Q[..., None] * torch.einsum("jbd,kbd->kjb", base, mk)
+              + 2 * (P * Q)[..., None] * (mk * mi).sum(2)[:, None])
+        err = (sq.clamp_min(0) / flat.shape[2]).sqrt().mean(2)
+        cost2[:i, i, i + 1:] = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+        if not from_alpha0:
+            continue
+        cost2[0, i, i + 1:] = cost1[i, i + 1:]  # after the first step from alpha = 0 the history starts: one step
+    best = torch.full((n, n), math.inf, dtype=torch.float64)  # [k, i]: least cost of a path whose last step is k -> i
+    best[0] = cost1[0]
+    back = []
+    for step in range(1, steps):
+        c = cost1[None].expand(n, n, n) if (lower_final and step == steps - 1) else cost2
+        total = best[:, :, None] + c  # [k, i, j]
+        nb, arg = total.min(0)  # [i, j]
+        best = nb
+        back.append(arg)
+    k_last = int(best[:, n - 1].argmin())
+    if not math.isfinite(float(best[k_last, n - 1])):
+        raise RuntimeError("no finite GITS path: the reference or the model is non-finite on the candidate times")
+    path = [n - 1, k_last]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1], path[-2]]))
+    path.reverse()
+    return path
 
 
 def _compass(grid: torch.Tensor, err: float, sde: ForwardSDE, objective: Callable[[torch.Tensor], float],
