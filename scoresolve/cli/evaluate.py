@@ -19,10 +19,80 @@ from ._args import (
     add_threads_arg,
     apply_threads,
     check_model_source,
+    input_file,
     network,
     output_file,
     run_module,
 )
+
+DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
+
+
+def add_dequantization_args(p: argparse.ArgumentParser) -> None:
+    """The dequantizer options (``scoresolve.dequantizers``): ``--dequantization``, ``--truncnorm-scale``, ``--iw``,
+    ``--dequantizer-path``, ``--save-dequantizer``, ``--dequantizer-steps``."""
+    p.add_argument("--dequantization", choices=DEQUANTIZATIONS, default="uniform",
+                   help="q(u | i) of the position inside each bin: uniform; truncnorm (N(1/2, S^2) truncated to the "
+                   "bin); variational (learned on the training digits, or loaded with --dequantizer-path). Non-uniform "
+                   "q reports the bound E_q[-log p + log q] / (D ln 2) + offset")
+    p.add_argument("--truncnorm-scale", type=POSITIVE_FLOAT, default=0.5, metavar="S",
+                   help="std S (in bin widths) of the truncated normal of --dequantization truncnorm")
+    p.add_argument("--iw", type=POSITIVE_INT, default=None, metavar="N",
+                   help="N dequantization draws per image and the importance-weighted bound over them, next to the "
+                   "one-draw bound (sets --repeats N)")
+    p.add_argument("--dequantizer-path", type=input_file, default=None, metavar="PATH",
+                   help="a saved variational dequantizer to load instead of training one")
+    p.add_argument("--save-dequantizer", type=output_file, default="", metavar="PATH",
+                   help="save the trained variational dequantizer there")
+    p.add_argument("--dequantizer-steps", type=POSITIVE_INT, default=300,
+                   help="training steps (batches of 128 training digits, one score evaluation each) of the "
+                   "variational dequantizer")
+
+
+def check_dequantization_args(args: argparse.Namespace) -> None:
+    """Cross-option rules of `add_dequantization_args` (raises UsageError)."""
+    variational = args.dequantization == "variational"
+    if (args.dequantizer_path or args.save_dequantizer) and not variational:
+        raise UsageError("--dequantizer-path and --save-dequantizer go with --dequantization variational")
+    if args.dequantizer_path and args.save_dequantizer:
+        raise UsageError("--dequantizer-path loads a trained dequantizer: there is nothing to --save-dequantizer")
+    if args.iw is not None and args.repeats not in (1, args.iw):
+        raise UsageError(f"--iw {args.iw} sets the draws per image; it disagrees with --repeats {args.repeats}")
+
+
+def build_dequantizer(args: argparse.Namespace, model, sde, train_data: torch.Tensor, num_levels: int,
+                      data_range, shape):
+    """The dequantizer the options ask for (a variational one loaded, or trained on ``train_data``)."""
+    from ..dequantizers import (
+        TruncatedNormalDequantizer,
+        UniformDequantizer,
+        VariationalDequantizer,
+        train_dequantizer,
+    )
+
+    if args.dequantization == "uniform":
+        return UniformDequantizer(num_levels, data_range)
+    if args.dequantization == "truncnorm":
+        return TruncatedNormalDequantizer(num_levels, data_range, scale=args.truncnorm_scale)
+    if args.dequantizer_path:
+        dq = VariationalDequantizer.load(args.dequantizer_path)
+        if dq.num_levels != num_levels or tuple(dq.data_range) != tuple(data_range) or dq.shape != tuple(shape):
+            raise SystemExit(f"error: {args.dequantizer_path} holds a dequantizer of {dq.num_levels} levels in "
+                             f"{dq.data_range} for samples {dq.shape}, the data have {num_levels} levels in "
+                             f"{tuple(data_range)}, samples {tuple(shape)}")
+        print(f"variational dequantizer loaded from {args.dequantizer_path}")
+        return dq
+    dq = VariationalDequantizer(num_levels, data_range, shape)
+    g = torch.Generator().manual_seed(args.seed)
+    hist = train_dequantizer(dq, model, train_data, sde=sde, steps=args.dequantizer_steps, generator=g,
+                             progress=True)
+    tail = hist[-20:]
+    print(f"variational dequantizer trained for {args.dequantizer_steps} steps on {train_data.shape[0]} training "
+          f"images: E log q = {sum(tail) / len(tail):.4f} nats/dim (KL from uniform, last 20 steps)")
+    if args.save_dequantizer:
+        dq.save(args.save_dequantizer)
+        print(f"variational dequantizer saved to {args.save_dequantizer}")
+    return dq
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -49,10 +119,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="dequantization draws per image")
     p.add_argument("--grid", type=output_file, default="", help="PNG of 64 samples: dpmpp_2m (20 NFE) and dopri5")
     p.add_argument("--grid-rtol", type=POSITIVE_FLOAT, default=1e-4, help="rtol = atol of the grid's dopri5 samples")
+    add_dequantization_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the grid's noise, dequantization and probes")
     add_threads_arg(p)
     p.set_defaults(func=cmd_evaluate)
     add_check(p, _check)
+    add_check(p, check_dequantization_args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -76,14 +148,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_sample_grids(panels, args.grid)
         print(f"sample grid written to {args.grid}")
     if args.bpd_n > 0:
+        from ..data import DIGITS_LEVELS, DIGITS_RANGE, DIGITS_SHAPE
+
         x = digits("test", seed=split_seed)[: args.bpd_n]
-        res = dequantized_bpd(model, sde, x, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed,
-                              probes=args.probes, rtol=args.rtol, atol=args.atol)
+        dq = build_dequantizer(args, model, sde, digits("train", seed=split_seed), DIGITS_LEVELS, DIGITS_RANGE,
+                               DIGITS_SHAPE)
+        repeats = args.iw or args.repeats
+        res = dequantized_bpd(model, sde, x, repeats=repeats, batch_size=args.batch_size, seed=args.seed,
+                              dequantizer=dq, probes=args.probes, rtol=args.rtol, atol=args.atol)
+        name = {"uniform": "uniform", "truncnorm": f"truncated-normal (scale {args.truncnorm_scale:g})",
+                "variational": "variational"}[args.dequantization]
+        kl = "" if args.dequantization == "uniform" else f", E log q = {res.log_q_mean / x[0].numel():.4f} nats/dim"
         print(
-            f"bits/dim on {x.shape[0]} held-out digits (17 levels, uniform dequantization, {args.repeats} draw(s), "
+            f"bits/dim on {x.shape[0]} held-out digits (17 levels, {name} dequantization, {repeats} draw(s), "
             f"{args.probes} Hutchinson probe(s), dopri5 rtol={args.rtol:g} atol={args.atol:g}): "
-            f"{res.mean:.4f} +- {res.std_error:.4f}  (mean NFE {res.nfe_mean:.0f}, {res.seconds:.0f} s)"
+            f"{res.mean:.4f} +- {res.std_error:.4f}  (mean NFE {res.nfe_mean:.0f}, {res.seconds:.0f} s{kl})"
         )
+        if res.iw_mean is not None:
+            print(f"importance-weighted bound over the {repeats} draws per image: "
+                  f"{res.iw_mean:.4f} +- {res.iw_std_error:.4f}")
     return 0
 
 
