@@ -8,6 +8,7 @@ from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusi
 from .analytic import GaussianMixture
 from .control_variate import GaussianControlVariate
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
+from .dequantizers import TruncatedNormalDequantizer, UniformDequantizer, VariationalDequantizer, train_dequantizer
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
@@ -53,4 +54,8 @@ __all__ = [
     "time_grid",
     "uniform_dequantize",
     "GaussianControlVariate",
+    "UniformDequantizer",
+    "TruncatedNormalDequantizer",
+    "VariationalDequantizer",
+    "train_dequantizer",
 ]
