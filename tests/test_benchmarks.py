@@ -30,3 +30,16 @@ def test_likelihood_gpu_benchmark_smoke(tmp_path):
     assert res["std_error_one_probe"] > 0 and res["floor_s"] > 0
     assert all(r["abs_diff_vs_b"] < 10 * res["std_error_one_probe"] for r in res["rows"])
     assert "speedup_vs_b" in plain and "/floor" in proc.stdout
+
+
+def test_hutchinson_variance_benchmark_smoke(tmp_path):
+    out = tmp_path / "hv.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hutchinson_variance.py"), "--n", "2", "--probes", "2", "--tol",
+           "1e-2", "--models", "digits", "--methods", "rademacher", "cv", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["models"]["digits"]
+    assert [r["method"] for r in rows] == ["rademacher", "cv"]
+    assert rows[0]["cost_ratio"] == 1.0 and all(r["std_error"] > 0 and r["nfe"] > 0 for r in rows)
+    assert "cost vs rad" in proc.stdout
