@@ -122,22 +122,41 @@ class Dequantizer(torch.nn.Module):
         return (hi - lo) / self.num_levels
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer levels (int64) of grid data ``x`` (integer tensors are taken as levels; checked)."""
+        """The integer levels (int64) of grid data ``x`` (integer tensors are taken as levels; checked).
+
+        Args:
+            x: ``[B, ...]`` grid values or integer levels.
+        """
         return grid_levels(x, self.num_levels, self.data_range, grid_name(self.num_levels))
 
     def sample_unit(
         self, lv: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw u ~ q(u | i) for integer levels ``lv`` ``[B, ...]``: (u in [0, 1] (float64, shaped like lv),
-        ``[B]`` log q(u | i) in u-space (float64))."""
+        """Draw u ~ q(u | i): (u in [0, 1] (float64, shaped like lv), ``[B]`` log q(u | i) in u-space (float64)).
+
+        Args:
+            lv: ``[B, ...]`` integer levels i.
+            generator: the source of the draws.
+        """
         raise NotImplementedError
 
     def log_prob_unit(self, lv: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``[B]`` log q(u | i) (u-space, nats) of positions ``u`` in (0, 1) for levels ``lv``."""
+        """``[B]`` log q(u | i) (u-space, nats, float64).
+
+        Args:
+            lv: ``[B, ...]`` integer levels i.
+            u: positions in (0, 1), shaped like lv.
+        """
         raise NotImplementedError
 
     def to_data(self, lv: torch.Tensor, u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """y = lo + Delta (i + u), computed in float64 and cast to ``dtype`` (default: u's dtype)."""
+        """y = lo + Delta (i + u), computed in float64 and cast to ``dtype``.
+
+        Args:
+            lv: integer levels i.
+            u: positions in the bins, shaped like lv.
+            dtype: the result's dtype (default: u's).
+        """
         lo, hi = self.data_range
         y = lo + (hi - lo) * ((lv.to(torch.float64) + u.to(torch.float64)) / self.num_levels)
         return y.to(dtype or u.dtype)
@@ -302,7 +321,11 @@ class VariationalDequantizer(Dequantizer):
         self.bias = torch.nn.Parameter(torch.zeros(2, *self.shape))
 
     def params(self, lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, s) of levels ``lv`` ``[B, *shape]``, float64, each shaped like lv."""
+        """(mu, s): the location and log-scale of logit(u), float64, each shaped like lv.
+
+        Args:
+            lv: ``[B, *shape]`` integer levels i.
+        """
         if tuple(lv.shape[1:]) != self.shape:
             raise ValueError(f"this dequantizer models samples of shape {self.shape}, got {tuple(lv.shape[1:])}")
         w = self.bias
@@ -324,7 +347,12 @@ class VariationalDequantizer(Dequantizer):
         return self._log_q(mu, s, (z - mu) * torch.exp(-s), z)
 
     def sample_unit(self, lv, generator=None):
-        """Reparameterised: differentiable in the parameters (``sample`` itself runs without gradients)."""
+        """Draw u ~ q(u | i), reparameterised: differentiable in the parameters (``sample`` runs without gradients).
+
+        Args:
+            lv: ``[B, *shape]`` integer levels i.
+            generator: the source of the draws.
+        """
         mu, s = self.params(lv)
         v = torch.rand(lv.shape, generator=generator, dtype=torch.float64).to(mu.device)
         v = v.clamp(1e-300, 1.0 - 2**-53)

@@ -8,7 +8,9 @@ Bits/dim: each held-out image is uniformly dequantized on its 17 levels
 ([`scoresolve.data.dequantize`][scoresolve.data.dequantize]), its log-density is computed with
 [`scoresolve.log_likelihood`][scoresolve.log_likelihood] (probability-flow ODE, Hutchinson divergence, per-sample
 adaptive dopri5) and converted with [`scoresolve.data.bits_per_dim`][scoresolve.data.bits_per_dim]
-(offset log2(17 / 2)).
+(offset log2(17 / 2)). ``dequantizer=`` (``--dequantization truncnorm|variational``, ``--iw N``) takes another
+q(u | i) of `scoresolve.dequantizers` and reports the variational bound, and with several draws per image the
+importance-weighted one.
 """
 
 from __future__ import annotations
