@@ -40,8 +40,9 @@ class BPDResult:
     With a dequantizer other than uniform the values are the variational bound E_q[-log p(y) + log q(u | i)] /
     (D ln 2) + log2(L / (hi - lo)) (`scoresolve.dequantizers`). With several repeats, ``iw_bpd`` holds each image's
     importance-weighted bound over its R draws (tighter than ``bpd``, the mean of the R one-draw bounds), ``iw_mean``
-    and ``iw_std_error`` its mean and standard error (None for one repeat). ``log_q_mean`` is the mean log q(u | i)
-    per image (nats; 0 for uniform dequantization).
+    and ``iw_std_error`` its mean and standard error (None for one repeat); it is a bound only with an exact
+    divergence (``divergence="exact"``): Hutchinson noise in log p lowers it spuriously. ``log_q_mean`` is the
+    mean log q(u | i) per image (nats; 0 for uniform dequantization).
     """
 
     bpd: torch.Tensor
