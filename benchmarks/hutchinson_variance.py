@@ -9,7 +9,9 @@ On the shipped digits U-Nets (VP SDE score model `load_digits_model` and the rec
 - ``orthogonal``: Rademacher probes mutually orthogonal (``probe="orthogonal"``);
 - ``cv``: Rademacher probes (the same draws as ``rademacher``) with the `GaussianControlVariate` fitted to the
   dequantized TRAINING digits, full rank (D = 64);
-- ``cv_r<rank>``: the same, truncated to the top ``--rank`` eigenpairs (the others replaced by their mean).
+- ``cv_r<rank>``: the same, truncated to the top ``--rank`` eigenpairs (the others replaced by their mean);
+- ``step``: Rademacher probes drawn afresh after every accepted step (``probes_per="step"``): each step's integral
+  gets independent probes; the first stage of every step is then evaluated anew (counted in the NFE).
 
 The per-probe standard deviation of log p is estimated per sample from the spread over the probes
 (``std_error * sqrt(K)``) and pooled over the samples (root mean square); the standard error with K probes is that
@@ -36,7 +38,7 @@ import scoresolve as ss
 from scoresolve.data import dequantize, digits
 from scoresolve.models import load_digits_flow_model, load_digits_model
 
-METHODS = ("rademacher", "gaussian", "orthogonal", "cv", "cv_r")
+METHODS = ("rademacher", "gaussian", "orthogonal", "cv", "cv_r", "step")
 
 
 def measure(model, sde, x, method: str, cv_full, cv_low, args) -> dict:
@@ -44,7 +46,8 @@ def measure(model, sde, x, method: str, cv_full, cv_low, args) -> dict:
     cv = cv_full if method == "cv" else cv_low if method == "cv_r" else None
     t0 = time.perf_counter()
     r = ss.log_likelihood(model, sde, x, probes=args.probes, probe=probe, control_variate=cv, rtol=args.tol,
-                          atol=args.tol, generator=torch.Generator().manual_seed(args.seed))
+                          atol=args.tol, generator=torch.Generator().manual_seed(args.seed),
+                          probes_per="step" if method == "step" else "solve")
     sec = time.perf_counter() - t0
     K, D = args.probes, math.prod(x.shape[1:])
     per_probe = r.std_error.double() * math.sqrt(K)  # [n] per-sample per-probe std (nats)

@@ -142,13 +142,16 @@ class RKStepper:
     """An embedded explicit Runge-Kutta pair (any `ButcherTableau` with ``b_hat``) with the error norm of
     `error_norm` and Hairer's starting step."""
 
-    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float) -> None:
+    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True) -> None:
         if not tableau.adaptive:
             raise ValueError(f"tableau {tableau.name!r} has no embedded method: it cannot choose its own steps")
         self.tab = tableau
         self.rtol, self.atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
         self.order = tableau.embedded_order + 1
         self.b_err = tableau.b_err
+        # FSAL: the last stage of an accepted step is the next step's first; not when the vector field changes
+        # between steps (Hutchinson probes redrawn after every accepted step): the first stage is then evaluated anew
+        self.fsal = tableau.fsal and reuse_last_stage
 
     def start(self, t: torch.Tensor, y: Parts, evaluate) -> Parts:
         return evaluate(t, y, None)  # f0, the first stage (FSAL: handed on from step to step)
@@ -179,7 +182,7 @@ class RKStepper:
     def attempt(self, t, h, t_new, y: Parts, carry: Parts, evaluate, active, attempts, first: bool):
         tab = self.tab
         hp = tuple(bcast(h.to(p.dtype), p) for p in y)
-        f0 = carry if (tab.fsal or first) else evaluate(t, y, active)
+        f0 = carry if (self.fsal or first) else evaluate(t, y, active)
         ks = [f0]
         ys = y
         for s in range(1, tab.stages):
@@ -192,7 +195,7 @@ class RKStepper:
         return y_new, err, bad, ks[-1]
 
     def commit(self, accept, done, h, carry: Parts, trial: Parts) -> Parts:
-        if not self.tab.fsal:
+        if not self.fsal:
             return carry
         return tuple(torch.where(bcast(accept, p), kn, p) for p, kn in zip(carry, trial))
 
@@ -249,6 +252,7 @@ def integrate(
     name: str = "integrate",
     args: Sequence[torch.Tensor] = (),
     compact: bool = False,
+    refresh: Callable[[Tuple[torch.Tensor, ...], torch.Tensor], Tuple[torch.Tensor, ...]] | None = None,
 ) -> Solution:
     """Integrate dy/dt = func(t, y, *args) from t0 to t1 (either direction) with per-sample adaptive steps.
 
@@ -285,6 +289,10 @@ def integrate(
             those of ``compact=False`` up to the network's own batch-size dependence; the work ``stats["rows"]``
             drops towards ``nfe.sum()``. The few fixed sizes keep ``torch.compile(dynamic=False)`` and CUDA graphs
             to at most log2(B) + 1 shapes.
+        refresh: ``refresh(args, accepted) -> args``, called after every step attempt with the working rows of
+            ``args`` and the ``[rows]`` mask of samples whose step was accepted; it returns new per-sample arguments
+            (e.g. Hutchinson probes redrawn for the accepted rows). The vector field then changes from step to step:
+            give a stepper that does not hand the last stage on (``RKStepper(..., reuse_last_stage=False)``).
 
     Returns a [`Solution`][scoresolve.Solution]: ``x`` the state at t1 (structured like ``y0``), ``nfe`` ``[batch]``
     evaluations in which each sample was active, ``steps`` / ``rejected`` per sample, ``t`` the final times, and
@@ -317,6 +325,11 @@ def integrate(
         if not p.is_floating_point():
             raise TypeError(f"y0 must be floating point, got {p.dtype}")
     args = tuple(args)
+    if refresh is not None:
+        args = tuple(a.clone() for a in args)  # written back into at compactions: never the caller's tensors
+        if getattr(stepper, "fsal", False):
+            raise ValueError("refresh changes the vector field between steps: the stepper must not reuse its last "
+                             "stage (RKStepper(..., reuse_last_stage=False))")
     for a in args:
         if not torch.is_tensor(a) or a.ndim < 1 or a.shape[0] != B:
             got = tuple(a.shape) if torch.is_tensor(a) else type(a).__name__
@@ -440,6 +453,8 @@ def integrate(
             rejected = rejected + reject.long()
             done = done | (accept & last)
             carry = tuple(stepper.commit(accept, done, h_step, carry, trial))
+            if refresh is not None:
+                args = tuple(refresh(args, accept & ~done))
             if save_trajectory:
                 traj.add(whole(t, T_).to(fdtype), pack(tuple(whole(p, Y + j) for j, p in enumerate(y))))
 
@@ -469,6 +484,12 @@ def integrate(
                 if compact and size < y[0].shape[0]:
                     # keep the unfinished rows (in their order) and as many finished ones as pad the set to `size`
                     keep = torch.argsort(finished.to(torch.int8), stable=True)[:size]
+                    if refresh is not None:  # the working rows' current arguments, before the rows change
+                        for dst, src in zip(args_full, args):
+                            if rows is None:
+                                dst.copy_(src)
+                            else:
+                                dst.index_copy_(0, rows, src)
                     full = write_back()
                     rows = keep if rows is None else rows[keep]
                     unpack([v.index_select(0, rows) for v in full])
