@@ -203,6 +203,26 @@ def test_cli_prints_exact_next_to_estimate(tmp_path, monkeypatch, capsys):
         args.func(args)
 
 
+def test_likelihood_probes_per_step_reaches_log_likelihood(tmp_path, monkeypatch, capsys):
+    import scoresolve.likelihood as lk
+
+    seen = {}
+    real = lk.log_likelihood
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lk, "log_likelihood", spy)
+    parser = argparse.ArgumentParser()
+    add_likelihood_args(parser)
+    args = parser.parse_args(["--out-dir", str(tmp_path / "a"), "--n", "4", "--dim", "2", "--probes", "2",
+                              "--probes-per", "step", "--probe", "orthogonal", "--rtol", "1e-3", "--atol", "1e-3",
+                              "--quiet"])
+    assert args.func(args) == 0
+    assert seen["probes_per"] == "step" and seen["probe"] == "orthogonal"
+
+
 @pytest.mark.slow
 def test_cli_with_the_real_log_likelihood(tmp_path, capsys):
     pytest.importorskip("scoresolve.likelihood")
@@ -313,6 +333,8 @@ def test_bad_values_are_usage_errors(tmp_path, capsys):
         (["likelihood", "--data-range", "1", "-1"], "--data-range needs finite LO < HI, got 1 -1"),
         (["likelihood", "--divergence", "approximate"], "invalid choice: 'approximate'"),
         (["likelihood", "--probe", "uniform"], "invalid choice: 'uniform'"),
+        (["likelihood", "--divergence", "exact", "--probes-per", "step"], "--probes-per step needs --divergence"),
+        ([*EVALUATE, "--divergence", "exact", "--probes-per", "step"], "--probes-per step needs --divergence"),
         (["likelihood", "--solver", "euler"], "unknown adaptive method 'euler'"),
         (["likelihood", "--device", "gpu0"], "not a device: 'gpu0'"),
         (["likelihood", "--t-eps", "1"], "--t-eps must lie in (0, T) = (0, 1)"),

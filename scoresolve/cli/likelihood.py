@@ -61,6 +61,8 @@ def _check(args: argparse.Namespace) -> None:
     lo, hi = args.data_range
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise UsageError(f"--data-range needs finite LO < HI, got {lo:g} {hi:g}")
+    if args.probes_per == "step" and args.divergence != "hutchinson":
+        raise UsageError("--probes-per step needs --divergence hutchinson")
     net = check_model_source(args)
     if net is None:
         check_t_eps(args.t_eps, args.sde)
@@ -132,7 +134,11 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="evaluations per sample (fresh noise each)")
     p.add_argument("--divergence", choices=["hutchinson", "exact"], default="hutchinson", help="divergence estimator")
     p.add_argument("--probes", type=POSITIVE_INT, default=1, help="Hutchinson probes per sample")
-    p.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher", help="probe distribution")
+    p.add_argument("--probe", choices=["rademacher", "gaussian", "orthogonal"], default="rademacher",
+                   help="probe distribution")
+    p.add_argument("--probes-per", choices=["solve", "step"], default="solve",
+                   help="draw the probes once per solve, or afresh after every accepted step (unbiased; several "
+                   "times lower variance on trained networks for one more evaluation per step)")
     p.add_argument("--solver", type=adaptive_method, default="dopri5",
                    help="embedded Runge-Kutta pair of the likelihood ODE")
     p.add_argument("--rtol", type=POSITIVE_FLOAT, default=1e-5, help="relative tolerance of the likelihood ODE")
@@ -204,7 +210,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     if data is None:
         data = gm.sample(args.n, generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
     score = exact_model(gm, sde)
-    kwargs = {k: getattr(args, k) for k in ("divergence", "probes", "probe", "solver", "rtol", "atol", "t_eps")}
+    kwargs = {k: getattr(args, k)
+              for k in ("divergence", "probes", "probe", "probes_per", "solver", "rtol", "atol", "t_eps")}
 
     def fn(x: torch.Tensor, generator: torch.Generator) -> dict:
         # the real ODE likelihood, plus the exact prior gap log p_T - log N(0, prior_std^2 I) at its latent: the
@@ -274,7 +281,8 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
     else:
         data, default_levels = _default_data(args, net)
         num_levels = num_levels or default_levels
-    kwargs = {k: getattr(args, k) for k in ("divergence", "probes", "probe", "solver", "rtol", "atol", "t_eps")}
+    kwargs = {k: getattr(args, k)
+              for k in ("divergence", "probes", "probe", "probes_per", "solver", "rtol", "atol", "t_eps")}
     we_initialised = maybe_init_distributed()
     try:
         summary = evaluate_dataset(
