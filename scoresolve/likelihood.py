@@ -123,7 +123,8 @@ def log_likelihood(
         probe: their kind, ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` (Rademacher probes mutually
             orthogonal, `scoresolve.divergence.draw_probes`; ``std_error`` treats probes as independent, which
             overstates the error of orthogonal ones, by sqrt((D - 1)/(D - K)) on average).
-        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``, or ``dopri5_shampine``: torchdiffeq's dopri5,
+        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``, ``vern6`` / ``vern7`` (Verner's 6(5) and 7(6)
+            pairs, for tight tolerances), or ``dopri5_shampine``: torchdiffeq's dopri5,
             whose error estimate is 2/3 of Hairer's, i.e. ``dopri5`` at 1.5x the tolerances).
         rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
         atol: absolute tolerance, likewise.

@@ -164,7 +164,7 @@ def require_ode(name: str, process: ReverseProcess) -> None:
 
 
 ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "dpmpp_2m_sde",
-                  "dopri5", "tsit5", "bosh3")
+                  "dopri5", "tsit5", "bosh3", "vern6", "vern7")
 
 
 def check_start(name: str, can_start: bool, process: ReverseProcess, model: ScoreModel, t0: float) -> None:

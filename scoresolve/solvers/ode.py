@@ -2,9 +2,10 @@
 probability-flow ODE.
 
 `odeint_adaptive` integrates any dy/dt = func(t, y) with the one integrator (`scoresolve.solvers.integrate`) and
-an embedded pair from `scoresolve.solvers.tableaux`. The registered solvers ``dopri5``, ``tsit5``, ``bosh3`` and
-``dopri5_shampine`` integrate the probability-flow ODE of a [`ReverseProcess`][scoresolve.ReverseProcess] with it
-(``scoresolve.sample(..., solver="tsit5", rtol=..., atol=...)``), in t or in the log-SNR (``time_variable``).
+an embedded pair from `scoresolve.solvers.tableaux`. The registered solvers ``dopri5``, ``tsit5``, ``bosh3``,
+``dopri5_shampine``, and for tight tolerances ``vern6`` and ``vern7``, integrate the probability-flow ODE of a
+[`ReverseProcess`][scoresolve.ReverseProcess] with it (``scoresolve.sample(..., solver="tsit5", rtol=...,
+atol=...)``), in t or in the log-SNR (``time_variable``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ._solution import Solution
 from .controllers import DOPRI5_GAINS, Controller, IController, PIController  # noqa: F401  (re-exported)
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError  # noqa: F401  (re-exported)
 from .integrate import MIN_STEP_REL, Callback, RKStepper, State, VectorField, integrate, tableau_by_name  # noqa: F401
-from .tableaux import BOSH3, DOPRI5, DOPRI5_SHAMPINE, TABLEAUX, TSIT5, ButcherTableau  # noqa: F401  (re-exported)
+from .tableaux import BOSH3, DOPRI5, DOPRI5_SHAMPINE, TABLEAUX, TSIT5, VERN6, VERN7, ButcherTableau  # noqa: F401
 
 AdaptiveResult = Solution  # the old name of the integrator's result: it is the one Solution type now
 
@@ -39,11 +40,12 @@ def odeint_adaptive(
 ) -> Solution:
     """Integrate dy/dt = func(t, y) from t0 to t1 (either direction) with per-sample adaptive steps.
 
-    ``method`` is ``"dopri5"``, ``"tsit5"``, ``"bosh3"``, ``"dopri5_shampine"`` or a `ButcherTableau` with an embedded
-    pair; ``rtol`` / ``atol`` (> 0) apply to every tensor of the state (the error of a sample is the max over the
-    tensors of their scaled RMS errors). Every other option (``controller``, ``max_steps``, ``first_step``,
-    ``max_step``, ``check_every``, ``callback``, ``save_trajectory``, ``progress``, ``args``, ``compact``) is
-    [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a [`Solution`][scoresolve.Solution]
+    ``method`` is ``"dopri5"``, ``"tsit5"``, ``"bosh3"``, ``"dopri5_shampine"``, ``"vern6"``, ``"vern7"`` or a
+    `ButcherTableau` with an embedded pair; ``rtol`` / ``atol`` (> 0) apply to every tensor of the state (the error
+    of a sample is the max over the tensors of their scaled RMS errors). Every other option (``controller``,
+    ``max_steps``, ``first_step``, ``max_step``, ``check_every``, ``callback``, ``save_trajectory``, ``progress``,
+    ``args``, ``compact``) is [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a
+    [`Solution`][scoresolve.Solution]
     (``.y`` / ``.x`` the final state, ``.nfe`` per sample, ``.calls`` batched calls).
     """
     tab = tableau_by_name(method)
@@ -97,7 +99,8 @@ def _solve_pf_ode(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts
 
 
 for _tab, _what in ((DOPRI5, "Dormand-Prince 5(4)"), (TSIT5, "Tsitouras 5(4)"), (BOSH3, "Bogacki-Shampine 3(2)"),
-                    (DOPRI5_SHAMPINE, "Dormand-Prince 5(4) with Shampine's error weights (torchdiffeq's dopri5)")):
+                    (DOPRI5_SHAMPINE, "Dormand-Prince 5(4) with Shampine's error weights (torchdiffeq's dopri5)"),
+                    (VERN6, "Verner 6(5), for tight tolerances"), (VERN7, "Verner 7(6), for very tight tolerances")):
     register(SolverSpec(_tab.name, kind="adaptive", run=_solve_pf_ode, options=PF_ODE_OPTIONS, order=_tab.order,
                         description=f"{_what}, adaptive per-sample steps, on the PF-ODE"))
 
