@@ -102,13 +102,53 @@ def tuned_runs(score, sde, x_T, ref, ours: list[Run], args, t_eps: float, shape)
             sol = ss.sample(score, sde, x_T, solver=solver, grid=tuned.grid, **opts)
             run = Run(f"{base}@tuned", f"nfe={nfe}", float(sol.nfe.double().mean()), rms_error(sol.x, ref),
                       time.perf_counter() - t0, extra={"evaluations": tuned.evaluations, "seconds": tuned.seconds,
-                                                       "start": tuned.start, "grid": tuned.grid.tolist()})
+                                                       "start": tuned.start, "grid": tuned.grid, "options": opts})
             print(f"  tuned {base:<14} NFE {nfe:>2}: held-out error {run.error:.3e} (train {tuned.train_error:.3e}, "
                   f"start {tuned.start}); tuning {tuned.evaluations} evaluations per tuning sample x "
                   f"{args.tune_train}, {tuned.seconds:.0f} s; grid {[round(t, 4) for t in tuned.grid.tolist()]}",
                   flush=True)
             runs.append(run)
     return runs
+
+
+def holdout_report(score, sde, shape, args, t_eps: float, tuned: list[Run], kd) -> None:
+    """Every row at the --tune-nfe budgets again on ``--holdout`` further x_T: the best of ours (solver x grid, chosen
+    on these x_T, as k-diffusion's best is), the tuned grids (fitted on the tuning x_T) and k-diffusion's best."""
+    x_h = sde.prior_sample((args.holdout, *shape[1:]), generator=torch.Generator().manual_seed(args.seed + 2000),
+                           dtype=torch.float64)
+    ref = reference_solve(score, sde, x_h, t_eps)
+    nfes = tuple(args.tune_nfe)
+    ours = work_precision(score, sde, x_h, [f"{s}@{g}" for s in OURS for g in GRIDS], nfes=nfes, t_eps=t_eps,
+                          reference=ref)
+    afs_names = [f"{s}@{g}" for s in AFS for g in GRIDS]
+    for r in work_precision(score, sde, x_h, afs_names, nfes=nfes, t_eps=t_eps, reference=ref,
+                            solver_options={n: {"afs": True} for n in afs_names}):
+        base, _, grid = r.solver.partition("@")
+        r.solver = f"{base}+afs@{grid}"
+        ours.append(r)
+    theirs = k_diffusion_runs(kd, score, sde, x_h, ref, t_eps, nfes) if kd is not None else []
+    print(f"\nheld out: {args.holdout} further x_T (seed {args.seed + 2000}), same ODE, span and metric:")
+    for nfe in nfes:
+        setting = f"nfe={nfe}"
+        best = min((r for r in ours if r.setting == setting), key=lambda r: r.error)
+        line = f"  NFE {nfe:>3}: best grid {best.solver:<22} {best.error:.3e}"
+        tuned_here = []
+        for r in tuned:
+            if r.setting == setting:
+                solver = r.solver.partition("@")[0].split("+")[0]
+                sol = ss.sample(score, sde, x_h, solver=solver, grid=r.extra["grid"], **r.extra["options"])
+                tuned_here.append((rms_error(sol.x, ref), r.solver))
+        if tuned_here:
+            e, name = min(tuned_here)
+            line += f"   tuned {name:<20} {e:.3e}"
+        if theirs:
+            kbest = min((r for r in theirs if r.setting == setting), key=lambda r: r.error)
+            line += f"   k-diffusion {kbest.solver[12:]:<22} {kbest.error:.3e}   ratio {kbest.error / best.error:.2f}x"
+            if tuned_here:
+                line += f" (tuned {kbest.error / e:.2f}x)"
+        print(line)
+        for e, name in sorted(tuned_here):
+            print(f"    {name:<22} {e:.3e}")
 
 
 def main() -> None:
@@ -127,6 +167,10 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=128)
     p.add_argument("--substeps", type=int, default=4)
     p.add_argument("--sweeps", type=int, default=12)
+    p.add_argument("--holdout", type=int, default=0,
+                   help="also compare, at the --tune-nfe budgets, on this many further x_T (seed + 2000): every grid "
+                        "of ours, the tuned grids and k-diffusion's runs (the benchmark batch is small and a few x_T "
+                        "that end near another mode dominate its RMS error)")
     args = p.parse_args()
     nfes = tuple(args.nfe)
     torch.set_num_threads(1)
@@ -181,7 +225,7 @@ def main() -> None:
             line = (f"  {'':8}tuned grid {tb.solver:<22} {tb.error:.3e}   (tuning {tb.extra['evaluations']} "
                     f"evaluations per tuning sample x {args.tune_train}, {tb.extra['seconds']:.0f} s)")
             if theirs:
-                line += f"   ratio {kbest.error / tb.error:6.1f}x"
+                line += f"   ratio {kbest.error / tb.error:6.2f}x"
             print(line)
     print("\nall grids:")
     for s in OURS + [f"{a}+afs" for a in AFS]:
@@ -190,6 +234,8 @@ def main() -> None:
             errs = [r.error for r in ours if r.solver == f"{s}@{g}"]
             cells.append(" ".join(f"{e:8.1e}" if not math.isnan(e) else "     -  " for e in errs))
         print(f"  {s:<13} " + " | ".join(f"{g}: {c}" for g, c in zip(GRIDS, cells)))
+    if args.holdout:
+        holdout_report(score, sde, shape, args, t_eps, tuned, kd)
     if args.plot:
         plot_work_precision(default + theirs + tuned, args.plot, title=f"VP, {what}, t_eps={t_eps}")
         print(f"plot written to {args.plot}")
