@@ -674,7 +674,8 @@ def test_compare_best_picks_the_lowest_error_solver_and_grid(sde, capsys):
     from scoresolve.cli.compare import best_candidates
 
     names = best_candidates(ss.sde_from_name(sde))
-    assert "ipndm@karras" in names if sde == "vp" else "unipc@uniform" in names and "ipndm@uniform" not in names
+    assert "ipndm@karras" in names if sde == "vp" else "unipc@uniform" in names and "ipndm@uniform" in names
+    assert "dpm_solver_2@uniform" in names if sde == "vp" else "dpm_solver_2@uniform" not in names
     assert not any(n.startswith(("euler_maruyama", "pc@", "dpmpp_2m_sde", "dopri5")) for n in names)
     assert main(["compare", "--sde", sde, "--best", "--dim", "3", "--components", "2", "--batch", "16", "--nfe", "6",
                  "--out", "", "--quiet"]) == 0
