@@ -107,7 +107,7 @@ def torchdiffeq_baseline(velocity, sde, x, eps, t_eps, rtol, atol):
     return sde.prior_log_prob(xs[-1]) + deltas[-1, :, 0], calls["n"], sec
 
 
-TOLS = tuple(1e-5 * 10 ** (k / 8) for k in range(-4, 17))  # 3.2e-6 ... 1e-3, 8 per decade
+TOLS = tuple(1e-5 * 10 ** (k / 8) for k in range(-16, 17))  # 1e-7 ... 1e-3, 8 per decade
 
 
 CONTROLLERS = {

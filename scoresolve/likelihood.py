@@ -129,14 +129,13 @@ def log_likelihood(
         rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
         atol: absolute tolerance, likewise.
         t_eps: start time (score_sde uses 1e-5); the result is log p_{t_eps}.
-        time_variable: integrate in the log-SNR ``"logsnr"`` or in ``"t"``; None (default): the log-SNR, or t
-            where the log-SNR is infinite at T (an interpolant with alpha(T) = 0, such as rectified flow, whose
-            drift and divergence are then the model's flow prediction and its divergence). At equal error, log-SNR
-            needs 0.55-0.63x the NFE of dopri5 in t on Gaussian mixtures with near-degenerate components and
-            more on smooth low-dimensional ones, where ``"t"`` is better (``benchmarks/likelihood_cost.py``); on
-            the trained digits U-Net and a random-weight diffusers UNet ``"t"`` did as well or better (about half
-            the error at the same NFE on the digits). On a DiscreteVPSDE use log-SNR: beta(t) jumps at every knot
-            1/N, which makes steps in t tiny (~70x the NFE).
+        time_variable: integrate in ``"t"`` or in the log-SNR ``"logsnr"``; None (default): t, or the log-SNR on
+            a schedule that jumps in t (``sde.smooth_in_t`` False: a `DiscreteVPSDE`, whose beta(t) jumps at every
+            knot 1/N and makes steps in t tiny, ~70x the NFE). At matched error in log p (the prior term
+            included; ``benchmarks/likelihood_cost.py``), t needed 1.02x torchdiffeq's NFE on the trained digits
+            U-Net (log-SNR 1.08x), 0.77-0.86x on smooth 2-16-D Gaussian mixtures (log-SNR 1.3-1.6x) and 0.92-0.97x
+            on near-degenerate 64-256-D ones (log-SNR 0.84-0.90x). On interpolants with alpha(T) = 0 (rectified
+            flow) only t exists: the drift and divergence are then the model's flow prediction and its divergence.
         max_steps: most step attempts of any sample (then `MaxStepsError`).
         first_step: initial step in the time variable (None: Hairer's heuristic, one extra evaluation).
         max_step: largest step in the time variable (None: no limit).
@@ -175,8 +174,8 @@ def log_likelihood(
     if int(probes) < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     finite_T = math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))))
-    if time_variable is None:  # the log-SNR, unless it is infinite at T (alpha(T) = 0: flow matching)
-        time_variable = "logsnr" if finite_T else "t"
+    if time_variable is None:  # t, unless the schedule jumps in t (a discrete DDPM schedule): then the log-SNR
+        time_variable = "logsnr" if (finite_T and not sde.smooth_in_t) else "t"
     elif time_variable == "logsnr" and not finite_T:
         raise ValueError(f"time_variable='logsnr' needs a finite log-SNR at T; {sde!r} has alpha(T) = 0: use 't'")
     time = TimeVariable(sde, time_variable, t_min=0.5 * t_eps)

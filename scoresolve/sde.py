@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -33,6 +33,8 @@ class ForwardSDE(ABC):
     velocity_form: bool = False
     """True where f and g^2 may diverge (alpha = 0 at T, flow matching): reverse processes then take their drift from
     the model's velocity ("flow") prediction, which stays finite (`scoresolve.interpolant`)."""
+    smooth_in_t: bool = True
+    """False where f(t) and g(t) jump (a discrete DDPM schedule): adaptive solves then step in the log-SNR."""
 
     # --- schedule functions (subclasses implement these on tensors, with no range checking) ---------------
     @abstractmethod
@@ -419,6 +421,7 @@ class DiscreteVPSDE(ForwardSDE):
     betas: torch.Tensor | Sequence[float] | None = None
     alphas_cumprod: torch.Tensor | Sequence[float] | None = None
     T: float = 1.0
+    smooth_in_t: ClassVar[bool] = False  # beta(t) jumps at every knot
     _t_knots: torch.Tensor = field(init=False, repr=False)
     _log_alpha_knots: torch.Tensor = field(init=False, repr=False)
 
