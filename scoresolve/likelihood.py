@@ -180,7 +180,7 @@ def log_likelihood(
         raise ValueError(f"time_variable='logsnr' needs a finite log-SNR at T; {sde!r} has alpha(T) = 0: use 't'")
     time = TimeVariable(sde, time_variable, t_min=0.5 * t_eps)
     velocity = sde.velocity_form
-    tableau_by_name(solver)  # an unknown solver fails before any work
+    tableau = tableau_by_name(solver)  # an unknown solver fails before any work
     process, model, counter = counted(sde.probability_flow(ScoreModel.wrap(score, sde)))
     B, D = x.shape[0], math.prod(x.shape[1:])
     eps = None
@@ -201,9 +201,9 @@ def log_likelihood(
     if probes_per not in ("solve", "step"):
         raise ValueError(f"probes_per must be 'solve' or 'step', got {probes_per!r}")
     redraw = probes_per == "step"
-    if redraw and (callable(divergence) or divergence != "hutchinson"):
+    if redraw and eps is None:
         raise ValueError("probes_per='step' needs divergence='hutchinson'")
-    stepper = RKStepper(tableau_by_name(solver), rtol, atol, reuse_last_stage=not redraw)
+    stepper = RKStepper(tableau, rtol, atol, reuse_last_stage=not redraw)
 
     def refresh(args: tuple, accepted: torch.Tensor) -> tuple:
         """New probes for the rows whose step was accepted (``args``: the working rows' probes, [rows, K, ...])."""
@@ -215,7 +215,7 @@ def log_likelihood(
     if cv is not None:
         if not isinstance(cv, GaussianControlVariate):
             raise TypeError(f"control_variate must be a GaussianControlVariate, got {type(cv).__name__}")
-        if callable(divergence) or divergence != "hutchinson":
+        if eps is None:
             raise ValueError("control_variate needs divergence='hutchinson'")
         if tuple(x.shape[1:]) != cv.event_shape:
             raise ValueError(f"control_variate has event shape {cv.event_shape}, x has {tuple(x.shape[1:])}")

@@ -326,7 +326,6 @@ def integrate(
             raise TypeError(f"y0 must be floating point, got {p.dtype}")
     args = tuple(args)
     if refresh is not None:
-        args = tuple(a.clone() for a in args)  # written back into at compactions: never the caller's tensors
         if getattr(stepper, "fsal", False):
             raise ValueError("refresh changes the vector field between steps: the stepper must not reuse its last "
                              "stage (RKStepper(..., reuse_last_stage=False))")
@@ -485,11 +484,8 @@ def integrate(
                     # keep the unfinished rows (in their order) and as many finished ones as pad the set to `size`
                     keep = torch.argsort(finished.to(torch.int8), stable=True)[:size]
                     if refresh is not None:  # the working rows' current arguments, before the rows change
-                        for dst, src in zip(args_full, args):
-                            if rows is None:
-                                dst.copy_(src)
-                            else:
-                                dst.index_copy_(0, rows, src)
+                        args_full = args if rows is None else \
+                            tuple(a.index_copy(0, rows, w) for a, w in zip(args_full, args))
                     full = write_back()
                     rows = keep if rows is None else rows[keep]
                     unpack([v.index_select(0, rows) for v in full])
