@@ -51,6 +51,7 @@ Dequantizers
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -163,6 +164,37 @@ class Dequantizer(torch.nn.Module):
         y = lo + (hi - lo) * ((lv.to(torch.float64) + u.to(torch.float64)) / self.num_levels)
         return y.to(dtype or u.dtype)
 
+    def describe(self) -> dict[str, Any]:
+        """What identifies this q, as JSON-ready values: ``kind`` (the class name), ``num_levels``, ``data_range``, the
+        subclass's settings and, for a q with parameters or buffers, ``state``: a hash of its ``state_dict``
+        (stored in the manifest of [`evaluate_dataset`][scoresolve.evaluate_dataset] and compared on resume).
+        """
+        out: dict[str, Any] = {"kind": type(self).__qualname__, "num_levels": self.num_levels,
+                               "data_range": [float(v) for v in self.data_range]}
+        state = self.state_dict()
+        if state:
+            h = hashlib.blake2b(digest_size=16)
+            for k, v in sorted(state.items()):
+                t = v.detach().cpu().contiguous()
+                h.update(f"{k}:{t.dtype}:{tuple(t.shape)}\n".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            out["state"] = f"blake2b:{h.hexdigest()}"
+        return out
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[B]`` log q(u | i) (u-space, nats, float64) of dequantized values ``y`` of the data ``x``:
+        u = (y - lo) / Delta - i, computed in float64 (so it matches the log q of ``sample`` up to y's rounding).
+
+        Args:
+            x: ``[B, ...]`` grid values or integer levels i.
+            y: the dequantized values, shaped like x.
+        """
+        lv = self.levels(x)
+        lo, _ = self.data_range
+        u = (y.detach().to(torch.float64).cpu() - lo) / self.bin_width - lv.to(torch.float64).cpu()
+        with torch.no_grad():
+            return self.log_prob_unit(lv, u.to(lv.device)).detach()
+
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize L-level data.
 
@@ -249,6 +281,10 @@ class TruncatedNormalDequantizer(Dequantizer):
         z = torch.where(lower, z, -z)
         u = (0.5 + self.scale * z).clamp(0.0, 1.0)
         return u, self.log_prob_unit(lv, u)
+
+    def describe(self) -> dict[str, Any]:
+        """The base description plus ``scale``."""
+        return {**super().describe(), "scale": self.scale}
 
     def kl_from_uniform(self, num_dims: int = 1) -> float:
         """KL(q || uniform) = E_q[log q] in nats for ``num_dims`` dimensions (minus the truncated normal's entropy):
@@ -361,6 +397,10 @@ class VariationalDequantizer(Dequantizer):
         e = torch.log(v) - torch.log1p(-v)
         z = mu + torch.exp(s) * e
         return torch.sigmoid(z), self._log_q(mu, s, e, z)
+
+    def describe(self) -> dict[str, Any]:
+        """The base description (with the hash of the weights) plus ``shape`` and ``hidden``."""
+        return {**super().describe(), "shape": list(self.shape), "hidden": self.hidden}
 
     def save(self, path: str) -> None:
         """Save the configuration and weights to ``path`` (a ``torch.save`` file).

@@ -455,3 +455,46 @@ def exact_model(gm, sde):
     """The mixture's exact model for a command: its score, or on an interpolant (flow matching, alpha(T) = 0,
     where a score carries no x0) its exact velocity."""
     return gm.model(sde, "flow") if sde.velocity_form else gm.score_fn(sde)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dequantization (`scoresolve.dequantizers`): the options `likelihood` and `evaluate` share
+# --------------------------------------------------------------------------------------------------------------------
+DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
+TRUNCNORM_SCALE = 0.5  # the default std (in bin widths) of --dequantization truncnorm
+
+
+def add_dequantization_choice_args(p: argparse.ArgumentParser, variational_help: str,
+                                   scale_default: float | None = TRUNCNORM_SCALE) -> None:
+    """``--dequantization {uniform,truncnorm,variational}`` and ``--truncnorm-scale S``.
+
+    Args:
+        p: the parser.
+        variational_help: what ``variational`` means for the command (how it gets its q).
+        scale_default: the default S; None leaves it unset (so that a check can tell whether it was given), its
+            help then stating the default `TRUNCNORM_SCALE`.
+    """
+    p.add_argument("--dequantization", choices=DEQUANTIZATIONS, default="uniform",
+                   help="q(u | i) of the position inside each bin: uniform; truncnorm (N(1/2, S^2) truncated to the "
+                   f"bin); {variational_help}. Non-uniform q reports the bound E_q[-log p + log q] / (D ln 2) + offset")
+    p.add_argument("--truncnorm-scale", type=POSITIVE_FLOAT, default=scale_default, metavar="S",
+                   help="std S (in bin widths) of the truncated normal of --dequantization truncnorm"
+                   + ("" if scale_default is not None else f" (default: {TRUNCNORM_SCALE:g})"))
+
+
+def add_dequantizer_path_arg(p: argparse.ArgumentParser, help_: str) -> None:
+    """``--dequantizer-path PATH``: a variational dequantizer saved with ``VariationalDequantizer.save``."""
+    p.add_argument("--dequantizer-path", type=input_file, default=None, metavar="PATH", help=help_)
+
+
+def load_dequantizer(path: str, num_levels: int, data_range: Sequence[float], shape: Sequence[int]):
+    """The `VariationalDequantizer` saved in ``path``, checked against the data (UsageError if it models other
+    levels, another range or other samples; errors of ``VariationalDequantizer.load`` propagate)."""
+    from ..dequantizers import VariationalDequantizer
+
+    dq = VariationalDequantizer.load(path)
+    if dq.num_levels != num_levels or tuple(dq.data_range) != tuple(data_range) or dq.shape != tuple(shape):
+        raise UsageError(f"{path} holds a dequantizer of {dq.num_levels} levels in {dq.data_range} for samples "
+                         f"{dq.shape}, the data have {num_levels} levels in {tuple(data_range)}, samples "
+                         f"{tuple(shape)}")
+    return dq

@@ -15,33 +15,28 @@ from ._args import (
     POSITIVE_INT,
     UsageError,
     add_check,
+    add_dequantization_choice_args,
+    add_dequantizer_path_arg,
     add_network_args,
     add_threads_arg,
     apply_threads,
     check_model_source,
-    input_file,
+    load_dequantizer,
     network,
     output_file,
     run_module,
 )
 
-DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
-
 
 def add_dequantization_args(p: argparse.ArgumentParser) -> None:
     """The dequantizer options (``scoresolve.dequantizers``): ``--dequantization``, ``--truncnorm-scale``, ``--iw``,
     ``--dequantizer-path``, ``--save-dequantizer``, ``--dequantizer-steps``."""
-    p.add_argument("--dequantization", choices=DEQUANTIZATIONS, default="uniform",
-                   help="q(u | i) of the position inside each bin: uniform; truncnorm (N(1/2, S^2) truncated to the "
-                   "bin); variational (learned on the training digits, or loaded with --dequantizer-path). Non-uniform "
-                   "q reports the bound E_q[-log p + log q] / (D ln 2) + offset")
-    p.add_argument("--truncnorm-scale", type=POSITIVE_FLOAT, default=0.5, metavar="S",
-                   help="std S (in bin widths) of the truncated normal of --dequantization truncnorm")
+    add_dequantization_choice_args(
+        p, "variational (learned on the training digits, or loaded with --dequantizer-path)")
     p.add_argument("--iw", type=POSITIVE_INT, default=None, metavar="N",
                    help="N dequantization draws per image and the importance-weighted bound over them, next to the "
                    "one-draw bound (sets --repeats N)")
-    p.add_argument("--dequantizer-path", type=input_file, default=None, metavar="PATH",
-                   help="a saved variational dequantizer to load instead of training one")
+    add_dequantizer_path_arg(p, "a saved variational dequantizer to load instead of training one")
     p.add_argument("--save-dequantizer", type=output_file, default="", metavar="PATH",
                    help="save the trained variational dequantizer there")
     p.add_argument("--dequantizer-steps", type=POSITIVE_INT, default=300,
@@ -75,11 +70,10 @@ def build_dequantizer(args: argparse.Namespace, model, sde, train_data: torch.Te
     if args.dequantization == "truncnorm":
         return TruncatedNormalDequantizer(num_levels, data_range, scale=args.truncnorm_scale)
     if args.dequantizer_path:
-        dq = VariationalDequantizer.load(args.dequantizer_path)
-        if dq.num_levels != num_levels or tuple(dq.data_range) != tuple(data_range) or dq.shape != tuple(shape):
-            raise SystemExit(f"error: {args.dequantizer_path} holds a dequantizer of {dq.num_levels} levels in "
-                             f"{dq.data_range} for samples {dq.shape}, the data have {num_levels} levels in "
-                             f"{tuple(data_range)}, samples {tuple(shape)}")
+        try:
+            dq = load_dequantizer(args.dequantizer_path, num_levels, data_range, shape)
+        except UsageError as e:
+            raise SystemExit(f"error: {e}") from None
         print(f"variational dequantizer loaded from {args.dequantizer_path}")
         return dq
     dq = VariationalDequantizer(num_levels, data_range, shape)

@@ -1,7 +1,8 @@
 """``scoresolve likelihood``: log-likelihood / bits-per-dim of a dataset through the PF-ODE, resumable and sharded
 (``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture, or under a network: a
 shipped digits model (``--model digits`` / ``digits_flow``, on held-out digits by default), a trained checkpoint
-(``--checkpoint``) or a user's own (``--model-spec MODULE:FACTORY``)."""
+(``--checkpoint``) or a user's own (``--model-spec MODULE:FACTORY``). Quantized data are dequantized uniformly, or
+with a truncated-normal or saved variational q(u | i) (``--dequantization``, `scoresolve.dequantizers`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import torch
 from ._args import (
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    TRUNCNORM_SCALE,
     UsageError,
     add_check,
+    add_dequantization_choice_args,
+    add_dequantizer_path_arg,
     add_network_args,
     add_threads_arg,
     apply_threads,
@@ -23,6 +27,7 @@ from ._args import (
     check_t_eps,
     device,
     exact_model,
+    load_dequantizer,
     network,
     number,
     output_dir,
@@ -66,6 +71,7 @@ def _check(args: argparse.Namespace) -> None:
     net = check_model_source(args)
     if net is None:
         check_t_eps(args.t_eps, args.sde)
+        _check_dequantization(args, net)
         return
     if args.float64:
         raise UsageError(f"{net.name} is a float32 network: drop --float64")
@@ -74,23 +80,116 @@ def _check(args: argparse.Namespace) -> None:
     elif net.shape is not None and tuple(args.data.shape[1:]) != tuple(net.shape):
         raise UsageError(f"--data holds samples of shape {tuple(args.data.shape[1:])}, but {net.name} models "
                          f"samples of shape {tuple(net.shape)}")
+    _check_dequantization(args, net)
 
 
-def _default_data(args: argparse.Namespace, net, check_only: bool = False):
-    """(data, num_levels) of a network without ``--data``: held-out digits (17 levels) for the shipped models and
-    checkpoints trained on digits, fresh samples of the 2-D toy set of a checkpoint trained on one."""
-    from ..data import DIGITS_LEVELS, DIGITS_SHAPE, TOY_DATASETS, digits, toy_dataset
+def _check_dequantization(args: argparse.Namespace, net) -> None:
+    """Usage errors of ``--dequantization``, ``--truncnorm-scale`` and ``--dequantizer-path``; loads the saved q."""
+    kind = args.dequantization
+    if args.truncnorm_scale is not None and kind != "truncnorm":
+        raise UsageError("--truncnorm-scale goes with --dequantization truncnorm")
+    if args.dequantizer_path and kind != "variational":
+        raise UsageError("--dequantizer-path goes with --dequantization variational")
+    if kind == "uniform":
+        return
+    if kind == "variational" and not args.dequantizer_path:
+        raise UsageError("--dequantization variational needs --dequantizer-path PATH, a dequantizer saved by "
+                         "`scoresolve evaluate --save-dequantizer` or VariationalDequantizer.save: likelihood does "
+                         "not train one")
+    num_levels, shape_ = _levels_and_shape(args, net)
+    if num_levels is None:
+        raise UsageError(f"--dequantization {kind} needs quantized data: give --bits K or --num-levels L (without "
+                         "them the data are evaluated as continuous, with no dequantization)")
+    if kind == "variational":
+        try:
+            args._dequantizer = load_dequantizer(args.dequantizer_path, num_levels, tuple(args.data_range), shape_)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file that does not load is the file's fault
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--dequantizer-path {args.dequantizer_path}: not a saved VariationalDequantizer "
+                             f"({first})") from None
+
+
+def _levels_and_shape(args: argparse.Namespace, net) -> tuple[int | None, tuple[int, ...]]:
+    """(L or None for continuous data, the shape of one sample) of the data the options describe."""
+    num_levels = args.num_levels  # --bits and --num-levels agree (_LevelsAction)
+    if num_levels is None and args.bits is not None:
+        num_levels = 2**args.bits
+    if args.data is not None:
+        return num_levels, tuple(args.data.shape[1:])
+    if net is None:
+        return num_levels, (args.dim,)
+    name, shape_ = _default_source(net)
+    if name == "digits" and num_levels is None:
+        from ..data import DIGITS_LEVELS
+
+        num_levels = DIGITS_LEVELS
+    return num_levels, shape_
+
+
+def _default_source(net) -> tuple[str, tuple[int, ...]]:
+    """(name, sample shape) of a network's default dataset (held-out digits or a 2-D toy set); UsageError if none."""
+    from ..data import DIGITS_SHAPE, TOY_DATASETS
 
     config = net.config
     name = "digits" if config is None and net.name in _BUILTIN_SDE else getattr(config, "data", None)
     shape_ = DIGITS_SHAPE if name == "digits" else (2,) if name in TOY_DATASETS else None
     if name is None or shape_ is None or (net.shape is not None and tuple(net.shape) != tuple(shape_)):
         raise UsageError(f"{net.name} has no default dataset: give --data FILE")
+    return name, tuple(shape_)
+
+
+def _default_data(args: argparse.Namespace, net, check_only: bool = False):
+    """(data, num_levels) of a network without ``--data``: held-out digits (17 levels) for the shipped models and
+    checkpoints trained on digits, fresh samples of the 2-D toy set of a checkpoint trained on one."""
+    from ..data import DIGITS_LEVELS, digits, toy_dataset
+
+    config = net.config
+    name, _ = _default_source(net)
     if check_only:
         return None
     if name == "digits":
         return digits("test", seed=getattr(config, "split_seed", 0))[: args.n], DIGITS_LEVELS
     return toy_dataset(name, args.n, seed=10_000 + args.seed), None
+
+
+def _dequantizer(args: argparse.Namespace, num_levels: int | None, shape_):
+    """The ``--dequantization`` q for ``evaluate_dataset`` (None: uniform), for data of L = ``num_levels``."""
+    kind = getattr(args, "dequantization", "uniform")
+    if kind == "uniform":
+        return None
+    if num_levels is None:  # reached only through a parser without the checks (plain argparse)
+        raise ValueError(f"--dequantization {kind} needs quantized data: give --bits K or --num-levels L")
+    data_range = tuple(args.data_range)
+    if kind == "truncnorm":
+        from ..dequantizers import TruncatedNormalDequantizer
+
+        scale = getattr(args, "truncnorm_scale", None) or TRUNCNORM_SCALE
+        return TruncatedNormalDequantizer(num_levels, data_range, scale=scale)
+    if "_dequantizer" in vars(args):
+        return args._dequantizer
+    if not args.dequantizer_path:
+        raise ValueError("--dequantization variational needs --dequantizer-path PATH")
+    return load_dequantizer(args.dequantizer_path, num_levels, data_range, shape_)
+
+
+def _dequantizer_lines(args: argparse.Namespace, summary, dim: int) -> list[str]:
+    """The report's lines about a non-uniform q: E log q, and the importance-weighted bound of several repeats."""
+    kind = getattr(args, "dequantization", "uniform")
+    if kind == "uniform" or summary.mean_log_q is None:
+        return []
+    name = {"truncnorm": "truncated-normal (scale "
+            f"{TRUNCNORM_SCALE if args.truncnorm_scale is None else args.truncnorm_scale:g})",
+            "variational": f"variational ({args.dequantizer_path})"}[kind]
+    lines = [f"{name} dequantization: bits/dim is the bound E_q[-log p + log q] / (D ln 2) + offset, "
+             f"E log q = {summary.mean_log_q / dim:.4f} nats/dim"]
+    if summary.iw_bpd is not None:
+        lines.append(f"importance-weighted bound over the {summary.repeats} repeats per sample: "
+                     f"{summary.iw_bpd:.5f} +- {summary.iw_bpd_std_error:.5f}")
+        if args.divergence != "exact":
+            lines.append("  (Hutchinson noise in each log p biases it low: a bound only with --divergence exact)")
+    return lines
 
 
 def add_likelihood_args(p: argparse.ArgumentParser) -> None:
@@ -163,6 +262,10 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data-range", type=number(float), nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"),
                    help="range [LO, HI] of the quantised data's levels")
+    add_dequantization_choice_args(p, "variational (a saved one, loaded with --dequantizer-path)",
+                                   scale_default=None)
+    add_dequantizer_path_arg(p, "a variational dequantizer saved by `scoresolve evaluate --save-dequantizer` or "
+                             "VariationalDequantizer.save (this command does not train one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture, its dataset, dequantization and probes")
     p.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
     p.add_argument("--device", type=device, default=None, help="device of the solve (default: cpu)")
@@ -179,7 +282,10 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
 
     With ``--bits K`` or ``--num-levels L`` the data (``--data``: grid values in ``--data-range`` or integer
     levels) are dequantized on their L = 2^K or L levels, the exact value is taken at the same dequantized inputs,
-    and bits/dim includes the offset log2(L / (HI - LO)).
+    and bits/dim includes the offset log2(L / (HI - LO)). ``--dequantization truncnorm`` (``--truncnorm-scale S``)
+    or ``variational`` (``--dequantizer-path PATH``) draws the position in each bin from that q(u | i) instead:
+    bits/dim is then the bound with log q subtracted from log p, and with ``--repeats`` > 1 the importance-weighted
+    bound over the repeats is printed too.
 
     Returns:
         0 (the exit status); the report is printed on rank 0.
@@ -210,6 +316,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     if data is None:
         data = gm.sample(args.n, generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
     score = exact_model(gm, sde)
+    dq = _dequantizer(args, num_levels, event_shape)
     kwargs = {k: getattr(args, k)
               for k in ("divergence", "probes", "probe", "probes_per", "solver", "rtol", "atol", "t_eps")}
 
@@ -246,6 +353,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             device=args.device,
             model_id=model_id,
             progress=not args.quiet,
+            dequantizer=dq,
         )
         if is_secondary_rank():
             return 0
@@ -256,7 +364,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             if num_levels is None:
                 x = data
             else:
-                x = dequantized_samples(data, range(N), r, args.seed, None, args.data_range, num_levels=num_levels)
+                x = dequantized_samples(data, range(N), r, args.seed, None, args.data_range, num_levels=num_levels,
+                                        dequantizer=dq, dtype=torch.float64 if args.float64 else None)
             exact.append(gm.log_prob(x.to(torch.float64), args.t_eps, sde))
         exact = torch.cat(exact)
         _report(args, summary, rec, exact, dim, num_levels)
@@ -281,6 +390,7 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
     else:
         data, default_levels = _default_data(args, net)
         num_levels = num_levels or default_levels
+    dq = _dequantizer(args, num_levels, tuple(data.shape[1:]))
     kwargs = {k: getattr(args, k)
               for k in ("divergence", "probes", "probe", "probes_per", "solver", "rtol", "atol", "t_eps")}
     we_initialised = maybe_init_distributed()
@@ -289,7 +399,7 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
             data, args.out_dir, score=model, sde=sde, batch_size=args.batch_size, repeats=args.repeats,
             seed=args.seed, num_levels=num_levels, data_range=tuple(args.data_range), device=args.device,
             model_id=f"{net.name}; {sde!r}; log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            + ")", progress=not args.quiet, **kwargs,
+            + ")", progress=not args.quiet, dequantizer=dq, **kwargs,
         )
         if is_secondary_rank():
             return 0
@@ -304,6 +414,8 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
             f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}{quant}   "
             f"mean NFE {'n/a' if nfe is None else f'{nfe:.1f}'}   results: {summary.path}"
         )
+        for line in _dequantizer_lines(args, summary, math.prod(data.shape[1:])):
+            print(line)
         return 0
     finally:
         if we_initialised:
@@ -339,3 +451,5 @@ def _report(args: argparse.Namespace, summary, rec: dict, exact: torch.Tensor, d
         f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}{quant}   "
         f"mean NFE {'n/a' if nfe is None else f'{nfe:.1f}'}   results: {summary.path}"
     )
+    for line in _dequantizer_lines(args, summary, dim):
+        print(line)

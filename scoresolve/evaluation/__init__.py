@@ -7,17 +7,22 @@ waiting for the other ranks) and ``dataset`` (`evaluate_dataset`, `read_records`
 Layout of ``out_dir``
 ---------------------
 ``manifest.json``            the run's settings (among them the data's number of levels ``num_levels`` and, for
-                             L = 2^k, ``bits``) and ``model_fingerprint``; a resume with incompatible settings or
-                             another model is an error.
+                             L = 2^k, ``bits``; with a non-uniform dequantizer, ``dequantizer``: its
+                             ``describe()``) and ``model_fingerprint``; a resume with incompatible settings, another
+                             dequantizer or another model is an error.
 ``lock-rank00000``           locked (``fcntl.flock``) by rank 0 while it runs: a second run of that rank is refused.
 ``records-rank00000.jsonl``  append-only records written by rank 0 (one file per rank), one line per
                              (sample index, repeat) pair:  ``<crc32 of payload, 8 hex digits> <payload>\\n``,
                              payload = compact JSON ``{"i": index, "r": repeat, "log_prob": .., "bpd": .., "nfe": ..,
                              ...}`` (every other ``[batch]`` output of the per-batch function rides along, e.g.
-                             ``prior_log_prob``, ``delta_log_prob``, ``std_error``). Floats are written with
-                             Python's shortest round-trip repr, so values read back are bit-identical.
+                             ``prior_log_prob``, ``delta_log_prob``, ``std_error``; with a non-uniform
+                             dequantizer, ``log_q``, and ``bpd`` is the bound from log p - log q). Floats are
+                             written with Python's shortest round-trip repr, so values read back are bit-identical.
 ``results.json``             written by rank 0 at the end: ``summary`` and column-wise ``records`` sorted by
-                             (repeat, index), one entry per pair.
+                             (repeat, index), one entry per pair. With a non-uniform dequantizer the summary adds
+                             ``mean_log_q`` and, for repeats > 1, ``iw_bpd``: the importance-weighted bound over
+                             each sample's repeats, a bound only with exact divergences (the log-mean-exp rewards
+                             Hutchinson probe noise: it biases the value low).
 
 Each batch's lines go out in one write followed by flush + fsync. A line whose checksum, JSON, fields or trailing
 newline is wrong (a torn final line after a kill, a flipped byte) is dropped with a warning and its pair is
@@ -33,7 +38,9 @@ per-batch function is not deterministic). Randomness comes only from seeds deriv
 
 * dequantization noise of sample i in repeat r (quantized data, given by ``bits`` or ``num_levels``: level v goes
   to lo + (hi - lo) (v + u) / L): a CPU generator seeded with ``derive_seed("dequant", seed, r, i)`` draws
-  u = ``torch.rand(sample_shape)``: independent of batch size, sharding, restarts and device;
+  u = ``torch.rand(sample_shape)``: independent of batch size, sharding, restarts and device. With a
+  non-uniform ``dequantizer`` the same generator drives its ``sample_unit`` on that one sample (u ~ q(u | i) and
+  log q(u | i), stored as ``log_q``); `dequantized_samples` with the same dequantizer reproduces the inputs;
 * the generator handed to the per-batch function (e.g. Hutchinson probes), on the batch's device, seeded with
   ``derive_seed("batch", seed, r, start, stop)``: the same for every world size and every restart, given the same
   batch size.

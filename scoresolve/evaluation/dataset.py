@@ -8,13 +8,13 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..dequantization import grid_levels, grid_name, levels_bits_per_dim, pow2_bits, resolve_levels
 from .distributed import resolve_rank, wait_complete
-from .inputs import batch, dequantized, derive_seed, item
+from .inputs import batch, dequantized, dequantized_with, derive_seed, effective_dequantizer, item
 from .manifest import FORMAT, MANIFEST, RESULTS, callable_id, check_manifest, data_fingerprint, model_fingerprint
 from .records import (
     RankLock,
@@ -33,6 +33,9 @@ from .records import (
 _RESERVED = ("i", "r", "bpd")
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], Any]
+
+if TYPE_CHECKING:
+    from ..dequantizers import Dequantizer
 
 
 def likelihood_fn(score: Callable, sde: Any, **likelihood_kwargs: Any) -> BatchFn:
@@ -92,6 +95,14 @@ class EvalSummary:
         mean_nfe: mean number of function evaluations per record (None if the function reports none).
         path: the ``results.json`` file.
         repeats, num_dims, log_prob_std_error: as named.
+        mean_log_q: with a non-uniform ``dequantizer``: the mean log q(u | i) (nats, u-space) over all records, the
+            amount subtracted from ``mean_log_prob`` in ``mean_bpd`` (None otherwise).
+        iw_bpd: with a non-uniform ``dequantizer`` and ``repeats`` > 1: the mean over samples of the
+            importance-weighted bound over each sample's repeats,
+            [`importance_weighted_bits_per_dim`][scoresolve.dequantizers.importance_weighted_bits_per_dim]
+            (never above ``mean_bpd``; None otherwise). A bound only with exact log p (exact divergence): Hutchinson
+            probe noise in log p biases it low.
+        iw_bpd_std_error: its standard error over samples (NaN for N = 1, None without ``iw_bpd``).
     """
 
     count: int
@@ -103,9 +114,20 @@ class EvalSummary:
     repeats: int = 1
     num_dims: int = 0
     log_prob_std_error: float = float("nan")
+    mean_log_q: float | None = None
+    iw_bpd: float | None = None
+    iw_bpd_std_error: float | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict; the dequantizer fields only when set (so uniform runs keep their results.json)."""
+        d = dataclasses.asdict(self)
+        for k in _DEQUANTIZER_FIELDS:
+            if d[k] is None:
+                del d[k]
+        return d
+
+
+_DEQUANTIZER_FIELDS = ("mean_log_q", "iw_bpd", "iw_bpd_std_error")
 
 
 def read_records(out_dir: str, num_samples: int | None = None, repeats: int | None = None) -> dict[str, torch.Tensor]:
@@ -123,7 +145,12 @@ def read_records(out_dir: str, num_samples: int | None = None, repeats: int | No
     return as_columns([recs[k] for k in sorted(recs, key=lambda k: (k[1], k[0]))])
 
 
-def _summarize(recs: list[dict], num_samples: int, repeats: int, num_dims: int, path: str) -> EvalSummary:
+def _summarize(
+    recs: list[dict], num_samples: int, repeats: int, num_dims: int, path: str,
+    levels: tuple[int, Sequence[float]] | None = None,
+) -> EvalSummary:
+    """The summary of all records (sorted by repeat, then index); ``levels`` = (L, data_range) of a run with a
+    non-uniform dequantizer, whose records carry ``log_q``."""
     lp = torch.tensor([r["log_prob"] for r in recs], dtype=torch.float64).reshape(repeats, num_samples)
     bpd = torch.tensor([r["bpd"] for r in recs], dtype=torch.float64).reshape(repeats, num_samples)
     nfes = [r.get("nfe") for r in recs]
@@ -138,6 +165,16 @@ def _summarize(recs: list[dict], num_samples: int, repeats: int, num_dims: int, 
         warnings.warn(
             f"{bad} record(s) have a non-finite log_prob; the means are not finite", RuntimeWarning, stacklevel=3
         )
+    extra: dict[str, Any] = {}
+    if levels is not None:
+        from ..dequantizers import importance_weighted_bits_per_dim
+
+        lq = torch.tensor([r["log_q"] for r in recs], dtype=torch.float64).reshape(repeats, num_samples)
+        extra["mean_log_q"] = float(lq.mean())
+        if repeats > 1:
+            iw = importance_weighted_bits_per_dim(lp, lq, num_dims, levels[0], levels[1])
+            extra["iw_bpd"] = float(iw.mean())
+            extra["iw_bpd_std_error"] = se(iw[None])
     return EvalSummary(
         count=num_samples,
         mean_log_prob=float(lp.mean()),
@@ -148,6 +185,7 @@ def _summarize(recs: list[dict], num_samples: int, repeats: int, num_dims: int, 
         repeats=repeats,
         num_dims=num_dims,
         log_prob_std_error=se(lp),
+        **extra,
     )
 
 
@@ -172,6 +210,7 @@ def evaluate_dataset(
     world_size: int | None = None,
     wait_timeout: float | None = None,
     poll_interval: float = 2.0,
+    dequantizer: "Dequantizer | None" = None,
     **likelihood_kwargs: Any,
 ) -> EvalSummary:
     """Log-likelihood (and bits/dim) of every sample of a dataset, resumable and sharded (see
@@ -200,7 +239,7 @@ def evaluate_dataset(
             and its bits/dim is -log p / (D ln 2) + log2(L / (hi - lo)) (``scoresolve.dequantization``,
             ``scoresolve.data``; L = 2^k gives exactly the numbers of ``bits=k``). Both None (default):
             the data are evaluated as they are and bits/dim is plain -log p / (D ln 2). L is stored in the
-            manifest: resuming with another L is an error.
+            manifest: resuming with another L is an error. ``dequantizer`` replaces the uniform u.
         data_range: (lo, hi) of the data.
         dtype: floating dtype of the batches passed to ``fn``: floating data are cast to it, integer levels are
             dequantized in it (default: floating data keep theirs, integer data take ``torch.get_default_dtype()``).
@@ -217,6 +256,20 @@ def evaluate_dataset(
         world_size: number of shards (default: from ``torch.distributed`` when initialised, else 1).
         wait_timeout: seconds to wait for the other ranks' records at the end (default: forever).
         poll_interval: longest pause between reads of the record files while waiting.
+        dequantizer: q(u | i) of the position inside each bin, a
+            [`Dequantizer`][scoresolve.dequantizers.Dequantizer] for the data's L levels in ``data_range`` (needs
+            ``bits`` or ``num_levels``). None (default) or a plain ``UniformDequantizer``: uniform u as described
+            above (the same numbers, records and manifest). Otherwise sample i of repeat r is dequantized to
+            lo + Delta (i + u), u ~ q(u | i) drawn with a CPU generator seeded with
+            ``derive_seed("dequant", seed, r, i)``, one sample at a time (independent of batch size, sharding and
+            restarts; keep the dequantizer on the CPU); its record holds ``log_q`` (u-space, nats) and ``bpd`` is the
+            variational bound (-log p + log q) / (D ln 2) + log2(L / (hi - lo))
+            ([`dequantized_bits_per_dim`][scoresolve.dequantizers.dequantized_bits_per_dim]); the summary adds
+            ``mean_log_q`` and, for ``repeats`` > 1, the importance-weighted bound ``iw_bpd`` (valid with exact
+            divergences only). ``dequantizer.describe()`` (kind, settings, a hash of a learned q's weights) is
+            stored in the manifest: resuming with another dequantizer is an error.
+            [`dequantized_samples`][scoresolve.evaluation.dequantized_samples] with the same dequantizer
+            reproduces the inputs.
 
     Returns:
         The [`EvalSummary`][scoresolve.EvalSummary] of all N x repeats records (log p in nats, bits/dim per
@@ -224,8 +277,9 @@ def evaluate_dataset(
 
     Raises:
         ValueError: invalid settings (among them ``bits`` and ``num_levels`` that disagree, or L < 2; see
-            ``scoresolve.dequantization.resolve_levels``), data off the declared grid, or an ``out_dir`` holding a
-            run with other settings or another model.
+            ``scoresolve.dequantization.resolve_levels``; a dequantizer for other levels or continuous data), data
+            off the declared grid, or an ``out_dir`` holding a run with other settings, another dequantizer or
+            another model.
         RuntimeError: another live run is evaluating the same rank in ``out_dir``.
     """
     rank, world_size, barrier = resolve_rank(rank, world_size)
@@ -263,6 +317,9 @@ def evaluate_dataset(
         )
     if L is not None:
         grid_levels(first, L, data_range, grid_name(L))  # fail early on the wrong bits / num_levels / data_range
+    dq = effective_dequantizer(dequantizer, L, data_range)
+    if dq is not None:
+        dequantized_with(dq, first[None], [0], 0, seed, dtype)  # fail early, e.g. on a q for another sample shape
     manifest = {
         "format": FORMAT,
         "num_samples": N,
@@ -282,15 +339,18 @@ def evaluate_dataset(
         "world_size": world_size,
         "fn": getattr(fn, "__qualname__", type(fn).__qualname__),
     }
+    if dq is not None:  # absent for uniform noise: the manifests of uniform runs are unchanged
+        manifest["dequantizer"] = dq.describe()
     os.makedirs(out_dir, exist_ok=True)
     with RankLock(out_dir, rank):
         check_manifest(out_dir, manifest, rank)
-        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress)
+        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress, dq)
         # gather: wait for every pair on disk (no collective: ranks may finish far apart), summarise
         allrec = wait_complete(out_dir, N, repeats, world_size, wait_timeout, poll_interval)
     recs = [allrec[(i, r)] for r in range(repeats) for i in range(N)]
     results = os.path.join(out_dir, RESULTS)
-    summary = _summarize(recs, N, repeats, first.numel(), os.path.abspath(results))
+    summary = _summarize(recs, N, repeats, first.numel(), os.path.abspath(results),
+                         None if dq is None else (L, data_range))
     if rank == 0:
         body = {
             "format": FORMAT,
@@ -306,7 +366,7 @@ def evaluate_dataset(
 
 def _compute(
     data: Any, out_dir: str, fn: BatchFn, manifest: dict, rank: int, world_size: int, L: int | None,
-    data_range: Sequence[float], dtype: torch.dtype | None, device: Any, progress: bool,
+    data_range: Sequence[float], dtype: torch.dtype | None, device: Any, progress: bool, dq: "Dequantizer | None",
 ) -> None:
     """Compute and append this rank's missing records (the caller holds the rank's lock)."""
     N, repeats, seed, batch_size = (manifest[k] for k in ("num_samples", "repeats", "seed", "batch_size"))
@@ -343,7 +403,10 @@ def _compute(
             for r, b in todo:
                 idx = span(b)
                 x = batch(data, idx.start, idx.stop)
-                if L is not None:
+                log_q = None
+                if dq is not None:
+                    x, log_q = dequantized_with(dq, x, idx, r, seed, dtype)
+                elif L is not None:
                     x = dequantized(x, idx, r, seed, L, data_range, dtype)
                 elif dtype is not None:
                     x = x.to(dtype)
@@ -352,6 +415,12 @@ def _compute(
                 gen = torch.Generator(device=x.device).manual_seed(derive_seed("batch", seed, r, idx.start, idx.stop))
                 cols = _columns(fn(x, gen), len(idx))
                 lp = torch.tensor(cols["log_prob"], dtype=torch.float64)
+                if log_q is not None:
+                    if "log_q" in cols:
+                        raise ValueError("the per-batch function returned 'log_q', which a run with a dequantizer "
+                                         "records itself")
+                    cols["log_q"] = log_q.tolist()
+                    lp = lp - log_q
                 cols["bpd"] = levels_bits_per_dim(lp, num_dims, L, data_range).tolist()
                 lines = []
                 for j, i in enumerate(idx):

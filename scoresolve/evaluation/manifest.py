@@ -127,6 +127,10 @@ def model_fingerprint(f: Any) -> str | None:
     return "; ".join(module_fingerprint(m) for m in modules) if modules else None
 
 
+def _describe(dequantizer: Any) -> str:
+    return "uniform (none given)" if dequantizer is None else json.dumps(dequantizer, sort_keys=True)
+
+
 def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
     """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (ValueError if not)."""
     path = os.path.join(out_dir, MANIFEST)
@@ -150,6 +154,13 @@ def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
             f"  stored model fingerprint: {old.get('model_fingerprint')}\n"
             f"  this run's model:         {manifest.get('model_fingerprint')}\n"
             "use another out_dir, or restore the original model"
+        )
+    if old.get("dequantizer") != manifest.get("dequantizer"):  # absent: uniform dequantization (or none)
+        raise ValueError(
+            f"cannot resume in {out_dir!r}: its records were computed with another dequantizer\n"
+            f"  stored dequantizer: {_describe(old.get('dequantizer'))}\n"
+            f"  this run's:         {_describe(manifest.get('dequantizer'))}\n"
+            "use another out_dir, or pass the original dequantizer"
         )
     diffs = [
         f"  {k}: stored {old.get(k)!r}, now {manifest.get(k)!r}"
