@@ -23,6 +23,7 @@ velocity's). A U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it bet
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -139,12 +140,15 @@ def errors(log_p: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, controller, base_max: float,
-          base_mean: float) -> dict:
+          base_mean: float, results: dict | None = None) -> dict:
     """{tol: (NFE, calls, max err, mean err, s per call)}: from rtol looser until both errors are worse than the
-    baseline's (looser tolerances only get worse); tighter than rtol only if none of those is no worse in both."""
-    results = {}
+    baseline's (looser tolerances only get worse); tighter than rtol only if none of those is no worse in both.
+    ``results`` (updated in place) holds solves already made, which are not repeated."""
+    results = {} if results is None else results
 
     def solve(tol: float) -> bool:
+        if tol in results:
+            return results[tol][2] <= base_max and results[tol][3] <= base_mean
         t0 = time.perf_counter()
         r = log_likelihood(score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver, time_variable=tv,
                            generator=torch.Generator().manual_seed(2), controller=controller)
@@ -165,8 +169,55 @@ def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, c
     return results
 
 
+def curve(score, sde, x, ref, t_eps: float, solver: str, tv: str, controller, base_curve: dict,
+          results: dict) -> list[dict]:
+    """The matched-error ratio at every point of the baseline's curve: for each baseline tolerance, the loosest of
+    our TOLS no worse in max and mean error (sweeping on from that tolerance as `sweep` does, reusing ``results``)."""
+    rows = []
+    for tol, (nfe_b, max_b, mean_b) in sorted(base_curve.items()):
+        sweep(score, sde, x, ref, t_eps, min(TOLS, key=lambda v: abs(math.log(v / tol))), solver, tv, controller,
+              max_b, mean_b, results)
+        ok = [k for k, v in results.items() if v[2] <= max_b and v[3] <= mean_b]
+        m = results[max(ok)] if ok else None
+        rows.append({"baseline_tol": tol, "baseline_nfe": nfe_b, "matched_tol": max(ok) if ok else None,
+                     "nfe": m[0] if m else None, "ratio": m[0] / nfe_b if m else None})
+        print(f"{'':<22} {'  vs baseline ' + f'{tol:.3g}':<24} {nfe_b:>6d} " +
+              (f"matched tol {max(ok):.2e}: {m[0]:.1f} NFE, ratio {m[0] / nfe_b:.2f}" if m else "no match"),
+              flush=True)
+    return rows
+
+
+def plot_curves(out: dict, path: str) -> None:
+    """Max and mean |log p error| against NFE: the baseline's curve and every solve of each variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    names = [n for n, v in out.items() if "curve" in v["baseline"]]
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.6 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        series = {"torchdiffeq dopri5 (t)": out[name]["baseline"]["curve"]}
+        series.update({k: v["sweep"] for k, v in out[name].items() if k != "baseline" and "sweep" in v})
+        for ax, err in zip(row, ("max", "mean")):
+            for label, pts in series.items():
+                pts = sorted(pts, key=lambda p: p["nfe"])
+                ax.loglog([p["nfe"] for p in pts], [p[err] for p in pts], "o-" if "torchdiffeq" in label else ".-",
+                          label=label, ms=4)
+            ax.set(xlabel="NFE per sample", ylabel=f"{err} |log p - log p_ref| (nats)", title=f"{name}: {err}")
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([20, 50, 100, 200, 300, 500, 1000, 2000, 5000]))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: list[tuple[str, str, str]],
-        ref_tol: float | None = None, cache: str | None = None) -> dict:
+        ref_tol: float | None = None, cache: str | None = None, baseline_tols: tuple[float, ...] = ()) -> dict:
     torch.set_num_threads(1)
     print(f"batch {batch}, baseline rtol = atol = {rtol:g}, t_eps = {t_eps:g}, float64 (ODE error, not rounding), "
           "1 probe; errors |log p - log p_ref| (max / mean over the batch); ratios against torchdiffeq dopri5 in t")
@@ -189,11 +240,22 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
         print(f"{name:<22} {'torchdiffeq dopri5 (t)':<24} {base_calls:>6.1f} {base_calls:>5d} {base_max:>8.2e} "
               f"{base_mean:>8.2e} {1:>9.2f} {1:>11.2f} |")
         out[name] = {"baseline": {"nfe": base_calls, "max": base_max, "mean": base_mean}}
+        base_curve = {}
+        for tol in sorted(set(baseline_tols) - {rtol}):  # the baseline's own error-NFE curve
+            lp, calls, _ = torchdiffeq_baseline(velocity, sde, x, eps, t_eps, tol, tol)
+            base_curve[tol] = (calls, *errors(lp, ref))
+            print(f"{'':<22} {'  at rtol ' + f'{tol:.3g}':<24} {calls:>6.1f} {calls:>5d} {base_curve[tol][1]:>8.2e} "
+                  f"{base_curve[tol][2]:>8.2e}", flush=True)
+        if base_curve:
+            base_curve[rtol] = (base_calls, base_max, base_mean)
+            out[name]["baseline"]["curve"] = [{"tol": k, "nfe": v[0], "max": v[1], "mean": v[2]}
+                                              for k, v in sorted(base_curve.items())]
         for solver, tv, ctrl in variants:
             tv = tv_default if tv == "default" else tv
             if tv == "logsnr" and sde.velocity_form:
                 continue  # alpha(T) = 0: the log-SNR is infinite at T
             results = sweep(score, sde, x, ref, t_eps, rtol, solver, tv, CONTROLLERS[ctrl], base_max, base_mean)
+            curve_rows = curve(score, sde, x, ref, t_eps, solver, tv, CONTROLLERS[ctrl], base_curve, results)
             nfe, calls, e_max, e_mean, spn = results[rtol]
             ok = [tol for tol, v in results.items() if v[2] <= base_max and v[3] <= base_mean]
             matched = ""
@@ -203,6 +265,9 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
                 m = results[max(ok)]
                 matched = f"{max(ok):>11.2e} {m[0]:>6.1f} {m[2]:>8.2e} {m[3]:>8.2e} {m[0] / base_calls:>6.2f}"
                 row["matched"] = {"tol": max(ok), "nfe": m[0], "max": m[2], "mean": m[3], "ratio": m[0] / base_calls}
+            if curve_rows:
+                row["curve"] = curve_rows
+                row["sweep"] = [{"tol": k, "nfe": v[0], "max": v[2], "mean": v[3]} for k, v in sorted(results.items())]
             out[name][label] = row
             print(f"{'':<22} {label:<24} {nfe:>6.1f} {calls:>5d} {e_max:>8.2e} {e_mean:>8.2e} "
                   f"{nfe / base_calls:>9.2f} {spn / base_spn:>11.2f} | {matched}", flush=True)
@@ -223,6 +288,10 @@ def main() -> None:
     p.add_argument("--ref-tol", type=float, default=None,
                    help="tolerance of the reference solve (default 1e-10 on mixtures, 1e-8 on the U-Nets)")
     p.add_argument("--ref-cache", default=None, help="directory to keep reference solves in between runs")
+    p.add_argument("--baseline-tols", nargs="*", type=float, default=(),
+                   help="also run the baseline at these tolerances (its error-NFE curve) and give the matched-error "
+                   "ratio at each of them")
+    p.add_argument("--plot", default=None, help="with --baseline-tols: save error against NFE to this image")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args()
     mixtures = [k for k, v in PROBLEMS.items() if v is not None]  # the digit U-Nets (~15 min each) only on request
@@ -235,7 +304,10 @@ def main() -> None:
     if args.solvers:
         pairs = [tuple(v.split(":")) for v in args.solvers]
     variants = [(s, tv, c) for c in args.controllers for s, tv in pairs]
-    out = run(args.batch, args.rtol, args.t_eps, problems, variants, args.ref_tol, args.ref_cache)
+    out = run(args.batch, args.rtol, args.t_eps, problems, variants, args.ref_tol, args.ref_cache,
+              tuple(args.baseline_tols))
+    if args.plot and args.baseline_tols:
+        plot_curves(out, args.plot)
     if args.json:
         import json
 
