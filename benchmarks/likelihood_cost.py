@@ -15,7 +15,8 @@ max AND mean errors are both no worse than the baseline's, its NFE and the ratio
 Problems: Gaussian mixtures (smooth, and with near-degenerate components that behave like dequantized images near
 t = 0), and on request the shipped digits U-Nets, trained networks on dequantized 17-level 1x8x8 digits
 (``--problems "digits U-Net" "digits_flow U-Net"``; the flow model under rectified flow, in t, its divergence the
-velocity's). A U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
+velocity's), or any digits network trained with ``scoresolve train --data digits`` (``--checkpoint PATH``). A
+U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
 
     python benchmarks/likelihood_cost.py [--batch 32] [--quick] [--problems "digits U-Net"]
 """
@@ -48,6 +49,25 @@ PROBLEMS = {
 }
 
 
+def checkpoint_problem(path: str, batch: int):
+    """(sde, score, baseline field, x) of a network trained on the digits (``scoresolve train --data digits``,
+    default VP or rectified flow), on the held-out digits, in float64."""
+    from scoresolve.data import dequantize, digits
+    from scoresolve.models import load_checkpoint
+
+    model, sde, config = load_checkpoint(path)
+    if config.data != "digits" or config.sde not in ("vp", "rf") or config.sde_kwargs:
+        raise SystemExit(f"{path}: --checkpoint takes a digits model of the default VP SDE or rectified flow")
+    flow = config.sde == "rf"
+    conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
+                net_kwargs=model.net_kwargs)
+    net = model.net.double()
+    score = ss.ScoreModel(net, sde, **conv)
+    score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
+    x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
+    return sde, score, baseline_field(score_ext, flow), x
+
+
 def make_problem(name: str, batch: int):
     """(sde, score, baseline vector field pieces, x) of a benchmark problem, in float64.
 
@@ -55,6 +75,8 @@ def make_problem(name: str, batch: int):
     torchdiffeq steps past T and interpolates back, so the VP schedule is extended beyond T = 1 and the flow model
     is held at t = 1 there.
     """
+    if name.startswith("checkpoint:"):
+        return checkpoint_problem(name[len("checkpoint:"):], batch)
     if PROBLEMS[name] is None:
         from scoresolve.data import dequantize, digits
         from scoresolve.models import load_digits_flow_model, load_digits_model
@@ -231,7 +253,7 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
         sde, score, velocity, x = make_problem(name, batch)
         tv_default = "t" if sde.velocity_form else "logsnr"
         eps = torch.randint(0, 2, (1,) + tuple(x.shape), generator=torch.Generator().manual_seed(2)).double() * 2 - 1
-        tight = ref_tol if ref_tol is not None else (1e-8 if PROBLEMS[name] is None else 1e-10)
+        tight = ref_tol if ref_tol is not None else (1e-8 if PROBLEMS.get(name) is None else 1e-10)
         ref = reference(name, score, sde, x, t_eps, tight, cache)
         # the probe drawn inside log_likelihood from seed 2 equals eps (same generator sequence)
         base_lp, base_calls, base_sec = torchdiffeq_baseline(velocity, sde, x, eps, t_eps, rtol, rtol)
@@ -281,6 +303,8 @@ def main() -> None:
     p.add_argument("--t-eps", type=float, default=1e-5)
     p.add_argument("--quick", action="store_true", help="two problems, fewer variants")
     p.add_argument("--problems", nargs="*", default=None, choices=list(PROBLEMS))
+    p.add_argument("--checkpoint", nargs="*", default=[], metavar="PATH",
+                   help="also digits networks of `scoresolve train --data digits` (default VP or rectified flow)")
     p.add_argument("--controllers", nargs="*", default=["DOPRI5"], choices=list(CONTROLLERS),
                    help="step-size controllers to compare (each with every solver and time variable)")
     p.add_argument("--solvers", nargs="*", default=None,
@@ -295,7 +319,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args()
     mixtures = [k for k, v in PROBLEMS.items() if v is not None]  # the digit U-Nets (~15 min each) only on request
-    problems = args.problems or (mixtures[:2] if args.quick else mixtures)
+    problems = args.problems or ([] if args.checkpoint else mixtures[:2] if args.quick else mixtures)
+    problems = problems + [f"checkpoint:{path}" for path in args.checkpoint]
     # dopri5_shampine is the baseline's own error estimate (2/3 of Hairer's): per-sample control at its semantics
     pairs = [("dopri5", "t"), ("tsit5", "t"), ("dopri5", "logsnr"), ("tsit5", "logsnr"), ("dopri5_shampine", "t"),
              ("dopri5_shampine", "logsnr")]

@@ -8,7 +8,7 @@ score) leaves only the fit's own error; a network with a sinusoidal embedding of
 the shipped digits U-Nets) leaves an oscillation at omega ~ 1000 and its harmonics, which an adaptive solver
 must resolve (its period is 2 pi / 1000 = 0.0063 in t) whatever its order or time variable.
 
-    python benchmarks/time_oscillation.py [--models mixture digits digits_flow] [--points 2001]
+    python benchmarks/time_oscillation.py [--models mixture digits digits_flow model.pt] [--points 2001]
 """
 
 from __future__ import annotations
@@ -53,9 +53,12 @@ def model(name: str):
         x0 = gm.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         return rev.drift_at, sde, x0
     from scoresolve.data import dequantize, digits
-    from scoresolve.models import load_digits_flow_model, load_digits_model
+    from scoresolve.models import load_checkpoint, load_digits_flow_model, load_digits_model
 
-    m, sde = (load_digits_flow_model if name == "digits_flow" else load_digits_model)()
+    if name.endswith(".pt"):  # a digits network of `scoresolve train --data digits`
+        m, sde, _ = load_checkpoint(name)
+    else:
+        m, sde = (load_digits_flow_model if name == "digits_flow" else load_digits_model)()
     score = ss.ScoreModel(m.net.double(), sde, prediction=m.prediction, time=m.time, num_timesteps=m.num_timesteps,
                           net_kwargs=m.net_kwargs)
     x0 = dequantize(digits("test")[:1], generator=torch.Generator().manual_seed(1)).double()
@@ -65,7 +68,8 @@ def model(name: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=["mixture", "digits", "digits_flow"],
-                   choices=["mixture", "digits", "digits_flow"])
+                   help="mixture, digits, digits_flow, or the path of a digits network (a .pt file of "
+                   "`scoresolve train --data digits`)")
     p.add_argument("--points", type=int, default=2001, help="times per window")
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -276,3 +276,28 @@ def test_shipped_digits_model_samples_match_pixel_statistics(digits_model):
     assert (m_s - m_d).abs().mean() < 0.2
     assert 0.7 < float(x.std() / ref.std()) < 1.3
     assert 0.7 < float(x.std(0).mean() / ref.std(0).mean()) < 1.4
+
+
+def test_time_embedding_max_freq_sets_the_top_frequency_and_smoothness(tmp_path):
+    """``time_max_freq`` scales the sinusoidal embedding's geometric frequencies (1000: DDPM's), round-trips through
+    a checkpoint, and a small one makes the features smooth in t (no oscillation at 1000 rad per unit t)."""
+    from scoresolve.models.mlp import TimeEmbedding
+
+    ref, low = TimeEmbedding(32, num_features=8), TimeEmbedding(32, num_features=8, max_freq=10.0)
+    assert ref.freqs[0] == 1000.0 and low.freqs[0] == 10.0
+    torch.testing.assert_close(low.freqs, ref.freqs / 100)
+    t = torch.linspace(0.3, 0.31, 101)
+    # the largest second difference of the features over steps of 1e-4 in t: ~(1e-4 w)^2 for the top frequency w
+    assert ref.features(t).diff(2, dim=0).abs().max() > 0.5 * (1e-4 * 1000) ** 2
+    assert low.features(t).diff(2, dim=0).abs().max() < 2 * (1e-4 * 10) ** 2
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="max_freq"):
+            TimeEmbedding(32, max_freq=bad)
+    assert UNet(time_max_freq=10.0).time.freqs[0] == 10.0 and MLPScoreNet(2, time_max_freq=5.0).time.freqs[0] == 5.0
+    res = train(TrainConfig(data="moons", steps=2, batch_size=8, model_kwargs={"hidden": 16, "depth": 1,
+                                                                               "time_max_freq": 10.0}),
+                out_dir=str(tmp_path), progress=False)
+    model, _, config = load_checkpoint(str(tmp_path / "train_state.pt"))
+    assert config.model_kwargs["time_max_freq"] == 10.0 and model.net.time.freqs[0] == 10.0
+    x, t = torch.randn(4, 2), torch.rand(4)
+    torch.testing.assert_close(model(x, t), res.score_model()(x, t), rtol=0, atol=0)

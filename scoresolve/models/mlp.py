@@ -26,19 +26,24 @@ def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 class TimeEmbedding(nn.Module):
     """Embedding of continuous t in [0, T]: features of s = t / T, then Linear-SiLU-Linear to ``dim``.
 
-    ``kind="sinusoidal"``: [sin(w_i s), cos(w_i s)] with w_i = 1000 * 10000^(-i / (n/2)) (the DDPM embedding of
-    1000 s, geometric frequencies from 1000 down to 0.1). ``kind="fourier"``: random Gaussian Fourier features
+    ``kind="sinusoidal"``: [sin(w_i s), cos(w_i s)] with w_i = max_freq * 10000^(-i / (n/2)) (``max_freq`` = 1000:
+    the DDPM embedding of 1000 s, geometric frequencies from 1000 down to 0.1; the network's output then oscillates
+    in t at ~1000 rad per unit s, which adaptive ODE solvers must resolve: a smaller ``max_freq`` such as 10 keeps it
+    smooth in t). ``kind="fourier"``: random Gaussian Fourier features
     [sin(2 pi w_i s), cos(2 pi w_i s)], w_i ~ N(0, scale^2), fixed at construction (a buffer; score_sde's NCSN++).
     """
 
     def __init__(self, dim: int, T: float = 1.0, kind: str = "sinusoidal", num_features: int | None = None,
-                 scale: float = 16.0) -> None:
+                 scale: float = 16.0, max_freq: float = 1000.0) -> None:
         super().__init__()
         n = int(num_features or dim)
         if n % 2 or n < 2:
             raise ValueError(f"num_features must be a positive even number, got {n}")
+        if not (math.isfinite(max_freq) and max_freq > 0):
+            raise ValueError(f"max_freq must be a positive number, got {max_freq}")
         if kind == "sinusoidal":
-            freqs = 1000.0 * torch.exp(-math.log(10000.0) * torch.arange(n // 2, dtype=torch.float64) / (n // 2))
+            i = torch.arange(n // 2, dtype=torch.float64)
+            freqs = float(max_freq) * torch.exp(-math.log(10000.0) * i / (n // 2))
         elif kind == "fourier":
             g = torch.Generator().manual_seed(0)
             freqs = 2 * math.pi * scale * torch.randn(n // 2, generator=g, dtype=torch.float64)
@@ -82,6 +87,7 @@ class MLPScoreNet(nn.Module):
         dim: number of values per sample (2 for the toy sets); ``shape`` may be given instead, e.g. ``(2,)``.
         hidden: width of the residual stream; depth: number of residual blocks.
         time_dim: width of the time embedding; time_embedding: ``"sinusoidal"`` or ``"fourier"``.
+        time_max_freq: the sinusoidal embedding's highest frequency (`TimeEmbedding`'s ``max_freq``).
         T: end time of the forward SDE (t is divided by T before the embedding).
     The default (hidden 128, depth 3) has about 0.1 M parameters.
     """
@@ -95,6 +101,7 @@ class MLPScoreNet(nn.Module):
         time_embedding: str = "sinusoidal",
         T: float = 1.0,
         shape: Sequence[int] | None = None,
+        time_max_freq: float = 1000.0,
     ) -> None:
         super().__init__()
         if dim is None and shape is None:
@@ -103,7 +110,7 @@ class MLPScoreNet(nn.Module):
         self.dim = math.prod(self.shape)
         if dim is not None and int(dim) != self.dim:
             raise ValueError(f"dim {dim} does not match shape {self.shape}")
-        self.time = TimeEmbedding(time_dim, T=T, kind=time_embedding)
+        self.time = TimeEmbedding(time_dim, T=T, kind=time_embedding, max_freq=time_max_freq)
         self.inp = nn.Linear(self.dim, hidden)
         self.blocks = nn.ModuleList(_ResidualMLPBlock(hidden, time_dim) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)

@@ -53,6 +53,8 @@ class UNet(nn.Module):
         groups: GroupNorm groups (at most; reduced to a divisor of the channel count).
         dropout: dropout inside the residual blocks.
         T: end time of the forward SDE.
+        time_embedding: ``"sinusoidal"`` or ``"fourier"`` (`TimeEmbedding`).
+        time_max_freq: the sinusoidal embedding's highest frequency (1000: DDPM's; see `TimeEmbedding`).
     No attention: at 8x8 to 32x32 with two resolutions the receptive field already covers the image.
     The default (16 channels, (1, 2), 1 block) has 0.16 M parameters (0.63 M with 32 channels).
     """
@@ -68,6 +70,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         T: float = 1.0,
         time_embedding: str = "sinusoidal",
+        time_max_freq: float = 1000.0,
     ) -> None:
         super().__init__()
         if not channel_mult:
@@ -75,7 +78,8 @@ class UNet(nn.Module):
         self.in_channels = int(in_channels)
         self.levels = len(channel_mult)
         time_dim = int(time_dim or 4 * base_channels)
-        self.time = TimeEmbedding(time_dim, T=T, kind=time_embedding, num_features=base_channels)
+        self.time = TimeEmbedding(time_dim, T=T, kind=time_embedding, num_features=base_channels,
+                                  max_freq=time_max_freq)
         chans = [base_channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
