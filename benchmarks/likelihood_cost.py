@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import time
 
 import torch
@@ -145,7 +146,8 @@ def reference(name: str, score, sde, x, t_eps: float, ref_tol: float, cache: str
     path = None
     if cache:
         os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, f"{name.replace(' ', '_')}_B{x.shape[0]}_teps{t_eps:g}_tol{ref_tol:g}.pt")
+        stem = re.sub(r"[^A-Za-z0-9.+-]+", "_", name)  # a checkpoint's problem name holds its path
+        path = os.path.join(cache, f"{stem}_B{x.shape[0]}_teps{t_eps:g}_tol{ref_tol:g}.pt")
         if os.path.exists(path):
             return torch.load(path)
     ref = log_likelihood(score, sde, x, rtol=ref_tol, atol=ref_tol, t_eps=t_eps, max_steps=200_000,

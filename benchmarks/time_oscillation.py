@@ -14,6 +14,7 @@ must resolve (its period is 2 pi / 1000 = 0.0063 in t) whatever its order or tim
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -78,7 +79,8 @@ def main() -> None:
         velocity, sde, x0 = model(name)
         for w in WINDOWS:
             rel, top = oscillation(velocity, sde, x0, w, args.points)
-            print(f"{name:<12} [{w[0]:.2f}, {w[1]:.2f}]   {rel:>12.2e}  {', '.join(f'{o:.0f}' for o in top)}",
+            label = os.path.basename(name)[:24]
+            print(f"{label:<12} [{w[0]:.2f}, {w[1]:.2f}]   {rel:>12.2e}  {', '.join(f'{o:.0f}' for o in top)}",
                   flush=True)
 
 

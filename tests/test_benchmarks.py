@@ -74,3 +74,33 @@ def test_time_oscillation_finds_a_known_wiggle():
     assert abs(top[0] - 1000) < 2 * math.pi / (w[1] - w[0])  # within one frequency bin
     velocity, sde_m, x0_m = model("mixture")
     assert oscillation(velocity, sde_m, x0_m, w, points=401)[0] < 1e-6
+
+
+def test_likelihood_cost_on_a_checkpoint_with_the_baseline_curve(tmp_path):
+    """likelihood_cost.py --checkpoint (a digits network of `scoresolve train`) with --baseline-tols and --plot."""
+    pytest.importorskip("matplotlib")
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    ckpt = tmp_path / "m.pt"
+    train = [sys.executable, "-m", "scoresolve", "train", "--data", "digits", "--steps", "2", "--batch-size", "8",
+             "--model-arg", "base_channels=8", "--model-arg", "time_max_freq=10", "--out", str(tmp_path / "run"),
+             "--export", str(ckpt), "--quiet", "--threads", "1"]
+    proc = subprocess.run(train, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, png = tmp_path / "lc.json", tmp_path / "lc.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "likelihood_cost.py"), "--batch", "2", "--checkpoint", str(ckpt),
+           "--solvers", "dopri5:t", "--rtol", "1e-3", "--ref-tol", "1e-6", "--baseline-tols", "3e-3",
+           "--ref-cache", str(tmp_path / "refs"), "--json", str(out), "--plot", str(png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (name,) = res
+    assert name == f"checkpoint:{ckpt}" and png.stat().st_size > 0 and any((tmp_path / "refs").iterdir())
+    base = res[name]["baseline"]
+    assert [p["tol"] for p in base["curve"]] == [1e-3, 3e-3] and base["curve"][0]["nfe"] == base["nfe"] > 0
+    row = res[name]["dopri5 (t)"]
+    assert [c["baseline_tol"] for c in row["curve"]] == [1e-3, 3e-3] and row["sweep"]
+    for c in row["curve"]:  # a matched point is no worse than the baseline point it matches, in both errors
+        if c["matched_tol"] is not None:
+            s = next(p for p in row["sweep"] if p["tol"] == c["matched_tol"])
+            b = next(p for p in base["curve"] if p["tol"] == c["baseline_tol"])
+            assert s["max"] <= b["max"] and s["mean"] <= b["mean"] and c["ratio"] == pytest.approx(s["nfe"] / b["nfe"])
