@@ -50,23 +50,28 @@ PROBLEMS = {
 }
 
 
-def checkpoint_problem(path: str, batch: int):
-    """(sde, score, baseline field, x) of a network trained on the digits (``scoresolve train --data digits``,
-    default VP or rectified flow), on the held-out digits, in float64."""
+def digits_problem(model, sde, flow: bool, batch: int):
+    """(sde, score, baseline field, x) of a digits network (a ScoreModel) on the held-out digits, in float64."""
     from scoresolve.data import dequantize, digits
+
+    net = model.net.double()
+    conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
+                net_kwargs=model.net_kwargs)
+    score = ss.ScoreModel(net, sde, **conv)
+    score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
+    x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
+    return sde, score, baseline_field(score_ext, flow), x
+
+
+def checkpoint_problem(path: str, batch: int):
+    """`digits_problem` of a network trained on the digits (``scoresolve train --data digits``, default VP or
+    rectified flow)."""
     from scoresolve.models import load_checkpoint
 
     model, sde, config = load_checkpoint(path)
     if config.data != "digits" or config.sde not in ("vp", "rf") or config.sde_kwargs:
         raise SystemExit(f"{path}: --checkpoint takes a digits model of the default VP SDE or rectified flow")
-    flow = config.sde == "rf"
-    conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
-                net_kwargs=model.net_kwargs)
-    net = model.net.double()
-    score = ss.ScoreModel(net, sde, **conv)
-    score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
-    x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
-    return sde, score, baseline_field(score_ext, flow), x
+    return digits_problem(model, sde, config.sde == "rf", batch)
 
 
 def make_problem(name: str, batch: int):
@@ -79,24 +84,15 @@ def make_problem(name: str, batch: int):
     if name.startswith("checkpoint:"):
         return checkpoint_problem(name[len("checkpoint:"):], batch)
     if PROBLEMS[name] is None:
-        from scoresolve.data import dequantize, digits
         from scoresolve.models import load_digits_flow_model, load_digits_model
 
         flow = name.startswith("digits_flow")
-        model, sde = (load_digits_flow_model if flow else load_digits_model)()
-        net = model.net.double()
-        conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
-                    net_kwargs=model.net_kwargs)
-        score = ss.ScoreModel(net, sde, **conv)
-        score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
-        x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
-    else:
-        dim, k, scale_range, full = PROBLEMS[name]
-        sde = ss.VPSDE()
-        gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
-        x = gm.sample(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        score, score_ext, flow = gm.score_fn(sde), gm.score_fn(ss.VPSDE(T=1.5)), False
-    return sde, score, baseline_field(score_ext, flow), x
+        return digits_problem(*(load_digits_flow_model if flow else load_digits_model)(), flow, batch)
+    dim, k, scale_range, full = PROBLEMS[name]
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
+    x = gm.sample(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return sde, gm.score_fn(sde), baseline_field(gm.score_fn(ss.VPSDE(T=1.5)), False), x
 
 
 def baseline_field(score, flow: bool):

@@ -53,16 +53,15 @@ def model(name: str):
         rev = ss.ReverseProcess(sde, gm.score_fn(sde), diffusion_scale=0.0)
         x0 = gm.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         return rev.drift_at, sde, x0
-    from scoresolve.data import dequantize, digits
+    from likelihood_cost import digits_problem  # a sibling script (benchmarks/ is on sys.path)
+
     from scoresolve.models import load_checkpoint, load_digits_flow_model, load_digits_model
 
     if name.endswith(".pt"):  # a digits network of `scoresolve train --data digits`
         m, sde, _ = load_checkpoint(name)
     else:
         m, sde = (load_digits_flow_model if name == "digits_flow" else load_digits_model)()
-    score = ss.ScoreModel(m.net.double(), sde, prediction=m.prediction, time=m.time, num_timesteps=m.num_timesteps,
-                          net_kwargs=m.net_kwargs)
-    x0 = dequantize(digits("test")[:1], generator=torch.Generator().manual_seed(1)).double()
+    sde, score, _, x0 = digits_problem(m, sde, sde.velocity_form, 1)
     return score.flow, sde, x0
 
 
