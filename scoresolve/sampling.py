@@ -13,13 +13,14 @@ from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
+from .solvers.defaults import default_sampler
 
 
 def sample(
     score: Callable | ScoreModel,
     sde: ForwardSDE,
     x_T: torch.Tensor,
-    solver: str = "dpmpp_2m",
+    solver: str | None = None,
     nfe: int | None = None,
     steps: int | None = None,
     rtol: float | None = None,
@@ -43,7 +44,11 @@ def sample(
         sde: the forward SDE.
         x_T: initial state ``[batch, ...]`` (e.g. ``sde.prior_sample(...)``).
         solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or
-            ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``.
+            ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``. None (default): the measured best sampler for
+            the budget and the model's prediction (`scoresolve.solvers.defaults`): for x0, v and flow models vAB on
+            the grid uniform in u = sigma / (alpha + sigma), order 2 / 3 / 4 below 8 / below 20 / from 20 NFE; for
+            eps and score models (and plain score callables) ``dpmpp_2m`` on its grid; with ``diffusion`` > 0,
+            ``euler_maruyama``.
         nfe: budget of score evaluations; grid solvers take the largest step count that fits.
         steps: number of steps of a grid solver (overrides ``nfe``).
         rtol: relative tolerance of adaptive solvers.
@@ -83,6 +88,8 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
+    if solver is None:
+        solver, options, grid = _default_sampler(nfe, steps, grid, diffusion, options, model.prediction)
     keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
     if ":" in solver:
         from .solvers.backends import solve_with_backend
@@ -141,6 +148,15 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
+
+
+def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[str, dict, Any]:
+    """The solver, options and grid when the caller names no solver (`scoresolve.solvers.defaults`)."""
+    if diffusion is not None and not (isinstance(diffusion, (int, float)) and float(diffusion) == 0.0):
+        return "euler_maruyama", options, grid
+    budget = steps if steps is not None else (nfe if nfe is not None else 20)
+    name, opts, default = default_sampler(int(budget), options, prediction)
+    return name, opts, default if grid is None else grid
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:

@@ -163,8 +163,8 @@ def require_ode(name: str, process: ReverseProcess) -> None:
                          "'ddim' with eta > 0, 'dpmpp_2m_sde', or an SDE sampler such as 'euler_maruyama'")
 
 
-ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "dpmpp_2m_sde",
-                  "dopri5", "tsit5", "bosh3", "vern6", "vern7")
+ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "vab",
+                  "dpmpp_2m_sde", "dopri5", "tsit5", "bosh3", "vern6", "vern7")
 
 
 def check_start(name: str, can_start: bool, process: ReverseProcess, model: ScoreModel, t0: float) -> None:
