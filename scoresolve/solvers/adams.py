@@ -36,7 +36,7 @@ Python floats from the host grid: no host-device synchronisation in the loop.
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -91,6 +91,20 @@ def poly_integrals(nodes: list[float], a: float, b: float) -> list[float]:
                 coef = [(coef[m - 1] if m > 0 else 0.0) / d - (coef[m] * nk / d if m < len(coef) else 0.0)
                         for m in range(len(coef) + 1)]
         out.append(sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(coef)))
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _ab_weights(nodes: tuple[float, ...], a: float, b: float) -> tuple[float, ...]:
+    """`poly_integrals`, cached: repeated solves on the same grid (batches of a data set) reuse the weights."""
+    return tuple(poly_integrals(list(nodes), a, b))
+
+
+def _combine(x: torch.Tensor, scale: float, weights, terms) -> torch.Tensor:
+    """scale * x + sum_j w_j terms_j, one kernel per term (no temporaries for the products)."""
+    out = x * scale
+    for w, t in zip(weights, terms):
+        out.add_(t, alpha=w)
     return out
 
 
@@ -187,21 +201,21 @@ def vab_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     else:
         hist = run.memory["v"]  # the velocity at x_i was evaluated by the previous step's corrector
     q = multistep_order(order, i, run.steps, run.options["lower_order_final"])
-    cs = poly_integrals([u[i - j] for j in range(q)], u[i], u[i + 1])
-    x_new = (c_n / c_i) * x + c_n * sum(c * h for c, h in zip(cs, hist))  # x = (alpha + sigma) y
+    cs = _ab_weights(tuple(u[i - j] for j in range(q)), u[i], u[i + 1])
+    x_new = _combine(x, c_n / c_i, [c_n * c for c in cs], hist)  # x = (alpha + sigma) y, y += sum_j c_j v_{i-j}
     if not corr or i == run.steps - 1:
         return x_new
     v_new = _velocity(run, x_new, i + 1)
     qc = min(q, order)  # the corrector's polynomial: v_new and the last qc velocities (order qc + 1)
-    cs = poly_integrals([u[i + 1]] + [u[i - j] for j in range(qc)], u[i], u[i + 1])
+    cs = _ab_weights((u[i + 1], *(u[i - j] for j in range(qc))), u[i], u[i + 1])
     run.memory["v"] = ([v_new] + hist)[:order]
-    return (c_n / c_i) * x + c_n * sum(c * h for c, h in zip(cs, [v_new] + hist[:qc]))
+    return _combine(x, c_n / c_i, [c_n * c for c in cs], [v_new] + hist[:qc])
 
 
 def _velocity(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """v = eps - x0 at grid point i from the data prediction (eps = (x - alpha x0) / sigma)."""
     a, s = run.alpha[i], run.sigma[i]
-    return x / s - (1 + a / s) * run.x0(x, i)
+    return run.x0(x, i).mul(-(1 + a / s)).add_(x, alpha=1 / s)  # x / s - (1 + a / s) x0, two kernels
 
 
 def _prepare(name: str):
