@@ -16,6 +16,12 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
 - [`from_score_sde`][scoresolve.adapters.from_score_sde]: score_sde / score_sde_pytorch networks (VP, sub-VP, VE;
   continuous or discrete).
 
+And the other way round, scoresolve's solvers where people sample:
+
+- [`k_diffusion_sampler`][scoresolve.adapters.k_diffusion_sampler]: a grid solver with k-diffusion's sampler
+  signature (ComfyUI's ``KSAMPLER``); [`k_diffusion_sigmas`][scoresolve.adapters.k_diffusion_sigmas] our named and
+  tuned grids as k-diffusion sigmas.
+
 diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers].
 """
 
@@ -36,6 +42,7 @@ from .diffusers_flow import (
     from_diffusers_flow,
 )
 from .diffusers_schedule import DiffusersSchedule, X0Processing, diffusers_schedule
+from .k_diffusion import KDiffusionSampler, k_diffusion_sampler, k_diffusion_sigmas
 from .karras import EDMSDE, RescaledDenoiser, from_karras
 from .score_sde import ReversedIndex, from_score_sde
 
@@ -47,6 +54,7 @@ __all__ = [
     "FlowSchedule",
     "FlowTimestep",
     "FlowTransformerNet",
+    "KDiffusionSampler",
     "RescaledDenoiser",
     "X0Processing",
     "ReversedIndex",
@@ -56,6 +64,8 @@ __all__ = [
     "from_diffusers_flow",
     "from_karras",
     "from_score_sde",
+    "k_diffusion_sampler",
+    "k_diffusion_sigmas",
     "load_diffusers",
     "scheduler_grid",
     "sde_from_scheduler",
