@@ -111,8 +111,9 @@ def test_sigmas_match_k_diffusion_schedules():
     ref = kd.get_sigmas_exponential(7, 0.03, 14.6, device="cpu").to(torch.float64)
     assert torch.allclose(k_diffusion_sigmas("logsnr", 7, 0.03, 14.6), ref, rtol=1e-6, atol=0)
     # in the time variable of a VP schedule: sigma = exp(-lambda(t)) of our grid in t
-    vp = DiscreteVPSDE(alphas_cumprod=torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
-    smin, smax = math.exp(-float(vp.log_snr(torch.tensor(1e-3, dtype=torch.float64)))), math.exp(-float(vp.log_snr(torch.tensor(1.0, dtype=torch.float64))))
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    vp = DiscreteVPSDE(alphas_cumprod=ac)
+    smin, smax = (math.exp(-float(vp.log_snr(torch.tensor(t, dtype=torch.float64)))) for t in (1e-3, 1.0))
     sig = k_diffusion_sigmas("uniform", 5, smin, smax, sde=vp)
     ts = vp.t_from_log_snr(-torch.log(sig[:-1]))
     assert torch.allclose(ts, torch.linspace(1.0, 1e-3, 5, dtype=torch.float64), rtol=1e-9, atol=1e-12)

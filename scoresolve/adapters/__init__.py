@@ -18,11 +18,14 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
 
 And the other way round, scoresolve's solvers where people sample:
 
+- [`ScoresolveScheduler`][scoresolve.adapters.ScoresolveScheduler]: a diffusers scheduler (``SchedulerMixin`` +
+  ``ConfigMixin``) that runs a grid solver inside any diffusers pipeline (imported on first use: needs diffusers).
 - [`k_diffusion_sampler`][scoresolve.adapters.k_diffusion_sampler]: a grid solver with k-diffusion's sampler
   signature (ComfyUI's ``KSAMPLER``); [`k_diffusion_sigmas`][scoresolve.adapters.k_diffusion_sigmas] our named and
   tuned grids as k-diffusion sigmas.
 
-diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers].
+diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers] and by
+``scoresolve.adapters.ScoresolveScheduler`` (a lazy attribute).
 """
 
 from .diffusers import (
@@ -51,6 +54,8 @@ __all__ = [
     "DiffusersNet",
     "DiffusersSchedule",
     "EDMSDE",
+    "ScoresolveScheduler",
+    "ScoresolveSchedulerOutput",
     "FlowSchedule",
     "FlowTimestep",
     "FlowTransformerNet",
@@ -71,3 +76,12 @@ __all__ = [
     "sde_from_scheduler",
     "timesteps_to_grid",
 ]
+
+
+def __getattr__(name: str):
+    """``ScoresolveScheduler`` subclasses diffusers' classes: imported on first use (diffusers stays optional)."""
+    if name in ("ScoresolveScheduler", "ScoresolveSchedulerOutput"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
