@@ -18,8 +18,9 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
 
 And the other way round, scoresolve's solvers where people sample:
 
-- [`ScoresolveScheduler`][scoresolve.adapters.ScoresolveScheduler]: a diffusers scheduler (``SchedulerMixin`` +
-  ``ConfigMixin``) that runs a grid solver inside any diffusers pipeline (imported on first use: needs diffusers).
+- [`ScoresolveScheduler`][scoresolve.adapters.scheduler.ScoresolveScheduler]: a diffusers scheduler
+  (``SchedulerMixin`` + ``ConfigMixin``) that runs a grid solver inside any diffusers pipeline (imported on first
+  use: needs diffusers).
 - [`k_diffusion_sampler`][scoresolve.adapters.k_diffusion_sampler]: a grid solver with k-diffusion's sampler
   signature (ComfyUI's ``KSAMPLER``); [`k_diffusion_sigmas`][scoresolve.adapters.k_diffusion_sigmas] our named and
   tuned grids as k-diffusion sigmas.

@@ -156,7 +156,8 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
         sde: the time variable in which the grid is laid out: ``"edm"`` (t = sigma, as k-diffusion's
             ``get_sigmas_karras``), or a forward SDE (e.g. the model's ``DiscreteVPSDE``: a uniform grid is then
             uniform in its t, a tuned grid is in its t), mapped to sigma = exp(-lambda(t)).
-        rho, shift: the karras grid's rho; SD3's shift of the grids in t.
+        rho: the karras grid's rho.
+        shift: SD3's shift of the grids in t.
         device: of the result (float64, like the grids).
     """
     from ..solvers import time_grid

@@ -72,9 +72,10 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
     Create it from another scheduler's config, ``ScoresolveScheduler.from_config(pipe.scheduler.config,
     solver="unipc", solver_options={"order": 3}, grid="logsnr")``, and set ``pipe.scheduler`` to it.
 
+    ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``, ``trained_betas`` and
+    ``rescale_betas_zero_snr`` are the DDPM-family schedule (diffusers' meanings; for flow matching only N is used).
+
     Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: the
-            DDPM-family schedule (diffusers' meanings); unused for flow matching.
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow"`` (rectified flow,
             u = eps - x0; ``"flow_prediction"`` is accepted).
         solver: a registered grid solver with one evaluation per step (``scoresolve.list_solvers()``).
