@@ -305,8 +305,9 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
              ) -> ScoresolveSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One evaluation of the pipeline's loop: ``model_output`` is the network's prediction (of the configured
         type, guidance applied) at ``sample`` and ``timestep``. Returns the state at the next timestep (or the
-        solve's result after the last one) and this evaluation's x0 prediction. ``generator``: the noise of
-        stochastic solvers (the one given at the first step is used for the whole loop)."""
+        solve's result after the last one) and this evaluation's x0 prediction, in ``sample``'s dtype (float16 and
+        bfloat16 states are stepped in float32). ``generator``: the noise of stochastic solvers (the one given at the
+        first step is used for the whole loop)."""
         from ..solvers._grid import GridRun
         from ..solvers.multistep import unipc_correct, unipc_predict, unipc_start
 
@@ -314,6 +315,9 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps first")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
+        dtype = sample.dtype
+        if dtype not in (torch.float32, torch.float64):  # half precision: the solve runs in float32, like diffusers'
+            sample, model_output = sample.float(), model_output.float()
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self._index_of(timestep)
         k = self._step_index
@@ -352,6 +356,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         finally:
             self.replay.out = None
         self._step_index = k + 1
+        prev, x0 = prev.to(dtype), x0.to(dtype)
         if not return_dict:
             return prev, x0
         return ScoresolveSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
