@@ -79,6 +79,25 @@ def test_ddpm_pipeline_equals_sample(unet, prediction, solver, options):
     assert rel((other / 2 + 0.5).clamp(0, 1), ref) > 1e-4
 
 
+@pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("ddim", {"eta": 1.0})])
+def test_ddpm_pipeline_stochastic_solvers_share_the_generator(unet, solver, options):
+    """DDPMPipeline draws x_T from its generator and hands the same generator to every step: our stochastic step
+    draws from it in the order ``scoresolve.sample`` does."""
+    cfg = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample").config
+    sch = ScoresolveScheduler.from_config(cfg, solver=solver, solver_options=options)
+    pipe = DDPMPipeline(unet=unet, scheduler=sch)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    g = torch.Generator().manual_seed(5)
+    x_T = randn_tensor((2, 3, 8, 8), generator=g, dtype=torch.float64)
+    model, sde = from_diffusers(unet, cfg)
+    sol = ss.sample(model, sde, x_T, solver=solver, grid=sch.grid, denoise=True, generator=g, **options)
+    assert rel(img, (sol.x / 2 + 0.5).clamp(0, 1)) <= 1e-6
+    det = ss.sample(model, sde, x_T, solver=solver, grid=sch.grid, denoise=True,
+                    generator=torch.Generator().manual_seed(6), **options)
+    assert rel(det.x, sol.x) > 1e-3  # the noise matters
+
+
 @torch.no_grad()
 def test_pred_original_sample_and_epsilon(unet):
     cfg = DDPMScheduler(num_train_timesteps=1000).config  # epsilon
@@ -291,6 +310,37 @@ def test_sd_pipeline_matches_dpm_solver_multistep(sd_pipe, steps):
     other = _run_sd(sd_pipe, ScoresolveScheduler.from_config(dpm.config, solver="dpmpp_2m"),
                     timesteps=dpm.timesteps.tolist())
     assert rel(other, ref) > 20 * err
+
+
+@needs_transformers
+def test_sd_img2img_pipeline_equals_sample_from_its_noised_latents(sd_pipe):
+    """StableDiffusionImg2ImgPipeline: set_timesteps, set_begin_index(t_start), add_noise at timesteps[t_start], then
+    the loop over the rest; the result is ``scoresolve.sample`` on ``grid[t_start:]`` from the noised latents."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionImg2ImgPipeline(**sd_pipe.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    sch = ScoresolveScheduler.from_config(SD_CONFIG, solver="unipc")
+    noised = {}
+    add_noise = sch.add_noise
+
+    def recording_add_noise(*args, **kwargs):
+        noised["x"] = add_noise(*args, **kwargs)
+        return noised["x"]
+
+    sch.add_noise = recording_add_noise
+    pipe.scheduler = sch
+    pe, ne = _embeds()
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lat = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, image=image, strength=0.6, guidance_scale=4.0,
+               num_inference_steps=10, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert sch.begin_index == 4 and sch.step_index == 10
+    model, sde = from_diffusers(_guided_unet(sd_pipe.unet), SD_CONFIG)
+    sol = ss.sample(model, sde, noised["x"], solver="unipc", grid=sch.grid[4:], denoise=True)
+    assert int(sol.nfe[0]) == 6
+    assert rel(lat, sol.x) < 1e-10
 
 
 # ---------------------------------------------------------------------------------------------------------------
