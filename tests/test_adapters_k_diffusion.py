@@ -150,3 +150,27 @@ def test_bad_input_is_refused():
         fn(denoiser(), x, torch.tensor([2.0, 0.0, 1.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         k_diffusion_sigmas("karras", 5, 2.0, 1.0)
+
+
+@needs_kd
+def test_flow_state_euler_equals_k_diffusion_and_unipc_equals_sample():
+    """sde="flow": x = (1 - sigma) x0 + sigma z (ComfyUI's CONST sampling). k-diffusion's Euler on the x0 denoiser is
+    then rectified flow's Euler, ours too; unipc there is scoresolve.sample on RectifiedFlow."""
+    rf = ss.RectifiedFlow()
+
+    def D(x, sigma, **kwargs):
+        return GM.x0(x, sigma, rf)
+
+    sigmas = k_diffusion_sigmas("uniform", 8, 0.02, 1.0, sde="flow", shift=3.0)
+    assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0 and float(sigmas[-2]) == pytest.approx(0.02)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = kd.sample_euler(D, x, sigmas, disable=True)
+    ours = k_diffusion_sampler("euler", sde="flow")(D, x, sigmas)
+    assert rel(ours, ref) < 1e-12
+    assert rel(k_diffusion_sampler("euler")(D, x, sigmas[1:]), kd.sample_euler(D, x, sigmas[1:])) < 1e-12  # VE too
+    model = ss.ScoreModel(D, rf, prediction="x0", time="t")
+    sol = ss.sample(model, rf, x, solver="unipc", grid=sigmas[:-1], denoise=True)
+    assert rel(k_diffusion_sampler("unipc", sde="flow")(D, x, sigmas), sol.x) < 1e-12
+    assert rel(k_diffusion_sampler("unipc")(D, x, sigmas[1:]), sol.x) > 1e-3  # the VE state is another process
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        k_diffusion_sampler("unipc", sde="flow")(D, x * 5, sigmas * 5)

@@ -15,6 +15,10 @@ under the change to the VE variable (alpha = 1, lambda = -log sigma), so ``dpmpp
 ``sample_dpmpp_2m`` when its options match (``lower_order_final=False``: k-diffusion keeps the second order up to
 its last step to a nonzero sigma), ``euler`` / ``heun`` are k-diffusion's Euler and Heun in sigma.
 
+``sde="flow"`` takes the state of flow-matching models instead (ComfyUI's ``CONST`` sampling of SD3 / Flux):
+x = (1 - sigma) x0 + sigma z, sigma in (0, 1], our [`RectifiedFlow`][scoresolve.RectifiedFlow] with t = sigma and
+the same x0 denoiser; k-diffusion's Euler there is rectified flow's Euler, and so is ours.
+
 [`k_diffusion_sigmas`][scoresolve.adapters.k_diffusion_sigmas] lays our named grids (uniform, quadratic, logsnr,
 karras) or a tuned grid between sigma_max and sigma_min and returns k-diffusion's sigmas (with the final 0).
 """
@@ -26,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..interpolant import RectifiedFlow
 from ..score import ScoreModel
 from ..sde import EDMSDE, ForwardSDE
 
@@ -51,13 +56,18 @@ class KDiffusionSampler:
     """A scoresolve grid solver as a k-diffusion sampler (see the module docstring); build with
     [`k_diffusion_sampler`][scoresolve.adapters.k_diffusion_sampler].
 
-    ``solver``: the registered name; ``options``: its options (``sample(..., **options)``), plus ``generator`` /
-    ``seeds`` for the stochastic ones and ``diffusion`` (s = c g; default the solver's own).
+    ``solver``: the registered name; ``sde``: ``"ve"`` (k-diffusion's x = x0 + sigma z, default) or ``"flow"``
+    (rectified flow x = (1 - sigma) x0 + sigma z, sigma in (0, 1]: ComfyUI's ``CONST`` model sampling of SD3 /
+    Flux, whose denoiser also returns x0); ``options``: the solver's options (``sample(..., **options)``), plus
+    ``generator`` / ``seeds`` for the stochastic ones and ``diffusion`` (s = c g; default the solver's own).
     """
 
-    def __init__(self, solver: str, **options: Any) -> None:
+    def __init__(self, solver: str, *, sde: str = "ve", **options: Any) -> None:
+        if sde not in ("ve", "flow"):
+            raise ValueError(f"sde must be 've' (x = x0 + sigma z) or 'flow' (x = (1 - sigma) x0 + sigma z), "
+                             f"got {sde!r}")
         self.spec = _grid_spec(solver)
-        self.solver = solver
+        self.solver, self.sde = solver, sde
         self.generator = options.pop("generator", None)
         self.diffusion = options.pop("diffusion", None)
         self.spec.check_options(options)
@@ -91,9 +101,14 @@ class KDiffusionSampler:
             raise ValueError(f"sigmas must be positive except for a final 0, got {sig.tolist()[:8]}...")
         if grid.numel() >= 2 and not bool((grid[1:] < grid[:-1]).all()):
             raise ValueError(f"sigmas must be strictly decreasing, got {sig.tolist()[:8]}...")
-        sde = EDMSDE(T=float(grid[0]))
+        if self.sde == "flow":
+            if float(grid[0]) > 1.0:
+                raise ValueError(f"flow sigmas lie in (0, 1], got sigma_max = {float(grid[0])}")
+            sde: ForwardSDE = RectifiedFlow()
+        else:
+            sde = EDMSDE(T=float(grid[0]))
         model_sm = ScoreModel(_Reporting(model, sig, callback) if callback is not None else model, sde,
-                              prediction="x0", time="sigma", net_kwargs=dict(extra_args or {}))
+                              prediction="x0", time="t", net_kwargs=dict(extra_args or {}))  # t is sigma in both
         options = {**self.options, **extra_options}
         if grid.numel() == 1:  # one step to sigma = 0: the x0 prediction
             t = torch.full((x.shape[0],), float(grid[0]), dtype=x.dtype, device=x.device)
@@ -125,16 +140,17 @@ class _Reporting:
         return denoised
 
 
-def k_diffusion_sampler(name: str, **options: Any) -> KDiffusionSampler:
+def k_diffusion_sampler(name: str, *, sde: str = "ve", **options: Any) -> KDiffusionSampler:
     """The registered grid solver ``name`` as a k-diffusion sampler ``fn(model, x, sigmas, extra_args=None,
     callback=None, disable=None)``; ``options`` are the solver's (``scoresolve.list_solvers()``; e.g. ``order``,
-    ``afs``, ``lower_order_final``), plus ``generator`` and ``diffusion`` for stochastic ones.
+    ``afs``, ``lower_order_final``), plus ``generator`` and ``diffusion`` for stochastic ones. ``sde="flow"``: the
+    state is rectified flow's x = (1 - sigma) x0 + sigma z (ComfyUI's SD3 / Flux models) instead of x0 + sigma z.
 
     Unknown options raise the solver's TypeError here, adaptive solvers a ValueError. In ComfyUI::
 
         comfy.samplers.KSAMPLER(k_diffusion_sampler("unipc", order=3))
     """
-    return KDiffusionSampler(name, **options)
+    return KDiffusionSampler(name, sde=sde, **options)
 
 
 def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_max: float | None = None, *,
@@ -154,7 +170,9 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
             (its own end points).
         sigma_max: the first sigma; None for a tuned grid.
         sde: the time variable in which the grid is laid out: ``"edm"`` (t = sigma, as k-diffusion's
-            ``get_sigmas_karras``), or a forward SDE (e.g. the model's ``DiscreteVPSDE``: a uniform grid is then
+            ``get_sigmas_karras``), ``"flow"`` (rectified flow's t = sigma in (0, 1], the sigmas of
+            ``k_diffusion_sampler(..., sde="flow")``; from sigma_max = 1 only the grids in t, uniform and
+            quadratic, with ``shift``), or a forward SDE (e.g. the model's ``DiscreteVPSDE``: a uniform grid is then
             uniform in its t, a tuned grid is in its t), mapped to sigma = exp(-lambda(t)).
         rho: the karras grid's rho.
         shift: SD3's shift of the grids in t.
@@ -172,8 +190,8 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
     elif isinstance(grid, str) and grid.startswith("tuned:"):
         tuned = load_grid(grid[len("tuned:"):])
     if isinstance(sde, str):
-        if sde != "edm":
-            raise ValueError(f"sde must be 'edm' or a ForwardSDE instance, got {sde!r}")
+        if sde not in ("edm", "flow"):
+            raise ValueError(f"sde must be 'edm', 'flow' or a ForwardSDE instance, got {sde!r}")
         if tuned is not None:
             raise ValueError("a tuned grid lives in the time variable of the SDE it was tuned on: pass that SDE "
                              "as sde=")
@@ -195,8 +213,10 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
         sigma_min, sigma_max = float(sigma_min), float(sigma_max)
         if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if sde == "flow" and sigma_max > 1.0:
+            raise ValueError(f"flow sigmas lie in (0, 1], got sigma_max = {sigma_max}")
         if isinstance(sde, str):
-            fwd: ForwardSDE = EDMSDE(T=sigma_max)
+            fwd: ForwardSDE = EDMSDE(T=sigma_max) if sde == "edm" else RectifiedFlow()
             T, t_eps = sigma_max, sigma_min
         else:
             fwd = sde
