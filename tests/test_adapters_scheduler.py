@@ -209,6 +209,12 @@ def test_refused(solver, options, match):
         ScoresolveScheduler(solver=solver, solver_options=options)
 
 
+def test_clipping_in_the_source_config_is_reported():
+    with pytest.warns(UserWarning, match="clip_sample=True"):
+        sch = ScoresolveScheduler.from_config(DDPMScheduler(clip_sample=True).config)
+    assert sch.config.solver == "dpmpp_2m"
+
+
 def test_refused_options_and_inputs():
     with pytest.raises(TypeError, match="unknown option"):
         ScoresolveScheduler(solver="dpmpp_2m", solver_options={"ordr": 2})

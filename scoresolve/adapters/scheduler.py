@@ -180,6 +180,13 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             if "flow_shift" in cfg and "shift" not in cfg:
                 cfg["shift"] = cfg["flow_shift"]
             cfg["shift"] = float(cfg.get("shift", 1.0))
+        ignored = [k for k in ("clip_sample", "thresholding") if cfg.get(k)]
+        if ignored:
+            import warnings
+
+            warnings.warn("ScoresolveScheduler does not clip or threshold the x0 prediction "
+                          f"({', '.join(ignored)}=True in the source config is ignored): the solvers integrate "
+                          "the probability-flow ODE of the network itself", stacklevel=2)
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --- the schedule -----------------------------------------------------------------------------------------
