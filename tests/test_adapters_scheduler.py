@@ -58,7 +58,7 @@ def unet():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 @pytest.mark.parametrize("solver,options", [("dpmpp_2m", {}), ("unipc", {}), ("ipndm", {}), ("deis", {}),
-                                            ("dpmpp_3m", {}), ("ddim", {})])
+                                            ("dpmpp_3m", {}), ("ddim", {}), ("euler", {})])
 def test_ddpm_pipeline_equals_sample(unet, prediction, solver, options):
     cfg = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction).config
     sch = ScoresolveScheduler.from_config(cfg, solver=solver, solver_options=options)
@@ -79,7 +79,8 @@ def test_ddpm_pipeline_equals_sample(unet, prediction, solver, options):
     assert rel((other / 2 + 0.5).clamp(0, 1), ref) > 1e-4
 
 
-@pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("ddim", {"eta": 1.0})])
+@pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("ddim", {"eta": 1.0}), ("euler_maruyama", {}),
+                                            ("reverse_diffusion", {})])
 def test_ddpm_pipeline_stochastic_solvers_share_the_generator(unet, solver, options):
     """DDPMPipeline draws x_T from its generator and hands the same generator to every step: our stochastic step
     draws from it in the order ``scoresolve.sample`` does."""
@@ -203,7 +204,8 @@ def test_save_and_load_round_trip(tmp_path, unet):
 @pytest.mark.parametrize("solver,options,match", [
     ("heun", {}, "evaluations per step"), ("dpm_solver_2", {}, "evaluations per step"),
     ("pc", {}, "evaluations per step"), ("dopri5", {}, "adaptive"), ("unipc", {"afs": True}, "afs"),
-    ("unipc", {"final_corrector": True}, "final_corrector"), ("nope", {}, "unknown solver")])
+    ("unipc", {"final_corrector": True}, "final_corrector"), ("nope", {}, "unknown solver"),
+    ("rk4", {}, "evaluations per step")])
 def test_refused(solver, options, match):
     with pytest.raises(ValueError, match=match):
         ScoresolveScheduler(solver=solver, solver_options=options)

@@ -43,6 +43,10 @@ __all__ = ["ScoresolveScheduler", "ScoresolveSchedulerOutput"]
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow", "flow_prediction": "flow"}
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+# grid solvers whose step i evaluates the network once, at grid point i (unipc: its corrector's evaluation at the
+# predicted point is the next step's, see `step`); tests/test_adapters_scheduler.py checks each against sample()
+SCHEDULER_SOLVERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "dpmpp_2m_sde",
+                     "euler_maruyama", "reverse_diffusion")
 
 
 @dataclass
@@ -145,8 +149,10 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         if spec.evals(options) != 1 or spec.extra(options) != 0:
             raise ValueError(
                 f"solver {solver!r} makes {spec.evals(options)} network evaluations per step at points of its own: "
-                "ScoresolveScheduler runs solvers with one evaluation per step (ddim, euler, dpmpp_2m, dpmpp_3m, "
-                "unipc, ipndm, deis, dpmpp_2m_sde, euler_maruyama, reverse_diffusion)")
+                f"ScoresolveScheduler runs solvers with one evaluation per step ({', '.join(SCHEDULER_SOLVERS)})")
+        if solver not in SCHEDULER_SOLVERS:
+            raise ValueError(f"solver {solver!r} is not verified to take one evaluation per step at the pipeline's "
+                             f"points; ScoresolveScheduler runs {', '.join(SCHEDULER_SOLVERS)}")
         self.options = options
         self.replay = _Replay()
         self.model = ScoreModel(self.replay, self.sde, prediction=_PREDICTIONS[prediction_type],
