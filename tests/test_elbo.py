@@ -228,3 +228,68 @@ def test_bad_input_is_refused():
         elbo(model, SDE, x, 5, variance="beta", seeds=[1, 2, 3])
     with pytest.raises(ValueError, match="> 0"):
         elbo(model, SDE, x, 5, variance=torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling with these variances. For isotropic Gaussian data N(m, c I) the reverse kernel q(x_s | x_t) of the
+# DDIM(eta) family is Gaussian with exactly the family's mean and the analytic variance, so ancestral sampling from
+# x_T ~ p_T with the analytic variance (exact Gamma) has the exact marginal at every grid time, for any step count.
+# ----------------------------------------------------------------------------------------------------------------
+def _gaussian_problem(grid):
+    c, m = 0.09, torch.tensor([0.8, -0.5], dtype=torch.float64)
+    gm = ss.GaussianMixture([1.0], m[None], torch.tensor([c], dtype=torch.float64))
+    sde = ss.VPSDE()
+    a, s = sde.marginal(grid)
+    mom = MomentEstimate(t=grid.flip(0), gamma=(s**2 / (a**2 * c + s**2)).flip(0), num_samples=0, evaluations=0)
+    x_T = gm.sample_marginal(20000, float(grid[0]), sde, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64)
+    return gm, sde, mom, x_T, c, m
+
+
+@pytest.mark.parametrize("solver,eta", [("reverse_diffusion", None), ("ddim", 1.0), ("ddim", 0.0)])
+def test_analytic_variance_sampling_is_exact_on_gaussian_data(solver, eta):
+    grid = torch.tensor([0.8, 0.3, 0.05, 0.01], dtype=torch.float64)  # 3 coarse steps
+    gm, sde, mom, x_T, c, m = _gaussian_problem(grid)
+    kw = {} if eta is None else {"eta": eta}
+    a, s = (float(v) for v in sde.marginal(grid[-1]))
+    want = a**2 * c + s**2
+    seeds = torch.arange(x_T.shape[0])
+    out = {}
+    wrong = ("beta", "beta_tilde") if eta != 0.0 else (None, "beta")  # DDIM(0)'s own: no noise at all
+    for variance in ("analytic",) + wrong:
+        sol = ss.sample(gm.model(sde, "eps"), sde, x_T, solver=solver, grid=grid, variance=variance, moments=mom,
+                        seeds=seeds, **kw)
+        out[variance] = sol.x.var(0).mean().item()
+        if variance == "analytic":
+            torch.testing.assert_close(sol.x.mean(0), a * m, atol=4 * math.sqrt(want / 20000), rtol=0)
+    se = want * math.sqrt(2 / 40000)  # std of a variance estimate from 2 x 20000 values
+    assert abs(out["analytic"] - want) < 4 * se
+    for variance in wrong:  # 0.024 (beta-tilde), 0.39 (beta), 0.037 (DDIM) against 0.092
+        assert abs(out[variance] - want) > 10 * se, variance
+
+
+def test_variance_names_and_options():
+    gm = ss.GaussianMixture.random(dim=2, num_components=2, seed=0)
+    sde = ss.VPSDE()
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0))
+    model = gm.model(sde, "eps")
+    seeds = torch.arange(16)
+    kw = dict(steps=6, seeds=seeds)
+    for new, old in (("beta", "forward"), ("beta_tilde", "posterior")):
+        a = ss.sample(model, sde, x_T, solver="reverse_diffusion", variance=new, **kw).x
+        b = ss.sample(model, sde, x_T, solver="reverse_diffusion", variance=old, **kw).x
+        assert torch.equal(a, b)
+    a = ss.sample(model, sde, x_T, solver="ddim", eta=1.0, variance="beta_tilde", **kw).x
+    b = ss.sample(model, sde, x_T, solver="ddim", eta=1.0, **kw).x
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # DDPM's posterior variance is DDIM's eta = 1
+    capped = ss.sample(model, sde, x_T, solver="reverse_diffusion", last_std=0.0, **kw).x
+    mean_only = ss.sample(model, sde, x_T, solver="reverse_diffusion", steps=6, seeds=seeds, save_trajectory=True)
+    assert not torch.equal(capped, mean_only.x)  # the last step's noise is gone
+    with pytest.raises(ValueError, match="moments"):
+        ss.sample(model, sde, x_T, solver="ddim", eta=0.5, variance="analytic", **kw)
+    with pytest.raises(ValueError, match="variance must be one of"):
+        ss.sample(model, sde, x_T, solver="ddim", variance="forward", **kw)
+    mom = MomentEstimate(t=torch.tensor([0.5, 1.0], dtype=torch.float64), gamma=torch.tensor([0.5, 0.9]),
+                         num_samples=1, evaluations=2)
+    with pytest.raises(ValueError, match="covers"):
+        ss.sample(model, sde, x_T, solver="ddim", variance="analytic", moments=mom, **kw)
