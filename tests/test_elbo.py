@@ -293,3 +293,19 @@ def test_variance_names_and_options():
                          num_samples=1, evaluations=2)
     with pytest.raises(ValueError, match="covers"):
         ss.sample(model, sde, x_T, solver="ddim", variance="analytic", moments=mom, **kw)
+
+
+def test_benchmark_smoke(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "elbo.py"), "--num", "2", "--chain", "20", "--ks", "5", "20",
+           "--moment-samples", "2", "--samples", "6", "--sample-ks", "4", "--no-ode", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(root), "SCORESOLVE_MOMENT_DIR": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 20 |" in proc.stdout and "Analytic-DDIM (eta = 0)" in proc.stdout
+    assert len(list(tmp_path.glob("moments-*.json"))) == 1  # the moment estimate was saved
