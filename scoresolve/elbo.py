@@ -336,3 +336,21 @@ def elbo(model: Callable, sde: ForwardSDE, x: torch.Tensor, steps: int | Sequenc
     stats = elbo_statistics(model, sde, x, steps, num_timesteps=num_timesteps, seeds=seeds, batch_size=batch_size)
     return bound(stats, sde, variance, eta=eta, moments=moments, decoder=decoder, decoder_variance=decoder_variance,
                  num_levels=num_levels, bits=bits, data_range=data_range)
+
+
+def elbo_fn(model: Callable, sde: ForwardSDE, steps: int | Sequence[float] | torch.Tensor = 1000,
+            variance: str | torch.Tensor = "analytic", **elbo_kwargs: Any) -> Callable:
+    """A per-batch function ``fn(x, generator)`` for [`evaluate_dataset`][scoresolve.evaluate_dataset]: the bound
+    as ``log_prob`` (so the dataset's bits/dim is the bound's, with the dequantization offset of L-level data), with
+    ``nfe``, ``prior``, ``steps_kl`` (the summed step terms) and ``decoder`` per sample. The x_k draws are seeded
+    per sample from the batch's generator. ``elbo_kwargs`` go to `elbo` (not ``seeds``)."""
+    if "seeds" in elbo_kwargs:
+        raise ValueError("the seeds come from the batch's generator; do not pass them")
+
+    def fn(x: torch.Tensor, generator: torch.Generator) -> dict:
+        seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator, device=generator.device).cpu()
+        r = elbo(model, sde, x, steps, variance, seeds=seeds, **elbo_kwargs)
+        return {"log_prob": r.elbo, "nfe": torch.full((x.shape[0],), float(r.nfe), dtype=torch.float64),
+                "prior": r.prior, "steps_kl": r.terms.sum(1), "decoder": r.decoder}
+
+    return fn
