@@ -354,3 +354,41 @@ def elbo_fn(model: Callable, sde: ForwardSDE, steps: int | Sequence[float] | tor
                 "prior": r.prior, "steps_kl": r.terms.sum(1), "decoder": r.decoder}
 
     return fn
+
+
+def optimal_steps(sde: ForwardSDE, moments: MomentEstimate, steps: int, *, num_timesteps: int | None = None,
+                  eta: float = 1.0, data_range: Sequence[float] | None = None) -> torch.Tensor:
+    """The K-step subsequence of the N-step chain that maximises the expected bound with the analytic variance
+    (Bao et al. 2022, Section 4: dynamic programming), as times t_1..t_K (n_1 = 1, n_K = N; use as ``steps=``).
+
+    With the optimal variance a step's expected term is d/2 log(v*/lambda^2), so the DP minimises the sum of
+    log(v*(t_r -> t_s) / lambda^2(t_r -> t_s)) over the chain's steps s < r, with v* from ``moments`` (which must
+    cover all N times) and the ``data_range`` bound; O(K N^2) work on the host, no network evaluation.
+    """
+    times, _ = chain_times(sde, int(getattr(sde, "num_timesteps", 0) or num_timesteps or 1000), num_timesteps)
+    N, K = times.numel() - 1, int(steps)
+    if not 2 <= K <= N:
+        raise ValueError(f"steps must lie in [2, N = {N}], got {steps}")
+    if K == N:
+        return times[1:].clone()
+    ts = times[1:]  # t_1 .. t_N
+    s, r = torch.triu_indices(N, N, offset=1)  # steps t_r -> t_s, s < r (0-based positions)
+    t_r, t_s = ts[r], ts[s]
+    v = analytic_variance(sde, t_r, t_s, moments.at(t_r), eta, data_range)
+    lam2 = base_variance(sde, t_r, t_s, eta)
+    cost = torch.full((N, N), math.inf, dtype=torch.float64)
+    cost[s, r] = torch.log(v / lam2)
+    best = torch.full((N,), math.inf, dtype=torch.float64)
+    best[0] = 0.0  # the chain starts at t_1 (position 0)
+    back = []
+    for _ in range(K - 1):
+        total = best[:, None] + cost  # [from s, to r]
+        best, arg = total.min(0)
+        back.append(arg)
+    path = [N - 1]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    path.reverse()
+    if path[0] != 0 or not math.isfinite(float(best[N - 1])):
+        raise RuntimeError("no finite path through the chain (non-finite moments?)")
+    return ts[torch.tensor(path)]

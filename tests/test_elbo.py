@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import scoresolve as ss
-from scoresolve.elbo import ElboStatistics, bound, chain_times, elbo, elbo_statistics
+from scoresolve.elbo import ElboStatistics, bound, chain_times, elbo, elbo_statistics, optimal_steps
 from scoresolve.reverse_variance import MomentEstimate
 
 SDE = ss.DiscreteVPSDE.linear(1000)
@@ -23,8 +23,8 @@ M = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64)
 LOGP = float(-0.5 * 4 * math.log(2 * math.pi) - 0.5 * torch.log(C).sum() - 0.5 * 4)  # E log N(x; m, diag c)
 
 
-def _expected_stats(sde, K):
-    times, counters = chain_times(sde, K)
+def _expected_stats(sde, K, num_timesteps=None):
+    times, counters = chain_times(sde, K, num_timesteps)
     a, s = sde.marginal(times[1:])
     err2 = (a / s) ** 2 * (C[None] * s[:, None] ** 2 / (a[:, None] ** 2 * C[None] + s[:, None] ** 2)).sum(1)
     x0 = torch.zeros(1, 4, dtype=torch.float64)
@@ -333,3 +333,33 @@ def test_cli_bound_elbo(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["likelihood", "--bound", "elbo", "--out-dir", str(tmp_path / "mix")])
     assert e.value.code == 2
+
+
+def test_optimal_trajectory():
+    """The DP's subsequence is the brute-force optimum of the summed log(v*/lambda^2) on a small chain, and on
+    Gaussian data (closed form) its expected bound beats the even subsequence's."""
+    import itertools
+
+    from scoresolve.reverse_variance import analytic_variance, base_variance
+
+    sde, N = ss.VPSDE(), 8
+    ts = chain_times(sde, N, num_timesteps=N)[0][1:]
+    mom = MomentEstimate(t=ts, gamma=torch.linspace(0.3, 0.999, N, dtype=torch.float64), num_samples=0,
+                         evaluations=0)
+
+    def cost(path):
+        return float(torch.log(analytic_variance(sde, path[1:], path[:-1], mom.at(path[1:]))
+                               / base_variance(sde, path[1:], path[:-1])).sum())
+
+    for K in (2, 3, 5):
+        brute = min(cost(ts[[0, *c, N - 1]]) for c in itertools.combinations(range(1, N - 1), K - 2))
+        dp = optimal_steps(sde, mom, K, num_timesteps=N)
+        assert dp.numel() == K and float(dp[0]) == float(ts[0]) and float(dp[-1]) == float(ts[-1])
+        assert cost(dp) == pytest.approx(brute, rel=1e-12)
+    assert torch.equal(optimal_steps(sde, mom, N, num_timesteps=N), ts)
+    full, mom = _expected_stats(sde, 200, 200)
+    even, _ = _expected_stats(sde, 10, 200)
+    path = optimal_steps(sde, mom, 10, num_timesteps=200)
+    sub = full.subset(torch.cat([torch.zeros(1, dtype=torch.float64), path]))
+    b_dp, b_even = (float(bound(st, sde, "analytic", moments=mom).elbo) for st in (sub, even))
+    assert b_dp > b_even + 0.1, (b_dp, b_even)
