@@ -12,7 +12,8 @@ reuses the same network evaluations (N per digit). Two readings of the data:
   * "discretized": the bin centres with Ho et al.'s discretized Gaussian decoder over the 17 bins (a probability).
 The moment Gamma_n: M = 10 dequantized training digits per step at all N steps (10 N evaluations, cached with
 `scoresolve.cached_moments`); the analytic variance uses the [-1, 1] data-range bound. Decoder variance: DDPM's
-(beta-tilde_2, as Ho et al. and Bao et al.), and for "analytic*" the analytic one.
+(beta-tilde_2, as Ho et al. and Bao et al.), and for "analytic*" the analytic one. "DP trajectory": the analytic
+variance on the K-step subsequence chosen by `scoresolve.elbo.optimal_steps` (Bao et al.'s dynamic programming).
 
 Sampling: ancestral (reverse_diffusion) with beta, beta-tilde and the analytic variance, and DDIM (eta = 0) against
 Analytic-DDIM (eta = 0 mean + analytic noise), on the same K-step subsequences ending at t = 1/N, then the data
@@ -34,7 +35,7 @@ import scoresolve as ss
 from scoresolve.compare import sliced_wasserstein
 from scoresolve.data import DIGITS_LEVELS, dequantize, digits
 from scoresolve.dequantization import levels_offset
-from scoresolve.elbo import bound, chain_times, elbo_statistics
+from scoresolve.elbo import bound, chain_times, elbo_statistics, optimal_steps
 from scoresolve.models import load_digits_model
 
 PUBLISHED = """Published CIFAR-10 (Bao et al. 2022, Table 1; linear schedule, even steps; NLL bound, bits/dim):
@@ -43,6 +44,10 @@ PUBLISHED = """Published CIFAR-10 (Bao et al. 2022, Table 1; linear schedule, ev
 | DDPM beta-tilde | 74.95 | 24.98 | 12.01 | 7.08 | 5.03 | 4.29 | 3.73 |
 | DDPM beta | 6.99 | 6.11 | 5.44 | 4.86 | 4.39 | 4.07 | 3.75 |
 | Analytic-DDPM | 5.47 | 4.79 | 4.38 | 4.07 | 3.84 | 3.71 | 3.59 |"""
+
+
+def _cell(b: torch.Tensor) -> str:
+    return f"{float(b.mean()):.3f} +- {float(b.std() / math.sqrt(b.numel())):.3f}"
 
 
 def frechet(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,6 +106,7 @@ def main(argv=None) -> None:
         print(f"ODE likelihood: mean NFE {float(res.nfe.float().mean()):.0f} per digit, "
               f"{time.perf_counter() - t0:.0f} s")
 
+    dp: dict = {}
     cols = [("beta", "beta", "ddpm"), ("beta-tilde", "beta_tilde", "ddpm"), ("analytic", "analytic", "ddpm"),
             ("analytic*", "analytic", "analytic")]
     for reading, st in stats.items():
@@ -108,16 +114,23 @@ def main(argv=None) -> None:
               dict(decoder="discretized", num_levels=L, data_range=centres_range))
         print(f"\nDigits VP U-Net, {a.num} held-out digits, {reading} (bits/dim, mean +- standard error; "
               "analytic*: analytic decoder variance too)")
-        head = "| K | " + " | ".join(c[0] for c in cols) + (" | ODE |" if ode is not None else " |")
+        head = "| K | " + " | ".join(c[0] for c in cols) + " | analytic, DP trajectory" + (
+            " | ODE |" if ode is not None else " |")
         print(head)
-        print("| --- " * (len(cols) + 1 + (ode is not None)) + "|")
+        print("| --- " * (len(cols) + 2 + (ode is not None)) + "|")
         for K in a.ks:
             sub = st.subset(chain_times(sde, K, num_timesteps=N)[0])
             cells = []
             for _, variance, dec_var in cols:
                 r = bound(sub, sde, variance, moments=mom, decoder_variance=dec_var, **kw)
-                b = r.bits_per_dim
-                cells.append(f"{float(b.mean()):.3f} +- {float(b.std() / math.sqrt(b.numel())):.3f}")
+                cells.append(_cell(r.bits_per_dim))
+            if K not in dp:
+                dp[K] = optimal_steps(sde, mom, K, num_timesteps=N, data_range=rng) if 2 <= K < N else None
+            if dp[K] is not None:
+                path = st.subset(torch.cat([torch.zeros(1, dtype=torch.float64), dp[K]]))
+                cells.append(_cell(bound(path, sde, "analytic", moments=mom, **kw).bits_per_dim))
+            else:
+                cells.append(cells[2])
             extra = f" | {float(ode.mean()):.3f} +- {float(ode.std() / math.sqrt(ode.numel())):.3f} |" if (
                 ode is not None and reading == "dequantized") else (" | |" if ode is not None else " |")
             print(f"| {K} | " + " | ".join(cells) + extra)
