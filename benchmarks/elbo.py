@@ -134,6 +134,13 @@ def main(argv=None) -> None:
             extra = f" | {float(ode.mean()):.3f} +- {float(ode.std() / math.sqrt(ode.numel())):.3f} |" if (
                 ode is not None and reading == "dequantized") else (" | |" if ode is not None else " |")
             print(f"| {K} | " + " | ".join(cells) + extra)
+    above = (mom.gamma > 1).nonzero().flatten()
+    print(f"\nDP trajectories (n_k; the first Monte Carlo Gamma_n > 1 is at n = "
+          f"{int(above[0]) + 1 if above.numel() else 'none'}: from twice as far below N the chain is spaced evenly, "
+          "Bao et al.'s rule):")
+    for K, path in dp.items():
+        if path is not None:
+            print(f"  K = {K}: {(path * N).round().long().tolist()}")
     print("\n" + PUBLISHED)
 
     if a.sample_ks:

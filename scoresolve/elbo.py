@@ -364,6 +364,11 @@ def optimal_steps(sde: ForwardSDE, moments: MomentEstimate, steps: int, *, num_t
     With the optimal variance a step's expected term is d/2 log(v*/lambda^2), so the DP minimises the sum of
     log(v*(t_r -> t_s) / lambda^2(t_r -> t_s)) over the chain's steps s < r, with v* from ``moments`` (which must
     cover all N times) and the ``data_range`` bound; O(K N^2) work on the host, no network evaluation.
+
+    A Monte Carlo Gamma above 1 (impossible for the exact eps: noise, near T) makes a step from there look free
+    (v* clipped to lambda^2), and the DP would jump from T in one step. As Bao et al. do, the chain's tail from twice
+    that far below N is then left out of the DP and covered by evenly spaced steps (a share of K that grows with the
+    tail's length: K_2 = K - ceil((1 - 0.8 tail/N) K), at least 1).
     """
     times, _ = chain_times(sde, int(getattr(sde, "num_timesteps", 0) or num_timesteps or 1000), num_timesteps)
     N, K = times.numel() - 1, int(steps)
@@ -372,6 +377,26 @@ def optimal_steps(sde: ForwardSDE, moments: MomentEstimate, steps: int, *, num_t
     if K == N:
         return times[1:].clone()
     ts = times[1:]  # t_1 .. t_N
+    above = (moments.at(ts) > 1).nonzero().flatten()
+    tail = 0 if above.numel() == 0 else 2 * (N - int(above[0]))  # positions from N - tail on are left to even steps
+    N1, K2 = N - tail, 0
+    if tail > 0:
+        K1 = min(math.ceil((1 - 0.8 * tail / N) * K), N1)
+        K2 = min(max(K - K1, 1), tail)
+        if N1 < 2 or K - K2 < 2:
+            return chain_times(sde, K, N)[0][1:]  # too little reliable chain for a DP: the even trajectory
+    head = _dp_path(sde, moments, ts[:N1], K - K2, eta, data_range)
+    if K2 == 0:
+        return head
+    frac = (N - N1) / K2
+    rest = torch.tensor([round(N - frac * k) for k in range(K2)][::-1], dtype=torch.int64) - 1
+    return torch.cat([head, ts[rest]])
+
+
+def _dp_path(sde: ForwardSDE, moments: MomentEstimate, ts: torch.Tensor, K: int, eta: float,
+             data_range: Sequence[float] | None) -> torch.Tensor:
+    """The K of the times ``ts`` (first and last included) with the least summed log(v*/lambda^2)."""
+    N = ts.numel()
     s, r = torch.triu_indices(N, N, offset=1)  # steps t_r -> t_s, s < r (0-based positions)
     t_r, t_s = ts[r], ts[s]
     v = analytic_variance(sde, t_r, t_s, moments.at(t_r), eta, data_range)
@@ -379,7 +404,7 @@ def optimal_steps(sde: ForwardSDE, moments: MomentEstimate, steps: int, *, num_t
     cost = torch.full((N, N), math.inf, dtype=torch.float64)
     cost[s, r] = torch.log(v / lam2)
     best = torch.full((N,), math.inf, dtype=torch.float64)
-    best[0] = 0.0  # the chain starts at t_1 (position 0)
+    best[0] = 0.0  # the path starts at ts[0]
     back = []
     for _ in range(K - 1):
         total = best[:, None] + cost  # [from s, to r]

@@ -363,3 +363,22 @@ def test_optimal_trajectory():
     sub = full.subset(torch.cat([torch.zeros(1, dtype=torch.float64), path]))
     b_dp, b_even = (float(bound(st, sde, "analytic", moments=mom).elbo) for st in (sub, even))
     assert b_dp > b_even + 0.1, (b_dp, b_even)
+
+
+def test_optimal_trajectory_leaves_a_noisy_tail_to_even_steps():
+    """A Monte Carlo Gamma > 1 near T would make a one-step jump from T look free; that tail is spaced evenly."""
+    from scoresolve.reverse_variance import analytic_variance, base_variance
+
+    sde, N = ss.VPSDE(), 100
+    ts = chain_times(sde, N, num_timesteps=N)[0][1:]
+    g = torch.linspace(0.3, 0.999, N, dtype=torch.float64)
+    g[90] = 1.001  # position 90 = n 91: the tail is n > 100 - 2 * 10 = 80
+    mom = MomentEstimate(t=ts, gamma=g, num_samples=0, evaluations=0)
+    path = optimal_steps(sde, mom, 10, num_timesteps=N)
+    n = (path * N).round().long()
+    assert n.numel() == 10 and int(n[0]) == 1 and int(n[-1]) == N and bool((n[1:] > n[:-1]).all())
+    assert int((n > 80).sum()) >= 1 and int((n <= 80).sum()) >= 2
+    tail = n[n > 80]
+    assert tail.tolist() == sorted({round(N - (N - 80) / tail.numel() * k) for k in range(tail.numel())})
+    # without the guard the DP's summed cost would count the jump from n = 91 as free:
+    assert float(analytic_variance(sde, ts[90], ts[10], g[90])) == float(base_variance(sde, ts[90], ts[10]))
