@@ -211,10 +211,14 @@ def _log_bin_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, num_le
 
 
 def bound(stats: ElboStatistics, sde: ForwardSDE, variance: str | torch.Tensor = "analytic", *, eta: float = 1.0,
-          moments: MomentEstimate | None = None, decoder: str = "gaussian", decoder_variance: Any = "ddpm",
+          moments: MomentEstimate | str | None = None, decoder: str = "gaussian", decoder_variance: Any = "ddpm",
           num_levels: int | None = None, bits: int | None = None,
           data_range: Sequence[float] | None = None) -> ElboResult:
     """The bound from `elbo_statistics` for one choice of variances (no network evaluation): see `elbo`."""
+    if isinstance(moments, str):  # a saved estimate by name
+        from .reverse_variance import load_moments
+
+        moments = load_moments(moments)
     times, x0 = stats.times, stats.x0
     K, D, B = stats.nfe, math.prod(x0.shape[1:]), x0.shape[0]
     rng = None if data_range is None else tuple(float(v) for v in data_range)
@@ -310,7 +314,7 @@ def reverse_variances(sde: ForwardSDE, times: torch.Tensor, variance: str | torc
 
 
 def elbo(model: Callable, sde: ForwardSDE, x: torch.Tensor, steps: int | Sequence[float] | torch.Tensor = 1000,
-         variance: str | torch.Tensor = "analytic", *, eta: float = 1.0, moments: MomentEstimate | None = None,
+         variance: str | torch.Tensor = "analytic", *, eta: float = 1.0, moments: MomentEstimate | str | None = None,
          decoder: str = "gaussian", decoder_variance: Any = "ddpm", num_levels: int | None = None,
          bits: int | None = None, data_range: Sequence[float] | None = None, num_timesteps: int | None = None,
          seeds: Sequence[int] | torch.Tensor | None = None, batch_size: int = 4096) -> ElboResult:
@@ -323,8 +327,9 @@ def elbo(model: Callable, sde: ForwardSDE, x: torch.Tensor, steps: int | Sequenc
         x: ``[B, ...]`` data x_0.
         steps: K (Bao et al.'s even subsequence of the N-step chain, `chain_times`) or the increasing times
             t_1..t_K.
-        variance: ``"beta"``, ``"beta_tilde"``, ``"analytic"`` (needs ``moments``: `estimate_moments` at the
-            chain's times) or a ``[K]`` tensor v_1..v_K (v_1 the decoder's).
+        variance: ``"beta"``, ``"beta_tilde"``, ``"analytic"`` (needs ``moments``: a `MomentEstimate` from
+            `estimate_moments` at the chain's times, or the name of a saved one) or a ``[K]`` tensor v_1..v_K (v_1
+            the decoder's).
         eta: the DDIM(eta) inference process (1: DDPM); must be > 0.
         decoder: ``"gaussian"`` (continuous data) or ``"discretized"`` (L-level data on the grid of ``data_range``,
             ``num_levels`` = L or ``bits`` = log2 L); decoder_variance: ``"ddpm"``, ``"analytic"`` or a number.

@@ -382,3 +382,20 @@ def test_optimal_trajectory_leaves_a_noisy_tail_to_even_steps():
     assert tail.tolist() == sorted({round(N - (N - 80) / tail.numel() * k) for k in range(tail.numel())})
     # without the guard the DP's summed cost would count the jump from n = 91 as free:
     assert float(analytic_variance(sde, ts[90], ts[10], g[90])) == float(base_variance(sde, ts[90], ts[10]))
+
+
+def test_saved_moments_by_name(tmp_path, monkeypatch):
+    """A saved moment estimate is found by name by the bound and by the samplers (like grid='tuned:<name>')."""
+    monkeypatch.setenv("SCORESOLVE_MOMENT_DIR", str(tmp_path))
+    grid = torch.tensor([0.8, 0.3, 0.05, 0.01], dtype=torch.float64)
+    gm, sde, mom, x_T, _, _ = _gaussian_problem(grid)
+    mom.save("gauss")
+    x_T, model, seeds = x_T[:64], gm.model(sde, "eps"), torch.arange(64)
+    a = ss.sample(model, sde, x_T, solver="ddim", grid=grid, variance="analytic", moments=mom, seeds=seeds).x
+    b = ss.sample(model, sde, x_T, solver="ddim", grid=grid, variance="analytic", moments="gauss", seeds=seeds).x
+    assert torch.equal(a, b)
+    x = gm.sample(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = grid.flip(0)
+    e1 = elbo(model, sde, x, steps, "analytic", moments=mom)
+    e2 = elbo(model, sde, x, steps, "analytic", moments="gauss")
+    assert torch.equal(e1.elbo, e2.elbo)

@@ -117,12 +117,14 @@ REVERSE_VARIANCE_OPTIONS = {"variance": None, "moments": None, "data_range": Non
 
 def check_reverse_variance(name: str, options: dict, allowed: tuple) -> dict:
     """Validate the reverse-variance options of solver ``name`` (``variance`` one of ``allowed``)."""
-    from ..reverse_variance import MomentEstimate, _check_range
+    from ..reverse_variance import MomentEstimate, _check_range, load_moments
 
     kind = options["variance"]
     if kind not in allowed:
         raise ValueError(f"solver {name!r}: variance must be one of {allowed}, got {kind!r}")
     moments = options.get("moments")
+    if isinstance(moments, str):  # a saved estimate by name, like grid="tuned:<name>"
+        moments = options["moments"] = load_moments(moments)
     if kind == "analytic" and not isinstance(moments, MomentEstimate):
         raise ValueError(f"solver {name!r}: variance='analytic' needs moments= (a MomentEstimate, see "
                          f"scoresolve.estimate_moments), got {type(moments).__name__}")
