@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched
+from ._utils import check_batched, check_count
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
@@ -80,6 +80,9 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     check_batched(x_T, "x_T")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError("x_T contains non-finite values")
+    nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
+    steps = None if steps is None else check_count(steps, "steps", minimum=None)
+    x_T = x_T.clone()  # a model that modifies its input in place must not change the caller's x_T
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
@@ -124,7 +127,8 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift)
+                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift,
+                               solver=solver)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:
