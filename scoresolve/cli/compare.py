@@ -13,6 +13,7 @@ import torch
 from ._args import (
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    UsageError,
     add_check,
     add_model_args,
     add_network_args,
@@ -53,7 +54,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                      "--checkpoint, --model-spec) the error is against a tight dopri5 solve of the same model "
                      "(float64 where it converts), stochastic solvers are skipped and there are no SWD / log p "
                      "columns; networks ignore --sde, --dim, --components and --diagonal")
-    p.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS,
+    from .sample import solver_at_grid
+
+    p.add_argument("--solvers", nargs="+", type=solver_at_grid, default=DEFAULT_SOLVERS,
                    help="solver names, optionally with a grid: dpmpp_2m@karras")
     p.add_argument("--nfe", nargs="+", type=POSITIVE_INT, default=[10, 20, 50], help="NFE budgets of grid solvers")
     p.add_argument("--tol", nargs="+", type=POSITIVE_FLOAT, default=[1e-2, 1e-3, 1e-4],
@@ -146,7 +149,7 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
     if args.float64:
         model = float64_model(model)
         if model is None:
-            raise SystemExit(f"{net.name} cannot run in float64: drop --float64")
+            raise UsageError(f"{net.name} cannot run in float64: drop --float64")
     x_T = net.sde.prior_sample((args.batch, *net.shape), generator=g, dtype=dtype)
     t0 = time.perf_counter()
     reference, how = network_reference(model, net.sde, x_T, args.t_eps)

@@ -194,6 +194,8 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
         old_bits = old.get("bits")
         ok = type(old_bits) in (int, float) and old_bits == int(old_bits) and 1 <= old_bits <= 32
         old["num_levels"] = 2 ** int(old_bits) if ok else None
+    if "threads" not in old:
+        old["threads"] = manifest.get("threads")  # a run from before thread counts were recorded: not checked
     if isinstance(old, dict) and "model_fingerprint" not in old:
         old["model_fingerprint"] = manifest.get("model_fingerprint")  # a run from before fingerprints: not checked
     if old.get("model_fingerprint") != manifest.get("model_fingerprint"):
