@@ -232,3 +232,23 @@ def test_corrupt_or_null_manifest_is_a_resume_error(tmp_path, content):
     (out / "manifest.json").write_text(content)
     with pytest.raises(ResumeError, match="manifest|not valid JSON"):
         evaluate_dataset(x, str(out), fn=lambda y, g: -y.pow(2).sum(1), progress=False)
+
+
+def test_thread_count_is_part_of_a_cpu_runs_identity(tmp_path):
+    # a CPU solve's rounding (and an adaptive solve's steps) depend on torch's thread count: no silent mix
+    _, _, x = make_problem(8)
+    fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s = evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False)
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert json.load(f)["threads"] == 1
+        torch.set_num_threads(2)
+        with pytest.raises(ResumeError, match="threads: stored 1, now 2"):
+            evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False)
+        torch.set_num_threads(1)
+        assert evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False) == s
+    finally:
+        torch.set_num_threads(n)
