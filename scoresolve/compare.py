@@ -87,20 +87,23 @@ def float64_model(model: Callable):
 
 
 def network_reference(
-    model: Callable, sde: ForwardSDE, x_T: torch.Tensor, t_eps: float, tol64: float = 1e-8, tol32: float = 1e-6
+    model: Callable, sde: ForwardSDE, x_T: torch.Tensor, t_eps: float, tol64: float = 1e-8, tol32: float = 1e-6,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, str]:
     """The reference of a network without an exact one: a tight dopri5 solve of the same model's probability-flow
     ODE from ``x_T``, in float64 where the model converts (`float64_model`, rtol = atol = ``tol64``), else in its
-    own precision (``tol32``). Returns (x_ref, a description of the reference)."""
+    own precision (``tol32``); ``progress``: a progress bar of the solve. Returns (x_ref, a description of the
+    reference)."""
     model64 = float64_model(model)
     if model64 is not None:
         try:
             ref = sample(model64, sde, x_T.double(), solver="dopri5", rtol=tol64, atol=tol64, t_eps=t_eps,
-                         max_steps=100_000)
+                         max_steps=100_000, progress=progress)
             return ref.x, f"dopri5 float64 rtol=atol={tol64:g} (mean NFE {_mean(ref.nfe):.0f})"
         except (RuntimeError, TypeError):  # a network that does not run in float64
             pass
-    ref = sample(model, sde, x_T, solver="dopri5", rtol=tol32, atol=tol32, t_eps=t_eps, max_steps=100_000)
+    ref = sample(model, sde, x_T, solver="dopri5", rtol=tol32, atol=tol32, t_eps=t_eps, max_steps=100_000,
+                 progress=progress)
     return ref.x, f"dopri5 {str(x_T.dtype).replace('torch.', '')} rtol=atol={tol32:g} (mean NFE {_mean(ref.nfe):.0f})"
 
 

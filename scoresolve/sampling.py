@@ -44,7 +44,8 @@ def sample(
         x_T: initial state ``[batch, ...]`` (e.g. ``sde.prior_sample(...)``).
         solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or
             ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``.
-        nfe: budget of score evaluations; grid solvers take the largest step count that fits.
+        nfe: budget of score evaluations of the solver (an integer); grid solvers take the largest step count that
+            fits. The final ``denoise`` evaluation is not part of it: ``nfe=9, denoise=True`` reports 10 NFE.
         steps: number of steps of a grid solver (overrides ``nfe``).
         rtol: relative tolerance of adaptive solvers.
         atol: absolute tolerance of adaptive solvers.
@@ -62,6 +63,9 @@ def sample(
         shift: SD3's timestep shift of a named grid (`scoresolve.sd3_shift`; Flux's: `scoresolve.flux_shift`),
             end points kept.
         save_trajectory: keep the states at every step in ``Solution.xs``.
+        callback: ``callback(i, t, x)`` after step ``i`` of a grid solver, with ``t`` the time reached (0-d tensor)
+            and ``x`` the state there; adaptive solvers call it at their periodic checks with the iteration count,
+            the per-sample times and states. For monitoring: it must not modify ``x``.
         grad: differentiate through the solve. By default (False) the solve runs under ``torch.no_grad()``: no
             autograd graph is kept, whatever the network's parameters, and ``sol.x.requires_grad`` is False (memory
             stays flat in the NFE). ``grad=True`` runs in the caller's grad mode, so gradients flow from ``sol.x``

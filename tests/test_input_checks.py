@@ -228,3 +228,9 @@ def test_a_model_modifying_its_input_does_not_change_x_T(vp, solver):
     before = x_T.clone()
     ss.sample(rude, sde, x_T, solver=solver, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x_T, before)
+
+
+def test_discrete_sde_repr_is_short_and_identifies_the_schedule():
+    a, b = ss.DiscreteVPSDE.linear(), ss.DiscreteVPSDE.linear(beta_end=0.021)
+    assert len(repr(a)) < 120 and repr(a).startswith("DiscreteVPSDE(N=1000, alphas_cumprod=0.9999..")
+    assert repr(a) != repr(b) and repr(a) == repr(ss.DiscreteVPSDE.linear())
