@@ -206,3 +206,15 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines() == [
         "scoresolve likelihood: interrupted (run it again to resume)"]
+
+
+def test_compare_on_a_network_announces_its_reference(work, capsys):
+    rc, out, err = run(["compare", "--model-spec", "cli_err_net:make_net", "--shape", "2", "--nfe", "4", "--tol",
+                        "1e-2", "--solvers", "euler", "dopri5", "--out", "", "--quiet", "--threads", "1"], capsys)
+    assert rc == 0, err
+    assert "reference: dopri5 at rtol=atol=1e-06 of 32 samples" in err and "--ref-tol loosens it" in err
+    assert ", batch 32, " in out and "rtol=atol=1e-06 (mean NFE" in out
+    rc, out, err = run(["compare", "--model-spec", "cli_err_net:make_net", "--shape", "2", "--nfe", "4", "--tol",
+                        "1e-2", "--solvers", "euler", "--out", "", "--quiet", "--threads", "1", "--ref-tol", "1e-3",
+                        "--batch", "8"], capsys)
+    assert rc == 0 and "rtol=atol=0.001" in out and ", batch 8, " in out
