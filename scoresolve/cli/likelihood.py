@@ -70,6 +70,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-range needs finite LO < HI, got {lo:g} {hi:g}")
     if args.probes_per == "step" and args.divergence != "hutchinson":
         raise UsageError("--probes-per step needs --divergence hutchinson")
+    if args.divergence == "exact" and args.data is not None and torch.is_tensor(args.data):
+        from ..divergence import EXACT_MAX_DIMS
+
+        D = math.prod(args.data.shape[1:])
+        if D > EXACT_MAX_DIMS:
+            raise UsageError(f"--divergence exact on D={D} dimensions takes {D} VJPs per evaluation: refused above "
+                             f"D={EXACT_MAX_DIMS}; use --divergence hutchinson")
     net = check_model_source(args)
     if args.out_dir is None:  # one default directory per model: a run of another model never meets its records
         args.out_dir = default_out_dir(args, net)
