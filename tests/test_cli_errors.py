@@ -220,3 +220,14 @@ def test_compare_on_a_network_announces_its_reference(work, capsys):
                         "1e-2", "--solvers", "euler", "--out", "", "--quiet", "--threads", "1", "--ref-tol", "1e-3",
                         "--batch", "8"], capsys)
     assert rc == 0 and "rtol=atol=0.001" in out and ", batch 8, " in out
+
+
+def test_a_missing_optional_dependency_is_one_line(work, capsys, monkeypatch):
+    from scoresolve import data
+
+    def missing():
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn (or scoresolve[models])")
+
+    monkeypatch.setattr(data, "_import_sklearn_digits", missing)
+    assert_usage_error(["likelihood", "--model", "digits", "--num-samples", "2", "--quiet"], capsys,
+                       "needs scikit-learn: pip install scikit-learn")

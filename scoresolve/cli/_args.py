@@ -81,7 +81,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     Errors a user can act on end it as a usage error of ``parser`` (exit status 2, the message on one line after
     the usage, no traceback) even when found while it runs: a `UsageError`, a refused resume or a locked output
     directory (`scoresolve.evaluation.ResumeError`, ``RunLockedError``), work refused for its memory estimate
-    (MemoryError), a file that cannot be written (OSError: a full disk, ``/dev/full``). Ctrl-C prints one line
+    (MemoryError), a file that cannot be written (OSError: a full disk, ``/dev/full``), a missing optional dependency
+    (an ImportError saying what to pip install). Ctrl-C prints one line
     and returns 130 (a ``likelihood`` run resumes where it stopped)."""
     from ..evaluation import ResumeError, RunLockedError
 
@@ -92,6 +93,10 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"{parser.prog}: interrupted{resumable}", file=sys.stderr)
         return INTERRUPTED
     except (UsageError, ResumeError, RunLockedError, MemoryError) as e:
+        message = str(e)
+    except ImportError as e:
+        if "pip install" not in str(e):  # only a missing optional dependency, which says what to install
+            raise
         message = str(e)
     except OSError as e:  # an output that cannot be written (a full disk, /dev/full), an input that vanished
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
