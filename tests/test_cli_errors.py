@@ -231,3 +231,14 @@ def test_a_missing_optional_dependency_is_one_line(work, capsys, monkeypatch):
     monkeypatch.setattr(data, "_import_sklearn_digits", missing)
     assert_usage_error(["likelihood", "--model", "digits", "--num-samples", "2", "--quiet"], capsys,
                        "needs scikit-learn: pip install scikit-learn")
+
+
+def test_compare_reports_an_unstable_solve_as_refused(work, capsys):
+    rc, out, err = run(["compare", "--sde", "ve", "--dim", "2", "--components", "2", "--batch", "8", "--nfe", "10",
+                        "50", "--tol", "1e-3", "--solvers", "heun", "dpmpp_2m", "--out", "plot.png", "--quiet",
+                        "--threads", "1"], capsys)
+    assert rc == 0, err
+    rows = {tuple(line.split()[:2]): line for line in out.splitlines() if line.startswith(("heun", "dpmpp_2m"))}
+    assert "refused: unstable on this grid" in rows[("heun", "nfe=10")]
+    assert "refused" not in rows[("heun", "nfe=50")] and "refused" not in rows[("dpmpp_2m", "nfe=10")]
+    assert (work / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
