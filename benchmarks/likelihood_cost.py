@@ -145,7 +145,7 @@ def reference(name: str, score, sde, x, t_eps: float, ref_tol: float, cache: str
         stem = re.sub(r"[^A-Za-z0-9.+-]+", "_", name)  # a checkpoint's problem name holds its path
         path = os.path.join(cache, f"{stem}_B{x.shape[0]}_teps{t_eps:g}_tol{ref_tol:g}.pt")
         if os.path.exists(path):
-            return torch.load(path)
+            return torch.load(path, map_location="cpu", weights_only=True)  # a tensor: never unpickle code
     ref = log_likelihood(score, sde, x, rtol=ref_tol, atol=ref_tol, t_eps=t_eps, max_steps=200_000,
                          time_variable="t", generator=torch.Generator().manual_seed(2)).log_prob
     if path:

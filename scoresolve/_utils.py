@@ -78,3 +78,21 @@ def as_time(
             vals = t[bad] if t.ndim else t
             raise ValueError(f"t must lie in [0, T] = [0, {T}], got {vals.flatten()[:5].tolist()}")
     return t
+
+
+def check_count(value: object, name: str, minimum: int | None = 1) -> int:
+    """``value`` as an int >= ``minimum`` (None: any): an integer (a float only if it is a whole number, e.g. ``20.0``).
+
+    Raises TypeError for a bool or a non-number, ValueError for a fractional or too small value; never rounds
+    (``nfe=2.5`` or ``nfe=True`` are errors, not 2 and 1)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, numbers.Integral):
+        if not (math.isfinite(float(value)) and float(value).is_integer()):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    n = int(value)
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return n

@@ -119,8 +119,41 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+EXACT_MAX_DIMS = 16384  # the largest D for which divergence="exact" runs (D VJPs per evaluation); raise to allow more
+PROBE_COPIES = 3  # K x B x D arrays a Hutchinson solve holds at once: the probes, their VJPs, the probes of a step
+
+
+def check_probe_memory(x: torch.Tensor, k: int) -> None:
+    """Raise MemoryError before Hutchinson's ``k`` probes per sample (and their VJPs) take more memory than the
+    device has: an estimate of `PROBE_COPIES` arrays of ``k x batch x D`` values."""
+    B, D = x.shape[0], math.prod(x.shape[1:])
+    need = PROBE_COPIES * int(k) * B * D * x.element_size()
+    avail = available_bytes(x.device)
+    if avail is None or need <= avail:
+        return
+    fits = avail // (PROBE_COPIES * B * D * x.element_size())
+    raise MemoryError(
+        f"{k} Hutchinson probes for a batch of {B} x D={D} ({x.dtype}) need about {need / 2**30:.3g} GiB (probes and "
+        f"their VJPs, {PROBE_COPIES} x {k} x {B} x {D} values), more than the {avail / 2**30:.3g} GiB available on "
+        f"{x.device}: use at most {fits} probes, or a smaller batch"
+    )
+
+
+def check_exact_work(x: torch.Tensor) -> None:
+    """Refuse (ValueError, with the cost) an exact divergence of more than `EXACT_MAX_DIMS` dimensions: it takes D
+    VJPs per evaluation, D times Hutchinson's one-probe cost."""
+    D = math.prod(x.shape[1:])
+    if D > EXACT_MAX_DIMS:
+        raise ValueError(
+            f"divergence='exact' on D={D} dimensions takes {D} VJPs per evaluation ({D}x the cost of one Hutchinson "
+            f"probe; ~{100 * D:.2g} backward passes of the network for a 100-evaluation solve): refused above "
+            f"D={EXACT_MAX_DIMS} (scoresolve.divergence.EXACT_MAX_DIMS); use divergence='hutchinson'"
+        )
+
+
 def check_exact_memory(x: torch.Tensor, chunk: int) -> None:
-    """Raise MemoryError before the exact divergence allocates more than the device has.
+    """Raise MemoryError before the exact divergence allocates more than the device has (and ValueError above
+    `EXACT_MAX_DIMS` dimensions, `check_exact_work`).
 
     Each chunk of n VJPs materialises an n-row one-hot basis and its n VJPs, 2 n B D values (a lower bound: a
     network's batched backward also holds n copies of its activations).
@@ -131,6 +164,7 @@ def check_exact_memory(x: torch.Tensor, chunk: int) -> None:
     need = n * per_row
     avail = available_bytes(x.device)
     if avail is None or need <= avail:
+        check_exact_work(x)
         return
     fits = avail // per_row
     hint = (f"lower exact_chunk to at most {fits}" if fits >= 1 else "even one VJP row does not fit")

@@ -20,9 +20,16 @@ from typing import Callable, Literal
 
 import torch
 
-from ._utils import bcast, check_batched
+from ._utils import bcast, check_batched, check_count
 from .control_variate import GaussianControlVariate
-from .divergence import PROBES, check_exact_memory, draw_probes, exact_div_score, hutchinson_div_score
+from .divergence import (
+    PROBES,
+    check_exact_memory,
+    check_probe_memory,
+    draw_probes,
+    exact_div_score,
+    hutchinson_div_score,
+)
 from .reverse import TimeVariable
 from .score import ScoreModel
 from .sde import ForwardSDE
@@ -171,8 +178,7 @@ def log_likelihood(
         raise ValueError("x contains non-finite values")
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
-    if int(probes) < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
+    probes = check_count(probes, "probes")
     finite_T = math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))))
     if time_variable is None:  # t, unless the schedule jumps in t (a discrete DDPM schedule): then the log-SNR
         time_variable = "logsnr" if (finite_T and not sde.smooth_in_t) else "t"
@@ -195,6 +201,7 @@ def log_likelihood(
         if probe not in PROBES:
             raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
         K = int(probes)
+        check_probe_memory(x, K)  # before the probes are drawn: refuse what the device cannot hold
         eps = draw_probes(x, K, probe, generator)
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected 'hutchinson', 'exact' or a callable")

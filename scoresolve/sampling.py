@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched
+from ._utils import check_batched, check_count
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
@@ -47,10 +47,10 @@ def sample(
             ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``. None (default): the measured best sampler for
             the budget and the model's prediction (`scoresolve.solvers.defaults`): for x0, v and flow models vAB on
             the grid flow:1 (uniform in u = sigma / (alpha + sigma)) below 8 NFE, flow:1.5 from 8 on, order
-            2 / 3 / 4 below 8 / below 20 / from 20 NFE; for
-            eps and score models (and plain score callables) ``dpmpp_2m`` on its grid; with ``diffusion`` > 0,
-            ``euler_maruyama``.
-        nfe: budget of score evaluations; grid solvers take the largest step count that fits.
+            2 / 3 / 4 below 8 / below 20 / from 20 NFE; for eps and score models (and plain score callables)
+            ``dpmpp_2m`` on its grid; with ``diffusion`` > 0, ``euler_maruyama``.
+        nfe: budget of score evaluations of the solver (an integer); grid solvers take the largest step count that
+            fits. The final ``denoise`` evaluation is not part of it: ``nfe=9, denoise=True`` reports 10 NFE.
         steps: number of steps of a grid solver (overrides ``nfe``).
         rtol: relative tolerance of adaptive solvers.
         atol: absolute tolerance of adaptive solvers.
@@ -68,6 +68,9 @@ def sample(
         shift: SD3's timestep shift of a named grid (`scoresolve.sd3_shift`; Flux's: `scoresolve.flux_shift`),
             end points kept.
         save_trajectory: keep the states at every step in ``Solution.xs``.
+        callback: ``callback(i, t, x)`` after step ``i`` of a grid solver, with ``t`` the time reached (0-d tensor)
+            and ``x`` the state there; adaptive solvers call it at their periodic checks with the iteration count,
+            the per-sample times and states. For monitoring: it must not modify ``x``.
         grad: differentiate through the solve. By default (False) the solve runs under ``torch.no_grad()``: no
             autograd graph is kept, whatever the network's parameters, and ``sol.x.requires_grad`` is False (memory
             stays flat in the NFE). ``grad=True`` runs in the caller's grad mode, so gradients flow from ``sol.x``
@@ -86,6 +89,9 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     check_batched(x_T, "x_T")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError("x_T contains non-finite values")
+    nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
+    steps = None if steps is None else check_count(steps, "steps", minimum=None)
+    x_T = x_T.clone()  # a model that modifies its input in place must not change the caller's x_T
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
@@ -132,7 +138,8 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift)
+                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift,
+                               solver=solver)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:

@@ -457,6 +457,17 @@ class DiscreteVPSDE(ForwardSDE):
     def num_timesteps(self) -> int:
         return self._t_knots.numel() - 1
 
+    def __repr__(self) -> str:
+        """Short (never the N numbers): N, the first and last alphas_cumprod, and a hash of the whole schedule, so
+        that two schedules never share a repr (manifests and tuned grids record the process by its repr)."""
+        import hashlib
+
+        la = self._log_alpha_knots
+        digest = hashlib.blake2b(la.numpy().tobytes(), digest_size=6).hexdigest()
+        ac = torch.exp(2 * la[1:])
+        return (f"DiscreteVPSDE(N={self.num_timesteps}, alphas_cumprod={float(ac[0]):.6g}..{float(ac[-1]):.6g}, "
+                f"schedule={digest})")
+
     def timestep(self, t: Time) -> torch.Tensor:
         """Continuous DDPM timestep index N t - 1 for time t (index i <-> t = (i + 1)/N)."""
         return self.as_time(t) * self.num_timesteps - 1

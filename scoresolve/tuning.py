@@ -121,7 +121,20 @@ class TunedGrid:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown fields in a saved grid: {unknown}")
-        d["grid"] = check_grid(torch.tensor(d["grid"], dtype=torch.float64), float(d["T"]))
+        d["grid"] = grid = check_grid(torch.tensor(d["grid"], dtype=torch.float64), float(d["T"]))
+        # the file must agree with itself: an edited grid, step count or end time is refused, never run as it is
+        if len(grid) != int(d["steps"]) + 1:
+            raise ValueError(f"its grid has {len(grid) - 1} steps, but it records steps={d['steps']}")
+        ends = ((float(grid[0]), float(d["T"])), (float(grid[-1]), float(d["t_eps"])))
+        if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in ends):
+            raise ValueError(f"its grid runs from {float(grid[0])} to {float(grid[-1])}, but it records T={d['T']}, "
+                             f"t_eps={d['t_eps']}")
+        spec = REGISTRY.get(d["solver"])
+        if spec is None:
+            raise ValueError(f"it was tuned for the unknown solver {d['solver']!r}")
+        if spec.nfe_for_steps(int(d["steps"]), d.get("options") or {}) != int(d["nfe"]):
+            raise ValueError(f"{d['solver']} takes {spec.nfe_for_steps(int(d['steps']), d.get('options') or {})} "
+                             f"evaluations for {d['steps']} steps, but it records nfe={d['nfe']}")
         if d.get("gits_grid") is not None:
             d["gits_grid"] = torch.tensor(d["gits_grid"], dtype=torch.float64)
         return cls(**d)

@@ -104,3 +104,51 @@ def test_likelihood_cost_on_a_checkpoint_with_the_baseline_curve(tmp_path):
             s = next(p for p in row["sweep"] if p["tol"] == c["matched_tol"])
             b = next(p for p in base["curve"] if p["tol"] == c["baseline_tol"])
             assert s["max"] <= b["max"] and s["mean"] <= b["mean"] and c["ratio"] == pytest.approx(s["nfe"] / b["nfe"])
+
+
+class _Planted:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_likelihood_cost_cache_never_unpickles_code(tmp_path):
+    import importlib.util
+    import pickle
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("likelihood_cost", ROOT / "benchmarks" / "likelihood_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    marker = tmp_path / "executed"
+    torch.save(_Planted(str(marker)), cache / "p_B2_teps1e-05_tol1e-08.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        mod.reference("p", None, None, x, 1e-5, 1e-8, str(cache))
+    assert not marker.exists()
+    # explicitly, not by torch's default (which was weights_only=False before torch 2.6)
+    seen = {}
+    real = torch.load
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    torch.save(torch.ones(2), cache / "q_B2_teps1e-05_tol1e-08.pt")
+    mod.torch.load = load
+    try:
+        assert torch.equal(mod.reference("q", None, None, x, 1e-5, 1e-8, str(cache)), torch.ones(2))
+    finally:
+        mod.torch.load = real
+    assert seen.get("weights_only") is True

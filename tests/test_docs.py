@@ -31,3 +31,54 @@ def test_mkdocs_build_strict(tmp_path: Path):
                  "scoresolve.adapters.from_diffusers", "scoresolve.compare.work_precision"):
         assert f'id="{name}"' in api, f"{name} is missing from the API page"
     assert (site / "guide" / "index.html").exists()
+
+
+NO_RUN = "<!-- no-run"  # a block preceded by this comment cannot run in CI (it needs outside weights); keep it rare
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def python_blocks(path: Path) -> list[tuple[int, str, bool]]:
+    """(line number, code, runnable) of every ```python block of a Markdown file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start, body = i + 1, []
+            i += 1
+            while i < len(lines) and lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            prev = next((ln.strip() for ln in reversed(lines[: start - 1]) if ln.strip()), "")
+            blocks.append((start, "\n".join(body) + "\n", not prev.startswith(NO_RUN)))
+        i += 1
+    return blocks
+
+
+BLOCKS = [(p, line, code) for p in DOC_FILES for line, code, run in python_blocks(p) if run]
+
+
+def test_doc_blocks_are_found_and_rarely_skipped():
+    every = [(p, b) for p in DOC_FILES for b in python_blocks(p)]
+    assert len(every) >= 8 and sum(1 for _, b in every if not b[2]) <= 1
+    assert any(p.name == "README.md" for p, _, _ in BLOCKS)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("path, line, code", BLOCKS, ids=[f"{p.name}:{n}" for p, n, _ in BLOCKS])
+def test_doc_python_block_runs_as_written(path, line, code, tmp_path, monkeypatch, capsys):
+    """Every ```python block of README.md and docs/*.md runs on its own, as a new user would paste it."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"{path.name}:{line}", "exec"), {"__name__": "__doc_block__"})  # noqa: S102
+
+
+def test_readme_install_command_covers_its_commands():
+    """The README's main command installs what the README's commands need: the digits models load their data with
+    scikit-learn, which the ``models`` extra brings."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    main_cmd = next(ln.strip() for ln in readme.splitlines() if "pip install" in ln and "scoresolve compare" in ln)
+    assert 'pip install -e ".[models]"' in main_cmd
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("scikit-learn") for dep in extras["models"])
+    assert "--model digits" in readme  # the command that needs it

@@ -9,7 +9,16 @@ import torch
 from _evaluation_helpers import assert_same_records
 from _evaluation_worker import make_fn, make_problem
 
-from scoresolve.evaluation import evaluate_dataset, model_fingerprint, read_records
+from scoresolve.evaluation import (
+    ResumeError,
+    data_fingerprint,
+    decode_record,
+    encode_record,
+    evaluate_dataset,
+    model_fingerprint,
+    read_records,
+)
+from scoresolve.evaluation.manifest import spot_fingerprint
 
 F64 = torch.float64
 pytestmark = pytest.mark.timeout(120)
@@ -131,6 +140,17 @@ def test_resume_with_another_model_is_refused_naming_both_fingerprints(tmp_path)
         evaluate_dataset(x, str(tmp_path / "module"), score=b, sde=object(), **kw)
 
 
+def _strip_run_identity(out):
+    """Rewrite the record files of ``out`` as runs before records carried ``run`` wrote them."""
+    for name in os.listdir(out):
+        if name.startswith("records-rank"):
+            path = os.path.join(out, name)
+            with open(path, "rb") as f:
+                recs = [decode_record(line + b"\n") for line in f.read().splitlines()]
+            with open(path, "wb") as f:
+                f.write(b"".join(encode_record({k: v for k, v in r.items() if k != "run"}) for r in recs))
+
+
 def test_manifests_without_a_fingerprint_still_resume(tmp_path):
     _, _, x = make_problem(12)
     out = str(tmp_path / "old")
@@ -141,6 +161,7 @@ def test_manifests_without_a_fingerprint_still_resume(tmp_path):
     del m["model_fingerprint"]  # written before fingerprints existed
     with open(path, "w") as f:
         json.dump(m, f)
+    _strip_run_identity(out)  # ... and its records before they carried their run's identity
     assert evaluate_dataset(x, out, fn=Density(0.5), batch_size=4, progress=False) == s  # nothing to compare
     # a function that reaches no torch module has no fingerprint (model_id names such a model)
     fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
@@ -148,3 +169,86 @@ def test_manifests_without_a_fingerprint_still_resume(tmp_path):
     evaluate_dataset(x, str(tmp_path / "plain"), fn=fn, batch_size=4, progress=False)
     with open(os.path.join(tmp_path / "plain", "manifest.json")) as f:
         assert json.load(f)["model_fingerprint"] is None
+
+
+def test_deleted_manifest_cannot_mix_two_runs_records(tmp_path):
+    # every record carries its run's identity: without manifest.json a resume with other settings is still refused
+    gm, sde, x = make_problem(12)
+    fn = make_fn(gm, sde)
+    out = str(tmp_path / "run")
+    evaluate_dataset(x[:8], out, fn=fn, batch_size=4, progress=False)
+    os.remove(os.path.join(out, "manifest.json"))
+    for kwargs in (dict(seed=1), dict(model_id="another"), dict(repeats=2)):
+        with pytest.raises(ResumeError, match="records were computed by another run(.|\n)*manifest.json was missing"):
+            evaluate_dataset(x[:8], out, fn=fn, batch_size=4, progress=False, **kwargs)
+        os.remove(os.path.join(out, "manifest.json"))
+    # the same settings resume (the records are this run's) and give the same numbers
+    before = read_records(str(tmp_path / "run"), 8, 1)
+    evaluate_dataset(x[:8], out, fn=fn, batch_size=4, progress=False)
+    assert_same_records(read_records(out), before)
+    # records without an identity (written before records carried one) under a missing manifest: refused
+    _strip_run_identity(out)
+    os.remove(os.path.join(out, "manifest.json"))
+    with pytest.raises(ResumeError, match="another run"):
+        evaluate_dataset(x[:8], out, fn=fn, batch_size=4, progress=False)
+
+
+def test_data_fingerprint_covers_every_row(tmp_path):
+    _, _, x = make_problem(40)
+    fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    evaluate_dataset(x, out, fn=fn, batch_size=8, progress=False)
+    for row in range(40):  # the old spot check read only 16 of the 40 rows
+        y = x.clone()
+        y[row, 1] += 1e-12
+        with pytest.raises(ResumeError, match="data_fingerprint"):
+            evaluate_dataset(y, out, fn=fn, batch_size=8, progress=False)
+    assert data_fingerprint(x) == data_fingerprint(list(x))  # a tensor and a dataset of its rows
+    assert data_fingerprint(x) != data_fingerprint(x.float())
+
+
+def test_manifest_with_a_spot_fingerprint_resumes_on_the_same_data(tmp_path):
+    _, _, x = make_problem(40)
+    fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    s = evaluate_dataset(x, out, fn=fn, batch_size=8, progress=False)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["data_fingerprint"] = spot_fingerprint(x)  # as runs before full hashes wrote it
+    with open(path, "w") as f:
+        json.dump(m, f)
+    _strip_run_identity(out)
+    assert evaluate_dataset(x, out, fn=fn, batch_size=8, progress=False) == s
+    with pytest.raises(ResumeError, match="data_fingerprint"):
+        evaluate_dataset(x + 1, out, fn=fn, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", "{not json"])
+def test_corrupt_or_null_manifest_is_a_resume_error(tmp_path, content):
+    _, _, x = make_problem(4)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    with pytest.raises(ResumeError, match="manifest|not valid JSON"):
+        evaluate_dataset(x, str(out), fn=lambda y, g: -y.pow(2).sum(1), progress=False)
+
+
+def test_thread_count_is_part_of_a_cpu_runs_identity(tmp_path):
+    # a CPU solve's rounding (and an adaptive solve's steps) depend on torch's thread count: no silent mix
+    _, _, x = make_problem(8)
+    fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
+    out = str(tmp_path / "run")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s = evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False)
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert json.load(f)["threads"] == 1
+        torch.set_num_threads(2)
+        with pytest.raises(ResumeError, match="threads: stored 1, now 2"):
+            evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False)
+        torch.set_num_threads(1)
+        assert evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False) == s
+    finally:
+        torch.set_num_threads(n)

@@ -73,9 +73,13 @@ def test_exact_for_point_mass_data_on_every_sde(sde_name, solver):
     for steps in (1, 3):
         sol = ss.sample(gm.score_fn(sde), sde, x, solver=solver, steps=steps, t_eps=1e-2, grid="logsnr")
         assert _rel(sol.x, exact) < 1e-9, (steps, _rel(sol.x, exact))  # round-off of e^h factors
-    # a generic ODE solver is not exact here: the test discriminates
-    euler = ss.sample(gm.score_fn(sde), sde, x, solver="euler", steps=3, t_eps=1e-2, grid="logsnr")
-    assert _rel(euler.x, exact) > 1e-3
+    # a generic ODE solver is not exact here: the test discriminates (on VE its 3 steps are even unstable: refused)
+    try:
+        euler = ss.sample(gm.score_fn(sde), sde, x, solver="euler", steps=3, t_eps=1e-2, grid="logsnr")
+    except ValueError as e:
+        assert sde_name == "ve" and "euler is unstable on this grid" in str(e)
+    else:
+        assert _rel(euler.x, exact) > 1e-3
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))

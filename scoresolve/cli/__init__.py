@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ._args import CommandParser
+from ._args import CommandParser, run_command
 from .compare import DEFAULT_SOLVERS, add_compare_args, cmd_compare
 from .evaluate import add_evaluate_args, cmd_evaluate
 from .likelihood import add_likelihood_args, cmd_likelihood
@@ -35,17 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="scoresolve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
     for name, (add_args, help_) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_))
+        p = sub.add_parser(name, help=help_)
+        add_args(p)
+        p.set_defaults(_parser=p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scoresolve ARGV`` (no command: ``compare``); returns the exit status."""
+    """Run ``scoresolve ARGV`` (no command: ``compare``); returns the exit status (`run_command`: errors found
+    while a command runs are one-line usage errors, Ctrl-C exits with 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # the main job: a work-precision study on the built-in default model
         args = parser.parse_args(["compare", *(argv or [])])
-    return args.func(args)
+    return run_command(args, args._parser)
 
 
 __all__ = [

@@ -69,7 +69,48 @@ def run_module(module: str, add_args: Callable[[argparse.ArgumentParser], Any], 
     parser = CommandParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     add_args(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args, parser)
+
+
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run a parsed command (``args.func(args)``); returns its exit status.
+
+    Errors a user can act on end it as a usage error of ``parser`` (exit status 2, the message on one line after
+    the usage, no traceback) even when found while it runs: a `UsageError`, a refused resume or a locked output
+    directory (`scoresolve.evaluation.ResumeError`, ``RunLockedError``), work refused for its memory estimate
+    (MemoryError), a file that cannot be written (OSError: a full disk, ``/dev/full``), a missing optional dependency
+    (an ImportError saying what to pip install). Ctrl-C prints one line
+    and returns 130 (a ``likelihood`` run resumes where it stopped)."""
+    from ..evaluation import ResumeError, RunLockedError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        resumable = " (run it again to resume)" if getattr(args, "out_dir", None) else ""
+        print(f"{parser.prog}: interrupted{resumable}", file=sys.stderr)
+        return INTERRUPTED
+    except (UsageError, ResumeError, RunLockedError, MemoryError) as e:
+        message = str(e)
+    except ImportError as e:
+        if "pip install" not in str(e):  # only a missing optional dependency, which says what to install
+            raise
+        message = str(e)
+    except OSError as e:  # an output that cannot be written (a full disk, /dev/full), an input that vanished
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
+    parser.error(one_line(message))
+    return 2  # not reached: parser.error exits
+
+
+def one_line(message: str) -> str:
+    """A multi-line message on one line: its lines joined by "; " (by " " after a line ending in ":")."""
+    out = ""
+    for part in (p.strip() for p in message.strip().splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out
 
 
 def add_check(parser: argparse.ArgumentParser, check: Check) -> None:
@@ -110,6 +151,7 @@ POSITIVE_INT = number(int, 1)
 NONNEGATIVE_INT = number(int, 0)
 POSITIVE_FLOAT = number(float, 0, low_open=True)
 NONNEGATIVE_FLOAT = number(float, 0)
+SEED = number(int, 0, 2**62, what="a seed")  # torch.Generator.manual_seed takes < 2^64; derived seeds add to it
 
 
 def output_file(path: str) -> str:
@@ -158,6 +200,20 @@ def output_dir(path: str) -> str:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot create {path!r}: {ancestor!r} is not writable")
     return path
+
+
+def save_tensors(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that fails with an OSError naming the path (a full disk, ``/dev/full``): the archive
+    is built in memory and written with one ``open(path, "wb")`` (torch's own writer raises an opaque RuntimeError)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def input_file(path: str) -> str:
@@ -209,9 +265,18 @@ def key_value(text: str) -> tuple[str, Any]:
 def device(text: str) -> str:
     """An argparse type: a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...)."""
     try:
-        torch.device(text)
+        dev = torch.device(text)
     except (RuntimeError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"not a device: {text!r} ({e})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
+                                             f"{torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu")
     return text
 
 
@@ -234,7 +299,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagonal", action="store_true", help="axis-aligned components instead of correlated ones")
     p.add_argument("--batch", type=POSITIVE_INT, default=512, help="samples per run (default: 512)")
     p.add_argument("--t-eps", type=POSITIVE_FLOAT, default=1e-3, help="final time (default: 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mixture, the initial noise and every random draw")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the mixture, the initial noise and every random draw")
     p.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
 
 
@@ -289,7 +354,8 @@ MODEL_SPEC_HELP = (
     "your own network: MODULE:FACTORY, where MODULE is an importable module (on PYTHONPATH; the current directory is "
     "searched too) or a .py file, and FACTORY(**model_args) returns (model, sde): model a scoresolve.ScoreModel "
     "(wrap a network predicting eps/x0/v/flow with ScoreModel(net, sde, prediction=...)) or any score(x, t) "
-    "callable, sde a scoresolve forward SDE (a ScoreModel alone also works: its sde is used)"
+    "callable, sde a scoresolve forward SDE (a ScoreModel alone also works: its sde is used). This imports and runs "
+    "MODULE's code with your permissions, like `python MODULE.py`: give only code you trust"
 )
 
 
@@ -343,6 +409,12 @@ class Network:
     sde: Any  # its ForwardSDE
     shape: tuple[int, ...] | None  # of one sample, None if unknown
     config: Any = None  # the TrainConfig of a checkpoint
+    identity: str | None = None  # what a resumable run records as the model (default: name)
+
+    @property
+    def model_id(self) -> str:
+        """The model's part of a run's identity: ``--model-spec`` with its ``--model-arg`` values, else the name."""
+        return self.identity or self.name
 
 
 def _import_factory(spec: str) -> Callable:
@@ -393,7 +465,8 @@ def _load_spec(spec: str, kwargs: dict, shape_: tuple[int, ...] | None) -> Netwo
     if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0]) and isinstance(out[1], ForwardSDE)):
         raise UsageError(f"--model-spec {spec} must return (model, sde): a ScoreModel or score(x, t) callable and a "
                          f"scoresolve forward SDE; got {type(out).__name__}")
-    return Network(spec, out[0], out[1], shape_)
+    args_ = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+    return Network(spec, out[0], out[1], shape_, identity=f"{spec}({args_})")
 
 
 def _load_checkpoint(path: str) -> Network:

@@ -13,6 +13,7 @@ import torch
 from ._args import (
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    UsageError,
     add_check,
     add_model_args,
     add_network_args,
@@ -41,20 +42,32 @@ DEFAULT_SOLVERS = [
 ]
 
 
+NETWORK_BATCH = 32  # a network's default batch: its reference solve costs ~1000 evaluations per sample
+NETWORK_REF_TOL = 1e-6
+
+
 def _check(args: argparse.Namespace) -> None:
-    if check_model_source(args, need_shape=True) is None:
+    net = check_model_source(args, need_shape=True)
+    if net is None:
         check_t_eps(args.t_eps, args.sde)
+    if args.batch is None:
+        args.batch = 512 if net is None else NETWORK_BATCH
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve compare`` (sets ``func=cmd_compare``)."""
     add_model_args(p)
+    p.set_defaults(batch=None)
+    p._option_string_actions["--batch"].help = (f"samples per run (default: 512 for the mixture, {NETWORK_BATCH} for "
+                                                "a network)")
     add_network_args(p, model_help="the analytic Gaussian mixture (errors against a float64 reference solve, sliced "
                      "W2 and exact log p against exact samples), or a shipped digits U-Net; for a network (also "
                      "--checkpoint, --model-spec) the error is against a tight dopri5 solve of the same model "
                      "(float64 where it converts), stochastic solvers are skipped and there are no SWD / log p "
                      "columns; networks ignore --sde, --dim, --components and --diagonal")
-    p.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS,
+    from .sample import solver_at_grid
+
+    p.add_argument("--solvers", nargs="+", type=solver_at_grid, default=DEFAULT_SOLVERS,
                    help="solver names, optionally with a grid: dpmpp_2m@karras")
     p.add_argument("--nfe", nargs="+", type=POSITIVE_INT, default=[10, 20, 50], help="NFE budgets of grid solvers")
     p.add_argument("--tol", nargs="+", type=POSITIVE_FLOAT, default=[1e-2, 1e-3, 1e-4],
@@ -63,6 +76,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="pick the best (solver, grid) for the model at each --nfe budget: runs every deterministic "
                         "grid solver on every grid the process allows (ignores --solvers and --tol) and prints the "
                         "winner per budget after the table")
+    p.add_argument("--ref-tol", type=POSITIVE_FLOAT, default=NETWORK_REF_TOL,
+                   help="rtol = atol of a network's reference solve (dopri5, float64 where the network converts); "
+                   "its cost is printed before it runs: loosen it for a quicker, rougher study")
     p.add_argument("--out", type=output_file, default="work_precision.png", help="PNG path for the plot ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads_arg(p)
@@ -147,12 +163,16 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
     if args.float64:
         model = float64_model(model)
         if model is None:
-            raise SystemExit(f"{net.name} cannot run in float64: drop --float64")
+            raise UsageError(f"{net.name} cannot run in float64: drop --float64")
     x_T = net.sde.prior_sample((args.batch, *net.shape), generator=g, dtype=dtype)
     t0 = time.perf_counter()
-    reference, how = network_reference(model, net.sde, x_T, args.t_eps)
+    print(f"reference: dopri5 at rtol=atol={args.ref_tol:g} of {args.batch} samples (float64 where the network "
+          "converts; typically several hundred to a few thousand evaluations per sample; --ref-tol loosens it)",
+          file=sys.stderr, flush=True)
+    reference, how = network_reference(model, net.sde, x_T, args.t_eps, tol64=args.ref_tol, tol32=args.ref_tol,
+                                       progress=not args.quiet)
     print(f"{net.name} ({net.sde!r}), samples of shape {tuple(net.shape)}, batch {args.batch}, t_eps={args.t_eps}, "
-          f"{str(dtype).replace('torch.', '')}; reference: {how}")
+          f"{str(dtype).replace('torch.', '')}; reference: {how}, {time.perf_counter() - t0:.1f} s")
     runs = work_precision(model, net.sde, x_T, solvers, nfes=args.nfe, tolerances=args.tol, t_eps=args.t_eps,
                           reference=reference, progress=not args.quiet)
     return _report(args, runs, f"{os.path.basename(net.name)}: error vs dopri5 of the same model", t0)

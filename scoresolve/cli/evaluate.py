@@ -13,6 +13,7 @@ from ._args import (
     NONNEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    SEED,
     UsageError,
     add_check,
     add_dequantization_choice_args,
@@ -70,10 +71,7 @@ def build_dequantizer(args: argparse.Namespace, model, sde, train_data: torch.Te
     if args.dequantization == "truncnorm":
         return TruncatedNormalDequantizer(num_levels, data_range, scale=args.truncnorm_scale)
     if args.dequantizer_path:
-        try:
-            dq = load_dequantizer(args.dequantizer_path, num_levels, data_range, shape)
-        except UsageError as e:
-            raise SystemExit(f"error: {e}") from None
+        dq = load_dequantizer(args.dequantizer_path, num_levels, data_range, shape)  # UsageError: run_command
         print(f"variational dequantizer loaded from {args.dequantizer_path}")
         return dq
     dq = VariationalDequantizer(num_levels, data_range, shape)
@@ -122,7 +120,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=output_file, default="", help="PNG of 64 samples: dpmpp_2m (20 NFE) and dopri5")
     p.add_argument("--grid-rtol", type=POSITIVE_FLOAT, default=1e-4, help="rtol = atol of the grid's dopri5 samples")
     add_dequantization_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the grid's noise, dequantization and probes")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the grid's noise, dequantization and probes")
     add_threads_arg(p)
     p.set_defaults(func=cmd_evaluate)
     add_check(p, _check)

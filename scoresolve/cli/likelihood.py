@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 
 import torch
 
 from ._args import (
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    SEED,
     TRUNCNORM_SCALE,
     UsageError,
     add_check,
@@ -68,12 +70,22 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-range needs finite LO < HI, got {lo:g} {hi:g}")
     if args.probes_per == "step" and args.divergence != "hutchinson":
         raise UsageError("--probes-per step needs --divergence hutchinson")
+    if args.divergence == "exact" and args.data is not None and torch.is_tensor(args.data):
+        from ..divergence import EXACT_MAX_DIMS
+
+        D = math.prod(args.data.shape[1:])
+        if D > EXACT_MAX_DIMS:
+            raise UsageError(f"--divergence exact on D={D} dimensions takes {D} VJPs per evaluation: refused above "
+                             f"D={EXACT_MAX_DIMS}; use --divergence hutchinson")
     net = check_model_source(args)
     if getattr(args, "bound", "ode") == "elbo" and net is None:
         raise UsageError("--bound elbo evaluates a network (--model digits, --checkpoint, --model-spec)")
+    if args.out_dir is None:  # one default directory per model: a run of another model never meets its records
+        args.out_dir = default_out_dir(args, net)
     if net is None:
         check_t_eps(args.t_eps, args.sde)
         _check_dequantization(args, net)
+        _check_data(args)
         return
     if args.float64:
         raise UsageError(f"{net.name} is a float32 network: drop --float64")
@@ -83,6 +95,59 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--data holds samples of shape {tuple(args.data.shape[1:])}, but {net.name} models "
                          f"samples of shape {tuple(net.shape)}")
     _check_dequantization(args, net)
+    _check_data(args)
+
+
+DEFAULT_OUT_DIR = "likelihood_eval"
+
+
+def default_out_dir(args: argparse.Namespace, net) -> str:
+    """``likelihood_eval`` for the mixture, ``likelihood_eval_<model>`` for a network (a shipped model's name, a
+    checkpoint's or a --model-spec module's file name)."""
+    import re
+
+    if net is None:
+        return DEFAULT_OUT_DIR
+    name = args.model or os.path.splitext(os.path.basename(net.name.rpartition(":")[0] or net.name))[0]
+    if args.model_spec:
+        name += "_" + net.name.rpartition(":")[2]
+    return f"{DEFAULT_OUT_DIR}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    """Usage errors of ``--data``'s contents: non-finite values; with ``--bits`` / ``--num-levels``, values off the
+    declared grid of ``--data-range``."""
+    data = args.data
+    if data is None or not torch.is_tensor(data):
+        return
+    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        bad = int((~torch.isfinite(data.flatten(1))).any(1).sum())
+        raise UsageError(f"--data holds non-finite values (NaN or inf) in {bad} of its {len(data)} samples")
+    num_levels = args.num_levels or (2**args.bits if args.bits is not None else None)
+    if num_levels is not None:
+        from ..dequantization import grid_levels, grid_name
+
+        try:
+            grid_levels(data, num_levels, tuple(args.data_range), grid_name(num_levels))
+        except ValueError as e:
+            raise UsageError(f"--data with {num_levels} levels in --data-range {args.data_range[0]:g} "
+                             f"{args.data_range[1]:g}: {e} (continuous data: drop --bits / --num-levels)") from None
+    elif not data.is_floating_point():
+        raise UsageError(f"--data holds {data.dtype} values: give --bits K or --num-levels L for integer levels")
+
+
+def stored_threads(out_dir: str) -> int | None:
+    """The thread count recorded in ``out_dir``'s manifest (a resume uses it unless --threads is given)."""
+    import json
+
+    from ..evaluation import MANIFEST
+
+    try:
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            n = json.load(f).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if type(n) is int and n >= 1 else None
 
 
 def _check_dequantization(args: argparse.Namespace, net) -> None:
@@ -202,8 +267,9 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
     """
     from ..sde import SDE_NAMES
 
-    p.add_argument("--out-dir", type=output_dir, default="likelihood_eval",
-                   help="records, manifest and results (resumable)")
+    p.add_argument("--out-dir", type=output_dir, default=None,
+                   help=f"records, manifest and results (resumable; default: {DEFAULT_OUT_DIR} for the mixture, "
+                   f"{DEFAULT_OUT_DIR}_<model> for a network)")
     p.add_argument(
         "--data",
         type=tensor_file,
@@ -282,7 +348,7 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moment-data", type=tensor_file, default=None, metavar="FILE",
                    help="training data for the moment estimate (default: the training digits for the digits "
                    "models, else the evaluated data), dequantized like them")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mixture, its dataset, dequantization and probes")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the mixture, its dataset, dequantization and probes")
     p.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
     p.add_argument("--device", type=device, default=None, help="device of the solve (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -312,6 +378,10 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
     from ..sde import sde_from_name
 
+    if args.out_dir is None:  # a parser without the checks (add_likelihood_args on a plain ArgumentParser)
+        args.out_dir = default_out_dir(args, network(args))
+    if getattr(args, "threads", None) is None:  # resuming: the run's own thread count (part of its identity)
+        args.threads = stored_threads(args.out_dir)
     apply_threads(args)
     net = network(args)
     if net is not None:
@@ -419,7 +489,7 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
             data, args.out_dir, fn=fn, score=None if fn is not None else model, sde=None if fn is not None else sde,
             batch_size=args.batch_size, repeats=args.repeats,
             seed=args.seed, num_levels=num_levels, data_range=tuple(args.data_range), device=args.device,
-            model_id=f"{net.name}; {sde!r}; {what}", progress=not args.quiet, dequantizer=dq, **kwargs,
+            model_id=f"{net.model_id}; {sde!r}; {what}", progress=not args.quiet, dequantizer=dq, **kwargs,
         )
         if is_secondary_rank():
             return 0

@@ -23,6 +23,7 @@ from ._args import (
     mixture,
     network,
     output_file,
+    save_tensors,
 )
 
 _BACKENDS = ("torchdiffeq", "torchsde")
@@ -34,15 +35,40 @@ def solver_name(text: str) -> str:
 
     backend, sep, method = text.partition(":")
     if sep:
-        if backend in _BACKENDS and method:
-            return text
-        raise argparse.ArgumentTypeError(f"backend solvers look like 'torchdiffeq:dopri5' or 'torchsde:euler', "
-                                         f"got {text!r}")
+        if backend not in _BACKENDS or not method:
+            raise argparse.ArgumentTypeError(f"backend solvers look like 'torchdiffeq:dopri5' or 'torchsde:euler', "
+                                             f"got {text!r}")
+        methods = backend_methods(backend)
+        if method not in methods:
+            raise argparse.ArgumentTypeError(f"unknown {backend} method {method!r}; available: {', '.join(methods)}")
+        return text
     if text not in REGISTRY:
         raise argparse.ArgumentTypeError(f"unknown solver {text!r}; available: {', '.join(sorted(REGISTRY))}")
     return text
 
 
+def backend_methods(backend: str) -> list[str]:
+    """The methods of a bridge (``scoresolve.solvers.backends``): torchdiffeq's or torchsde's."""
+    from ..solvers import backends as b
+
+    if backend == "torchdiffeq":
+        return sorted((*b.TORCHDIFFEQ_FIXED, *b.TORCHDIFFEQ_FIXED_OTHER, *b.TORCHDIFFEQ_ADAPTIVE))
+    return sorted(b.TORCHSDE_METHODS)
+
+
+def solver_at_grid(text: str) -> str:
+    """An argparse type: a solver (`solver_name`) optionally with a grid, ``dpmpp_2m@karras``."""
+    from ..solvers import GRIDS
+
+    name, at, grid = text.partition("@")
+    solver_name(name)
+    if at and grid not in GRIDS and not grid.startswith("tuned:"):
+        raise argparse.ArgumentTypeError(f"unknown grid {grid!r} in {text!r}; expected one of {', '.join(GRIDS)} or "
+                                         "tuned:NAME")
+    return text
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg", ".pdf", ".eps")
 GRID_MAX = 256  # images drawn in a PNG grid
 
 
@@ -60,12 +86,27 @@ def _check(args: argparse.Namespace) -> None:
     from ..solvers import REGISTRY
 
     net = check_model_source(args, need_shape=True)
+    out = args.out.lower()
+    if out.endswith(IMAGE_SUFFIXES):
+        raise UsageError(f"--out {args.out}: samples are written as a .png grid (image samples) or a .pt file of "
+                         "tensors, not as another image format")
     if net is None:
         check_t_eps(args.t_eps, args.sde)
-    elif args.out.endswith(".png") and not _is_image(net.shape):
+        if out.endswith(".png"):
+            raise UsageError(f"a PNG grid needs image samples [C, H, W] with 1 or 3 channels, but the mixture makes "
+                             f"samples of shape ({args.dim},): write a .pt file")
+    elif out.endswith(".png") and not _is_image(net.shape):
         raise UsageError(f"a PNG grid needs image samples [C, H, W] with 1 or 3 channels, but {net.name} makes "
                          f"samples of shape {net.shape}: write a .pt file")
     spec = REGISTRY.get(args.solver)
+    if args.diffusion is not None:
+        ode_only = args.solver.startswith("torchdiffeq:") or (spec is not None and not spec.stochastic)
+        if args.diffusion > 0 and ode_only:
+            raise UsageError(f"--solver {args.solver} integrates the probability-flow ODE: drop --diffusion "
+                             f"{args.diffusion:g}, or use an SDE sampler (euler_maruyama, pc, adaptive_sde, ddim, "
+                             "dpmpp_2m_sde, torchsde:METHOD)")
+        if args.diffusion == 0 and args.solver.startswith("torchsde:"):
+            raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
 
@@ -104,14 +145,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     net = network(args)
     if net is not None:  # a network: shipped, trained checkpoint or the user's own
         if net.shape is None:
-            raise SystemExit(f"the sample shape of {net.name} is unknown: give --shape")
+            raise UsageError(f"the sample shape of {net.name} is unknown: give --shape")
         model, sde = net.model, net.sde
         if args.float64:
             from ..compare import float64_model
 
             model = float64_model(model)
             if model is None:
-                raise SystemExit(f"{net.name} cannot run in float64: drop --float64")
+                raise UsageError(f"{net.name} cannot run in float64: drop --float64")
         x_T = sde.prior_sample((args.batch, *net.shape), generator=g, dtype=dtype)
         sol = sample(model, sde, x_T, solver=args.solver, t_eps=args.t_eps, progress=not args.quiet,
                      diffusion=args.diffusion, generator=g, denoise=True, **kw)
@@ -128,7 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if shown < args.batch:
                 print(f"the grid shows the first {shown} of {args.batch} samples")
         elif out:
-            torch.save({"x": sol.x, "nfe": sol.nfe}, out)
+            save_tensors({"x": sol.x, "nfe": sol.nfe}, out)
         if out:
             print(f"samples written to {out}")
         return 0
@@ -147,6 +188,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
           f" (exact samples {gm.log_prob(exact, args.t_eps, sde).mean():.4f}), "
           f"sliced W2 to exact samples {sliced_wasserstein(sol.x, exact):.4f}")
     if args.out:
-        torch.save({"x": sol.x, "nfe": sol.nfe}, args.out)
+        save_tensors({"x": sol.x, "nfe": sol.nfe}, args.out)
         print(f"samples written to {args.out}")
     return 0

@@ -17,6 +17,7 @@ from ._args import (
     NONNEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    SEED,
     UsageError,
     add_check,
     add_threads_arg,
@@ -41,6 +42,14 @@ def _check(args: argparse.Namespace) -> None:
     if getattr(sde, "velocity_form", False) and (args.weighting != "eps" or args.importance_sampling):
         raise UsageError(f"--sde {args.sde} trains by flow matching, which has no weighting: drop --weighting "
                          "and --importance-sampling")
+    from ..data import DIGITS_SHAPE
+    from ..models.train import build_network
+
+    try:  # the network's options (--model-arg), checked by building it (small, CPU)
+        build_network(args.model, DIGITS_SHAPE if args.data == "digits" else (2,), T=sde.T,
+                      **dict(args.model_arg or []))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--model {args.model} with --model-arg {dict(args.model_arg or [])}: {e}") from None
     if args.importance_sampling and args.t_sampling != "uniform":
         raise UsageError("--importance-sampling draws its own times: drop --t-sampling")
 
@@ -80,7 +89,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"in [0, 1) (default: {d.ema_decay})")
     p.add_argument("--grad-clip", type=NONNEGATIVE_FLOAT, default=d.grad_clip,
                    help="max gradient norm, 0: off")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and every random draw")
+    p.add_argument("--seed", type=SEED, default=d.seed, help="seed of initialisation and every random draw")
     p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every,
                    help="steps between checkpoints")
     p.add_argument("--out", type=output_dir, default=None, help="run directory for train_state.pt and model.pt "
@@ -114,7 +123,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.path.exists(state) and not args.resume:
         print(f"{state} exists: pass --resume to continue it, or choose another --out", file=sys.stderr)
         return 2
-    res = train(config, out_dir=out, resume=args.resume, progress=not args.quiet)
+    try:
+        res = train(config, out_dir=out, resume=args.resume, progress=not args.quiet)
+    except FloatingPointError as e:  # the loss diverged: a setting to change, not a bug to trace
+        raise UsageError(f"{e}: training diverged with --lr {args.lr:g}; lower --lr, or set --grad-clip "
+                         f"(now {args.grad_clip:g})") from None
     export = args.export or os.path.join(out, MODEL_FILE)
     export_model(res, export, dtype=getattr(torch, args.export_dtype))
     n_par = sum(p.numel() for p in res.net.parameters())

@@ -64,14 +64,16 @@ cannot trip a process-group timeout. Every rank then builds the same summary fro
 from ..dequantization import resolve_levels
 from .dataset import BatchFn, EvalSummary, evaluate_dataset, likelihood_fn, read_records
 from .inputs import dequantized_samples, derive_seed
-from .manifest import FORMAT, MANIFEST, RESULTS, data_fingerprint, model_fingerprint
-from .records import decode_record, encode_record, record_path
+from .manifest import FORMAT, MANIFEST, RESULTS, ResumeError, data_fingerprint, model_fingerprint, run_identity
+from .records import RunLockedError, decode_record, encode_record, record_path
 
 __all__ = [
     "FORMAT",
     "MANIFEST",
     "RESULTS",
     "BatchFn",
+    "ResumeError",
+    "RunLockedError",
     "EvalSummary",
     "data_fingerprint",
     "decode_record",
@@ -84,4 +86,5 @@ __all__ = [
     "read_records",
     "record_path",
     "resolve_levels",
+    "run_identity",
 ]

@@ -15,7 +15,17 @@ import torch
 from ..dequantization import grid_levels, grid_name, levels_bits_per_dim, pow2_bits, resolve_levels
 from .distributed import resolve_rank, wait_complete
 from .inputs import batch, dequantized, dequantized_with, derive_seed, effective_dequantizer, item
-from .manifest import FORMAT, MANIFEST, RESULTS, callable_id, check_manifest, data_fingerprint, model_fingerprint
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    RESULTS,
+    ResumeError,
+    callable_id,
+    check_manifest,
+    data_fingerprint,
+    model_fingerprint,
+    run_identity,
+)
 from .records import (
     RankLock,
     as_columns,
@@ -30,7 +40,7 @@ from .records import (
     scan_file,
 )
 
-_RESERVED = ("i", "r", "bpd")
+_RESERVED = ("i", "r", "bpd", "run")
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], Any]
 
@@ -244,7 +254,11 @@ def evaluate_dataset(
         dtype: floating dtype of the batches passed to ``fn``: floating data are cast to it, integer levels are
             dequantized in it (default: floating data keep theirs, integer data take ``torch.get_default_dtype()``).
             Stored in the manifest.
-        device: where batches go before ``fn`` (dequantization happens on the CPU first).
+        device: where batches go before ``fn`` (dequantization happens on the CPU first). On the CPU the
+            manifest stores torch's thread count (``torch.get_num_threads()``): the rounding of a CPU solve, and the
+            steps of an adaptive one, depend on it (measured: log p of the digits model differs by up to 0.4 nats
+            between 1 and 2 threads at rtol 1e-3), so resuming with another thread count is refused
+            (``torch.set_num_threads`` to the stored count resumes).
         model_id: a string naming the model, stored in the manifest and checked on resume (the default ``fn``
             records the score's name, with a checksum of its weights for a torch module, and the SDE).
             Independently, the manifest stores ``model_fingerprint``: a hash of the parameters and buffers of the
@@ -279,8 +293,9 @@ def evaluate_dataset(
         ValueError: invalid settings (among them ``bits`` and ``num_levels`` that disagree, or L < 2; see
             ``scoresolve.dequantization.resolve_levels``; a dequantizer for other levels or continuous data), data
             off the declared grid, or an ``out_dir`` holding a run with other settings, another dequantizer or
-            another model.
-        RuntimeError: another live run is evaluating the same rank in ``out_dir``.
+            another model (`ResumeError`, a ValueError; also when ``out_dir`` holds records of another run, which
+            every record's ``run`` identity tells even after ``manifest.json`` was deleted).
+        RunLockedError: (a RuntimeError) another live run is evaluating the same rank in ``out_dir``.
     """
     rank, world_size, barrier = resolve_rank(rank, world_size)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -331,6 +346,9 @@ def evaluate_dataset(
         "num_levels": L,
         "data_range": None if L is None else [float(v) for v in data_range],
         "dtype": None if dtype is None else str(dtype),
+        # torch's intra-op threads change a CPU solve's rounding, and an adaptive solve's steps with it: part of the
+        # identity (None off the CPU)
+        "threads": torch.get_num_threads() if _on_cpu(device, first) else None,
         "data_fingerprint": data_fingerprint(data),
         "likelihood": likelihood,
         "model_id": model_id,
@@ -343,8 +361,8 @@ def evaluate_dataset(
         manifest["dequantizer"] = dq.describe()
     os.makedirs(out_dir, exist_ok=True)
     with RankLock(out_dir, rank):
-        check_manifest(out_dir, manifest, rank)
-        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress, dq)
+        created = check_manifest(out_dir, manifest, rank, data)
+        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress, dq, created)
         # gather: wait for every pair on disk (no collective: ranks may finish far apart), summarise
         allrec = wait_complete(out_dir, N, repeats, world_size, wait_timeout, poll_interval)
     recs = [allrec[(i, r)] for r in range(repeats) for i in range(N)]
@@ -364,12 +382,20 @@ def evaluate_dataset(
     return summary
 
 
+def _on_cpu(device: Any, first: torch.Tensor) -> bool:
+    return (first.device if device is None else torch.device(device)).type == "cpu"
+
+
 def _compute(
     data: Any, out_dir: str, fn: BatchFn, manifest: dict, rank: int, world_size: int, L: int | None,
     data_range: Sequence[float], dtype: torch.dtype | None, device: Any, progress: bool, dq: "Dequantizer | None",
+    new_manifest: bool = False,
 ) -> None:
-    """Compute and append this rank's missing records (the caller holds the rank's lock)."""
+    """Compute and append this rank's missing records (the caller holds the rank's lock). Records of another run
+    (their ``run`` identity differs from this run's; or, under a manifest written just now, records without one)
+    are refused with `ResumeError`."""
     N, repeats, seed, batch_size = (manifest[k] for k in ("num_samples", "repeats", "seed", "batch_size"))
+    ident = run_identity(manifest)
     num_dims = math.prod(manifest["sample_shape"])
     # what is done: read every rank's file; repair our own (and, on rank 0, files of ranks that no longer exist)
     done: dict[tuple[int, int], dict] = {}
@@ -379,6 +405,13 @@ def _compute(
             repair(path, good, bad, torn)
         for _, rec in good:
             done.setdefault((rec["i"], rec["r"]), rec)
+    foreign = sum(1 for rec in done.values() if rec.get("run", None if new_manifest else ident) != ident)
+    if foreign:
+        raise ResumeError(
+            f"cannot resume in {out_dir!r}: {foreign} of its {len(done)} records were computed by another run (other "
+            "settings, data or model" + (", and its manifest.json was missing" if new_manifest else "")
+            + "); use another out_dir, or restore the original run's settings and manifest"
+        )
 
     n_batches = -(-N // batch_size)
     units = [(r, b) for r in range(repeats) for b in range(n_batches) if (r * n_batches + b) % world_size == rank]
@@ -424,7 +457,7 @@ def _compute(
                 cols["bpd"] = levels_bits_per_dim(lp, num_dims, L, data_range).tolist()
                 lines = []
                 for j, i in enumerate(idx):
-                    rec = {"i": i, "r": r, "log_prob": cols["log_prob"][j], "bpd": cols["bpd"][j]}
+                    rec = {"i": i, "r": r, "log_prob": cols["log_prob"][j], "bpd": cols["bpd"][j], "run": ident}
                     rec.update({k: v[j] for k, v in cols.items() if k not in rec})
                     old = done.get((i, r))
                     if old is None:

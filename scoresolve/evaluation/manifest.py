@@ -31,8 +31,31 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def data_fingerprint(data: Any) -> str:
-    """CRC32 over 16 evenly spaced items (index, dtype, shape and bytes): a spot check that a resume sees the same
-    data, cheap for datasets that load from disk. Identical for a tensor and a dataset yielding its rows."""
+    """``blake2b-all:<hex>``: a hash of every item (index, dtype, shape and bytes), so that a resume on data that
+    differ in any row is refused. One pass over the data, cheap next to one likelihood solve. Identical for a tensor
+    and a dataset yielding its rows."""
+    h = hashlib.blake2b(digest_size=16)
+    if torch.is_tensor(data):  # one pass over the bytes; the per-row headers are what the items would give
+        t = data.detach().cpu().contiguous()
+        row = t[0].numel() * t.element_size() if len(t) else 0
+        raw = _tensor_bytes(t)
+        for i in range(len(t)):
+            h.update(f"{i}:{t.dtype}:{tuple(t.shape[1:])}\n".encode())
+            h.update(raw[i * row : (i + 1) * row])
+    else:
+        for i in range(len(data)):
+            t = item(data, i)
+            h.update(f"{i}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(_tensor_bytes(t))
+    return f"blake2b-all:{h.hexdigest()}"
+
+
+SPOT_PREFIX = "crc32-spot16:"
+
+
+def spot_fingerprint(data: Any) -> str:
+    """CRC32 over 16 evenly spaced items: the data fingerprint of manifests written before `data_fingerprint` hashed
+    every item (such runs resume when this spot check still matches)."""
     n = len(data)
     pos = sorted({round(k * (n - 1) / 15) for k in range(16)}) if n > 1 else [0]
     crc = 0
@@ -40,7 +63,7 @@ def data_fingerprint(data: Any) -> str:
         t = item(data, p)
         crc = zlib.crc32(f"{p}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
         crc = zlib.crc32(_tensor_bytes(t), crc)
-    return f"crc32-spot16:{crc:08x}"
+    return f"{SPOT_PREFIX}{crc:08x}"
 
 
 def callable_id(f: Any) -> str:
@@ -127,36 +150,63 @@ def model_fingerprint(f: Any) -> str | None:
     return "; ".join(module_fingerprint(m) for m in modules) if modules else None
 
 
+def run_identity(manifest: dict) -> int:
+    """The identity of a run as a 52-bit integer: a hash of every manifest entry a resume must match (all but
+    batch size, world size and the function's name). Every record carries it (key ``run``), so that records of two
+    runs are never mixed, even when ``manifest.json`` was deleted."""
+    checked = {k: v for k, v in manifest.items() if k not in _INFO_KEYS}
+    digest = hashlib.blake2b(json.dumps(checked, sort_keys=True, default=str).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 12  # < 2^52: exact in JSON and in float64 columns
+
+
 def _describe(dequantizer: Any) -> str:
     return "uniform (none given)" if dequantizer is None else json.dumps(dequantizer, sort_keys=True)
 
 
-def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
-    """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (ValueError if not)."""
+class ResumeError(ValueError):
+    """An output directory holds a run that this one cannot continue (other settings, data or model, foreign
+    records, a corrupt manifest, or a live run of the same rank)."""
+
+
+def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) -> bool:
+    """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (`ResumeError`, a
+    ValueError, if not). ``data``: this run's data, for the spot check of a manifest written before full data hashes.
+    Returns whether this call wrote the manifest."""
     path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):  # every rank of a run writes the same content, atomically
+    created = not os.path.exists(path)
+    if created:  # every rank of a run writes the same content, atomically
         atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     with open(path, encoding="utf-8") as f:
         try:
             old = json.load(f)
         except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); delete it only if the records belong to this run") from e
+            raise ResumeError(f"{path} is not valid JSON ({e}); delete it only if the records belong to this "
+                              "run") from None
+    if not isinstance(old, dict):
+        raise ResumeError(f"{path} holds {type(old).__name__}, not a manifest; delete it only if the records belong "
+                          "to this run")
+    old_data = old.get("data_fingerprint")
+    if isinstance(old_data, str) and old_data.startswith(SPOT_PREFIX) and data is not None:
+        if old_data == spot_fingerprint(data):  # a run from before full hashes: its spot check still holds
+            old["data_fingerprint"] = manifest.get("data_fingerprint")
     if isinstance(old, dict) and "num_levels" not in old and "num_levels" in manifest:
         # a run started before num_levels existed stored only bits: its L is 2^bits (None: continuous data)
         old_bits = old.get("bits")
         ok = type(old_bits) in (int, float) and old_bits == int(old_bits) and 1 <= old_bits <= 32
         old["num_levels"] = 2 ** int(old_bits) if ok else None
+    if "threads" not in old:
+        old["threads"] = manifest.get("threads")  # a run from before thread counts were recorded: not checked
     if isinstance(old, dict) and "model_fingerprint" not in old:
         old["model_fingerprint"] = manifest.get("model_fingerprint")  # a run from before fingerprints: not checked
     if old.get("model_fingerprint") != manifest.get("model_fingerprint"):
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume in {out_dir!r}: its records were computed with another model\n"
             f"  stored model fingerprint: {old.get('model_fingerprint')}\n"
             f"  this run's model:         {manifest.get('model_fingerprint')}\n"
             "use another out_dir, or restore the original model"
         )
     if old.get("dequantizer") != manifest.get("dequantizer"):  # absent: uniform dequantization (or none)
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume in {out_dir!r}: its records were computed with another dequantizer\n"
             f"  stored dequantizer: {_describe(old.get('dequantizer'))}\n"
             f"  this run's:         {_describe(manifest.get('dequantizer'))}\n"
@@ -168,7 +218,7 @@ def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
         if k not in _INFO_KEYS and old.get(k) != manifest.get(k)
     ]
     if diffs:
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume in {out_dir!r}: its manifest does not match this run's settings:\n"
             + "\n".join(diffs)
             + "\nuse another out_dir, or restore the original settings"
@@ -180,3 +230,4 @@ def check_manifest(out_dir: str, manifest: dict, rank: int) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+    return created

@@ -164,11 +164,15 @@ def as_columns(recs: list[dict]) -> dict[str, torch.Tensor]:
         "repeat": torch.tensor([r["r"] for r in recs], dtype=torch.int64),
     }
     for k in keys:
-        if k not in ("i", "r"):
+        if k not in ("i", "r", "run"):  # run: the identity every record carries (manifest.run_identity)
             cols[k] = torch.tensor(
                 [float("nan") if r.get(k) is None else float(r[k]) for r in recs], dtype=torch.float64
             )
     return cols
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the lock of this rank in the output directory."""
 
 
 class RankLock:
@@ -193,7 +197,7 @@ class RankLock:
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(
+            raise RunLockedError(
                 f"another run is evaluating rank {self.rank} in {self.out_dir!r} ({holder}, lock file "
                 f"{self.path}); wait for it to finish or use another out_dir"
             ) from None

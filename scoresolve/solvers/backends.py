@@ -18,17 +18,21 @@ and torchsde's Brownian interval is one object for the batch. NFE is counted exa
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from .._utils import check_batched
+from .._utils import check_batched, check_count
 from ..reverse import ReverseProcess
-from ._registry import counted
+from ..score import ScoreModel
+from ._registry import check_options, check_start, counted
 from ._solution import Solution
 from .errors import NonFiniteError
 from .grids import GRIDS, time_grid
+from .integrate import LOW_PRECISION_FLOOR, check_tolerance
 
 # evaluations of the vector field per step, for turning an nfe budget into a step count
 TORCHDIFFEQ_FIXED = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
@@ -52,12 +56,10 @@ DEFAULT_TOL = 1e-5
 
 def _steps(solver: str, per_step: int | None, nfe: int | None, steps: int | None) -> int:
     if steps is not None:
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"{solver}: steps must be an integer >= 1, got {steps!r}")
-        return int(steps)
+        return check_count(steps, f"{solver}: steps")
     if per_step is None:
         raise ValueError(f"{solver}: give steps (an nfe budget cannot be converted for this method)")
-    budget = DEFAULT_NFE if nfe is None else int(nfe)
+    budget = DEFAULT_NFE if nfe is None else check_count(nfe, f"{solver}: nfe")
     n = budget // per_step
     if n < 1:
         raise ValueError(f"{solver} needs at least nfe={per_step}, got nfe={budget}")
@@ -98,6 +100,15 @@ def solve_with_backend(
     T, t_eps = float(T), float(t_eps)
     if not (0 < t_eps < T):
         raise ValueError(f"need 0 < t_eps < T, got t_eps={t_eps}, T={T}")
+    # the checks the registered solvers make, before any work
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains non-finite values")
+    rtol = None if rtol is None else check_tolerance(rtol, f"{solver}: rtol")
+    atol = None if atol is None else check_tolerance(atol, f"{solver}: atol")
+    known = backend_options(backend, method)
+    if known is not None:
+        check_options(solver, set(options) - set(known) - {"grid"}, sorted(set(known) | {"grid"}))
+    check_start(solver, backend == "torchdiffeq", process, ScoreModel.wrap(process.score, process.sde), T)
     if x_T.shape[0] == 0:  # an empty batch: nothing to integrate, as for the registered solvers
         return Solution(x=x_T.clone(), nfe=0, steps=0, rejected=0,
                         t=torch.full((0,), t_eps, dtype=x_T.dtype, device=x_T.device), solver=solver,
@@ -107,6 +118,32 @@ def solve_with_backend(
     if backend == "torchsde":
         return _torchsde(solver, method, process, x_T, T, t_eps, nfe, steps, rtol, atol, generator, options)
     raise ValueError(f"unknown backend {backend!r} in solver {solver!r}; expected 'torchdiffeq' or 'torchsde'")
+
+
+_OURS = ("self", "func", "y0", "rtol", "atol")  # torchdiffeq arguments that solve_with_backend sets itself
+
+
+def backend_options(backend: str, method: str) -> tuple[str, ...] | None:
+    """The ``options`` a backend method reads (None for an unknown backend or method: its own error follows).
+
+    torchdiffeq: the named arguments of the method's solver class (and its bases), read from torchdiffeq itself;
+    torchsde: ``grad_free`` for milstein, nothing else (sdeint would ignore any other key)."""
+    if backend == "torchdiffeq":
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        cls = SOLVERS.get(method)
+        if cls is None:
+            return None
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names |= {p.name for p in inspect.signature(init).parameters.values()
+                          if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return tuple(sorted(names - set(_OURS)))
+    if backend == "torchsde":
+        return ("grad_free",) if method == "milstein" else () if method in TORCHSDE_METHODS else None
+    return None
 
 
 def _check_finite(solver: str, out: torch.Tensor, x_T: torch.Tensor) -> None:
@@ -158,14 +195,21 @@ def _torchdiffeq(solver, method, process, x, T, t_eps, nfe, steps, rtol, atol, o
     grid = options.pop("grid", None)
     adaptive = method in TORCHDIFFEQ_ADAPTIVE
     func = _ODEFunc(process, x, adaptive)
-    tdtype = x.dtype
+    tdtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # 16-bit times: steps stall
     if adaptive:
         if nfe is not None or steps is not None:
             raise ValueError(f"{solver} is adaptive: give rtol/atol, not nfe/steps")
         if grid is not None:
             raise ValueError(f"{solver} is adaptive: a grid applies to fixed-grid methods only")
-        rtol = DEFAULT_TOL if rtol is None else float(rtol)
-        atol = DEFAULT_TOL if atol is None else float(atol)
+        rtol = DEFAULT_TOL if rtol is None else rtol
+        atol = DEFAULT_TOL if atol is None else atol
+        if x.dtype in (torch.float16, torch.bfloat16):  # as the built-in adaptive solvers (clamp_tolerances)
+            floor = LOW_PRECISION_FLOOR * torch.finfo(x.dtype).eps
+            if rtol < floor or atol < floor:
+                warnings.warn(f"{solver}: rtol={rtol:g}, atol={atol:g} lie below the precision of a {x.dtype} state; "
+                              f"using {floor:g} (solve in float32 for tighter tolerances)", RuntimeWarning,
+                              stacklevel=4)
+                rtol, atol = max(rtol, floor), max(atol, floor)
         t = torch.tensor([T, t_eps], dtype=tdtype, device=x.device)
         # without it the RK solvers step past t_eps (even below t = 0) and interpolate back
         options.setdefault("step_t", torch.tensor([t_eps], dtype=torch.float64))

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .._utils import check_count
 from ..sde import ForwardSDE
 
 GRIDS = ("uniform", "quadratic", "logsnr", "karras", "flow")
@@ -39,19 +40,22 @@ def time_grid(
     shift: float | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    solver: str | None = None,
 ) -> torch.Tensor:
     """A decreasing grid of ``steps + 1`` times from T to t_eps (both included); ``shift``: see the module
-    docstring."""
+    docstring. ``solver``: the solver that will run on it (a tuned grid must have been tuned for it).
+
+    Raises MemoryError, with the estimate, for a step count whose grid and per-step schedule would not fit in the
+    host memory (`grid_bytes`)."""
     T = sde.T if T is None else float(T)
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = check_count(steps, "steps")
+    check_grid_memory(steps)
     if not (0 < t_eps < T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
     if T > sde.T * (1 + 1e-9):
         raise ValueError(f"T = {T} exceeds the SDE's T = {sde.T}")
     if isinstance(kind, str) and kind.startswith("tuned:"):
-        return _tuned_grid(kind, steps, t_eps, T, shift).to(dtype=dtype, device=device)
+        return _tuned_grid(kind, steps, t_eps, T, shift, sde, solver).to(dtype=dtype, device=device)
     if shift is not None:
         from ..interpolant import sd3_shift
 
@@ -98,12 +102,40 @@ def time_grid(
     return ts.to(dtype=dtype, device=device)
 
 
-def _tuned_grid(kind: str, steps: int, t_eps: float, T: float, shift: float | None) -> torch.Tensor:
+GRID_BYTES_PER_STEP = 256  # host memory of one grid step: its time and the schedule's Python floats (measured ~200)
+
+
+def grid_bytes(steps: int) -> int:
+    """Estimated host memory of a fixed-grid run of ``steps`` steps (the grid and its per-step schedule lists)."""
+    return (int(steps) + 1) * GRID_BYTES_PER_STEP
+
+
+def check_grid_memory(steps: int) -> None:
+    """MemoryError, with the estimate, when a grid of ``steps`` steps would take more than half the host's
+    available memory (``nfe=1e9`` used to grow until the machine killed the process)."""
+    from ..divergence import available_bytes
+
+    need = grid_bytes(steps)
+    if need < 2**26:  # 64 MiB: no need to ask
+        return
+    avail = available_bytes(torch.device("cpu"))
+    if avail is not None and need > avail // 2:
+        raise MemoryError(f"a grid of {steps} steps needs about {need / 2**30:.3g} GiB of host memory for its times "
+                          f"and schedule, more than half the {avail / 2**30:.3g} GiB available (and {steps} network "
+                          f"evaluations per sample): ask for fewer steps / a smaller nfe")
+
+
+def _tuned_grid(kind: str, steps: int, t_eps: float, T: float, shift: float | None, sde: ForwardSDE,
+                solver: str | None) -> torch.Tensor:
     from ..tuning import load_grid
 
     tuned = load_grid(kind[len("tuned:"):])
     if shift is not None:
         raise ValueError(f"shift does not apply to a tuned grid ({kind!r})")
+    if solver is not None and tuned.solver != solver:
+        raise ValueError(f"grid {kind!r} was tuned for solver {tuned.solver!r}, not {solver!r}")
+    if tuned.sde and tuned.sde != repr(sde):
+        raise ValueError(f"grid {kind!r} was tuned on {tuned.sde}, not on {sde!r}")
     if tuned.steps != steps:
         raise ValueError(f"grid {kind!r} has {tuned.steps} steps (tuned for {tuned.solver} at nfe={tuned.nfe}), but "
                          f"{steps} were asked: pass nfe={tuned.nfe} (sample's default is nfe=20)")
