@@ -12,6 +12,7 @@ from .dequantizers import TruncatedNormalDequantizer, UniformDequantizer, Variat
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
+from .process import CAPABILITIES, IncompatibleProcessError, Process
 from .reverse import ReverseProcess
 from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
@@ -26,6 +27,9 @@ __all__ = [
     "EDMSDE",
     "EvalSummary",
     "ForwardSDE",
+    "CAPABILITIES",
+    "IncompatibleProcessError",
+    "Process",
     "NonFiniteError",
     "Solution",
     "GaussianMixture",

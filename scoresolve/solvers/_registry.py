@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..process import Process, check_capabilities
 from ..reverse import ReverseProcess
 from ..score import ScoreModel
 from ._solution import Solution
@@ -68,6 +69,10 @@ class SolverSpec:
     names an option (``eta`` for ddim) they draw noise only when it is > 0 (see `draws_noise`).
     ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR = -inf, t = 1 of rectified flow) from
     a model that predicts x0 there (flow, x0 or v; see `check_start`).
+    ``requires``: the process capabilities the method needs (`scoresolve.process.CAPABILITIES`, e.g.
+    ``gaussian_kernel`` for the exponential integrators); ``requires_fn(options)`` adds those of options (the
+    options are the caller's merged over the defaults). A run that draws noise (`draws_noise`) or has diffusion > 0
+    also requires ``reverse_sde``; see `requirements`.
     """
 
     name: str
@@ -87,6 +92,8 @@ class SolverSpec:
     default_diffusion: float = 0.0
     evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
     starts_at_alpha0: bool = False
+    requires: frozenset[str] = frozenset()
+    requires_fn: Callable[[Mapping[str, Any]], Iterable[str]] | None = None
 
     def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
         """Solve ``process`` from ``x`` over ``ts`` (the grid, or the span [t0, t1] of an adaptive solver)."""
@@ -124,6 +131,23 @@ class SolverSpec:
             return int(self.evals_per_step_fn({**self.options, **(options or {})}))
         return self.evals_per_step
 
+    def requirements(self, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> frozenset[str]:
+        """The process capabilities a run with these options and this s(t) (None: the solver's default diffusion;
+        a float c for s = c g, or a callable) requires."""
+        opts = {**self.options, **(options or {})}
+        need = set(self.requires)
+        if self.requires_fn is not None:
+            need |= set(self.requires_fn(opts))
+        diffusion = self.default_diffusion if diffusion is None else diffusion
+        if callable(diffusion) or float(diffusion) != 0.0 or self.draws_noise(opts):
+            need.add("reverse_sde")
+        return frozenset(need)
+
+    def check_process(self, sde: Process, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> None:
+        """`IncompatibleProcessError` naming the capability ``sde`` lacks for this run and the solvers that fit."""
+        check_capabilities(f"solver {self.name!r}", sde, self.requirements(options, diffusion),
+                           lambda: fitting_solvers(sde))
+
     def draws_noise(self, options: Mapping[str, Any]) -> bool:
         """Whether a run with these options is random (its result depends on the generator)."""
         if not self.stochastic:
@@ -146,6 +170,9 @@ class SolverSpec:
         return self.evals(options) * steps + self.extra(options)
 
 
+GAUSSIAN_KERNEL = frozenset({"gaussian_kernel"})
+"""``requires`` of the solvers built on x_t = alpha x_0 + sigma z (eps / x0 predictions, log-SNR steps)."""
+
 REGISTRY: dict[str, SolverSpec] = {}
 
 
@@ -163,8 +190,20 @@ def require_ode(name: str, process: ReverseProcess) -> None:
                          "'ddim' with eta > 0, 'dpmpp_2m_sde', or an SDE sampler such as 'euler_maruyama'")
 
 
-ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "dpmpp_2m_sde",
-                  "dopri5", "tsit5", "bosh3", "vern6", "vern7")
+def fitting_solvers(sde: Process) -> list[str]:
+    """The registered solvers whose default run (default options and diffusion) ``sde`` has the capabilities for."""
+    return sorted(name for name, spec in REGISTRY.items() if not sde.missing(spec.requirements()))
+
+
+def alpha0_solvers() -> tuple[str, ...]:
+    """The registered solvers that can start where alpha = 0 (``SolverSpec.starts_at_alpha0``), in registry order."""
+    return tuple(name for name, spec in REGISTRY.items() if spec.starts_at_alpha0)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ALPHA0_SOLVERS":  # derived from the registry, so a newly registered solver is in it
+        return alpha0_solvers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_start(name: str, can_start: bool, process: ReverseProcess, model: ScoreModel, t0: float) -> None:
@@ -180,7 +219,7 @@ def check_start(name: str, can_start: bool, process: ReverseProcess, model: Scor
     if not can_start:
         raise ValueError(
             f"solver {name!r} cannot start at t = {t0}, where alpha = 0 (log-SNR = -inf: {sde!r} at T); use one of "
-            f"{', '.join(ALPHA0_SOLVERS)} (probability-flow ODE), or start below T with an explicit grid")
+            f"{', '.join(alpha0_solvers())} (probability-flow ODE), or start below T with an explicit grid")
     if model.prediction in ("score", "eps"):
         raise ValueError(
             f"solver {name!r} starts at t = {t0}, where alpha = 0: a {model.prediction!r}-prediction model carries no "

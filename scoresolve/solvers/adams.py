@@ -34,7 +34,7 @@ import torch
 
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import SolverSpec, register, require_ode
+from ._registry import GAUSSIAN_KERNEL, SolverSpec, register, require_ode
 from .multistep import multistep_order
 
 # Adams-Bashforth weights of uniform steps, newest prediction first (iPNDM)
@@ -150,8 +150,10 @@ assert math.isclose(sum(AB_WEIGHTS[4]), 1.0)
 register(SolverSpec("ipndm", step=ipndm_step, options={"order": 4, "lower_order_final": False,
                                                         "afs": False},
                     prepare=_prepare("ipndm"), order=4, default_grid="quadratic", starts_at_alpha0=True,
+                    requires=GAUSSIAN_KERNEL,
                     description="iPNDM: Adams-Bashforth (uniform-step weights) on the noise prediction"))
 register(SolverSpec("deis", step=deis_step, options={"order": 3, "basis": "t",
                                                       "lower_order_final": False, "afs": False},
                     prepare=_prepare("deis"), order=3, default_grid="quadratic", starts_at_alpha0=True,
+                    requires=GAUSSIAN_KERNEL,
                     description="DEIS tAB (rhoAB with basis='rho'): exponential Adams-Bashforth, noise prediction"))
