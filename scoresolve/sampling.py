@@ -139,7 +139,10 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift)
+                kind = grid or default_grid(spec.default_grid, sde)
+                if kind in LOG_SNR_GRIDS:
+                    check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
+                ts = time_grid(sde, steps, kind, t_eps, shift=shift)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:
@@ -156,6 +159,10 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
+
+
+LOG_SNR_GRIDS = ("logsnr", "karras")
+"""Named grids built from the log-SNR: they require the capability ``gaussian_kernel``."""
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:

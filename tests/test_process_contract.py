@@ -72,7 +72,9 @@ def test_a_process_without_a_gaussian_kernel_keeps_only_the_solvers_that_need_no
         with pytest.raises(ss.IncompatibleProcessError, match=f"solver '{solver}' requires the capability "
                                                               "'gaussian_kernel'"):
             ss.sample(gm.score_fn(sde), sde, x_T, solver=solver, nfe=12)
-    # an option that requires more: the log-SNR as time variable
+    # options that require more: the log-SNR as time variable, grids built from the log-SNR
+    with pytest.raises(ss.IncompatibleProcessError, match="grid 'logsnr' requires the capability 'gaussian_kernel'"):
+        ss.sample(gm.score_fn(sde), sde, x_T, solver="euler", nfe=12, grid="logsnr")
     with pytest.raises(ss.IncompatibleProcessError, match="'gaussian_kernel'"):
         ss.sample(gm.score_fn(sde), sde, x_T, solver="dopri5", rtol=1e-4, atol=1e-4, time_variable="logsnr")
     assert set(fitting_solvers(sde)) == {"euler", "heun", "rk4", "euler_maruyama", "adaptive_sde", "dopri5",

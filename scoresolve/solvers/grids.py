@@ -4,7 +4,8 @@
 - ``quadratic``: uniform in sqrt(t) (DPM-Solver's "time_quadratic"), denser near t_eps.
 - ``logsnr``:    uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR").
 - ``karras``:    EDM's rho-schedule (Karras et al. 2022, eq. 5) in sigma_edm = sigma/alpha = exp(-lambda), rho = 7.
-- ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>`` (`load_grid`); its step
+- ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>``
+  (`scoresolve.solvers.grid_store.load_grid`); its step
   count, T and t_eps must match the request (e.g. ``sample(..., nfe=5, grid="tuned:digits-unipc-5")``).
 
 ``shift`` s applies SD3's timestep shift t/T -> s u/(1 + (s - 1) u) (`scoresolve.sd3_shift`; Flux: s =
@@ -19,6 +20,7 @@ import math
 import torch
 
 from ..sde import ForwardSDE
+from .grid_store import load_grid
 
 GRIDS = ("uniform", "quadratic", "logsnr", "karras")
 
@@ -84,8 +86,6 @@ def time_grid(
 
 
 def _tuned_grid(kind: str, steps: int, t_eps: float, T: float, shift: float | None) -> torch.Tensor:
-    from ..tuning import load_grid
-
     tuned = load_grid(kind[len("tuned:"):])
     if shift is not None:
         raise ValueError(f"shift does not apply to a tuned grid ({kind!r})")
