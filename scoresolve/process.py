@@ -5,7 +5,9 @@ processes with other perturbation kernels, e.g. Poisson flows) is a `Process`:
 
 - its schedule on [0, T]: ``T`` and the noise level ``sigma(t)`` (a Gaussian process adds alpha, the log-SNR, f, g);
 - its prior at T: ``prior_sample(shape)`` and ``prior_log_prob(z)`` (``[batch]``, summed over the other dims);
-- its probability-flow ODE: ``probability_flow(score)``, an object whose ``drift_at(x, t)`` is dx/dt;
+- its probability-flow ODE: ``probability_flow(score)``, an object whose ``drift_at(x, t)`` is dx/dt (a
+  `scoresolve.ReverseProcess` with diffusion 0, or a subclass overriding ``drift_at``: the solvers that require
+  nothing of the process, e.g. euler, heun, dopri5 and `log_likelihood`, use only that);
 - its declared capabilities, boolean class attributes named in `CAPABILITIES`:
 
   ``reverse_sde``      a reverse-time SDE with the same marginals exists (stochastic samplers, ``eta > 0``,
@@ -78,6 +80,14 @@ class Process(ABC):
     @abstractmethod
     def probability_flow(self, score: Callable) -> Any:
         """The probability-flow ODE of this process with model ``score``: an object with ``drift_at(x, t)``."""
+
+    def reverse(self, score: Callable, diffusion: Any = 1.0) -> Any:
+        """The reverse-time process with noise s(t) (a float c: s = c g; 0: the probability-flow ODE). Here: only
+        the probability-flow ODE; a process with ``reverse_sde`` overrides this (`scoresolve.ForwardSDE.reverse`)."""
+        if callable(diffusion) or float(diffusion) != 0.0:
+            check_capabilities("a reverse process with diffusion > 0", self, ("reverse_sde",))
+            raise NotImplementedError(f"{type(self).__name__} declares reverse_sde but does not implement reverse()")
+        return self.probability_flow(score)
 
     def capabilities(self) -> frozenset[str]:
         """The names in `CAPABILITIES` this process declares."""

@@ -1,6 +1,7 @@
 """The process contract (scoresolve.process): declared capabilities, what solvers require, one refusal type; and the
 one PF-ODE solve path that `sample` (adaptive solvers) and `log_likelihood` share (same time-variable rule)."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -176,3 +177,71 @@ def test_log_likelihood_takes_registry_solver_names():
         ss.log_likelihood(gm.score_fn(sde), sde, x, solver="ddim")
     with pytest.raises(ValueError, match="unknown solver 'adaptive_sde'"):
         ss.log_likelihood(gm.score_fn(sde), sde, x, solver="adaptive_sde")
+
+
+class _X0Flow(ss.ReverseProcess):
+    """dx/dt = (x - x0_hat(x, t)) / t: the PF-ODE of x_t = x_0 + t z written with an x0 prediction (the form of a
+    Poisson-flow ODE in sigma), from the network's raw output."""
+
+    def drift_at(self, x, t):
+        return (x - self.score.raw(x, t)) / t[:, None]
+
+    def with_score(self, score):
+        return _X0Flow(self.sde, score, self.diffusion_scale)
+
+
+class ToyX0Process(ss.Process):
+    """Not a ForwardSDE: its own schedule sigma(t) = t on [0, T], its own prior N(0, (s0^2 + T^2) I) (exact for data
+    N(0, s0^2 I)), a PF-ODE in the x0 prediction, and no Gaussian-kernel or reverse-SDE machinery declared."""
+
+    reverse_sde = False
+    gaussian_kernel = False
+
+    def __init__(self, s0: float = 0.5, T: float = 2.0) -> None:
+        self.s0, self.T = s0, T
+
+    def __repr__(self) -> str:
+        return f"ToyX0Process(s0={self.s0}, T={self.T})"
+
+    def sigma(self, t, *, check=True):
+        return torch.as_tensor(t)
+
+    def prior_sample(self, shape, generator=None, dtype=None, device=None):
+        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return z * (self.s0**2 + self.T**2) ** 0.5
+
+    def prior_log_prob(self, z):
+        var = self.s0**2 + self.T**2
+        D = z[0].numel()
+        return -0.5 * z.flatten(1).square().sum(1) / var - 0.5 * D * math.log(2 * math.pi * var)
+
+    def probability_flow(self, score):
+        return _X0Flow(self, score, 0.0)
+
+    def x0_net(self, x, t):  # E[x_0 | x_t] for data N(0, s0^2 I)
+        return (self.s0**2 / (self.s0**2 + t**2))[:, None] * x
+
+
+def test_a_process_that_is_no_forward_sde_runs_the_solvers_that_need_nothing_of_it():
+    """The contract lets in a process with another ODE and prior (as Poisson flows will be) without touching solvers:
+    euler, heun and dopri5 sample it, log_likelihood integrates it, the others are refused by capability."""
+    proc = ToyX0Process()
+    x_T = proc.prior_sample((5, 3), generator=torch.Generator().manual_seed(0), dtype=F64)
+    t_eps = 1e-2
+    exact = x_T * math.sqrt((proc.s0**2 + t_eps**2) / (proc.s0**2 + proc.T**2))  # x_t grows like sqrt(s0^2 + t^2)
+    for solver, kw, tol in (("heun", {"nfe": 199}, 5e-4), ("dopri5", {"rtol": 1e-8, "atol": 1e-8}, 1e-6)):
+        out = ss.sample(proc.x0_net, proc, x_T, solver=solver, t_eps=t_eps, **kw)
+        assert float((out.x - exact).abs().max()) < tol, solver
+    for solver in ("ddim", "dpmpp_2m", "euler_maruyama"):
+        with pytest.raises(ss.IncompatibleProcessError, match="solver '" + solver + "' requires"):
+            ss.sample(proc.x0_net, proc, x_T, solver=solver, nfe=10, t_eps=t_eps)
+    with pytest.raises(ss.IncompatibleProcessError, match="'reverse_sde'"):
+        ss.sample(proc.x0_net, proc, x_T, solver="euler", nfe=10, t_eps=t_eps, diffusion=1.0)
+    # log p_{t_eps}(x) = log N(x; 0, (s0^2 + t_eps^2) I), exact (the prior is exact too)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.7
+    var = proc.s0**2 + t_eps**2
+    ref = -0.5 * x.square().sum(1) / var - 1.5 * math.log(2 * math.pi * var)
+    for div in ("exact", "hutchinson"):
+        res = ss.log_likelihood(proc.x0_net, proc, x, divergence=div, probes=1, rtol=1e-8, atol=1e-8, t_eps=t_eps,
+                                generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(res.log_prob, ref, rtol=0, atol=1e-6)  # the Jacobian is a multiple of I

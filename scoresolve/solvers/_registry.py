@@ -214,6 +214,8 @@ def check_start(name: str, can_start: bool, process: ReverseProcess, model: Scor
     equals -x / sigma or x there, whatever the data.
     """
     sde = process.sde
+    if not sde.gaussian_kernel:  # alpha = 0 is a fact of a Gaussian kernel; other processes state their own start
+        return
     if float(sde.alpha(torch.tensor(t0, dtype=torch.float64), check=False)) > 0:
         return
     if not can_start:
