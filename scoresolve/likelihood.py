@@ -250,5 +250,6 @@ def _estimator(divergence, probes, probe, probes_per, exact_chunk, generator, cv
     if probes_per == "step":
         raise ValueError("probes_per='step' needs divergence='hutchinson'")
     if cv is not None:
-        raise ValueError("control_variate needs divergence='hutchinson'")
+        raise ValueError("control_variate needs divergence='hutchinson' (a HutchinsonDivergence object takes its "
+                         "own correction=)")
     return est
