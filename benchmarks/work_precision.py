@@ -32,11 +32,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # not `tests.`: a PyPI
+# package (flow_matching) installs a top-level `tests` package that would shadow ours
+
+from _kdiffusion import k_diffusion_denoiser, load_k_diffusion_sampling  # noqa: E402
 
 import scoresolve as ss  # noqa: E402
 from scoresolve.compare import Run, format_table, plot_work_precision, reference_solve, rms_error, work_precision  # noqa: E402
 from scoresolve.tuning import tune_grid  # noqa: E402
-from tests._kdiffusion import k_diffusion_denoiser, load_k_diffusion_sampling  # noqa: E402
 
 OURS = ["euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]
 AFS = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]  # also run with the analytical first step (afs=True)

@@ -15,6 +15,7 @@ from .sde import ForwardSDE
 from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
 from .solvers._registry import fitting_solvers
+from .solvers.defaults import default_sampler
 
 
 def sample(
@@ -22,7 +23,7 @@ def sample(
     sde: Process,
     x_T: torch.Tensor,
     *,
-    solver: str = "dpmpp_2m",
+    solver: str | None = None,
     nfe: int | None = None,
     steps: int | None = None,
     rtol: float | None = None,
@@ -46,7 +47,11 @@ def sample(
         sde: the forward SDE.
         x_T: initial state ``[batch, ...]`` (e.g. ``sde.prior_sample(...)``).
         solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or
-            ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``.
+            ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``. None (default): the measured best sampler for
+            the budget and the model's prediction (`scoresolve.solvers.defaults`): for x0, v and flow models vAB on
+            the grid uniform in u = sigma / (alpha + sigma), order 2 / 3 / 4 below 8 / below 20 / from 20 NFE; for
+            eps and score models (and plain score callables) ``dpmpp_2m`` on its grid; with ``diffusion`` > 0,
+            ``euler_maruyama``.
         nfe: budget of score evaluations; grid solvers take the largest step count that fits.
         steps: number of steps of a grid solver (overrides ``nfe``).
         rtol: relative tolerance of adaptive solvers.
@@ -94,6 +99,8 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
+    if solver is None:
+        solver, options, grid = _default_sampler(nfe, steps, grid, diffusion, options, model.prediction)
     keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
     if ":" in solver:
         from .solvers.backends import solve_with_backend
@@ -140,7 +147,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
                 kind = grid or default_grid(spec.default_grid, sde)
-                if kind in LOG_SNR_GRIDS:
+                if kind.split(":")[0] in LOG_SNR_GRIDS:
                     check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
                 ts = time_grid(sde, steps, kind, t_eps, shift=shift)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
@@ -161,8 +168,17 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     return sol
 
 
-LOG_SNR_GRIDS = ("logsnr", "karras")
-"""Named grids built from the log-SNR: they require the capability ``gaussian_kernel``."""
+def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[str, dict, Any]:
+    """The solver, options and grid when the caller names no solver (`scoresolve.solvers.defaults`)."""
+    if diffusion is not None and not (isinstance(diffusion, (int, float)) and float(diffusion) == 0.0):
+        return "euler_maruyama", options, grid
+    budget = steps if steps is not None else (nfe if nfe is not None else 20)
+    name, opts, default = default_sampler(int(budget), options, prediction)
+    return name, opts, default if grid is None else grid
+
+
+LOG_SNR_GRIDS = ("logsnr", "karras", "flow")
+"""Named grids built from the log-SNR (``flow:P`` included): they require the capability ``gaussian_kernel``."""
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:

@@ -42,9 +42,8 @@ from diffusers import (  # noqa: E402
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _counts import uniform  # noqa: E402
 from _kdiffusion import load_k_diffusion_sampling  # noqa: E402
-
-from tests._counts import uniform  # noqa: E402
 
 N = 1000
 # diffusers' DPMSolverMultistepScheduler.set_timesteps calls np.array(tensor, copy=False) (numpy 2 deprecation)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from _counts import uniform
 
 import scoresolve as ss
-from tests._counts import uniform
 
 F64 = torch.float64
 AFS_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis")

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from _counts import uniform
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
 from scoresolve.solvers.backends import TORCHDIFFEQ_FIXED, TORCHSDE_METHODS, solve_with_backend
 from scoresolve.solvers.grids import time_grid
-from tests._counts import uniform
 
 T_EPS = 1e-3
 GM = ss.GaussianMixture.random(2, 3, seed=1)

@@ -629,7 +629,8 @@ def test_help_explains_every_option_with_its_default(command, capsys):
     text = " ".join(_help(command).split())
     assert "--threads" in text and "--model" in text or command == "train"
     if command == "sample":
-        for expected in ("--seed SEED seed of", "(default: 0)", "(default: dpmpp_2m)", "(default: the solver's own",
+        for expected in ("--seed SEED seed of", "(default: 0)", "(default: sample()'s measured few-step default",
+                         "(default: the solver's own",
                          "--checkpoint", "--model-spec MODULE:FACTORY"):
             assert expected in text, expected
     if command == "compare":

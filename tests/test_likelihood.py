@@ -114,7 +114,7 @@ def test_one_forward_per_evaluation_and_exact_nfe():
 def test_ve_matches_k_diffusion_log_likelihood():
     """k-diffusion's log_likelihood integrates the same VE ODE in sigma with one Rademacher probe; in one dimension
     that probe is exact (e^2 = 1), so both must agree to the solvers' tolerance."""
-    kd = pytest.importorskip("tests._kdiffusion").load_k_diffusion_sampling()
+    kd = pytest.importorskip("_kdiffusion").load_k_diffusion_sampling()
     if kd is None:
         pytest.skip("k-diffusion is not installed")
     sde = ss.VESDE(sigma_min=0.01, sigma_max=20.0)

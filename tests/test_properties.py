@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _solver_kw import solve_kw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
-from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())

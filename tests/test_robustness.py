@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
+from _counts import uniform
+from _solver_kw import solve_kw
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, StepSizeUnderflowError
-from tests._counts import uniform
-from tests._solver_kw import solve_kw
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from _counts import uniform
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
-from tests._counts import uniform
 
 F64 = torch.float64
 

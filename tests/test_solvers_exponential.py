@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from _counts import uniform
 from _kdiffusion import from_kd, k_diffusion_denoiser, kd_sigmas, load_k_diffusion_sampling, to_kd
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
 from scoresolve.solvers import exponential as ex
-from tests._counts import uniform
 
 OURS = ("ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "dpmpp_2m_sde")
 DETERMINISTIC = ("ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _counts import uniform
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
@@ -20,7 +21,6 @@ from scoresolve.solvers.sde import (
     reverse_diffusion,
     seeded_normal,
 )
-from tests._counts import uniform
 
 T_EPS = 1e-3
 

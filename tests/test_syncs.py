@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
+from _solver_kw import solve_kw
+from _sync import OnDevice, count_syncs, on_device
 
 import scoresolve as ss
 import scoresolve._utils as utils
 from scoresolve.solvers import REGISTRY
-from tests._solver_kw import solve_kw
-from tests._sync import OnDevice, count_syncs, on_device
 
 SOLVERS = sorted(ss.list_solvers())
 GRID = [n for n in SOLVERS if REGISTRY[n].kind == "grid"]

@@ -34,6 +34,7 @@ DEFAULT_SOLVERS = [
     "dpmpp_2m",
     "dpmpp_3m",
     "unipc",
+    "vab",
     "dopri5",
     "tsit5",
     "euler_maruyama",

@@ -76,8 +76,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     add_network_args(p, model_help="the analytic Gaussian mixture (scored exactly: exact log p and sliced W2 to exact "
                      "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow); networks "
                      "ignore --sde, --dim, --components and --diagonal")
-    p.add_argument("--solver", type=solver_name, default="dpmpp_2m",
-                   help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD")
+    p.add_argument("--solver", type=solver_name, default=None,
+                   help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD (default: "
+                   "sample()'s measured few-step default, vAB on the grid uniform in sigma / (alpha + sigma))")
     p.add_argument("--nfe", type=POSITIVE_INT, default=None,
                    help="score evaluations of a grid solver (default: the solver's own budget; adaptive solvers "
                    "choose their steps)")
@@ -116,14 +117,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
                      diffusion=args.diffusion, generator=g, denoise=True, **kw)
         nfe = sol.nfe.double().mean().item()
         x = sol.x.double().flatten(1)
-        print(f"{net.name} ({sde!r}), solver {args.solver}: {args.batch} samples of shape {tuple(net.shape)}, "
+        print(f"{net.name} ({sde!r}), solver {sol.solver}: {args.batch} samples of shape {tuple(net.shape)}, "
               f"NFE {nfe:g}; sample mean {x.mean():.4f}, std {x.std():.4f}")
         out = args.out or ("samples.png" if _is_image(net.shape) else "")
         if out.endswith(".png"):
             from ..models.evaluate import save_sample_grids
 
             shown, nrow = grid_layout(args.batch)
-            save_sample_grids([(f"{args.solver}, NFE {nfe:g}", sol.x[:shown].clamp(-1, 1))], out, nrow=nrow)
+            save_sample_grids([(f"{sol.solver}, NFE {nfe:g}", sol.x[:shown].clamp(-1, 1))], out, nrow=nrow)
             if shown < args.batch:
                 print(f"the grid shows the first {shown} of {args.batch} samples")
         elif out:
@@ -142,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     exact = gm.sample_marginal(args.batch, args.t_eps, sde, generator=g, dtype=torch.float64)
     nfe = sol.nfe.double().mean().item() if torch.is_tensor(sol.nfe) else sol.nfe
     logp = gm.log_prob(sol.x.double(), args.t_eps, sde).mean()
-    print(f"solver {args.solver}: NFE {nfe:g}, mean exact log p {logp:.4f}"
+    print(f"solver {sol.solver}: NFE {nfe:g}, mean exact log p {logp:.4f}"
           f" (exact samples {gm.log_prob(exact, args.t_eps, sde).mean():.4f}), "
           f"sliced W2 to exact samples {sliced_wasserstein(sol.x, exact):.4f}")
     if args.out:

@@ -58,27 +58,39 @@ class FiniteGuard:
     """Tracks, without host-device synchronisation, when each sample first turns non-finite.
 
     `update` after each step with the new state and its time; `check` once at the end raises
-    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad. ``last`` holds the last finite state of every
-    sample.
+    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad, with the time each first did. Per step this
+    costs one reduction (a NaN or Inf anywhere in a sample makes its sum non-finite) and a [batch]-sized test.
+    With ``keep_last`` it also keeps ``last``, the last finite state of every sample (one select per step): the grid
+    run turns it on only to replay a solve that failed, so the error can carry the state (see `run_grid`).
     """
 
-    def __init__(self, x: torch.Tensor, solver: str) -> None:
+    def __init__(self, x: torch.Tensor, solver: str, keep_last: bool = False) -> None:
         self.solver = solver
-        self.last = x.detach().clone()
-        self.bad_t = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
+        self.oks: list[torch.Tensor] = []
+        self.times: list[torch.Tensor | float] = []
+        self.last = x.detach().clone() if keep_last else None
+        self.good = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if keep_last else None
+        # accumulate the per-sample sums in at least float32 (a float16 sum of finite values can overflow)
+        self._acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
 
     def update(self, x: torch.Tensor, t: torch.Tensor | float) -> None:
-        ok = torch.isfinite(x).flatten(1).all(1)
-        good_before = torch.isnan(self.bad_t)
-        t = torch.as_tensor(t, dtype=self.bad_t.dtype, device=self.bad_t.device).expand_as(self.bad_t)
-        self.bad_t = torch.where(good_before & ~ok, t, self.bad_t)
-        self.last = torch.where(bcast(good_before & ok, x), x.detach(), self.last)
+        ok = torch.isfinite(x.detach().flatten(1).sum(1, dtype=self._acc))
+        self.oks.append(ok)
+        self.times.append(t)
+        if self.last is not None:
+            self.good = self.good & ok
+            self.last = torch.where(bcast(self.good, x), x.detach(), self.last)
 
     def check(self) -> None:
-        bad = ~torch.isnan(self.bad_t)
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()
-            raise NonFiniteError(self.solver, idx, self.bad_t[bad].tolist(), self.last)
+        if not self.oks:
+            return
+        oks = torch.stack(self.oks)  # [steps, batch]
+        bad = ~oks.all(0)
+        if not bool(bad.any()):
+            return
+        idx = bad.nonzero().flatten().tolist()
+        first = (~oks[:, bad]).to(torch.uint8).argmax(0).tolist()
+        raise NonFiniteError(self.solver, idx, [float(self.times[k]) for k in first], self.last)
 
 
 class GridRun:
@@ -88,7 +100,8 @@ class GridRun:
 
     def __init__(self, spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor,
                  options: dict, *, generator: torch.Generator | None = None, seeds: Seeds | None = None,
-                 callback: Callback | None = None, save_trajectory: bool = False, progress: bool = False) -> None:
+                 callback: Callback | None = None, save_trajectory: bool = False, progress: bool = False,
+                 keep_last: bool = False) -> None:
         check_batched(x)
         self.name, self.process, self.sde, self.callback = spec.name, process, process.sde, callback
         self.proc, self.model, self.counter = counted(process)
@@ -101,7 +114,7 @@ class GridRun:
         self.noise = Noise(x, generator, seeds)
         self.memory: dict[str, Any] = {}
         self.stats: dict[str, Any] = dict(options)  # the resolved options, reported with the solution
-        self.guard, self.traj = FiniteGuard(x, spec.name), Trajectory(save_trajectory)
+        self.guard, self.traj = FiniteGuard(x, spec.name, keep_last), Trajectory(save_trajectory)
         self.traj.add(self.ts[0], x)
         self.bar = None
         if progress:
@@ -200,10 +213,31 @@ class GridRun:
 def run_grid(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,
              generator: torch.Generator | None = None, seeds: Seeds | None = None, callback: Callback | None = None,
              save_trajectory: bool = False, progress: bool = False, **options: Any) -> Solution:
-    """Run grid solver ``spec`` on ``process`` from ``x`` at ts[0] over the decreasing grid ``ts``."""
+    """Run grid solver ``spec`` on ``process`` from ``x`` at ts[0] over the decreasing grid ``ts``.
+
+    A solve that ends with non-finite samples is replayed once (same generator state, same seeds; no callback or
+    progress bar) keeping the last finite state of every sample, which the
+    [`NonFiniteError`][scoresolve.NonFiniteError] then carries: the common, finite path pays no per-step copy.
+    """
     opts = spec.resolve(process, options, max(int(ts.numel()) - 1, 0))
+    state = generator.get_state() if generator is not None else None
+    try:
+        return _run(spec, process, x, ts, opts, generator, seeds, callback, save_trajectory, progress, False)
+    except NonFiniteError as err:
+        if generator is not None:
+            generator.set_state(state)
+        try:
+            _run(spec, process, x, ts, opts, generator, seeds, None, False, False, True)
+        except NonFiniteError as replayed:
+            raise replayed from None
+        raise err from None  # the replay ended finite (a non-deterministic network): no last state to give
+
+
+def _run(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, opts: dict,
+         generator: torch.Generator | None, seeds: Seeds | None, callback: Callback | None, save_trajectory: bool,
+         progress: bool, keep_last: bool) -> Solution:
     run = GridRun(spec, process, x, ts, opts, generator=generator, seeds=seeds, callback=callback,
-                  save_trajectory=save_trajectory, progress=progress)
+                  save_trajectory=save_trajectory, progress=progress, keep_last=keep_last)
     assert spec.step is not None
     try:
         for i in range(run.steps):
@@ -213,4 +247,3 @@ def run_grid(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: tor
         if run.bar is not None:
             run.bar.close()
     return run.solution(x)
-

@@ -179,8 +179,8 @@ def warn_coarse_singlestep(run: GridRun, i: int) -> None:
 
         warnings.warn(
             f"{run.name}: log-SNR steps up to {h:.2f} (> {COARSE_LOGSNR_STEP}); singlestep noise-prediction steps "
-            "amplify a trained network's errors by ~e^h at this coarseness. Start with dpmpp_2m (the default) or "
-            "unipc, or give dpm_solver_2/3 more steps (nfe >= 30 / 50 on the default grid)", UserWarning,
+            "amplify a trained network's errors by ~e^h at this coarseness. Start with the default sampler (vab), "
+            "dpmpp_2m or unipc, or give dpm_solver_2/3 more steps (nfe >= 30 / 50 on the default grid)", UserWarning,
             stacklevel=2)
 
 

@@ -4,6 +4,11 @@
 - ``quadratic``: uniform in sqrt(t) (DPM-Solver's "time_quadratic"), denser near t_eps.
 - ``logsnr``:    uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR").
 - ``karras``:    EDM's rho-schedule (Karras et al. 2022, eq. 5) in sigma_edm = sigma/alpha = exp(-lambda), rho = 7.
+- ``flow`` / ``flow:P``: the same rho-schedule with exponent P (default 2) in the rectified-flow time
+  u = sigma / (alpha + sigma) = 1 / (1 + e^lambda), u_i = (u_T^(1/P) + i/N (u_eps^(1/P) - u_T^(1/P)))^P. u depends on
+  the log-SNR alone, so the grid is the same ODE discretisation on every process with the same log-SNR range, and it
+  stays finite where alpha(T) = 0 (u = 1). P = 1 is uniform in u (uniform in t on rectified flow); larger P is
+  denser near the data.
 - ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>``
   (`scoresolve.solvers.grid_store.load_grid`); its step
   count, T and t_eps must match the request (e.g. ``sample(..., nfe=5, grid="tuned:digits-unipc-5")``).
@@ -22,7 +27,7 @@ import torch
 from ..sde import ForwardSDE
 from .grid_store import load_grid
 
-GRIDS = ("uniform", "quadratic", "logsnr", "karras")
+GRIDS = ("uniform", "quadratic", "logsnr", "karras", "flow")
 
 
 def time_grid(
@@ -66,6 +71,16 @@ def time_grid(
         ts = T + (t_eps - T) * u
     elif kind == "quadratic":
         ts = (T**0.5 + (t_eps**0.5 - T**0.5) * u) ** 2
+    elif kind == "flow" or (isinstance(kind, str) and kind.startswith("flow:")):
+        p = float(kind[5:]) if kind.startswith("flow:") else 2.0
+        if not (math.isfinite(p) and p > 0):
+            raise ValueError(f"grid {kind!r}: the exponent must be a positive number")
+        end = torch.tensor([T, t_eps], dtype=torch.float64)
+        lam_T, lam_eps = sde.log_snr(end).tolist()
+        u_T, u_eps = 1 / (1 + math.exp(lam_T)), 1 / (1 + math.exp(lam_eps))  # u = sigma / (alpha + sigma)
+        u_grid = (u_T ** (1 / p) + (u_eps ** (1 / p) - u_T ** (1 / p)) * u) ** p
+        ts = sde.t_from_log_snr(torch.log1p(-u_grid) - torch.log(u_grid))  # lambda = log((1 - u) / u)
+        ts[0], ts[-1] = T, t_eps  # exact end points (and t = T where u = 1, lambda = -inf)
     elif kind in ("logsnr", "karras"):
         end = torch.tensor([T, t_eps], dtype=torch.float64)
         lam_T, lam_eps = sde.log_snr(end).tolist()
@@ -81,7 +96,7 @@ def time_grid(
         ts = sde.t_from_log_snr(lam.to(torch.float64))
         ts[0], ts[-1] = T, t_eps  # exact end points
     else:
-        raise ValueError(f"unknown grid {kind!r}; expected one of {GRIDS}")
+        raise ValueError(f"unknown grid {kind!r}; expected one of {GRIDS}, 'flow:P' or 'tuned:NAME'")
     return ts.to(dtype=dtype, device=device)
 
 
