@@ -9,11 +9,13 @@ from .analytic import GaussianMixture
 from .control_variate import GaussianControlVariate
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
 from .dequantizers import TruncatedNormalDequantizer, UniformDequantizer, VariationalDequantizer, train_dequantizer
+from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
 from .process import CAPABILITIES, IncompatibleProcessError, Process
 from .reverse import ReverseProcess
+from .reverse_variance import MomentEstimate, cached_moments, estimate_moments, load_moments
 from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
 from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
@@ -25,7 +27,9 @@ __all__ = [
     "CosineVPSDE",
     "DiscreteVPSDE",
     "EDMSDE",
+    "ElboResult",
     "EvalSummary",
+    "MomentEstimate",
     "ForwardSDE",
     "CAPABILITIES",
     "IncompatibleProcessError",
@@ -50,6 +54,10 @@ __all__ = [
     "bits_per_dim",
     "convert",
     "dequantized_bpd",
+    "elbo",
+    "estimate_moments",
+    "cached_moments",
+    "load_moments",
     "evaluate_dataset",
     "list_solvers",
     "log_likelihood",

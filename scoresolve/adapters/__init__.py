@@ -16,7 +16,17 @@ Each ``from_*`` function returns ``(ScoreModel, forward SDE)`` with the network'
 - [`from_score_sde`][scoresolve.adapters.from_score_sde]: score_sde / score_sde_pytorch networks (VP, sub-VP, VE;
   continuous or discrete).
 
-diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers].
+And the other way round, scoresolve's solvers where people sample:
+
+- [`ScoresolveScheduler`][scoresolve.adapters.scheduler.ScoresolveScheduler]: a diffusers scheduler
+  (``SchedulerMixin`` + ``ConfigMixin``) that runs a grid solver inside any diffusers pipeline (imported on first
+  use: needs diffusers).
+- [`k_diffusion_sampler`][scoresolve.adapters.k_diffusion_sampler]: a grid solver with k-diffusion's sampler
+  signature (ComfyUI's ``KSAMPLER``); [`k_diffusion_sigmas`][scoresolve.adapters.k_diffusion_sigmas] our named and
+  tuned grids as k-diffusion sigmas.
+
+diffusers itself is imported only by [`load_diffusers`][scoresolve.adapters.load_diffusers] and by
+``scoresolve.adapters.ScoresolveScheduler`` (a lazy attribute).
 """
 
 from .diffusers import (
@@ -36,6 +46,7 @@ from .diffusers_flow import (
     from_diffusers_flow,
 )
 from .diffusers_schedule import DiffusersSchedule, X0Processing, diffusers_schedule
+from .k_diffusion import KDiffusionSampler, k_diffusion_sampler, k_diffusion_sigmas
 from .karras import EDMSDE, RescaledDenoiser, from_karras
 from .score_sde import ReversedIndex, from_score_sde
 
@@ -44,9 +55,12 @@ __all__ = [
     "DiffusersNet",
     "DiffusersSchedule",
     "EDMSDE",
+    "ScoresolveScheduler",
+    "ScoresolveSchedulerOutput",
     "FlowSchedule",
     "FlowTimestep",
     "FlowTransformerNet",
+    "KDiffusionSampler",
     "RescaledDenoiser",
     "X0Processing",
     "ReversedIndex",
@@ -56,8 +70,19 @@ __all__ = [
     "from_diffusers_flow",
     "from_karras",
     "from_score_sde",
+    "k_diffusion_sampler",
+    "k_diffusion_sigmas",
     "load_diffusers",
     "scheduler_grid",
     "sde_from_scheduler",
     "timesteps_to_grid",
 ]
+
+
+def __getattr__(name: str):
+    """``ScoresolveScheduler`` subclasses diffusers' classes: imported on first use (diffusers stays optional)."""
+    if name in ("ScoresolveScheduler", "ScoresolveSchedulerOutput"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

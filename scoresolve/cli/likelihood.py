@@ -69,6 +69,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.probes_per == "step" and args.divergence != "hutchinson":
         raise UsageError("--probes-per step needs --divergence hutchinson")
     net = check_model_source(args)
+    if getattr(args, "bound", "ode") == "elbo" and net is None:
+        raise UsageError("--bound elbo evaluates a network (--model digits, --checkpoint, --model-spec)")
     if net is None:
         check_t_eps(args.t_eps, args.sde)
         _check_dequantization(args, net)
@@ -266,6 +268,20 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
                                    scale_default=None)
     add_dequantizer_path_arg(p, "a variational dequantizer saved by `scoresolve evaluate --save-dequantizer` or "
                              "VariationalDequantizer.save (this command does not train one)")
+    p.add_argument("--bound", choices=["ode", "elbo"], default="ode",
+                   help="ode: the probability-flow ODE's log-likelihood; elbo: the discrete-time variational bound "
+                   "of DDPM (networks of VP-type schedules; scoresolve.elbo)")
+    p.add_argument("--elbo-steps", type=POSITIVE_INT, default=1000,
+                   help="K, steps of the bound on the even subsequence of the N-step chain (default: 1000)")
+    p.add_argument("--num-timesteps", type=POSITIVE_INT, default=1000,
+                   help="N, the chain a continuous schedule is discretised to for the bound (default: 1000)")
+    p.add_argument("--variance", choices=["beta", "beta_tilde", "analytic"], default="analytic",
+                   help="reverse variance of the bound (analytic: Analytic-DPM's, from a cached moment estimate)")
+    p.add_argument("--moment-samples", type=POSITIVE_INT, default=10,
+                   help="M, data samples per step of the analytic variance's moment estimate (default: 10)")
+    p.add_argument("--moment-data", type=tensor_file, default=None, metavar="FILE",
+                   help="training data for the moment estimate (default: the training digits for the digits "
+                   "models, else the evaluated data), dequantized like them")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture, its dataset, dequantization and probes")
     p.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
     p.add_argument("--device", type=device, default=None, help="device of the solve (default: cpu)")
@@ -393,22 +409,27 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
     dq = _dequantizer(args, num_levels, tuple(data.shape[1:]))
     kwargs = {k: getattr(args, k)
               for k in ("divergence", "probes", "probe", "probes_per", "solver", "rtol", "atol", "t_eps")}
+    what = "log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    fn = None
+    if getattr(args, "bound", "ode") == "elbo":
+        fn, what, kwargs = _elbo_fn(args, net, data, num_levels), _elbo_id(args), {}
     we_initialised = maybe_init_distributed()
     try:
         summary = evaluate_dataset(
-            data, args.out_dir, score=model, sde=sde, batch_size=args.batch_size, repeats=args.repeats,
+            data, args.out_dir, fn=fn, score=None if fn is not None else model, sde=None if fn is not None else sde,
+            batch_size=args.batch_size, repeats=args.repeats,
             seed=args.seed, num_levels=num_levels, data_range=tuple(args.data_range), device=args.device,
-            model_id=f"{net.name}; {sde!r}; log_likelihood(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            + ")", progress=not args.quiet, dequantizer=dq, **kwargs,
+            model_id=f"{net.name}; {sde!r}; {what}", progress=not args.quiet, dequantizer=dq, **kwargs,
         )
         if is_secondary_rank():
             return 0
         nfe = summary.mean_nfe
-        print(
-            f"{net.name} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {args.divergence} "
-            f"divergence ({args.probes} probe(s)), {args.solver} rtol={args.rtol:g} atol={args.atol:g}, "
-            f"t_eps={args.t_eps:g}"
-        )
+        if fn is not None:
+            print(f"{net.name} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {what}")
+        else:
+            print(f"{net.name} ({sde!r}), {summary.count} samples x {summary.repeats} repeats, {args.divergence} "
+                  f"divergence ({args.probes} probe(s)), {args.solver} rtol={args.rtol:g} atol={args.atol:g}, "
+                  f"t_eps={args.t_eps:g}")
         quant = "" if num_levels is None else f" ({num_levels}-level data)"
         print(
             f"bits/dim {summary.mean_bpd:.5f} +- {summary.bpd_std_error:.5f}{quant}   "
@@ -420,6 +441,44 @@ def _cmd_network(args: argparse.Namespace, net) -> int:
     finally:
         if we_initialised:
             torch.distributed.destroy_process_group()
+
+
+def _elbo_id(args: argparse.Namespace) -> str:
+    return (f"elbo(steps={args.elbo_steps}, num_timesteps={args.num_timesteps}, variance={args.variance!r}, "
+            f"moment_samples={args.moment_samples})")
+
+
+def _elbo_fn(args: argparse.Namespace, net, data: torch.Tensor, num_levels: int | None):
+    """``--bound elbo``: the per-batch bound of `scoresolve.elbo.elbo_fn`, with the analytic variance's moments
+    estimated (or loaded: `scoresolve.cached_moments`) on the training data (``--moment-data``, the training digits
+    for the digits models, else the evaluated data), dequantized with a fixed seed like the evaluated data."""
+    from ..elbo import _check_chain, chain_times, elbo_fn
+    from ..reverse_variance import cached_moments
+
+    model, sde = net.model, net.sde
+    try:
+        times, _ = chain_times(sde, args.elbo_steps, None if hasattr(sde, "num_timesteps") else args.num_timesteps)
+        _check_chain(sde, times)
+    except ValueError as e:
+        raise UsageError(f"--bound elbo: {e}") from None
+    moments = None
+    if args.variance == "analytic":
+        train = args.moment_data
+        if train is None and net.name in _BUILTIN_SDE:
+            from ..data import digits
+
+            train = digits("train")
+        train = data if train is None else train
+        train = train.float() if train.is_floating_point() else train
+        if num_levels is not None:
+            from ..dequantization import dequantize_levels
+
+            train = dequantize_levels(train, num_levels, tuple(args.data_range),
+                                      torch.Generator().manual_seed(args.seed))
+        moments = cached_moments(model, sde, train, times[1:], args.moment_samples, seed=args.seed)
+    return elbo_fn(model, sde, args.elbo_steps, args.variance, moments=moments, num_timesteps=args.num_timesteps
+                   if not hasattr(sde, "num_timesteps") else None,
+                   data_range=tuple(args.data_range) if num_levels is not None else None)
 
 
 def _report(args: argparse.Namespace, summary, rec: dict, exact: torch.Tensor, dim: int, num_levels) -> None:

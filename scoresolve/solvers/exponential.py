@@ -102,13 +102,65 @@ def ddim_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     eta > 0 adds DDIM's noise sigma_eta = eta sigma_t sqrt(1 - e^{-2h}) (capped at sigma_t), the std of the DDPM
     posterior q(x_t | x_s, x0) for eta = 1. A process with constant diffusion scale c means eta = c (eta = 1 is the
     ancestral DDPM sampler, which shares the reverse SDE's marginals).
+
+    ``variance`` keeps DDIM(eta)'s mean and replaces its noise variance (`reverse_std`): ``"beta"``,
+    ``"beta_tilde"`` or ``"analytic"`` (Analytic-DDIM / Analytic-DDPM of Bao et al. 2022, with ``moments``; with
+    eta = 0 the mean is the deterministic DDIM step's and the analytic noise is still added).
     """
     eta = run.options["eta"]
-    return ddim_update(run, x, run.x0(x, i), i, min(eta * posterior_fraction(run, i), 1.0))
+    return ddim_update(run, x, run.x0(x, i), i, min(eta * posterior_fraction(run, i), 1.0), reverse_std(run, i, eta))
+
+
+REVERSE_VARIANCE_OPTIONS = {"variance": None, "moments": None, "data_range": None, "last_std": None}
+"""Options of the samplers with a choice of reverse variance (ddim, reverse_diffusion): see `reverse_std`."""
+
+
+def check_reverse_variance(name: str, options: dict, allowed: tuple) -> dict:
+    """Validate the reverse-variance options of solver ``name`` (``variance`` one of ``allowed``)."""
+    from ..reverse_variance import MomentEstimate, _check_range, load_moments
+
+    kind = options["variance"]
+    if kind not in allowed:
+        raise ValueError(f"solver {name!r}: variance must be one of {allowed}, got {kind!r}")
+    moments = options.get("moments")
+    if isinstance(moments, str):  # a saved estimate by name, like grid="tuned:<name>"
+        moments = options["moments"] = load_moments(moments)
+    if kind == "analytic" and not isinstance(moments, MomentEstimate):
+        raise ValueError(f"solver {name!r}: variance='analytic' needs moments= (a MomentEstimate, see "
+                         f"scoresolve.estimate_moments), got {type(moments).__name__}")
+    _check_range(options.get("data_range"))
+    last = options.get("last_std")
+    if last is not None and not (math.isfinite(float(last)) and float(last) >= 0):
+        raise ValueError(f"last_std must be a finite number >= 0, got {last}")
+    return options
+
+
+def reverse_std(run: GridRun, i: int, eta: float) -> float | None:
+    """The noise std of grid step i from the option ``variance`` (None: the sampler's own): ``"beta"`` (the forward
+    transition's variance), ``"beta_tilde"`` (the posterior's), ``"analytic"`` (Analytic-DPM's optimum for the
+    DDIM(eta) family, from the option ``moments`` at the step's start time and the optional ``data_range``
+    bound; `scoresolve.reverse_variance`). ``last_std`` caps the std of the last step (Bao et al.'s clipping of
+    the last noisy step for sampling). Computed once per solve on the host grid."""
+    kind = run.options.get("variance")
+    if kind is None:
+        return None
+    stds = run.memory.get("reverse_std")
+    if stds is None:
+        from ..reverse_variance import reverse_variance
+
+        t, s = run.t64[:-1], run.t64[1:]
+        v = reverse_variance(kind, run.sde, t, s, eta=eta, moments=run.options.get("moments"),
+                             data_range=run.options.get("data_range"))
+        stds = torch.sqrt(v).tolist()
+        if run.options.get("last_std") is not None:
+            stds[-1] = min(stds[-1], float(run.options["last_std"]))
+        run.memory["reverse_std"] = stds
+    return stds[i]
 
 
 def _ddim_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
     eta = noise_level("ddim", process, options["eta"], 0.0)
+    check_reverse_variance("ddim", options, (None, "beta", "beta_tilde", "analytic"))
     return {**options, "eta": eta}
 
 
@@ -200,7 +252,8 @@ def _dpm3_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 # Default grid "quadratic" (uniform in sqrt(t)): on VP with t_eps = 1e-3 (64-D, 8-component mixtures) it gave the
 # lowest ODE error at 10 and 20 NFE for every exponential method (benchmarks/work_precision.py).
-register(SolverSpec("ddim", step=ddim_step, options={"eta": None, "afs": False}, prepare=_ddim_prepare,
+register(SolverSpec("ddim", step=ddim_step, options={"eta": None, "afs": False, **REVERSE_VARIANCE_OPTIONS},
+                    prepare=_ddim_prepare,
                     order=1,
                     default_grid="quadratic", stochastic=True, noise_option="eta", starts_at_alpha0=True,
                     requires=GAUSSIAN_KERNEL,

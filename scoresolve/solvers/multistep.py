@@ -138,10 +138,26 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     ``final_corrector=True`` corrects the last step too, at the cost of one more evaluation (at the end point): this
     is what diffusers' ``UniPCMultistepScheduler`` does with ``final_sigmas_type="sigma_min"`` (it evaluates the
     network at its last sigma, corrects, and then steps from that sigma to itself).
+
+    The step is `unipc_start` (at i = 0), `unipc_predict`, one evaluation at the predicted point, `unipc_correct`:
+    a scheduler that gets one evaluation per call (`scoresolve.adapters.ScoresolveScheduler`) runs the same pieces.
     """
-    a, s, lam, order = run.alpha, run.sigma, run.lam, run.options["order"]
     if i == 0:
-        run.memory["hist"] = [(lam[0], run.x0(x, 0))]  # (lambda, x0 prediction), newest last
+        unipc_start(run, run.x0(x, 0))
+    x_pred = unipc_predict(run, x, i)
+    if i == run.steps - 1 and not run.options["final_corrector"]:
+        return x_pred
+    return unipc_correct(run, i, run.x0(x_pred, i + 1))
+
+
+def unipc_start(run: GridRun, m0: torch.Tensor) -> None:
+    """Start UniPC's history with the x0 prediction ``m0`` at grid point 0."""
+    run.memory["hist"] = [(run.lam[0], m0)]  # (lambda, x0 prediction), newest last
+
+
+def unipc_predict(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """UniP-p from grid point i to i + 1 (no evaluation); keeps what `unipc_correct` needs in ``run.memory``."""
+    a, s, lam, order = run.alpha, run.sigma, run.lam, run.options["order"]
     hist = run.memory["hist"]
     h = lam[i + 1] - lam[i]
     p = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
@@ -151,18 +167,22 @@ def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     ds = [(m - m0) / r for (_, m), r in zip(prev, rs)]
     aB = -a[i + 1] * math.expm1(-h)  # a_t B(h)
     x_base = (s[i + 1] / s[i]) * x + aB * m0
-    x_pred = x_base  # UniP-p
+    run.memory["unic"] = (x_base, aB, rs, ds, m0)
     if ds:
-        x_pred = x_base + aB * sum(w * d for w, d in zip(unipc_weights(rs, h), ds))
-    if i == run.steps - 1 and not run.options["final_corrector"]:
-        return x_pred
-    m_new = run.x0(x_pred, i + 1)
+        return x_base + aB * sum(w * d for w, d in zip(unipc_weights(rs, h), ds))
+    return x_base
+
+
+def unipc_correct(run: GridRun, i: int, m_new: torch.Tensor) -> torch.Tensor:
+    """UniC-p of step i (after `unipc_predict`) with ``m_new``, the x0 prediction at the predicted point: the same
+    update with the new prediction appended at r = 1; ``m_new`` joins the history."""
+    lam, order = run.lam, run.options["order"]
+    x_base, aB, rs, ds, m0 = run.memory.pop("unic")
     if i < run.start:  # a step from lambda = -inf: no corrector (its weights assume a finite h)
         run.memory["hist"] = [(lam[i + 1], m_new)]
-        return x_pred
-    # UniC-p: the same update with the new prediction appended at r = 1
-    ws = unipc_weights(rs + [1.0], h)
-    run.memory["hist"] = (hist + [(lam[i + 1], m_new)])[-order:]
+        return x_base  # the predictor from lambda = -inf has no history: x_pred = x_base
+    ws = unipc_weights(rs + [1.0], lam[i + 1] - lam[i])
+    run.memory["hist"] = (run.memory["hist"] + [(lam[i + 1], m_new)])[-order:]
     return x_base + aB * sum(w * d for w, d in zip(ws, ds + [m_new - m0]))
 
 

@@ -30,7 +30,7 @@ from ._grid import GridRun
 from ._registry import GAUSSIAN_KERNEL, SolverSpec, check_start, counted, register
 from ._solution import Solution
 from .controllers import IController
-from .exponential import ddim_update, posterior_fraction
+from .exponential import REVERSE_VARIANCE_OPTIONS, check_reverse_variance, ddim_update, posterior_fraction, reverse_std
 from .fixed import rk_step
 from .integrate import check_tolerance, integrate
 from .noise import BrownianMemory, Noise, seeded_normal  # noqa: F401  (seeded_normal re-exported)
@@ -70,9 +70,16 @@ def euler_maruyama_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 def rd_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
-    """One reverse-diffusion step: DDIM's eta = 1 mean, the forward (sigma_t) or posterior (sigma_s) noise std."""
+    """One reverse-diffusion step: DDIM's eta = 1 mean, the forward (sigma_t) or posterior (sigma_s) noise std, or
+    another reverse variance (`scoresolve.solvers.exponential.reverse_std`)."""
     frac = posterior_fraction(run, i)
-    std = frac * (run.sigma[i] if run.options["variance"] == "forward" else run.sigma[i + 1])
+    kind = run.options["variance"]
+    if kind in ("forward", "posterior"):
+        std = frac * (run.sigma[i] if kind == "forward" else run.sigma[i + 1])
+        if run.options.get("last_std") is not None and i == run.steps - 1:
+            std = min(std, float(run.options["last_std"]))
+    else:
+        std = reverse_std(run, i, 1.0)
     return ddim_update(run, x, run.x0(x, i), i, frac, std)
 
 
@@ -86,7 +93,10 @@ def reverse_diffusion_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tenso
         x_s = (x_t + sigma_{t|s}^2 score(x_t, t)) / a + sqrt(v) z,     z ~ N(0, I),
 
     with v = sigma_{t|s}^2 (``variance="forward"``, default) or v = sigma_s^2 sigma_{t|s}^2 / sigma_t^2
-    (``"posterior"``: the variance of x_s given x_t and x_0). Special cases:
+    (``"posterior"``: the variance of x_s given x_t and x_0); ``"beta"`` and ``"beta_tilde"`` are the same two by
+    DDPM's names, and ``"analytic"`` is Analytic-DDPM's optimal variance (Bao et al. 2022; needs ``moments``, a
+    [`MomentEstimate`][scoresolve.MomentEstimate]; ``data_range`` bounds it; ``last_std`` caps the last step's
+    std). Special cases:
 
     * VP (and DDPM): a^2 = 1 - beta_i, sigma_{t|s}^2 = beta_i:  x_s = (x_t + beta_i score) / sqrt(1 - beta_i)
       + sqrt(beta_i) z, DDPM's ancestral sampler (Ho et al. 2020, Algorithm 2 with sigma_t^2 = beta_t);
@@ -109,8 +119,10 @@ def _check_variance(variance: str) -> None:
 
 def _rd_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
     _require_reverse_sde("reverse_diffusion", process)
-    _check_variance(options["variance"])
-    return options
+    opts = dict(options)
+    check_reverse_variance("reverse_diffusion", opts, ("forward", "posterior", "beta", "beta_tilde", "analytic"))
+    opts["variance"] = {"beta": "forward", "beta_tilde": "posterior"}.get(opts["variance"], opts["variance"])
+    return opts
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -335,7 +347,7 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
 # ------------------------------------------------------------------------------------------------------------------
 # registry; the module-level functions are the entries themselves: fn(process, x, ts, **keywords)
 # ------------------------------------------------------------------------------------------------------------------
-_RD = {"variance": "forward"}
+_RD = {**REVERSE_VARIANCE_OPTIONS, "variance": "forward"}
 _PC = {"predictor": "reverse_diffusion", "snr": 0.16, "corrector_steps": 1, "norms": "sample", "variance": "forward"}
 euler_maruyama = register(SolverSpec(
     "euler_maruyama", step=euler_maruyama_step, order=1.0, default_grid="uniform", stochastic=True,
