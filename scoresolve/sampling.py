@@ -49,7 +49,8 @@ def sample(
         solver: a name from ``scoresolve.solvers.REGISTRY`` (``scoresolve.list_solvers()``), or
             ``"torchdiffeq:<method>"`` / ``"torchsde:<method>"``. None (default): the measured best sampler for
             the budget and the model's prediction (`scoresolve.solvers.defaults`): for x0, v and flow models vAB on
-            the grid uniform in u = sigma / (alpha + sigma), order 2 / 3 / 4 below 8 / below 20 / from 20 NFE; for
+            the grid flow:1 (uniform in u = sigma / (alpha + sigma)) below 8 NFE, flow:1.5 from 8 on, order
+            2 / 3 / 4 below 8 / below 20 / from 20 NFE; for
             eps and score models (and plain score callables) ``dpmpp_2m`` on its grid; with ``diffusion`` > 0,
             ``euler_maruyama``.
         nfe: budget of score evaluations; grid solvers take the largest step count that fits.
