@@ -13,6 +13,7 @@ from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
+from .process import CAPABILITIES, IncompatibleProcessError, Process
 from .reverse import ReverseProcess
 from .reverse_variance import MomentEstimate, cached_moments, estimate_moments, load_moments
 from .sampling import list_solvers, sample
@@ -30,6 +31,9 @@ __all__ = [
     "EvalSummary",
     "MomentEstimate",
     "ForwardSDE",
+    "CAPABILITIES",
+    "IncompatibleProcessError",
+    "Process",
     "NonFiniteError",
     "Solution",
     "GaussianMixture",

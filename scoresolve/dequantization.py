@@ -281,7 +281,7 @@ def dequantized_bpd(
 
     ``log_likelihood_fn(y, generator)`` returns log p(y) in nats for the dequantized batch y: a ``[B]`` tensor, a
     mapping with key ``"log_prob"`` or an object with a ``log_prob`` attribute (e.g.
-    ``lambda y, g: log_likelihood(score, y, sde, generator=g)``). Repeat r draws its dequantization noise from
+    ``lambda y, g: log_likelihood(score, sde, y, generator=g)``). Repeat r draws its dequantization noise from
     ``generator`` and then calls the function with the same generator (for Hutchinson probes), in that order, so a
     seeded generator makes the whole computation reproducible.
     """

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from ._utils import bcast
+
 PROBES = ("rademacher", "gaussian", "orthogonal")
 
 
@@ -186,3 +188,97 @@ def hutchinson_div_score(model: Callable, x: torch.Tensor, t: torch.Tensor, eps:
             (vjp,) = torch.autograd.grad(s, xg, eps[k], retain_graph=k < K - 1)
             ests.append((vjp * eps[k]).flatten(1).sum(1))
     return s.detach(), torch.stack(ests, 1)  # [B, K]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# estimators as objects: ``v, div = estimator(fn, x, t, *args)``
+# ----------------------------------------------------------------------------------------------------------------------
+class DivergenceEstimator:
+    """``v, div = estimator(fn, x, t, *args)``: ``fn(x, t)`` and its divergence, ``div`` of shape ``[batch, columns]``.
+
+    ``args`` are per-sample tensors the estimator keeps in the solver's state (Hutchinson's probes, ``[batch, K,
+    ...]``): `init_args` draws them once per solve, `refresh` (if not None) redraws them after every accepted step.
+    ``whole_drift``: the estimate is of the whole PF-ODE drift (else of the score alone, whose linear part the
+    caller adds exactly). ``reuse_last_stage``: whether a Runge-Kutta step may reuse its last stage (FSAL).
+    """
+
+    columns: int = 1
+    whole_drift: bool = False
+    refresh: Callable | None = None
+    reuse_last_stage: bool = True
+
+    def init_args(self, x: torch.Tensor) -> tuple:
+        """The per-sample tensors the solve carries (checked and drawn here, before any network call)."""
+        return ()
+
+    def __call__(self, fn: Callable, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor):
+        raise NotImplementedError
+
+
+class ExactDivergence(DivergenceEstimator):
+    """The exact divergence: D VJPs per evaluation, ``chunk`` of them batched at a time (for small D)."""
+
+    def __init__(self, chunk: int = 64) -> None:
+        if int(chunk) < 1:
+            raise ValueError(f"exact_chunk must be >= 1, got {chunk}")
+        self.chunk = int(chunk)
+
+    def init_args(self, x: torch.Tensor) -> tuple:
+        check_exact_memory(x, self.chunk)
+        return ()
+
+    def __call__(self, fn: Callable, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor):
+        v, div = exact_div_score(fn, x, t, self.chunk)
+        return v, div[:, None]
+
+
+class CallableDivergence(DivergenceEstimator):
+    """A given ``div(x, t) -> [batch]``, the exact divergence of the whole PF-ODE drift (analytic models); run with
+    grad enabled for it alone (it may use autograd), its result detached."""
+
+    whole_drift = True
+
+    def __init__(self, div: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.div = div
+
+    def __call__(self, fn: Callable, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor):
+        v = fn(x, t)
+        with torch.enable_grad():
+            return v, self.div(x, t).detach()[:, None]
+
+
+class HutchinsonDivergence(DivergenceEstimator):
+    """Hutchinson's estimator e^T (d fn/dx) e with ``probes`` probes of kind ``probe`` (`PROBES`), sharing one
+    forward; drawn from ``generator`` once per solve (``per="solve"``, fixed along the trajectory) or after every
+    accepted step (``per="step"``: no FSAL, +1 evaluation per step). ``correction(e [K, batch, ...], t) -> [batch, K]``
+    is added to the estimates (a control variate, `scoresolve.GaussianControlVariate.correction`)."""
+
+    def __init__(self, probes: int = 1, probe: str = "rademacher", per: str = "solve",
+                 generator: torch.Generator | None = None,
+                 correction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        if int(probes) < 1:
+            raise ValueError(f"probes must be >= 1, got {probes}")
+        if probe not in PROBES:
+            raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
+        if per not in ("solve", "step"):
+            raise ValueError(f"probes_per must be 'solve' or 'step', got {per!r}")
+        self.columns, self.probe, self.per = int(probes), probe, per
+        self.generator, self.correction = generator, correction
+        self.reuse_last_stage = per == "solve"
+        self.refresh = self._refresh if per == "step" else None
+
+    def init_args(self, x: torch.Tensor) -> tuple:
+        return (draw_probes(x, self.columns, self.probe, self.generator).transpose(0, 1),)  # [B, K, ...]
+
+    def _refresh(self, args: tuple, accepted: torch.Tensor) -> tuple:
+        """New probes for the rows whose step was accepted (``args``: the working rows' probes, [rows, K, ...])."""
+        (e,) = args
+        new = draw_probes(e[:, 0], self.columns, self.probe, self.generator).transpose(0, 1)
+        return (torch.where(bcast(accepted, new), new, e),)
+
+    def __call__(self, fn: Callable, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor):
+        e = args[0].transpose(0, 1)  # [K, B, ...]
+        v, div = hutchinson_div_score(fn, x, t, e)
+        if self.correction is not None:
+            div = div + self.correction(e, t)
+        return v, div

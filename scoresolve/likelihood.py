@@ -13,39 +13,30 @@ the log-SNR (`scoresolve.reverse.TimeVariable`).
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 
-from ._utils import bcast, check_batched, check_count
+from ._utils import check_batched, check_count
 from .control_variate import GaussianControlVariate
 from .divergence import (
-    PROBES,
+    CallableDivergence,
+    DivergenceEstimator,
+    ExactDivergence,
+    HutchinsonDivergence,
     check_exact_memory,
     check_probe_memory,
-    draw_probes,
-    exact_div_score,
-    hutchinson_div_score,
 )
-from .reverse import TimeVariable
+from .process import Process, check_capabilities
 from .score import ScoreModel
-from .sde import ForwardSDE
-from .solvers._registry import counted
 from .solvers.controllers import DOPRI5_GAINS, Controller
-from .solvers.errors import MaxStepsError, StepSizeUnderflowError
-from .solvers.integrate import RKStepper, integrate, tableau_by_name
+from .solvers.integrate import RKStepper
+from .solvers.ode import pf_ode_tableau, solve_pf_ode
 
 Divergence = Literal["hutchinson", "exact"]
-
-
-def _user_divergence(divergence: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A callable divergence ``div(x, t) -> [batch]`` as ``[batch, 1]``, with grad enabled for it alone (it may use
-    autograd) and its result detached."""
-    with torch.enable_grad():
-        return divergence(x, t).detach()[:, None]
 
 
 @dataclass
@@ -92,10 +83,10 @@ class LikelihoodResult:
 
 def log_likelihood(
     score: Callable | ScoreModel,
-    sde: ForwardSDE,
+    sde: Process,
     x: torch.Tensor,
     *,
-    divergence: Divergence | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "hutchinson",
+    divergence: Divergence | DivergenceEstimator | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "hutchinson",
     probes: int = 1,
     probe: str = "rademacher",
     solver: str = "dopri5",
@@ -119,31 +110,36 @@ def log_likelihood(
 
     Args:
         score: callable ``score(x, t)`` or a [`ScoreModel`][scoresolve.ScoreModel] (any prediction type).
-        sde: the forward SDE (the argument order of [`sample`][scoresolve.sample]; the old order
-            ``log_likelihood(score, x, sde)`` still works, with a DeprecationWarning).
+        sde: the forward process (the argument order of [`sample`][scoresolve.sample]).
         x: data ``[batch, ...]``.
         divergence: ``"hutchinson"`` (unbiased, ``probes`` probes), ``"exact"`` (D VJPs per evaluation, for small
             D; ``exact_chunk`` VJPs are batched at a time), or a callable ``div(x, t) -> [batch]`` returning the
-            exact divergence of the whole PF-ODE drift (analytic models).
+            exact divergence of the whole PF-ODE drift (analytic models), or an estimator object of
+            `scoresolve.divergence` (`ExactDivergence`, `HutchinsonDivergence`, `CallableDivergence`; the next
+            five arguments then do not apply).
         probes: number of Hutchinson probes, drawn once per solve from ``generator`` and fixed along the
             trajectory; all share one network forward per evaluation.
         probe: their kind, ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` (Rademacher probes mutually
             orthogonal, `scoresolve.divergence.draw_probes`; ``std_error`` treats probes as independent, which
             overstates the error of orthogonal ones, by sqrt((D - 1)/(D - K)) on average).
-        solver: adaptive tableau (``dopri5``, ``tsit5``, ``bosh3``, ``vern6`` / ``vern7`` (Verner's 6(5) and 7(6)
-            pairs, for tight tolerances), or ``dopri5_shampine``: torchdiffeq's dopri5,
-            whose error estimate is 2/3 of Hairer's, i.e. ``dopri5`` at 1.5x the tolerances).
+        solver: the adaptive PF-ODE solver, a registry name as in `sample` (``dopri5``, ``tsit5``, ``bosh3``,
+            ``vern6`` / ``vern7`` (Verner's 6(5) and 7(6) pairs, for tight tolerances), or
+            ``dopri5_shampine``: torchdiffeq's dopri5, whose error estimate is 2/3 of Hairer's, i.e. ``dopri5`` at
+            1.5x the tolerances).
         rtol: relative tolerance, applied to x and to the accumulated divergence separately (per sample).
         atol: absolute tolerance, likewise.
-        t_eps: start time (score_sde uses 1e-5); the result is log p_{t_eps}.
-        time_variable: integrate in ``"t"`` or in the log-SNR ``"logsnr"``; None (default): t, or the log-SNR on
-            a schedule that jumps in t (``sde.smooth_in_t`` False: a `DiscreteVPSDE`, whose beta(t) jumps at every
-            knot 1/N and makes steps in t tiny, ~70x the NFE). At matched error in log p (the prior term
-            included; ``benchmarks/likelihood_cost.py``), t needed 1.02x torchdiffeq's NFE on the trained digits
-            U-Net (log-SNR 1.08x), 0.77-0.86x on smooth 2-16-D Gaussian mixtures (log-SNR 1.3-1.6x) and 0.92-0.97x
-            on near-degenerate 64-256-D ones (log-SNR 0.84-0.90x). On interpolants with alpha(T) = 0 (rectified
-            flow) only t exists: the drift and divergence are then the model's flow prediction and its divergence.
-        max_steps: most step attempts of any sample (then `MaxStepsError`).
+        t_eps: the time nearest the data, as in `sample`: the solve runs between t_eps and T (here from t_eps up to
+            T; score_sde uses 1e-5); the result is log p_{t_eps}.
+        time_variable: integrate in ``"t"`` or in the log-SNR ``"logsnr"``; None (default): the one rule of
+            `scoresolve.solvers.ode.choose_time_variable`, shared with `sample`: t, or the log-SNR on a schedule that
+            jumps in t (``sde.smooth_in_t`` False: a `DiscreteVPSDE`, whose beta(t) jumps at every knot 1/N and makes
+            steps in t tiny: 967 NFE in t against 113 in the log-SNR on an 8-D mixture at rtol 1e-5). At matched
+            error in log p (the prior term included; ``benchmarks/likelihood_cost.py``), t needed 1.02x
+            torchdiffeq's NFE on the trained digits U-Net (log-SNR 1.08x), 0.77-0.86x on smooth 2-16-D Gaussian
+            mixtures (log-SNR 1.3-1.6x) and 0.92-0.97x on near-degenerate 64-256-D ones (log-SNR 0.84-0.90x). On
+            interpolants with alpha(T) = 0 (rectified flow) only t exists: the drift and divergence are then the
+            model's flow prediction and its divergence.
+        max_steps: most step attempts of any sample (then `MaxStepsError`), as in `sample`.
         first_step: initial step in the time variable (None: Hairer's heuristic, one extra evaluation).
         max_step: largest step in the time variable (None: no limit).
         check_every: most steps between the solver's termination checks (its only host-device synchronisations).
@@ -151,7 +147,8 @@ def log_likelihood(
             `scoresolve.solvers.integrate.integrate`); same results, less work when the samples need
             different numbers of steps. ``score`` must then be a function of (x, t) alone: per-sample conditioning
             captured in a closure (class labels, say) would no longer line up with the rows of x.
-        controller: the step-size controller; default: the gains of Hairer's DOPRI5 code,
+        controller: the step-size controller, as in `sample` (where the default is `PIController()`); default
+            here: the gains of Hairer's DOPRI5 code,
             `scoresolve.solvers.controllers.DOPRI5_GAINS` (0.78x the NFE of `PIController()` on the digits
             U-Net at rtol 1e-5, at an error float32 cannot resolve; no worse at matched error in float64).
         progress: a tqdm bar of the slowest sample's share of the span.
@@ -167,118 +164,58 @@ def log_likelihood(
             how many steps its batch-mates took from the shared generator.
     Every sample has its own adaptive steps, so its result does not depend on its batch-mates.
     """
-    if torch.is_tensor(sde) and isinstance(x, ForwardSDE):
-        warnings.warn("log_likelihood(score, x, sde) is deprecated: the order is now log_likelihood(score, sde, x), "
-                      "as in sample(score, sde, x_T)", DeprecationWarning, stacklevel=2)
-        sde, x = x, sde
-    if not isinstance(sde, ForwardSDE):
-        raise TypeError(f"sde must be a ForwardSDE, got {type(sde).__name__}")
+    if not isinstance(sde, Process):
+        raise TypeError(f"sde must be a forward process (a scoresolve.Process, e.g. a ForwardSDE), got "
+                        f"{type(sde).__name__}; the argument order is log_likelihood(score, sde, x)")
     check_batched(x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains non-finite values")
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     probes = check_count(probes, "probes")
-    finite_T = math.isfinite(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))))
-    if time_variable is None:  # t, unless the schedule jumps in t (a discrete DDPM schedule): then the log-SNR
-        time_variable = "logsnr" if (finite_T and not sde.smooth_in_t) else "t"
-    elif time_variable == "logsnr" and not finite_T:
-        raise ValueError(f"time_variable='logsnr' needs a finite log-SNR at T; {sde!r} has alpha(T) = 0: use 't'")
-    time = TimeVariable(sde, time_variable, t_min=0.5 * t_eps)
+    need = set()
+    if control_variate is not None or time_variable == "logsnr":
+        need.add("gaussian_kernel")
+    check_capabilities("log_likelihood" + (" with control_variate" if control_variate is not None else
+                                           " with time_variable='logsnr'"), sde, need)
+    tableau = pf_ode_tableau(solver)  # an unknown solver fails before any work
     velocity = sde.velocity_form
-    tableau = tableau_by_name(solver)  # an unknown solver fails before any work
-    process, model, counter = counted(sde.probability_flow(ScoreModel.wrap(score, sde)))
+    estimator = _estimator(divergence, probes, probe, probes_per, exact_chunk, generator, control_variate, sde, x,
+                           velocity)
+    args = estimator.init_args(x)
+    gaussian = sde.gaussian_kernel and not velocity and not estimator.whole_drift
     B, D = x.shape[0], math.prod(x.shape[1:])
-    eps = None
-    if callable(divergence):
-        K = 1
-    elif divergence == "exact":
-        K = 1
-        if exact_chunk < 1:
-            raise ValueError(f"exact_chunk must be >= 1, got {exact_chunk}")
-        check_exact_memory(x, exact_chunk)
-    elif divergence == "hutchinson":
-        if probe not in PROBES:
-            raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
-        K = int(probes)
-        check_probe_memory(x, K)  # before the probes are drawn: refuse what the device cannot hold
-        eps = draw_probes(x, K, probe, generator)
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}; expected 'hutchinson', 'exact' or a callable")
-    if probes_per not in ("solve", "step"):
-        raise ValueError(f"probes_per must be 'solve' or 'step', got {probes_per!r}")
-    redraw = probes_per == "step"
-    if redraw and eps is None:
-        raise ValueError("probes_per='step' needs divergence='hutchinson'")
-    stepper = RKStepper(tableau, rtol, atol, reuse_last_stage=not redraw)
 
-    def refresh(args: tuple, accepted: torch.Tensor) -> tuple:
-        """New probes for the rows whose step was accepted (``args``: the working rows' probes, [rows, K, ...])."""
-        (e,) = args
-        new = draw_probes(e[:, 0], K, probe, generator).transpose(0, 1)
-        return (torch.where(bcast(accepted, new), new, e),)
+    def field(process, model):
+        """(dx/dt, d delta/dt) at t with one network forward: ``v, div = estimator(fn, x, t, *probes)``."""
+        whole = model.flow if velocity else process.drift_at  # v whole (f diverges at alpha = 0 on velocity_form)
 
-    cv = control_variate
-    if cv is not None:
-        if not isinstance(cv, GaussianControlVariate):
-            raise TypeError(f"control_variate must be a GaussianControlVariate, got {type(cv).__name__}")
-        if eps is None:
-            raise ValueError("control_variate needs divergence='hutchinson'")
-        if tuple(x.shape[1:]) != cv.event_shape:
-            raise ValueError(f"control_variate has event shape {cv.event_shape}, x has {tuple(x.shape[1:])}")
+        def f(t: torch.Tensor, state, *probe):
+            xt, _ = state
+            if not gaussian:
+                return estimator(whole, xt, t, *probe)
+            s, ds = estimator(model, xt, t, *probe)  # the score's divergence; the linear part's is exact
+            div = process.linear_divergence(t, D)[:, None] - process.score_coef(t)[:, None] * ds
+            return process.drift_from_score(xt, t, s), div
 
-    def func(u: torch.Tensor, state, *probe):
-        """(dx/du, d delta/du) at u with one network forward; ``probe``: the Hutchinson probes of these rows,
-        [B, K, ...]."""
-        xt, _ = state
-        t = time.t(u)
-        if velocity:  # v is the model's flow prediction; its divergence is estimated whole (f diverges at alpha = 0)
-            if callable(divergence):
-                v, div = model.flow(xt, t), _user_divergence(divergence, xt, t)
-            elif divergence == "exact":
-                v, div = exact_div_score(model.flow, xt, t, exact_chunk)
-                div = div[:, None]
-            else:
-                v, div = hutchinson_div_score(model.flow, xt, t, probe[0].transpose(0, 1))
-                if cv is not None:
-                    div = div + cv.correction(probe[0].transpose(0, 1), t, sde, velocity=True)
-        else:
-            if callable(divergence):
-                s, div = model(xt, t), _user_divergence(divergence, xt, t)  # the whole drift's divergence
-            else:
-                if divergence == "exact":
-                    s, ds = exact_div_score(model, xt, t, exact_chunk)
-                    ds = ds[:, None]
-                else:
-                    s, ds = hutchinson_div_score(model, xt, t, probe[0].transpose(0, 1))
-                    if cv is not None:
-                        ds = ds + cv.correction(probe[0].transpose(0, 1), t, sde)
-                div = process.linear_divergence(t, D)[:, None] - process.score_coef(t)[:, None] * ds
-            v = process.drift_from_score(xt, t, s)
-        if time.name == "t":
-            return v, div
-        dt_du = time.dt_du(t)
-        return bcast(dt_du, xt) * v, dt_du[:, None] * div
+        return f
 
     # no autograd graph outside the divergence's own VJPs (which enable grad locally): nothing is kept across steps
     with torch.no_grad():
-        delta0 = torch.zeros(B, K, dtype=x.dtype, device=x.device)
-        try:
-            res = integrate(
-                stepper, func, (x.detach(), delta0), time.u(t_eps), time.u(sde.T),
-                controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
-                first_step=first_step, max_step=max_step, check_every=check_every,
-                progress="log_likelihood" if progress else False,
-                name=f"log_likelihood[{solver}]", args=() if eps is None else (eps.transpose(0, 1),),  # [B, K, ...]
-                compact=compact, refresh=refresh if redraw else None,
-            )
-        except (MaxStepsError, StepSizeUnderflowError) as err:
-            if time.name == "t":
-                raise
-            raise err.at_times(time.t_host(err.times)) from None
+        delta0 = torch.zeros(B, estimator.columns, dtype=x.dtype, device=x.device)
+        process = sde.probability_flow(ScoreModel.wrap(score, sde))
+        res = solve_pf_ode(
+            process, (x.detach(), delta0), t_eps, sde.T,
+            stepper=RKStepper(tableau, rtol, atol, reuse_last_stage=estimator.reuse_last_stage),
+            name=f"log_likelihood[{solver}]", time_variable=time_variable, field=field,
+            controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
+            first_step=first_step, max_step=max_step, check_every=check_every,
+            progress="log_likelihood" if progress else False, args=args, compact=compact, refresh=estimator.refresh,
+        )
         z, delta = res.x
         prior = sde.prior_log_prob(z)
         log_probs = prior[:, None] + delta  # [B, K]
+        K = estimator.columns
         std_error = log_probs.std(1) / math.sqrt(K) if K > 1 else None
     return LikelihoodResult(
         log_prob=log_probs.mean(1),
@@ -289,6 +226,38 @@ def log_likelihood(
         std_error=std_error,
         steps=res.steps,
         rejected=res.rejected,
-        calls=counter.calls,
+        calls=res.stats["network_calls"],
         rows=res.stats.get("rows", 0),
     )
+
+
+def _estimator(divergence, probes, probe, probes_per, exact_chunk, generator, cv, sde, x,
+               velocity) -> DivergenceEstimator:
+    """The divergence estimator `log_likelihood`'s arguments name (module `scoresolve.divergence`)."""
+    if isinstance(divergence, DivergenceEstimator):
+        est = divergence
+    elif callable(divergence):
+        est = CallableDivergence(divergence)
+    elif divergence == "exact":
+        est = ExactDivergence(exact_chunk)
+        check_exact_memory(x, est.chunk)
+    elif divergence == "hutchinson":
+        check_probe_memory(x, probes)  # before the probes are drawn: refuse what the device cannot hold
+        correction = None
+        if cv is not None:
+            if not isinstance(cv, GaussianControlVariate):
+                raise TypeError(f"control_variate must be a GaussianControlVariate, got {type(cv).__name__}")
+            if tuple(x.shape[1:]) != cv.event_shape:
+                raise ValueError(f"control_variate has event shape {cv.event_shape}, x has {tuple(x.shape[1:])}")
+            correction = functools.partial(cv.correction, sde=sde, velocity=velocity)
+        return HutchinsonDivergence(probes, probe, probes_per, generator, correction)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}; expected 'hutchinson', 'exact' or a callable")
+    if probes_per not in ("solve", "step"):
+        raise ValueError(f"probes_per must be 'solve' or 'step', got {probes_per!r}")
+    if probes_per == "step":
+        raise ValueError("probes_per='step' needs divergence='hutchinson'")
+    if cv is not None:
+        raise ValueError("control_variate needs divergence='hutchinson' (a HutchinsonDivergence object takes its "
+                         "own correction=)")
+    return est

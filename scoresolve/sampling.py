@@ -8,18 +8,21 @@ from typing import Any, Callable
 import torch
 
 from ._utils import check_batched, check_count
+from .process import Process, check_capabilities
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
+from .solvers._registry import fitting_solvers
 from .solvers.defaults import default_sampler
 
 
 def sample(
     score: Callable | ScoreModel,
-    sde: ForwardSDE,
+    sde: Process,
     x_T: torch.Tensor,
+    *,
     solver: str | None = None,
     nfe: int | None = None,
     steps: int | None = None,
@@ -54,7 +57,8 @@ def sample(
         steps: number of steps of a grid solver (overrides ``nfe``).
         rtol: relative tolerance of adaptive solvers.
         atol: absolute tolerance of adaptive solvers.
-        t_eps: final time (> 0).
+        t_eps: the time nearest the data (0 < t_eps < T): the solve runs between T and t_eps (here from T down
+            to t_eps; `log_likelihood` integrates the same span upwards).
         diffusion: s(t) of the reverse family, as a multiple of g (0: probability-flow ODE, 1: reverse SDE)
             or a callable; None takes the solver's default (1 for the SDE samplers euler_maruyama,
             reverse_diffusion, pc, adaptive_sde and torchsde, 0 for the ODE solvers).
@@ -77,7 +81,14 @@ def sample(
             to ``x_T`` and to the network's parameters (step sizes of adaptive solvers are treated as constants).
             ``torch.no_grad`` rather than ``torch.inference_mode``: the samples stay ordinary tensors that can be
             modified in place or fed to `log_likelihood` and to gradient guidance.
-        options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc, ``max_steps`` for adaptive ones).
+        options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc; for the adaptive ones ``max_steps``
+            (most step attempts of any sample), ``controller`` (the step-size controller; default `PIController()`)
+            and ``time_variable`` (None: the rule `log_likelihood` uses, `scoresolve.solvers.ode.choose_time_variable`)
+            mean what `log_likelihood`'s arguments of the same names mean).
+
+    Raises:
+        IncompatibleProcessError: the solver (with these options and this diffusion) requires a capability that
+            ``sde`` does not declare (`scoresolve.Process`); the message lists the solvers that fit.
     """
     with contextlib.nullcontext() if grad else torch.no_grad():
         return _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator,
@@ -103,6 +114,9 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
 
         if diffusion is None:
             diffusion = 1.0 if solver.startswith("torchsde:") else 0.0
+        if callable(diffusion) or float(diffusion) != 0.0:
+            check_capabilities(f"solver {solver!r} with diffusion > 0", sde, ("reverse_sde",),
+                               lambda: fitting_solvers(sde))
         if grid is not None:
             options["grid"] = grid
         sol = solve_with_backend(solver, sde.reverse(model, diffusion), x_T, sde.T, t_eps, nfe=nfe, steps=steps,
@@ -112,6 +126,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
             raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
         spec = REGISTRY[solver]
         spec.check_options(options)
+        spec.check_process(sde, options, diffusion)
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.stochastic:
             keywords["generator"] = generator
@@ -138,8 +153,10 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                ts = time_grid(sde, steps, grid or default_grid(spec.default_grid, sde), t_eps, shift=shift,
-                               solver=solver)
+                kind = grid or default_grid(spec.default_grid, sde)
+                if kind.split(":")[0] in LOG_SNR_GRIDS:
+                    check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
+                ts = time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:
@@ -165,6 +182,10 @@ def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[
     budget = steps if steps is not None else (nfe if nfe is not None else 20)
     name, opts, default = default_sampler(int(budget), options, prediction)
     return name, opts, default if grid is None else grid
+
+
+LOG_SNR_GRIDS = ("logsnr", "karras", "flow")
+"""Named grids built from the log-SNR (``flow:P`` included): they require the capability ``gaussian_kernel``."""
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:

@@ -14,27 +14,32 @@ lambda(t) = log(alpha / sigma) is the (half) log-SNR of DPM-Solver.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from ._utils import Time, as_time, bcast, check_batched
+from .process import Process
 from .reverse import ReverseProcess
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class ForwardSDE(ABC):
-    """Base class of forward diffusions dx = f(t) x dt + g(t) dw on [0, T]."""
+class ForwardSDE(Process):
+    """Base class of forward diffusions dx = f(t) x dt + g(t) dw on [0, T], Gaussian marginals.
+
+    A [`Process`][scoresolve.Process] with the capabilities ``reverse_sde`` and ``gaussian_kernel``;
+    ``velocity_form``: True where f and g^2 may diverge (alpha = 0 at T, flow matching): reverse processes then take
+    their drift from the model's velocity ("flow") prediction, which stays finite (`scoresolve.interpolant`);
+    ``smooth_in_t``: False where f(t) and g(t) jump (a discrete DDPM schedule): adaptive solves then step in the
+    log-SNR.
+    """
 
     T: float = 1.0
-    velocity_form: bool = False
-    """True where f and g^2 may diverge (alpha = 0 at T, flow matching): reverse processes then take their drift from
-    the model's velocity ("flow") prediction, which stays finite (`scoresolve.interpolant`)."""
-    smooth_in_t: bool = True
-    """False where f(t) and g(t) jump (a discrete DDPM schedule): adaptive solves then step in the log-SNR."""
+    reverse_sde: ClassVar[bool] = True
+    gaussian_kernel: ClassVar[bool] = True
 
     # --- schedule functions (subclasses implement these on tensors, with no range checking) ---------------
     @abstractmethod

@@ -35,13 +35,8 @@ tuning (network evaluations per tuning sample, batched network calls, seconds). 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,146 +45,15 @@ from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY
 from .solvers._grid import check_grid
+from .solvers.adams import adams_coefficients, deis_two_node_weights
+from .solvers.grid_store import GRID_DIR_ENV, TunedGrid, grid_dir, load_grid, save_grid  # noqa: F401  (re-exported)
 from .solvers.grids import time_grid
+from .solvers.multistep import dpmpp_2m_coefficients
 
 METHODS = ("gits", "descent")
 COSTS = ("ddim", "solver")
 # solvers with a two-step form for ``cost="solver"`` (their second-order update from two predictions)
 TWO_STEP = ("dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis")
-GRID_DIR_ENV = "SCORESOLVE_GRID_DIR"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_FORMAT = 1
-
-
-@dataclass
-class TunedGrid:
-    """A fitted time grid and how it was obtained.
-
-    Attributes:
-        grid: the decreasing float64 times, ``steps + 1`` of them, from T to t_eps; use as ``sample(..., grid=grid)``.
-        solver: the solver it was tuned for; ``nfe``/``steps`` its budget.
-        method: ``"gits"`` or ``"descent"`` (see the module docstring); ``start``: the grid the descent started from
-            (``"gits"`` or ``"default"``).
-        train_error: the objective (mean per-sample relative error by default) of the solver's end point on this
-            grid against the reference end, on the tuning samples; ``default_error`` and ``gits_error`` the same for
-            the solver's default grid and for ``gits_grid``, GITS's grid (the DP's result).
-        evaluations: network evaluations per tuning sample spent on tuning (reference solve, DP costs, default-grid and
-            descent solves); ``calls`` the batched network calls; ``seconds`` wall time.
-        num_samples: tuning samples; ``candidates``: candidate times of the DP; ``sde``: repr of the process.
-    """
-
-    grid: torch.Tensor
-    solver: str
-    nfe: int
-    steps: int
-    method: str
-    t_eps: float
-    T: float
-    train_error: float
-    default_error: float
-    gits_error: float
-    evaluations: int
-    calls: int
-    seconds: float
-    num_samples: int
-    candidates: int
-    sde: str = ""
-    start: str = "gits"
-    default_grid: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    gits_grid: torch.Tensor | None = None
-    name: str | None = None
-
-    def __repr__(self) -> str:
-        return (f"TunedGrid(solver={self.solver!r}, nfe={self.nfe}, method={self.method!r}, "
-                f"train_error={self.train_error:.3e} (default grid {self.default_error:.3e}, "
-                f"gits {self.gits_error:.3e}), evaluations={self.evaluations}, seconds={self.seconds:.1f}, "
-                f"grid={[round(t, 5) for t in self.grid.tolist()]})")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grid"] = [float(t) for t in self.grid.tolist()]
-        d["gits_grid"] = None if self.gits_grid is None else [float(t) for t in self.gits_grid.tolist()]
-        d["format"] = _FORMAT
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TunedGrid":
-        d = dict(d)
-        d.pop("format", None)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown fields in a saved grid: {unknown}")
-        d["grid"] = grid = check_grid(torch.tensor(d["grid"], dtype=torch.float64), float(d["T"]))
-        # the file must agree with itself: an edited grid, step count or end time is refused, never run as it is
-        if len(grid) != int(d["steps"]) + 1:
-            raise ValueError(f"its grid has {len(grid) - 1} steps, but it records steps={d['steps']}")
-        ends = ((float(grid[0]), float(d["T"])), (float(grid[-1]), float(d["t_eps"])))
-        if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in ends):
-            raise ValueError(f"its grid runs from {float(grid[0])} to {float(grid[-1])}, but it records T={d['T']}, "
-                             f"t_eps={d['t_eps']}")
-        spec = REGISTRY.get(d["solver"])
-        if spec is None:
-            raise ValueError(f"it was tuned for the unknown solver {d['solver']!r}")
-        if spec.nfe_for_steps(int(d["steps"]), d.get("options") or {}) != int(d["nfe"]):
-            raise ValueError(f"{d['solver']} takes {spec.nfe_for_steps(int(d['steps']), d.get('options') or {})} "
-                             f"evaluations for {d['steps']} steps, but it records nfe={d['nfe']}")
-        if d.get("gits_grid") is not None:
-            d["gits_grid"] = torch.tensor(d["gits_grid"], dtype=torch.float64)
-        return cls(**d)
-
-    def save(self, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
-        """Write the record as JSON ``<directory>/<name>.json`` (see `grid_dir`); returns the path."""
-        return save_grid(self, name, directory)
-
-
-def grid_dir(directory: str | os.PathLike | None = None) -> Path:
-    """Where grids are saved: ``directory``, else ``$SCORESOLVE_GRID_DIR``, else ``$XDG_CACHE_HOME/scoresolve/grids``
-    (``~/.cache/scoresolve/grids``)."""
-    if directory is not None:
-        return Path(directory)
-    env = os.environ.get(GRID_DIR_ENV)
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "scoresolve" / "grids"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"a grid name must be 1-128 characters of letters, digits, '.', '_' or '-' (not starting "
-                         f"with '.', '_' or '-'), got {name!r}")
-    return name
-
-
-def save_grid(tuned: TunedGrid, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
-    """Save ``tuned`` under ``name`` (default: its own ``name``) as JSON in `grid_dir`; overwrites; returns the path."""
-    name = _check_name(name if name is not None else (tuned.name or ""))
-    path = grid_dir(directory) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tuned.name = name
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(tuned.to_dict(), indent=1))
-    os.replace(tmp, path)  # readers never see a half-written file
-    return path
-
-
-def load_grid(name: str, directory: str | os.PathLike | None = None) -> TunedGrid:
-    """The grid saved under ``name`` (see `save_grid`); ``sample(..., grid="tuned:<name>")`` does the same lookup."""
-    path = grid_dir(directory) / f"{_check_name(name)}.json"
-    if not path.is_file():
-        where = grid_dir(directory)
-        have = sorted(p.stem for p in where.glob("*.json")) if where.is_dir() else []
-        raise FileNotFoundError(f"no saved grid {name!r} in {where} (set {GRID_DIR_ENV} or pass directory=); "
-                                f"saved: {have}")
-    try:
-        data = json.loads(path.read_text())
-        tuned = TunedGrid.from_dict(data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid saved grid: {e}") from e
-    tuned.name = name
-    return tuned
 
 
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -430,49 +294,14 @@ def _two_step_coefficients(sde: ForwardSDE, solver: str, options: dict, ts: torc
     if solver in ("dpmpp_2m", "dpmpp_3m", "unipc"):  # DPM-Solver++(2M) (UniPC's predictor with one history point)
         h = lam[j] - lam[i]  # [J]
         r = (lam[i] - lam[k])[:, None] / h[None, :]  # [K, J]
-        e = (alpha[j] * torch.expm1(-h))[None, :]
-        return sigma[j] / sigma[i], -e * (1 + 1 / (2 * r)), e / (2 * r), False
+        A, P, Q = dpmpp_2m_coefficients(alpha[j][None, :], sigma[i], sigma[j], h[None, :], r)
+        return A, P, Q, False
     rho = sigma / alpha
     if solver == "ipndm":  # Adams-Bashforth-2 with the uniform-step weights
-        d = (alpha[j] * (rho[j] - rho[i]))[None, :].expand(i, -1)
-        return alpha[j] / alpha[i], 1.5 * d, -0.5 * d, True
-    basis = options.get("basis", "t")  # deis: the Lagrange polynomial through (u_k, eps_k), (u_i, eps_i)
-    if basis == "rho":  # int (v - rho_k) / (rho_i - rho_k) dv over [rho_i, rho_j], and the other basis function
-        rk, ri, rj = rho[k][:, None], rho[i], rho[j][None, :]
-        p = ((rj - rk) ** 2 - (ri - rk) ** 2) / (2 * (ri - rk))
-        q = (rj - ri) ** 2 / (2 * (rk - ri))
-    else:
-        if basis == "log_rho":  # u = log rho: I0 = int e^u du, I1 = int u e^u du
-            u = torch.log(rho)
-            i0 = rho[j] - rho[i]
-            i1 = (u[j] - 1) * rho[j] - (u[i] - 1) * rho[i]
-        else:  # u = t: I0 = int rho' dt, I1 = int t rho' dt = [t rho] - int rho dt
-            u, big_r = t, _rho_integral(sde, t)
-            i0 = rho[j] - rho[i]
-            i1 = t[j] * rho[j] - t[i] * rho[i] - (big_r[j] - big_r[i])
-        uk, ui = u[k][:, None], u[i]
-        p = (i1[None, :] - uk * i0[None, :]) / (ui - uk)
-        q = (i1[None, :] - ui * i0[None, :]) / (uk - ui)
+        A, (P, Q) = adams_coefficients(alpha[i], alpha[j], rho[i], rho[j], 2)
+        return A, P[None, :].expand(i, -1), Q[None, :].expand(i, -1), True
+    p, q = deis_two_node_weights(sde, options.get("basis", "t"), t, rho, i)  # deis: the two-node Lagrange weights
     return alpha[j] / alpha[i], alpha[j][None, :] * p, alpha[j][None, :] * q, True
-
-
-def _rho_integral(sde: ForwardSDE, t: torch.Tensor) -> torch.Tensor:
-    """int_{t_s}^{t_m} rho(u) du (rho = sigma / alpha) at the decreasing candidate times t_m, by 32-point
-    Gauss-Legendre quadrature on each interval; t_s = t_0, or t_1 where rho is infinite at t_0 (alpha = 0: the
-    solvers' history starts at t_1 there), and the value at t_0 is then nan (unused)."""
-    import numpy as np
-
-    x, w = np.polynomial.legendre.leggauss(32)
-    x, w = torch.from_numpy(x), torch.from_numpy(w)
-    start = 0 if bool(torch.isfinite(sde.log_snr(t[:1], check=False)).all()) else 1
-    a, b = t[start:-1], t[start + 1:]
-    pts = 0.5 * (b - a)[:, None] * x[None, :] + 0.5 * (a + b)[:, None]  # [m, 32]
-    rho = torch.exp(-sde.log_snr(pts.reshape(-1), check=False)).reshape(pts.shape)
-    out = torch.zeros_like(t)
-    out[start + 1:] = torch.cumsum(0.5 * (b - a) * (rho * w[None, :]).sum(1), 0)
-    if start:
-        out[0] = math.nan
-    return out
 
 
 def _two_step_path(sde: ForwardSDE, solver: str, options: dict, ts: torch.Tensor, flat: torch.Tensor,

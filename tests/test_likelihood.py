@@ -216,13 +216,14 @@ def test_progress_bar_reaches_the_end_and_changes_nothing(capsys, compact):
     assert last.startswith("log_likelihood: 100%") and "6/6 done" in last, err[-500:]
 
 
-def test_the_old_argument_order_still_works_with_a_deprecation_warning():
+def test_the_old_argument_order_is_refused_with_the_new_one_named():
+    """The 0.1.0 shim log_likelihood(score, x, sde) is gone: a clear TypeError, never a silent swap."""
     sde = ss.VPSDE()
     gm = ss.GaussianMixture.random(2, 2, seed=0)
     x = gm.sample_marginal(4, 1e-3, sde, generator=torch.Generator().manual_seed(0), dtype=F64)
     new = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", t_eps=1e-3)
-    with pytest.warns(DeprecationWarning, match=r"log_likelihood\(score, sde, x\)"):
-        old = log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", t_eps=1e-3)
-    assert torch.equal(old.log_prob, new.log_prob) and torch.equal(old.nfe, new.nfe)
-    with pytest.raises(TypeError, match="ForwardSDE"):
+    assert bool(torch.isfinite(new.log_prob).all())
+    with pytest.raises(TypeError, match=r"log_likelihood\(score, sde, x\)"):
+        log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", t_eps=1e-3)
+    with pytest.raises(TypeError, match="forward process"):
         log_likelihood(gm.score_fn(sde), x, x)

@@ -47,7 +47,7 @@ def test_score_output_of_another_shape_is_an_error():
     with pytest.raises(ValueError, match=r"returned shape \(6,\)"):
         ss.sample(lambda xs, t: good(xs, t).flatten(), sde, x, solver="dpmpp_2m", steps=4)
     with pytest.raises(ValueError, match="returned shape"):
-        ss.log_likelihood(lambda xs, t: good(xs, t)[:, :1], x, sde, divergence="exact")
+        ss.log_likelihood(lambda xs, t: good(xs, t)[:, :1], sde, x, divergence="exact")
     with pytest.raises(TypeError, match="returned tuple"):
         ss.sample(lambda xs, t: (good(xs, t),), sde, x, solver="euler", steps=2)
 
@@ -428,7 +428,7 @@ def test_exact_divergence_estimates_memory_before_allocating():
         ss.log_likelihood(score, sde, x, divergence="exact", exact_chunk=10**6)
     assert not calls  # raised before any network evaluation (and before any allocation)
     with pytest.raises(ValueError, match="exact_chunk must be >= 1"):
-        ss.log_likelihood(score, x[:, :4], sde, divergence="exact", exact_chunk=0)
+        ss.log_likelihood(score, sde, x[:, :4], divergence="exact", exact_chunk=0)
     # a chunk that fits goes ahead and chunking does not change the result
     gm = ss.GaussianMixture.random(3, 2, seed=1)
     y = gm.sample(2, generator=torch.Generator().manual_seed(0), dtype=F64)

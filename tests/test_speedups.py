@@ -48,7 +48,7 @@ def test_bf16_autocast_inside_a_float32_likelihood():
     x = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
     net = _net().float()
     kw = dict(rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(3))
-    ref = ss.log_likelihood(ss.ScoreModel(net, sde, prediction="eps"), x, sde, **kw)
+    ref = ss.log_likelihood(ss.ScoreModel(net, sde, prediction="eps"), sde, x, **kw)
     model = ss.ScoreModel(accelerate(net, autocast=torch.bfloat16), sde, prediction="eps")
     eps_out = model.net(x, torch.full((4,), 0.5))
     assert eps_out.dtype == torch.bfloat16  # the network really ran in bf16 ...

@@ -43,6 +43,7 @@ import torch
 
 from ..interpolant import RectifiedFlow
 from ..score import ScoreModel
+from ..solvers.multistep import multistep_order
 from .diffusers import _betas_from_config, _config
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
@@ -348,7 +349,7 @@ def _dpm_orders(n: int, order: int, lof: bool, euler_at_final: bool, zero_final:
 
 def _ours_orders(steps: int, order: int, lof: bool) -> list[int]:
     """scoresolve's multistep order schedule (`scoresolve.solvers.multistep.multistep_order`, start = 0)."""
-    return [min(max(1, min(order, i + 1)), steps - i) if lof else max(1, min(order, i + 1)) for i in range(steps)]
+    return [multistep_order(order, i, steps, lof) for i in range(steps)]
 
 
 def _match_lof(name: str, want: list[int], steps: int, order: int) -> bool:

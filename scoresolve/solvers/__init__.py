@@ -4,7 +4,8 @@ Layout: `_registry` (entries, options, the counting wrap), `_solution` (the resu
 fixed-grid run), `integrate` (the one adaptive loop), `tableaux` and `controllers` (methods and step-size rules as
 data), `noise` (generators, per-sample seeds, Brownian memory), and the step functions: `fixed` (Euler, Heun, RK4),
 `exponential` (DDIM, DPM-Solver), `multistep` (DPM-Solver++, UniPC), `sde` (EM, ancestral, PC, adaptive SDE),
-`ode` (adaptive RK on the PF-ODE), `backends` (torchdiffeq, torchsde), `grids` (time grids).
+`ode` (the one PF-ODE solve path, adaptive RK on the PF-ODE), `backends` (torchdiffeq, torchsde), `grids` (time
+grids), `grid_store` (saved tuned grids).
 """
 
 from . import adams, backends, exponential, fixed, multistep, ode, sde  # noqa: F401  (imports register the solvers)

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
-from ._registry import SolverSpec, check_start, counted
+from ._base import check_start, counted
 from ._solution import Solution, Trajectory
 from .errors import NonFiniteError
 from .noise import Noise, Seeds
+
+if TYPE_CHECKING:
+    from ._registry import SolverSpec
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 

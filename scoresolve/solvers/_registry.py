@@ -8,40 +8,17 @@ entry (`scoresolve.solvers._grid` runs the grid); an adaptive one is a stepper f
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..process import Process, check_capabilities
 from ..reverse import ReverseProcess
-from ..score import ScoreModel
+from ._base import REGISTRY, EvalCounter, alpha0_solvers, check_start, counted, require_ode  # noqa: F401 (re-exported)
+from ._grid import run_grid
 from ._solution import Solution
-
-
-class EvalCounter:
-    """Wraps a score function and counts its (batched) calls; ``calls`` is the NFE of every sample in it."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
-        self.fn = fn
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
-def counted(process: ReverseProcess) -> tuple[ReverseProcess, ScoreModel, EvalCounter]:
-    """(process using a counted model, that model, its counter): the one place a solve wraps the score.
-
-    The copy of the process's [`ScoreModel`][scoresolve.ScoreModel] calls its network through the counter, so
-    ``counter.calls`` is the solve's exact NFE whatever prediction (score, eps, x0) a step asks for.
-    """
-    model = copy.copy(ScoreModel.wrap(process.score, process.sde))
-    counter = EvalCounter(model.net)
-    model.net = counter
-    return process.with_score(model), model, counter
 
 
 def check_options(name: str, unknown: Iterable[str], accepted: Iterable[str]) -> None:
@@ -50,6 +27,9 @@ def check_options(name: str, unknown: Iterable[str], accepted: Iterable[str]) ->
     if unknown:
         takes = ", ".join(sorted(accepted)) or "none"
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; its options: {takes}")
+
+
+SOLVER_KINDS = ("grid", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -68,6 +48,10 @@ class SolverSpec:
     names an option (``eta`` for ddim) they draw noise only when it is > 0 (see `draws_noise`).
     ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR = -inf, t = 1 of rectified flow) from
     a model that predicts x0 there (flow, x0 or v; see `check_start`).
+    ``requires``: the process capabilities the method needs (`scoresolve.process.CAPABILITIES`, e.g.
+    ``gaussian_kernel`` for the exponential integrators); ``requires_fn(options)`` adds those of options (the
+    options are the caller's merged over the defaults). A run that draws noise (`draws_noise`) or has diffusion > 0
+    also requires ``reverse_sde``; see `requirements`.
     """
 
     name: str
@@ -87,12 +71,19 @@ class SolverSpec:
     default_diffusion: float = 0.0
     evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
     starts_at_alpha0: bool = False
+    requires: frozenset[str] = frozenset()
+    requires_fn: Callable[[Mapping[str, Any]], Iterable[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOLVER_KINDS:
+            raise ValueError(f"solver {self.name!r}: kind must be one of {SOLVER_KINDS}, got {self.kind!r}")
+        if (self.step if self.kind == "grid" else self.run) is None:
+            need = "a step function (step=)" if self.kind == "grid" else "a run function (run=)"
+            raise ValueError(f"solver {self.name!r} of kind {self.kind!r} needs {need}")
 
     def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
         """Solve ``process`` from ``x`` over ``ts`` (the grid, or the span [t0, t1] of an adaptive solver)."""
         if self.kind == "grid":
-            from ._grid import run_grid
-
             return run_grid(self, process, x, ts, **keywords)
         assert self.run is not None
         return self.run(self, process, x, ts, **keywords)
@@ -124,6 +115,23 @@ class SolverSpec:
             return int(self.evals_per_step_fn({**self.options, **(options or {})}))
         return self.evals_per_step
 
+    def requirements(self, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> frozenset[str]:
+        """The process capabilities a run with these options and this s(t) (None: the solver's default diffusion;
+        a float c for s = c g, or a callable) requires."""
+        opts = {**self.options, **(options or {})}
+        need = set(self.requires)
+        if self.requires_fn is not None:
+            need |= set(self.requires_fn(opts))
+        diffusion = self.default_diffusion if diffusion is None else diffusion
+        if callable(diffusion) or float(diffusion) != 0.0 or self.draws_noise(opts):
+            need.add("reverse_sde")
+        return frozenset(need)
+
+    def check_process(self, sde: Process, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> None:
+        """`IncompatibleProcessError` naming the capability ``sde`` lacks for this run and the solvers that fit."""
+        check_capabilities(f"solver {self.name!r}", sde, self.requirements(options, diffusion),
+                           lambda: fitting_solvers(sde))
+
     def draws_noise(self, options: Mapping[str, Any]) -> bool:
         """Whether a run with these options is random (its result depends on the generator)."""
         if not self.stochastic:
@@ -146,7 +154,9 @@ class SolverSpec:
         return self.evals(options) * steps + self.extra(options)
 
 
-REGISTRY: dict[str, SolverSpec] = {}
+GAUSSIAN_KERNEL = frozenset({"gaussian_kernel"})
+"""``requires`` of the solvers built on x_t = alpha x_0 + sigma z (eps / x0 predictions, log-SNR steps)."""
+
 
 
 def register(spec: SolverSpec) -> SolverSpec:
@@ -156,33 +166,12 @@ def register(spec: SolverSpec) -> SolverSpec:
     return spec
 
 
-def require_ode(name: str, process: ReverseProcess) -> None:
-    """ValueError unless ``process`` is the probability-flow ODE (s = 0)."""
-    if not process.is_ode:
-        raise ValueError(f"solver {name!r} integrates the probability-flow ODE (diffusion=0); for diffusion > 0 use "
-                         "'ddim' with eta > 0, 'dpmpp_2m_sde', or an SDE sampler such as 'euler_maruyama'")
+def fitting_solvers(sde: Process) -> list[str]:
+    """The registered solvers whose default run (default options and diffusion) ``sde`` has the capabilities for."""
+    return sorted(name for name, spec in REGISTRY.items() if not sde.missing(spec.requirements()))
 
 
-ALPHA0_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "vab",
-                  "dpmpp_2m_sde", "dopri5", "tsit5", "bosh3", "vern6", "vern7")
-
-
-def check_start(name: str, can_start: bool, process: ReverseProcess, model: ScoreModel, t0: float) -> None:
-    """ValueError where a solve would start at a time t0 with alpha(t0) = 0 (log-SNR = -inf) and cannot.
-
-    Only the probability-flow ODE in t (RK, adaptive) and the data-prediction exponential integrators can start
-    there; and only from a model whose prediction carries x0 at alpha = 0 (flow, x0, v): a score or eps model
-    equals -x / sigma or x there, whatever the data.
-    """
-    sde = process.sde
-    if float(sde.alpha(torch.tensor(t0, dtype=torch.float64), check=False)) > 0:
-        return
-    if not can_start:
-        raise ValueError(
-            f"solver {name!r} cannot start at t = {t0}, where alpha = 0 (log-SNR = -inf: {sde!r} at T); use one of "
-            f"{', '.join(ALPHA0_SOLVERS)} (probability-flow ODE), or start below T with an explicit grid")
-    if model.prediction in ("score", "eps"):
-        raise ValueError(
-            f"solver {name!r} starts at t = {t0}, where alpha = 0: a {model.prediction!r}-prediction model carries no "
-            "information about x0 there; use a model predicting 'flow', 'x0' or 'v', or start below T with an "
-            "explicit grid")
+def __getattr__(name: str) -> Any:
+    if name == "ALPHA0_SOLVERS":  # derived from the registry, so a newly registered solver is in it
+        return alpha0_solvers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,14 +37,18 @@ from __future__ import annotations
 
 import math
 from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import SolverSpec, register, require_ode
+from ._registry import GAUSSIAN_KERNEL, SolverSpec, register, require_ode
 from .multistep import multistep_order
+
+if TYPE_CHECKING:
+    from ..sde import ForwardSDE
 
 # Adams-Bashforth weights of uniform steps, newest prediction first (iPNDM)
 AB_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -158,6 +162,52 @@ def deis_weights(run: GridRun, i: int, q: int) -> list[float]:
     return lagrange_integrals([t[i - j] for j in range(q)], a_, b_, weight=drho, points=pts)
 
 
+def adams_coefficients(alpha_s, alpha_t, rho_s, rho_t, order: int):
+    """(A, [c_0, ...]) of iPNDM's step x_t = A x_s + sum_j c_j eps_j (newest first) with the Adams-Bashforth weights
+    of uniform steps, on floats or tensors (`scoresolve.tuning` uses them for its two-step cost)."""
+    d = alpha_t * (rho_t - rho_s)
+    return alpha_t / alpha_s, [w * d for w in AB_WEIGHTS[order]]
+
+
+def deis_two_node_weights(sde: ForwardSDE, basis: str, t: torch.Tensor, rho: torch.Tensor,
+                          i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second-order DEIS weights in closed form on a whole candidate set: for decreasing float64 times ``t``
+    (``rho`` = sigma / alpha there),
+    (p[k, j], q[k, j]) with int over [t_i, t_j] of l_i w and l_k w for every k < i < j (the Lagrange basis of the
+    nodes u_i, u_k in the ``basis`` variable; `deis_weights` takes the same integrals by quadrature, one step at a
+    time). The step is x_j = (alpha_j / alpha_i) x_i + alpha_j (p eps_i + q eps_k)."""
+    k, j = slice(0, i), slice(i + 1, None)
+    if basis == "rho":  # int (v - rho_k) / (rho_i - rho_k) dv over [rho_i, rho_j], and the other basis function
+        rk, ri, rj = rho[k][:, None], rho[i], rho[j][None, :]
+        return ((rj - rk) ** 2 - (ri - rk) ** 2) / (2 * (ri - rk)), (rj - ri) ** 2 / (2 * (rk - ri))
+    if basis == "log_rho":  # u = log rho: I0 = int e^u du, I1 = int u e^u du
+        u = torch.log(rho)
+        i0 = rho[j] - rho[i]
+        i1 = (u[j] - 1) * rho[j] - (u[i] - 1) * rho[i]
+    else:  # u = t: I0 = int rho' dt, I1 = int t rho' dt = [t rho] - int rho dt
+        u, big_r = t, rho_integral(sde, t)
+        i0 = rho[j] - rho[i]
+        i1 = t[j] * rho[j] - t[i] * rho[i] - (big_r[j] - big_r[i])
+    uk, ui = u[k][:, None], u[i]
+    return (i1[None, :] - uk * i0[None, :]) / (ui - uk), (i1[None, :] - ui * i0[None, :]) / (uk - ui)
+
+
+def rho_integral(sde: ForwardSDE, t: torch.Tensor) -> torch.Tensor:
+    """int_{t_s}^{t_m} rho(u) du (rho = sigma / alpha) at the decreasing times t_m, by Gauss-Legendre quadrature
+    (`_QUAD_NODES` points) on each interval; t_s = t_0, or t_1 where rho is infinite at t_0 (alpha = 0: the
+    solvers' history starts at t_1 there), and the value at t_0 is then nan (unused)."""
+    x, w = (torch.from_numpy(a) for a in _gauss_legendre(_QUAD_NODES))
+    start = 0 if bool(torch.isfinite(sde.log_snr(t[:1], check=False)).all()) else 1
+    a, b = t[start:-1], t[start + 1:]
+    pts = 0.5 * (b - a)[:, None] * x[None, :] + 0.5 * (a + b)[:, None]  # [m, nodes]
+    rho = torch.exp(-sde.log_snr(pts.reshape(-1), check=False)).reshape(pts.shape)
+    out = torch.zeros_like(t)
+    out[start + 1:] = torch.cumsum(0.5 * (b - a) * (rho * w[None, :]).sum(1), 0)
+    if start:
+        out[0] = math.nan
+    return out
+
+
 def deis_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """DEIS (Zhang & Chen 2022), exponential Adams-Bashforth on the noise prediction; order ``order`` (1-4, default
     3; order 1 is DDIM) after a warm-up, 1 NFE/step; ``basis`` "t" (tAB, default), "rho" (rhoAB) or "log_rho"
@@ -238,13 +288,16 @@ assert math.isclose(sum(AB_WEIGHTS[4]), 1.0)
 register(SolverSpec("ipndm", step=ipndm_step, options={"order": 4, "lower_order_final": False,
                                                         "afs": False},
                     prepare=_prepare("ipndm"), order=4, default_grid="quadratic", starts_at_alpha0=True,
+                    requires=GAUSSIAN_KERNEL,
                     description="iPNDM: Adams-Bashforth (uniform-step weights) on the noise prediction"))
 register(SolverSpec("deis", step=deis_step, options={"order": 3, "basis": "t",
                                                       "lower_order_final": False, "afs": False},
                     prepare=_prepare("deis"), order=3, default_grid="quadratic", starts_at_alpha0=True,
+                    requires=GAUSSIAN_KERNEL,
                     description="DEIS tAB (rhoAB with basis='rho'): exponential Adams-Bashforth, noise prediction"))
 register(SolverSpec("vab", step=vab_step, options={"order": 3, "lower_order_final": False, "corrector": "start",
                                                     "afs": False},
                     prepare=_prepare("vab"), order=3, default_grid="quadratic", starts_at_alpha0=True,
+                    requires=GAUSSIAN_KERNEL,
                     description="vAB: Adams-Bashforth on the velocity eps - x0 in the rectified-flow time "
                                 "u = sigma / (alpha + sigma)"))

@@ -9,7 +9,8 @@
   the log-SNR alone, so the grid is the same ODE discretisation on every process with the same log-SNR range, and it
   stays finite where alpha(T) = 0 (u = 1). P = 1 is uniform in u (uniform in t on rectified flow); larger P is
   denser near the data.
-- ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>`` (`load_grid`); its step
+- ``tuned:<name>``: a grid fitted by `scoresolve.tuning.tune_grid` and saved under ``<name>``
+  (`scoresolve.solvers.grid_store.load_grid`); its step
   count, T and t_eps must match the request (e.g. ``sample(..., nfe=5, grid="tuned:digits-unipc-5")``).
 
 ``shift`` s applies SD3's timestep shift t/T -> s u/(1 + (s - 1) u) (`scoresolve.sd3_shift`; Flux: s =
@@ -25,6 +26,7 @@ import torch
 
 from .._utils import check_count
 from ..sde import ForwardSDE
+from .grid_store import load_grid
 
 GRIDS = ("uniform", "quadratic", "logsnr", "karras", "flow")
 
@@ -127,8 +129,6 @@ def check_grid_memory(steps: int) -> None:
 
 def _tuned_grid(kind: str, steps: int, t_eps: float, T: float, shift: float | None, sde: ForwardSDE,
                 solver: str | None) -> torch.Tensor:
-    from ..tuning import load_grid
-
     tuned = load_grid(kind[len("tuned:"):])
     if shift is not None:
         raise ValueError(f"shift does not apply to a tuned grid ({kind!r})")

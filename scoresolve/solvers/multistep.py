@@ -13,7 +13,7 @@ import torch
 
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import SolverSpec, register, require_ode
+from ._registry import GAUSSIAN_KERNEL, SolverSpec, register, require_ode
 from .exponential import noise_level, phi
 
 
@@ -43,6 +43,20 @@ def _prepare(name: str):
     return prepare
 
 
+def dpmpp_2m_weights(r):
+    """(w0, w1) of DPM-Solver++(2M)'s D = w0 m0 - w1 m1 (Lu et al. 2022b, Algorithm 2), r = h_prev / h: floats or
+    tensors (`scoresolve.tuning` uses them for its two-step cost)."""
+    return 1 + 1 / (2 * r), 1 / (2 * r)
+
+
+def dpmpp_2m_coefficients(alpha_t, sigma_s, sigma_t, h, r):
+    """(A, P, Q) of DPM-Solver++(2M)'s step from s to t as x_t = A x_s + P m0 + Q m1 (m0 the data prediction at s,
+    m1 at the previous grid time; h = lambda_t - lambda_s, r = h_prev / h), on tensors that broadcast."""
+    w0, w1 = dpmpp_2m_weights(r)
+    e = alpha_t * torch.expm1(-h)
+    return sigma_t / sigma_s, -e * w0, e * w1
+
+
 def dpmpp_2m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), data prediction. Order 2, 1 NFE/step.
 
@@ -55,8 +69,8 @@ def dpmpp_2m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     if multistep_order(2, i, run.steps, run.options["lower_order_final"], run.start) == 1:
         d = m
     else:
-        r = (lam[i] - lam[i - 1]) / h
-        d = (1 + 1 / (2 * r)) * m - (1 / (2 * r)) * run.memory["m"]  # Algorithm 2: D = (1 + 1/(2r)) m0 - 1/(2r) m1
+        w0, w1 = dpmpp_2m_weights((lam[i] - lam[i - 1]) / h)
+        d = w0 * m - w1 * run.memory["m"]  # Algorithm 2: D = (1 + 1/(2r)) m0 - 1/(2r) m1
     run.memory["m"] = m
     return (s[i + 1] / s[i]) * x - (a[i + 1] * math.expm1(-h)) * d  # x_t = (s_t/s_s) x + a_t (1 - e^{-h}) D
 
@@ -211,15 +225,15 @@ def _sde_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 _LOF = {"lower_order_final": None, "afs": False}
 register(SolverSpec("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepare("dpmpp_2m"), order=2,
-                    default_grid="quadratic", starts_at_alpha0=True,
+                    default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="multistep DPM-Solver++(2M) (data prediction)"))
 register(SolverSpec("dpmpp_3m", step=dpmpp_3m_step, options=_LOF, prepare=_prepare("dpmpp_3m"), order=3,
-                    default_grid="quadratic", starts_at_alpha0=True,
+                    default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="multistep DPM-Solver++(3M) (data prediction)"))
 register(SolverSpec("unipc", step=unipc_step, options={"order": 3, "final_corrector": False, **_LOF},
                     prepare=_unipc_prepare, order=3,
-                    default_grid="quadratic", starts_at_alpha0=True,
+                    default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="UniPC-3 bh2: UniP predictor + free UniC corrector (data prediction)"))
 register(SolverSpec("dpmpp_2m_sde", step=dpmpp_2m_sde_step, options={"eta": None}, prepare=_sde_prepare, order=1,
-                    default_grid="quadratic", stochastic=True, starts_at_alpha0=True,
+                    default_grid="quadratic", stochastic=True, starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="DPM-Solver++(2M) SDE (data prediction, eta=1: reverse SDE)"))
