@@ -40,6 +40,9 @@ def subprocess_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
+    # the manifest records torch's thread count (it changes a CPU solve's rounding): the worker takes this process's,
+    # so that resuming its run here is the same run (pytest-xdist workers and a fresh process may differ)
+    env["SCORESOLVE_TEST_THREADS"] = str(torch.get_num_threads())
     return env
 
 

@@ -20,6 +20,8 @@ import scoresolve as ss
 from scoresolve.evaluation import evaluate_dataset
 
 T_EPS = 1e-5
+if os.environ.get("SCORESOLVE_TEST_THREADS"):  # the parent test's thread count (see subprocess_env)
+    torch.set_num_threads(int(os.environ["SCORESOLVE_TEST_THREADS"]))
 
 
 def make_problem(n: int, dim: int = 3, seed: int = 0):

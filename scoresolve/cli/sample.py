@@ -100,12 +100,12 @@ def _check(args: argparse.Namespace) -> None:
                          f"samples of shape {net.shape}: write a .pt file")
     spec = REGISTRY.get(args.solver)
     if args.diffusion is not None:
-        ode_only = args.solver.startswith("torchdiffeq:") or (spec is not None and not spec.stochastic)
+        ode_only = (args.solver or "").startswith("torchdiffeq:") or (spec is not None and not spec.stochastic)
         if args.diffusion > 0 and ode_only:
             raise UsageError(f"--solver {args.solver} integrates the probability-flow ODE: drop --diffusion "
                              f"{args.diffusion:g}, or use an SDE sampler (euler_maruyama, pc, adaptive_sde, ddim, "
                              "dpmpp_2m_sde, torchsde:METHOD)")
-        if args.diffusion == 0 and args.solver.startswith("torchsde:"):
+        if args.diffusion == 0 and (args.solver or "").startswith("torchsde:"):
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")

@@ -54,7 +54,7 @@ def check_stability(tab: ButcherTableau, run: GridRun) -> None:
     solve this part exactly.
     """
     sde = run.sde
-    if sde.velocity_form:  # f, g^2 diverge at alpha = 0: the drift is the flow's, not checked here
+    if sde.velocity_form or not sde.gaussian_kernel:  # f, g^2 diverge at alpha = 0 / no (alpha, sigma) to check
         return
 
     def rate(t: float) -> float:
