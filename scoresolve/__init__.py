@@ -13,7 +13,7 @@ from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
-from .pfgm import PFGM, PFGMPP
+from .pfgm import PFGM, PFGMPP, PFGMEDMView
 from .pointcloud import PointCloud
 from .process import CAPABILITIES, IncompatibleProcessError, Process
 from .reverse import ReverseProcess
@@ -41,6 +41,7 @@ __all__ = [
     "GaussianMixture",
     "PFGM",
     "PFGMPP",
+    "PFGMEDMView",
     "PointCloud",
     "Interpolant",
     "RectifiedFlow",

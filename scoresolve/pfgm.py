@@ -26,7 +26,7 @@ import torch
 from ._utils import Time, bcast, check_batched
 from .process import Process
 from .reverse import ReverseProcess
-from .sde import register_process
+from .sde import EDMSDE, register_process
 
 _X0_PREDICTIONS = ("x0", "score")  # "score": a plain callable wrapped by ScoreModel.wrap, taken as the denoiser here
 
@@ -97,6 +97,8 @@ class PFGMPP(Process):
     Capabilities: no reverse SDE, no Gaussian kernel (so no eps / score meanings, log-SNR, exponential
     integrators or Gaussian control variate); smooth in t. The solvers that need only the ODE run on it (euler,
     heun, rk4, the adaptive RK pairs) and so does `scoresolve.log_likelihood` with the exact prior log-density.
+    The ODE is EDM's in the x0 prediction: `edm_view` lets the deterministic (alpha, sigma) integrators (ddim with
+    eta = 0, dpmpp_2m / 3m, unipc, deis, ipndm) and EDM's named grids run on it.
     """
 
     reverse_sde = False
@@ -202,11 +204,50 @@ class PFGMPP(Process):
         """log p_{r_max}(z | 0) in closed form, ``[batch]``."""
         return self.kernel_log_prob(z, torch.zeros((), dtype=z.dtype, device=z.device), self.sigma_max)
 
+    def edm_view(self) -> PFGMEDMView:
+        """This process as EDM's schedule for the deterministic (alpha, sigma) solvers (ddim with eta = 0,
+        dpmpp_2m / 3m, unipc, deis, ipndm, named grids such as ``karras``): see `PFGMEDMView`."""
+        return PFGMEDMView(T=self.sigma_max, D=self.D)
+
     # -- ODE ------------------------------------------------------------------------------------------------------
 
     def probability_flow(self, score: Callable) -> PFGMFlow:
         """dx/dsigma = (x - x0_hat(x, sigma)) / sigma with the denoiser ``score`` (see `PFGMFlow`)."""
         return PFGMFlow(self, score, 0.0)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PFGMEDMView(EDMSDE):
+    """A `PFGMPP` process seen as EDM's schedule (alpha = 1, sigma = t, lambda = -log t, T = sigma_max) for the
+    deterministic solvers written in (alpha, sigma): `PFGMPP.edm_view`.
+
+    The PF-ODE of PFGM++ in an x0 (denoiser) prediction, dx/dsigma = (x - x0_hat) / sigma, is exactly EDM's, so
+    ddim (eta = 0), dpmpp_2m / 3m, unipc, deis, ipndm and the RK solvers integrate it as they integrate EDM's, exact in
+    the linear part. Give it the denoiser as ``ScoreModel(net, view, prediction="x0")``: the eps / score this view
+    derives from it are the ODE's velocity (x - x0_hat) / sigma and (x0_hat - x) / sigma^2, not the Student-t
+    kernel's score. The prior (sample and log-density) is PFGM++'s; no reverse SDE is declared (the SDE samplers,
+    eta > 0 and diffusion > 0 are refused: EDM's reverse SDE has Gaussian marginals, not these).
+    """
+
+    D: float = 128.0
+    reverse_sde = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.D) and self.D > 0):
+            raise ValueError(f"D must be a positive finite number, got {self.D}")
+
+    @property
+    def pfgm(self) -> PFGMPP:
+        """The process this view is of (its prior)."""
+        return PFGMPP(D=self.D, sigma_min=min(0.002, self.T / 2), sigma_max=self.T)
+
+    def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        return self.pfgm.prior_sample(shape, generator, dtype, device)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pfgm.prior_log_prob(z)
 
 
 def PFGM(sigma_min: float = 1e-3, sigma_max: float = 40.0, N: int | None = None) -> PFGMPP:

@@ -207,3 +207,45 @@ def test_gaussian_and_reverse_sde_solvers_are_refused_by_capability():
     eps_model = ss.ScoreModel(lambda x, t: x, p, prediction="eps")
     with pytest.raises(ValueError, match="x0 \\(denoiser\\) prediction"):
         ss.sample(eps_model, p, x_T, solver="euler", nfe=5, t_eps=0.01)
+
+
+def test_edm_view_integrators_are_exact_in_the_linear_part():
+    """One point: x0_hat = y for every x, sigma, so the ODE's solution is y + (s / t)(x_t - y); the (alpha, sigma)
+    integrators on the EDM view give it to rounding, in any number of steps."""
+    p = ss.PFGMPP(D=8)
+    view = p.edm_view()
+    y = torch.tensor([[0.3, -1.2, 2.0]], dtype=F64)
+    cloud = ss.PointCloud(y)
+    x_T = view.prior_sample((5, 3), generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = y + (p.sigma_min / p.sigma_max) * (x_T - y)
+    model = ss.ScoreModel(lambda x, t: cloud.x0(x, t, p), view, prediction="x0")
+    for solver in ("ddim", "dpmpp_2m", "unipc", "deis"):
+        out = ss.sample(model, view, x_T, solver=solver, nfe=3, grid="karras", t_eps=p.sigma_min)
+        torch.testing.assert_close(out.x, exact, rtol=0, atol=1e-10)
+
+
+def test_edm_view_solvers_converge_to_the_pfgm_ode_and_keep_its_prior():
+    p = ss.PFGMPP(D=8)
+    view = p.edm_view()
+    assert view.T == p.T and view.capabilities() == {"gaussian_kernel", "smooth_in_t"}
+    cloud = _cloud(N=4, seed=4)
+    x_T = p.prior_sample((400, 4), generator=torch.Generator().manual_seed(5), dtype=F64)
+    torch.testing.assert_close(view.prior_log_prob(x_T), p.prior_log_prob(x_T), rtol=0, atol=0)
+    ref = ss.sample(cloud.model(p), p, x_T, solver="dopri5", rtol=1e-10, atol=1e-10, t_eps=p.sigma_min).x
+    model = ss.ScoreModel(lambda x, t: cloud.x0(x, t, p), view, prediction="x0")
+    for solver, tol40 in (("unipc", 1e-5), ("dpmpp_2m", 1e-4), ("ddim", 1e-3)):
+        med = []
+        for nfe in (10, 20, 40):
+            out = ss.sample(model, view, x_T, solver=solver, nfe=nfe, grid="karras", t_eps=p.sigma_min)
+            med.append(float((out.x - ref).norm(dim=1).median()))  # (a few samples near basin boundaries switch)
+        assert med[0] > med[1] > med[2] and med[2] < tol40, (solver, med)
+    _check_law_at_t_eps(cloud, p, out.x, p.sigma_min)
+    # no reverse SDE: the stochastic samplers are refused by capability
+    for solver, kw in (("euler_maruyama", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {})):
+        with pytest.raises(ss.IncompatibleProcessError, match="'reverse_sde'"):
+            ss.sample(model, view, x_T, solver=solver, nfe=10, t_eps=p.sigma_min, **kw)
+    # log_likelihood on the view (the Gaussian split of the divergence) is PFGM++'s, prior included
+    x = cloud.sample_marginal(4, 0.05, p, generator=torch.Generator().manual_seed(1))
+    kw = dict(divergence="exact", rtol=1e-9, atol=1e-9, t_eps=0.05)
+    torch.testing.assert_close(ss.log_likelihood(model, view, x, **kw).log_prob,
+                               ss.log_likelihood(cloud.model(p), p, x, **kw).log_prob, rtol=0, atol=1e-6)
