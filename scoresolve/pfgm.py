@@ -132,6 +132,13 @@ class PFGMPP(Process):
             raise ValueError(f"t must lie in [0, T] = [0, {self.T}]")
         return t
 
+    def marginal(self, t: Time, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not defined: the kernel is no Gaussian x = alpha y + sigma z, so eps / score / v have no meaning here (a
+        ValueError saying so, where a conversion from the model's prediction is attempted, e.g. ``denoise=True`` with
+        a plain callable)."""
+        raise ValueError(f"{self!r} has no Gaussian marginal (alpha, sigma): give the denoiser as "
+                         "ScoreModel(net, process, prediction='x0') (its x0 is used as is), or use edm_view()")
+
     def radius(self, sigma: Time) -> torch.Tensor:
         """r = sigma sqrt(D), the radius of the (N + D)-dimensional kernel."""
         return torch.as_tensor(sigma) * math.sqrt(self.D)

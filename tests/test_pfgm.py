@@ -207,6 +207,12 @@ def test_gaussian_and_reverse_sde_solvers_are_refused_by_capability():
     eps_model = ss.ScoreModel(lambda x, t: x, p, prediction="eps")
     with pytest.raises(ValueError, match="x0 \\(denoiser\\) prediction"):
         ss.sample(eps_model, p, x_T, solver="euler", nfe=5, t_eps=0.01)
+    # denoise: the x0 model's own prediction at the end; a plain callable (no stated prediction) is told what to do
+    grid = p.karras_grid(8)
+    out = ss.sample(model, p, x_T, solver="heun", grid=grid, denoise=True)
+    torch.testing.assert_close(out.x, cloud.x0(ss.sample(model, p, x_T, solver="heun", grid=grid).x, grid[-1], p))
+    with pytest.raises(ValueError, match="no Gaussian marginal"):
+        ss.sample(lambda x, t: cloud.x0(x, t, p), p, x_T, solver="heun", grid=grid, denoise=True)
 
 
 def test_edm_view_integrators_are_exact_in_the_linear_part():
@@ -249,3 +255,16 @@ def test_edm_view_solvers_converge_to_the_pfgm_ode_and_keep_its_prior():
     kw = dict(divergence="exact", rtol=1e-9, atol=1e-9, t_eps=0.05)
     torch.testing.assert_close(ss.log_likelihood(model, view, x, **kw).log_prob,
                                ss.log_likelihood(cloud.model(p), p, x, **kw).log_prob, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [1.0, 128.0])
+def test_64_dims_sampling_law_and_log_likelihood(D):
+    p = ss.PFGMPP(D=D, sigma_max=20.0)
+    cloud = _cloud(N=64, seed=64)
+    x_T = p.prior_sample((400, 64), generator=torch.Generator().manual_seed(5), dtype=F64)
+    out = ss.sample(cloud.model(p), p, x_T, solver="heun", grid=p.karras_grid(30))
+    _check_law_at_t_eps(cloud, p, out.x, p.sigma_min)
+    x = cloud.sample_marginal(2, 0.05, p, generator=torch.Generator().manual_seed(7))
+    res = ss.log_likelihood(cloud.model(p), p, x, divergence="exact", rtol=1e-9, atol=1e-9, t_eps=0.05)
+    got = cloud.log_prob(res.latent, p.T, p) + res.delta_log_prob
+    torch.testing.assert_close(got, cloud.log_prob(x, 0.05, p), rtol=0, atol=1e-4)
