@@ -197,7 +197,10 @@ class PFGMPP(Process):
         z = torch.randn(y.shape, generator=generator, dtype=torch.float64, device=y.device)
         g = _standard_gamma((y.shape[0],), self.D / 2, generator, y.device)
         scale = bcast(sigma, z) * math.sqrt(self.D) / bcast(torch.sqrt(2 * g), z)
-        return (y.to(torch.float64) + scale * z).to(y.dtype)
+        x = (y.to(torch.float64) + scale * z).to(y.dtype)
+        if not bool(torch.isfinite(x).all()):  # radii beyond the dtype's range: D tiny (heavy tails) or sigma huge
+            raise ValueError(f"a kernel sample of {self!r} overflowed {y.dtype} (D too small or sigma too large)")
+        return x
 
     # -- prior ----------------------------------------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ def test_construction_names_and_errors():
             ss.PFGMPP(**bad)
     with pytest.raises(ValueError, match="N = 5"):
         ss.PFGMPP(D=8, N=5).prior_log_prob(torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="overflowed"):  # D = 0.01: radii beyond float32, an error and not inf
+        ss.PFGMPP(D=0.01).perturb(torch.zeros(20000, 2), 1.0, torch.Generator().manual_seed(0))
     grid = p.karras_grid(18)
     assert grid.shape == (19,) and float(grid[0]) == pytest.approx(80) and float(grid[-1]) == pytest.approx(0.002)
 
