@@ -13,6 +13,8 @@ from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
+from .pfgm import PFGM, PFGMPP, PFGMEDMView
+from .pointcloud import PointCloud
 from .process import CAPABILITIES, IncompatibleProcessError, Process
 from .reverse import ReverseProcess
 from .reverse_variance import MomentEstimate, cached_moments, estimate_moments, load_moments
@@ -37,6 +39,10 @@ __all__ = [
     "NonFiniteError",
     "Solution",
     "GaussianMixture",
+    "PFGM",
+    "PFGMPP",
+    "PFGMEDMView",
+    "PointCloud",
     "Interpolant",
     "RectifiedFlow",
     "TrigonometricInterpolant",

@@ -530,11 +530,26 @@ def register_sde(name: str, cls: type[ForwardSDE]) -> None:
     SDE_NAMES[name] = cls
 
 
+PROCESS_NAMES: dict[str, Callable[..., Any]] = {}
+"""Processes that are not Gaussian forward SDEs (`scoresolve.Process`: ``pfgmpp``, ``pfgm``), by name, for
+`sde_from_name`. Not in `SDE_NAMES`, whose names the command lines and training take (they need a ForwardSDE)."""
+
+
+def register_process(name: str, factory: Callable[..., Any]) -> None:
+    """Add a non-Gaussian process ``factory(**kwargs)`` to `PROCESS_NAMES` under ``name``."""
+    if name in SDE_NAMES or PROCESS_NAMES.get(name, factory) is not factory:
+        raise ValueError(f"process name {name!r} is taken")
+    PROCESS_NAMES[name] = factory
+
+
 def sde_from_name(name: str, **kwargs: Any) -> ForwardSDE:
     """The process called ``name`` in `SDE_NAMES` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``, and the
-    interpolants ``rf`` (rectified flow) and ``trig``), built with ``kwargs`` (e.g. ``sigma_max=80.0``)."""
+    interpolants ``rf`` (rectified flow) and ``trig``) or `PROCESS_NAMES` (``pfgmpp``, ``pfgm``: Poisson flows, not
+    ForwardSDEs), built with ``kwargs`` (e.g. ``sigma_max=80.0``, ``D=128``)."""
+    if name in PROCESS_NAMES:
+        return PROCESS_NAMES[name](**kwargs)
     if name not in SDE_NAMES:
-        raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDE_NAMES)}")
+        raise ValueError(f"unknown sde {name!r}; expected one of {sorted(SDE_NAMES) + sorted(PROCESS_NAMES)}")
     return SDE_NAMES[name](**kwargs)
 
 
