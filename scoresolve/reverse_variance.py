@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time as _time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._store import check_name, store_dir, write_json
 from ._utils import check_batched
 from .sde import ForwardSDE
 
@@ -47,7 +47,6 @@ VARIANCES = ("beta", "beta_tilde", "analytic")
 """The reverse variances by name: DDPM's forward (beta) and posterior (beta-tilde) ones, Analytic-DPM's optimum."""
 
 MOMENT_DIR_ENV = "SCORESOLVE_MOMENT_DIR"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FORMAT = 1
 
 
@@ -227,32 +226,18 @@ class MomentEstimate:
     def save(self, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
         """Write the estimate as JSON ``<directory>/<name>.json`` (see `moment_dir`); returns the path."""
         name = _check_name(name if name is not None else (self.name or ""))
-        path = moment_dir(directory) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.name = name
-        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)  # readers never see a half-written file
-        return path
+        return write_json(moment_dir(directory) / f"{name}.json", self.to_dict())
 
 
 def moment_dir(directory: str | os.PathLike | None = None) -> Path:
     """Where moment estimates are saved: ``directory``, else ``$SCORESOLVE_MOMENT_DIR``, else
     ``$XDG_CACHE_HOME/scoresolve/moments`` (``~/.cache/scoresolve/moments``)."""
-    if directory is not None:
-        return Path(directory)
-    env = os.environ.get(MOMENT_DIR_ENV)
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "scoresolve" / "moments"
+    return store_dir(directory, MOMENT_DIR_ENV, "moments")
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"a moment-estimate name must be 1-128 characters of letters, digits, '.', '_' or '-' (not "
-                         f"starting with '.', '_' or '-'), got {name!r}")
-    return name
+    return check_name(name, "moment-estimate")
 
 
 def load_moments(name: str, directory: str | os.PathLike | None = None) -> MomentEstimate:

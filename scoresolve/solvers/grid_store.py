@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._store import check_name, store_dir, write_json
 from ._grid import check_grid
 
 GRID_DIR_ENV = "SCORESOLVE_GRID_DIR"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FORMAT = 1
 
 
@@ -111,32 +110,18 @@ class TunedGrid:
 def grid_dir(directory: str | os.PathLike | None = None) -> Path:
     """Where grids are saved: ``directory``, else ``$SCORESOLVE_GRID_DIR``, else ``$XDG_CACHE_HOME/scoresolve/grids``
     (``~/.cache/scoresolve/grids``)."""
-    if directory is not None:
-        return Path(directory)
-    env = os.environ.get(GRID_DIR_ENV)
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "scoresolve" / "grids"
+    return store_dir(directory, GRID_DIR_ENV, "grids")
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"a grid name must be 1-128 characters of letters, digits, '.', '_' or '-' (not starting "
-                         f"with '.', '_' or '-'), got {name!r}")
-    return name
+    return check_name(name, "grid")
 
 
 def save_grid(tuned: TunedGrid, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
     """Save ``tuned`` under ``name`` (default: its own ``name``) as JSON in `grid_dir`; overwrites; returns the path."""
     name = _check_name(name if name is not None else (tuned.name or ""))
-    path = grid_dir(directory) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     tuned.name = name
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(tuned.to_dict(), indent=1))
-    os.replace(tmp, path)  # readers never see a half-written file
-    return path
+    return write_json(grid_dir(directory) / f"{name}.json", tuned.to_dict())
 
 
 def load_grid(name: str, directory: str | os.PathLike | None = None) -> TunedGrid:
