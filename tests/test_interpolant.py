@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from _exact import rel_rms as _rel
 
 import scoresolve as ss
 from scoresolve.score import PREDICTIONS
@@ -18,9 +19,6 @@ def _custom() -> ss.Interpolant:
     """alpha = 1 - t^2, sigma = t: no closed-form inverse of the log-SNR (bisection)."""
     return ss.Interpolant(lambda t: 1 - t**2, lambda t: t, lambda t: -2 * t, torch.ones_like, name="Quadratic")
 
-
-def _rel(x, ref):
-    return float((x - ref).square().mean().sqrt() / ref.square().mean().sqrt())
 
 
 @pytest.mark.parametrize("sde", INTERPOLANTS + [_custom()], ids=IDS + ["custom"])

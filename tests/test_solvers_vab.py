@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from _exact import gaussian_3d as _gaussian
+from _exact import rel_rms as _rel
 
 import scoresolve as ss
 from scoresolve.solvers.defaults import default_order
@@ -11,12 +13,6 @@ from scoresolve.solvers.defaults import default_order
 F64 = torch.float64
 
 
-def _gaussian():
-    return ss.GaussianMixture([1.0], [[1.0, -2.0, 0.5]], torch.tensor([[0.3, 0.05, 1.5]], dtype=F64))
-
-
-def _rel(x, ref):
-    return float((x - ref).square().mean().sqrt() / ref.square().mean().sqrt())
 
 
 def test_first_order_is_ddim():
