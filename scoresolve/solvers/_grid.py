@@ -15,6 +15,7 @@ E[x0 | x_T] ~ 0 (zero-mean data) and eps = x_T / sigma_T, saving one evaluation:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -22,6 +23,7 @@ import torch
 
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
+from ._affine import DRIFT, affine_coefficients, apply_affine, supports_affine
 from ._base import check_start, counted
 from ._solution import Solution, Trajectory
 from .errors import NonFiniteError
@@ -59,7 +61,8 @@ class FiniteGuard:
 
     `update` after each step with the new state and its time; `check` once at the end raises
     [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad, with the time each first did. Per step this
-    costs one reduction (a NaN or Inf anywhere in a sample makes its sum non-finite) and a [batch]-sized test.
+    costs one reduction (a NaN or Inf anywhere in a sample makes its sum non-finite); the [steps, batch] sums are
+    tested once, at the end.
     With ``keep_last`` it also keeps ``last``, the last finite state of every sample (one select per step): the grid
     run turns it on only to replay a solve that failed, so the error can carry the state (see `run_grid`).
     """
@@ -74,23 +77,28 @@ class FiniteGuard:
         self._acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
 
     def update(self, x: torch.Tensor, t: torch.Tensor | float) -> None:
-        ok = torch.isfinite(x.detach().flatten(1).sum(1, dtype=self._acc))
-        self.oks.append(ok)
+        total = x.detach().flatten(1).sum(1, dtype=self._acc)  # one kernel; finiteness is tested once, in `check`
+        self.oks.append(total)
         self.times.append(t)
         if self.last is not None:
-            self.good = self.good & ok
+            self.good = self.good & torch.isfinite(total)
             self.last = torch.where(bcast(self.good, x), x.detach(), self.last)
 
     def check(self) -> None:
         if not self.oks:
             return
-        oks = torch.stack(self.oks)  # [steps, batch]
+        oks = torch.isfinite(torch.stack(self.oks))  # [steps, batch]
         bad = ~oks.all(0)
         if not bool(bad.any()):
             return
         idx = bad.nonzero().flatten().tolist()
         first = (~oks[:, bad]).to(torch.uint8).argmax(0).tolist()
         raise NonFiniteError(self.solver, idx, [float(self.times[k]) for k in first], self.last)
+
+
+GRID_CACHE_SIZE = 64
+"""Most entries `GridRun.per_grid` keeps (least recently used dropped first)."""
+_GRID_CACHE: OrderedDict = OrderedDict()
 
 
 class GridRun:
@@ -113,6 +121,7 @@ class GridRun:
         self.options = options
         self.noise = Noise(x, generator, seeds)
         self.memory: dict[str, Any] = {}
+        self._coefs: dict[Any, Any] = {}  # prediction kind -> per-grid-point (cx, cp); (kind, t) -> off the grid
         self.stats: dict[str, Any] = dict(options)  # the resolved options, reported with the solution
         self.guard, self.traj = FiniteGuard(x, spec.name, keep_last), Trajectory(save_trajectory)
         self.traj.add(self.ts[0], x)
@@ -153,39 +162,111 @@ class GridRun:
 
     def at_lambda(self, lam: float) -> tuple[float, float, float, float]:
         """(t, alpha, sigma, lambda) at the time whose log-SNR is ``lam`` (lambda recomputed at that t)."""
-        t = self.sde.t_from_log_snr(torch.tensor([lam], dtype=torch.float64))
-        return float(t), float(self.sde.alpha(t)), float(self.sde.sigma(t)), float(self.sde.log_snr(t))
+        return self.at_lambdas([lam])[0]
+
+    def at_lambdas(self, lams: list[float]) -> list[tuple[float, float, float, float]]:
+        """`at_lambda` at several log-SNRs at once (one host evaluation of the schedule)."""
+        t = self.sde.t_from_log_snr(torch.tensor(lams, dtype=torch.float64))
+        cols = (t, self.sde.alpha(t), self.sde.sigma(t), self.sde.log_snr(t))
+        return list(zip(*(c.expand(t.shape).tolist() for c in cols)))
 
     # --- evaluations ------------------------------------------------------------------------------------------
+    # With the package's own process and model (`supports_affine`), a prediction at a known time is the network's
+    # output and x combined with host coefficients computed once per grid (`scoresolve.solvers._affine`): two
+    # kernels, no schedule evaluation per step. Otherwise the model's and the process's own methods are called.
     def time(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Grid time i as a ``[batch]`` tensor."""
-        return batch_t(self.ts[i], x)
+        return self.ts[i].expand(x.shape[0])
+
+    @cached_property
+    def affine(self) -> bool:
+        """Whether predictions use the per-grid host coefficients (see above)."""
+        return supports_affine(self.process, self.model)
+
+    def per_grid(self, name: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per (``name``, forward process, grid) and kept for later solves on the same grid
+        (the batches of a data set; an LRU of `GRID_CACHE_SIZE` entries). ``name`` must hold everything else the
+        result depends on (options, prediction, dtype). Host-side values only (floats, lists)."""
+        key = (name, self.sde, tuple(self.t))
+        try:
+            value = _GRID_CACHE.pop(key)
+        except KeyError:
+            value = build()
+        except TypeError:  # an unhashable process: no cache
+            return build()
+        _GRID_CACHE[key] = value
+        while len(_GRID_CACHE) > GRID_CACHE_SIZE:
+            _GRID_CACHE.popitem(last=False)
+        return value
+
+    def _grid_coefficients(self, kind: str) -> list[tuple[float, float]]:
+        coefs = self._coefs.get(kind)
+        if coefs is None:  # at the grid times as the network sees them (rounded to x's dtype)
+            def build() -> list[tuple[float, float]]:
+                cx, cp = affine_coefficients(self.process, self.model, kind, self.t64.to(self.ts.dtype))
+                return list(zip(cx, cp))
+
+            coefs = self._coefs[kind] = self.per_grid(
+                ("affine", kind, self.model.prediction, self.process.constant_scale, self.ts.dtype), build)
+        return coefs
+
+    def prefetch(self, kind: str, times: list[float]) -> None:
+        """Compute the coefficients of ``kind`` at the off-grid host times ``times`` at once (e.g. every stage time of
+        a Runge-Kutta solve), for `predict_at`."""
+        if not self.affine:
+            return
+        new = sorted({t for t in times if (kind, t) not in self._coefs})
+        if new:
+            cx, cp = affine_coefficients(self.process, self.model, kind,
+                                         torch.tensor(new, dtype=torch.float64).to(self.ts.dtype))
+            for t, a, b in zip(new, cx, cp):
+                self._coefs[(kind, t)] = (a, b)
+
+    def predict(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
+        """Prediction ``kind`` (score, eps, x0, v, flow, or ``"drift"``: the reverse process's) at grid point i."""
+        if not self.affine:
+            return self.proc.drift_at(x, self.time(i, x)) if kind == DRIFT else self.model.predict(x, self.time(i, x),
+                                                                                                      kind)
+        cx, cp = self._grid_coefficients(kind)[i]
+        return apply_affine(x, self.model.raw(x, self.time(i, x)), cx, cp)
+
+    def predict_at(self, x: torch.Tensor, t: float, kind: str) -> torch.Tensor:
+        """Prediction ``kind`` (as `predict`) at an off-grid time t (a Python float: no host-device transfer)."""
+        tb = batch_t(t, x)
+        if not self.affine:
+            return self.proc.drift_at(x, tb) if kind == DRIFT else self.model.predict(x, tb, kind)
+        if (kind, t) not in self._coefs:
+            self.prefetch(kind, [t])
+        cx, cp = self._coefs[(kind, t)]
+        return apply_affine(x, self.model.raw(x, tb), cx, cp)
 
     def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.model(x, self.time(i, x))
+        return self.predict(x, i, "score")
 
     def x0(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Data prediction at grid point i (with ``afs``, analytic and free at i = 0)."""
         if i == 0 and self.options.get("afs"):
             return torch.zeros_like(x)
-        return self.model.x0(x, self.time(i, x))
+        return self.predict(x, i, "x0")
 
     def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Noise prediction at grid point i (with ``afs``, analytic and free at i = 0)."""
         if i == 0 and self.options.get("afs"):
             return x / self.sigma[0]
-        return self.model.eps(x, self.time(i, x))
+        return self.predict(x, i, "eps")
 
     def eps_at(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Noise prediction at an off-grid time t (a Python float: no host-device transfer)."""
-        return self.model.eps(x, batch_t(t, x))
+        return self.predict_at(x, t, "eps")
 
-    def drift_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The reverse process's drift at ``[batch]`` times t."""
+    def drift_at(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The reverse process's drift at the time t: ``[batch]`` times, or a host float (then as `predict_at`)."""
+        if not torch.is_tensor(t):
+            return self.predict_at(x, float(t), DRIFT)
         return self.proc.drift_at(x, t)
 
     def drift(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.drift_at(x, self.time(i, x))
+        return self.predict(x, i, DRIFT)
 
     def normal(self, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
         """N(0, I) like x for step i (with seeds: a function of each sample's seed, i and ``stream`` only)."""

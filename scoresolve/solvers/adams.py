@@ -140,8 +140,8 @@ def ipndm_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     order = run.options["order"]
     hist = _push_eps(run, x, i, order)
     q = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
-    d = sum(w * e for w, e in zip(AB_WEIGHTS[q], hist))
-    return (a[i + 1] / a[i]) * x + (a[i + 1] * (rho[i + 1] - rho[i])) * d
+    c = a[i + 1] * (rho[i + 1] - rho[i])
+    return _combine(x, a[i + 1] / a[i], [c * w for w in AB_WEIGHTS[q]], hist)
 
 
 def deis_weights(run: GridRun, i: int, q: int) -> list[float]:
@@ -217,9 +217,22 @@ def deis_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     a = run.alpha
     order = run.options["order"]
     hist = _push_eps(run, x, i, order)
-    q = multistep_order(order, i, run.steps, run.options["lower_order_final"], run.start)
-    cs = deis_weights(run, i, q)
-    return (a[i + 1] / a[i]) * x + a[i + 1] * sum(c * e for c, e in zip(cs, hist))
+    cs = _deis_grid_weights(run)[i]
+    return _combine(x, a[i + 1] / a[i], [a[i + 1] * c for c in cs], hist)
+
+
+def _deis_grid_weights(run: GridRun) -> list[list[float] | None]:
+    """`deis_weights` of every step of the grid (None before ``run.start``), computed once per grid."""
+    ws = run.memory.get("deis_weights")
+    if ws is None:
+        o = run.options
+
+        def build() -> list[list[float] | None]:
+            return [deis_weights(run, k, multistep_order(o["order"], k, run.steps, o["lower_order_final"], run.start))
+                    if k >= run.start else None for k in range(run.steps)]
+
+        ws = run.memory["deis_weights"] = run.per_grid(("deis", o["basis"], o["order"], o["lower_order_final"]), build)
+    return ws
 
 
 def _flow_vars(run: GridRun) -> list[float]:

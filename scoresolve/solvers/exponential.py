@@ -175,7 +175,7 @@ def dpm_solver_2_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     warn_coarse_singlestep(run, i)
     a, s, lam, r1 = run.alpha, run.sigma, run.lam, run.options["r1"]
     h = lam[i + 1] - lam[i]
-    t1, a1, s1, l1 = run.at_lambda(lam[i] + r1 * h)
+    t1, a1, s1, l1 = inner_points(run, (r1,))[0][i]
     h1 = l1 - lam[i]
     e0 = run.eps(x, i)
     u1 = (a1 / a[i]) * x - (s1 * math.expm1(h1)) * e0  # DPM-Solver-1 to s1
@@ -194,8 +194,9 @@ def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     a, s, lam = run.alpha, run.sigma, run.lam
     r1, r2 = run.options["r1"], run.options["r2"]
     h = lam[i + 1] - lam[i]
-    t1, a1, s1, l1 = run.at_lambda(lam[i] + r1 * h)
-    t2, a2, s2, l2 = run.at_lambda(lam[i] + r2 * h)
+    first, second = inner_points(run, (r1, r2))
+    t1, a1, s1, l1 = first[i]
+    t2, a2, s2, l2 = second[i]
     h1, h2 = l1 - lam[i], l2 - lam[i]
     e0 = run.eps(x, i)
     u1 = (a1 / a[i]) * x - (s1 * math.expm1(h1)) * e0
@@ -206,6 +207,22 @@ def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - (s_t/r2) ((e^h - 1)/h - 1) D2
     c2 = s[i + 1] * (h / h2) * (math.expm1(h) / h - 1)
     return (a[i + 1] / a[i]) * x - (s[i + 1] * math.expm1(h)) * e0 - c2 * d2
+
+
+def inner_points(run: GridRun, rs: tuple[float, ...]) -> list[list[tuple[float, float, float, float]]]:
+    """For each r in ``rs``, (t, alpha, sigma, lambda) at lambda_i + r h_i for every step i of the grid: computed
+    once per grid on the host (`GridRun.per_grid`), with the noise-prediction coefficients there (`GridRun.prefetch`)
+    on the first step of each solve."""
+    pts = run.memory.get("inner")
+    if pts is None:
+        lam = run.lam
+
+        def build() -> list[list[tuple[float, float, float, float]]]:
+            return [run.at_lambdas([lam[k] + r * (lam[k + 1] - lam[k]) for k in range(run.steps)]) for r in rs]
+
+        pts = run.memory["inner"] = run.per_grid(("inner_points", rs), build)
+        run.prefetch("eps", [p[0] for row in pts for p in row])
+    return pts
 
 
 COARSE_LOGSNR_STEP = 1.5

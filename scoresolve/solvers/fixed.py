@@ -9,22 +9,37 @@ from __future__ import annotations
 
 import torch
 
-from ._grid import GridRun, batch_t
+from ._grid import GridRun
 from ._registry import ReverseProcess, SolverSpec, register, require_ode
 from .tableaux import EULER, HEUN, RK4, ButcherTableau
 
 
 def rk_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """One explicit RK step of ``tab`` from t = run.t[i] to run.t[i + 1] (h < 0: backwards in time)."""
-    t0, h = run.t[i], run.t[i + 1] - run.t[i]  # host floats: no device sync, float64 coefficients
+    h = run.t[i + 1] - run.t[i]  # host floats: no device sync, float64 coefficients
     k: list[torch.Tensor] = []
     for s in range(tab.stages):
         xs = x
         for j, aij in enumerate(tab.a[s - 1] if s else ()):
             if aij:
-                xs = xs + (h * aij) * k[j]
-        k.append(run.drift_at(xs, run.time(i, x) if s == 0 else batch_t(t0 + tab.c[s] * h, x)))
-    return x + h * sum(bs * ks for bs, ks in zip(tab.b, k))
+                xs = xs.add(k[j], alpha=h * aij) if xs is not x else torch.add(x, k[j], alpha=h * aij)
+        k.append(run.drift(x, i) if s == 0 else run.drift_at(xs, stage_time(tab, run, i, s)))
+    out = x
+    for bs, ks in zip(tab.b, k):
+        if bs:
+            out = torch.add(out, ks, alpha=h * bs) if out is x else out.add_(ks, alpha=h * bs)
+    return out
+
+
+def stage_time(tab: ButcherTableau, run: GridRun, i: int, s: int) -> float:
+    """The host time of stage s > 0 of step i: the next grid time itself where c_s = 1 (its own coefficients)."""
+    c = tab.c[s]
+    return run.t[i + 1] if c == 1.0 else run.t[i] + c * (run.t[i + 1] - run.t[i])
+
+
+def prefetch_stages(tab: ButcherTableau, run: GridRun) -> None:
+    """The drift coefficients at every off-grid stage time of the solve, computed at once on the host."""
+    run.prefetch("drift", [stage_time(tab, run, i, s) for i in range(run.steps) for s in range(1, tab.stages)])
 
 
 NOISY = 10.0  # sigma / alpha above which the data's own spread (scale ~1) is negligible next to the noise
@@ -56,31 +71,40 @@ def check_stability(tab: ButcherTableau, run: GridRun) -> None:
     sde = run.sde
     if sde.velocity_form or not sde.gaussian_kernel:  # f, g^2 diverge at alpha = 0 / no (alpha, sigma) to check
         return
-
-    def rate(t: float) -> float:
-        tt = torch.tensor([t], dtype=torch.float64)
-        return float(sde.f(tt) + sde.g2(tt) / (2 * sde.sigma(tt) ** 2))
-
-    for i in range(run.steps):
-        if not run.sigma[i] >= NOISY * run.alpha[i]:
-            break  # the noisy part of the grid is its start
+    found = run.per_grid(("stability", tab.name), lambda: _first_unstable(tab, run))
+    if found is not None:
+        i, amp, j0 = found
         t0, h = run.t[i], run.t[i + 1] - run.t[i]
-        j0 = rate(t0)
-        amp = stability_function(tab, h * j0)  # R(h J(t0)): J at the noisy start (VE: J is constant)
+        raise ValueError(
+            f"{tab.name} is unstable on this grid: step {i} (t {t0:.4g} -> {run.t[i + 1]:.4g}, sigma/alpha "
+            f"{run.sigma[i] / run.alpha[i]:.3g}) multiplies the noise by {amp:.3g} where the PF-ODE multiplies it "
+            f"by sigma ratio {run.sigma[i + 1] / run.sigma[i]:.3g} (its linear part, rate J = f + g^2/(2 sigma^2) "
+            f"= {j0:.3g} for {sde!r}, h*J = {h * j0:.3g}): the step amplifies what it should damp. "
+            "Use more steps, a grid with shorter steps at high noise, or an exponential integrator (ddim, "
+            "dpmpp_2m, unipc: exact in the linear part)"
+        )
+
+
+def _first_unstable(tab: ButcherTableau, run: GridRun) -> tuple[int, float, float] | None:
+    """(step, R(h J), J) of the first noisy step where |R(h J(t0))| > 1, or None; J on every noisy step at once."""
+    noisy = 0
+    while noisy < run.steps and run.sigma[noisy] >= NOISY * run.alpha[noisy]:
+        noisy += 1  # the noisy part of the grid is its start
+    if noisy == 0:
+        return None
+    sde, t0 = run.sde, run.t64[:noisy]
+    rates = (sde.f(t0) + sde.g2(t0) / (2 * sde.sigma(t0) ** 2)).expand(t0.shape).tolist()
+    for i, j0 in enumerate(rates):
+        amp = stability_function(tab, (run.t[i + 1] - run.t[i]) * j0)  # R(h J(t0)): J at the noisy start
         if not abs(amp) <= 1.0:
-            raise ValueError(
-                f"{tab.name} is unstable on this grid: step {i} (t {t0:.4g} -> {run.t[i + 1]:.4g}, sigma/alpha "
-                f"{run.sigma[i] / run.alpha[i]:.3g}) multiplies the noise by {amp:.3g} where the PF-ODE multiplies it "
-                f"by sigma ratio {run.sigma[i + 1] / run.sigma[i]:.3g} (its linear part, rate J = f + g^2/(2 sigma^2) "
-                f"= {rate(t0):.3g} for {sde!r}, h*J = {h * rate(t0):.3g}): the step amplifies what it should damp. "
-                "Use more steps, a grid with shorter steps at high noise, or an exponential integrator (ddim, "
-                "dpmpp_2m, unipc: exact in the linear part)"
-            )
+            return i, amp, j0
+    return None
 
 
 def _checked_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     if i == 0:
         check_stability(tab, run)  # before the first network evaluation
+        prefetch_stages(tab, run)
     return rk_step(tab, run, x, i)
 
 

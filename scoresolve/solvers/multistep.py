@@ -8,6 +8,7 @@ sigma_t int e^{lambda} x0 dlambda, with x0 along lambda extrapolated from the pr
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -66,13 +67,15 @@ def dpmpp_2m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     a, s, lam = run.alpha, run.sigma, run.lam
     h = lam[i + 1] - lam[i]
     m = run.x0(x, i)
+    e = a[i + 1] * math.expm1(-h)
+    # x_t = (s_t/s_s) x + a_t (1 - e^{-h}) D, D = (1 + 1/(2r)) m0 - 1/(2r) m1 (Algorithm 2): one fused chain
     if multistep_order(2, i, run.steps, run.options["lower_order_final"], run.start) == 1:
-        d = m
+        x_new = torch.add(x * (s[i + 1] / s[i]), m, alpha=-e)
     else:
         w0, w1 = dpmpp_2m_weights((lam[i] - lam[i - 1]) / h)
-        d = w0 * m - w1 * run.memory["m"]  # Algorithm 2: D = (1 + 1/(2r)) m0 - 1/(2r) m1
+        x_new = torch.add(x * (s[i + 1] / s[i]), m, alpha=-e * w0).add_(run.memory["m"], alpha=e * w1)
     run.memory["m"] = m
-    return (s[i + 1] / s[i]) * x - (a[i + 1] * math.expm1(-h)) * d  # x_t = (s_t/s_s) x + a_t (1 - e^{-h}) D
+    return x_new
 
 
 def dpmpp_3m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -92,18 +95,24 @@ def dpmpp_3m_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     h = lam[i + 1] - lam[i]
     ms = run.memory["ms"] = (run.memory.get("ms", []) + [run.x0(x, i)])[-3:]
     q = multistep_order(3, i, run.steps, run.options["lower_order_final"], run.start)
-    x_new = (s[i + 1] / s[i]) * x - (a[i + 1] * math.expm1(-h)) * ms[-1]
+    c0 = -a[i + 1] * math.expm1(-h)
+    # d0 = (m0 - m1) / h0 (first divided difference), p2 = (d0 - (m1 - m2) / h1) / (h0 + h1) (second: p''/2),
+    # slope = d0 + h0 p2 (p'(lambda_s) of the Newton quadratic); x_t = ... + c2 slope + c3 p2, expanded into
+    # weights on m0, m1, m2 and applied as one chain of fused multiply-adds
+    weights = [c0]
     if q >= 2:
         h0 = lam[i] - lam[i - 1]
-        d0 = (ms[-1] - ms[-2]) / h0  # first divided difference
-        slope = d0
-        if q == 3:
+        c2 = a[i + 1] * h**2 * phi(2, -h)
+        if q == 2:
+            weights = [c0 + c2 / h0, -c2 / h0]
+        else:
             h1 = lam[i - 1] - lam[i - 2]
-            p2 = (d0 - (ms[-2] - ms[-3]) / h1) / (h0 + h1)  # second divided difference = p''/2
-            slope = d0 + h0 * p2  # p'(lambda_s) of the Newton quadratic
-            x_new = x_new + (2 * a[i + 1] * h**3 * phi(3, -h)) * p2
-        x_new = x_new + (a[i + 1] * h**2 * phi(2, -h)) * slope
-    return x_new
+            P = (c2 * h0 + 2 * a[i + 1] * h**3 * phi(3, -h)) / (h0 + h1)  # the factor of p2 = (d0 - d1)/(h0 + h1)
+            weights = [c0 + (c2 + P) / h0, -(c2 + P) / h0 - P / h1, P / h1]
+    out = torch.add(x * (s[i + 1] / s[i]), ms[-1], alpha=weights[0])
+    for w, m in zip(weights[1:], ms[-2::-1]):
+        out.add_(m, alpha=w)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,13 +123,19 @@ def unipc_weights(rs: list[float], h: float) -> list[float]:
 
     With one unknown UniPC-bh2 uses a = 1/2 (this makes UniP-2 exactly DPM-Solver++(2M)).
     """
+    return list(_unipc_weights(tuple(rs), h))
+
+
+@lru_cache(maxsize=4096)
+def _unipc_weights(rs: tuple[float, ...], h: float) -> tuple[float, ...]:
+    """`unipc_weights`, cached: every solve on the same grid reuses them (host float64 solve)."""
     if len(rs) == 1:
-        return [0.5]
+        return (0.5,)
     B = -math.expm1(-h)
     K = len(rs)
     R = torch.tensor([[r ** (k - 1) for r in rs] for k in range(1, K + 1)], dtype=torch.float64)
     g = torch.tensor([math.factorial(k) * h * phi(k + 1, -h) / B for k in range(1, K + 1)], dtype=torch.float64)
-    return torch.linalg.solve(R, g).tolist()
+    return tuple(torch.linalg.solve(R, g).tolist())
 
 
 def unipc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -164,26 +179,34 @@ def unipc_predict(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     l0, m0 = hist[-1]
     prev = hist[-p:-1]
     rs = [(lm - l0) / h for lm, _ in prev]
-    ds = [(m - m0) / r for (_, m), r in zip(prev, rs)]
     aB = -a[i + 1] * math.expm1(-h)  # a_t B(h)
-    x_base = (s[i + 1] / s[i]) * x + aB * m0
-    run.memory["unic"] = (x_base, aB, rs, ds, m0)
-    if ds:
-        return x_base + aB * sum(w * d for w, d in zip(unipc_weights(rs, h), ds))
-    return x_base
+    ratio = s[i + 1] / s[i]
+    run.memory["unic"] = (x, ratio, aB, rs, [m for _, m in prev], m0)
+    return _unipc_combine(x, ratio, aB, unipc_weights(rs, h) if rs else [], rs, [m for _, m in prev], m0)
+
+
+def _unipc_combine(x: torch.Tensor, ratio: float, aB: float, ws: list[float], rs: list[float],
+                   ms: list[torch.Tensor], m0: torch.Tensor) -> torch.Tensor:
+    """ratio x + aB m0 + aB sum_m w_m (m_m - m0) / r_m, expanded as one chain of fused multiply-adds:
+    ratio x + aB (1 - sum_m w_m / r_m) m0 + sum_m (aB w_m / r_m) m_m."""
+    cs = [aB * w / r for w, r in zip(ws, rs)]
+    out = torch.add(x * ratio, m0, alpha=aB - sum(cs))
+    for c, m in zip(cs, ms):
+        out.add_(m, alpha=c)
+    return out
 
 
 def unipc_correct(run: GridRun, i: int, m_new: torch.Tensor) -> torch.Tensor:
     """UniC-p of step i (after `unipc_predict`) with ``m_new``, the x0 prediction at the predicted point: the same
     update with the new prediction appended at r = 1; ``m_new`` joins the history."""
     lam, order = run.lam, run.options["order"]
-    x_base, aB, rs, ds, m0 = run.memory.pop("unic")
+    x, ratio, aB, rs, ms, m0 = run.memory.pop("unic")
     if i < run.start:  # a step from lambda = -inf: no corrector (its weights assume a finite h)
         run.memory["hist"] = [(lam[i + 1], m_new)]
-        return x_base  # the predictor from lambda = -inf has no history: x_pred = x_base
+        return torch.add(x * ratio, m0, alpha=aB)  # the predictor from lambda = -inf has no history
     ws = unipc_weights(rs + [1.0], lam[i + 1] - lam[i])
     run.memory["hist"] = (run.memory["hist"] + [(lam[i + 1], m_new)])[-order:]
-    return x_base + aB * sum(w * d for w, d in zip(ws, ds + [m_new - m0]))
+    return _unipc_combine(x, ratio, aB, ws, rs + [1.0], ms + [m_new], m0)
 
 
 def _unipc_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
@@ -211,11 +234,16 @@ def dpmpp_2m_sde_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     h = lam[i + 1] - lam[i]
     m = run.x0(x, i)
     m_prev = run.memory.get("m")
-    d = m if m_prev is None else m + ((m - m_prev) * (h / (2 * (lam[i] - lam[i - 1]))))
+    c = -a[i + 1] * math.expm1(-(1 + e) * h)
+    x_new = x * (s[i + 1] / s[i] * math.exp(-e * h))
+    if m_prev is None:
+        x = x_new.add_(m, alpha=c)
+    else:  # D = m + (m - m_prev) h / (2 h_prev), expanded into one chain of fused multiply-adds
+        w = h / (2 * (lam[i] - lam[i - 1]))
+        x = x_new.add_(m, alpha=c * (1 + w)).add_(m_prev, alpha=-c * w)
     run.memory["m"] = m
-    x = (s[i + 1] / s[i] * math.exp(-e * h)) * x - (a[i + 1] * math.expm1(-(1 + e) * h)) * d
     if e > 0:
-        x = x + (s[i + 1] * math.sqrt(-math.expm1(-2 * e * h))) * run.normal(x, i)
+        x = x.add_(run.normal(x, i), alpha=s[i + 1] * math.sqrt(-math.expm1(-2 * e * h)))
     return x
 
 
