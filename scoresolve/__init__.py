@@ -22,10 +22,13 @@ from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
 from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
 from .solvers import NonFiniteError, Solution, time_grid
+from .solvers.captured import CompiledSampler, compile_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledSampler",
+    "compile_sampler",
     "CosineVPSDE",
     "DiscreteVPSDE",
     "EDMSDE",

@@ -142,21 +142,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         else:
             if rtol is not None or atol is not None:
                 raise ValueError(f"solver {solver!r} runs on a time grid: give nfe or steps, not rtol/atol")
-            if torch.is_tensor(grid):
-                if shift is not None:
-                    raise ValueError("shift applies to a named grid, not to an explicit grid tensor")
-                ts = check_grid(grid.to(torch.float64), sde.T)
-                if steps is not None or nfe is not None:
-                    raise ValueError("give either an explicit grid tensor or steps/nfe, not both")
-            else:
-                if steps is None:
-                    steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
-                elif steps < spec.min_steps:
-                    raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                kind = grid or default_grid(spec.default_grid, sde)
-                if kind.split(":")[0] in LOG_SNR_GRIDS:
-                    check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
-                ts = time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+            ts = grid_times(spec, sde, nfe, steps, grid, shift, t_eps, options)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:
@@ -173,6 +159,27 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
+
+
+def grid_times(spec, sde: ForwardSDE, nfe: int | None, steps: int | None, grid: str | torch.Tensor | None,
+               shift: float | None, t_eps: float, options: dict) -> torch.Tensor:
+    """The float64 time grid of a grid solver's run, as `sample` chooses it from ``nfe`` / ``steps`` / ``grid``."""
+    solver = spec.name
+    if torch.is_tensor(grid):
+        if shift is not None:
+            raise ValueError("shift applies to a named grid, not to an explicit grid tensor")
+        ts = check_grid(grid.to(torch.float64), sde.T)
+        if steps is not None or nfe is not None:
+            raise ValueError("give either an explicit grid tensor or steps/nfe, not both")
+        return ts
+    if steps is None:
+        steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
+    elif steps < spec.min_steps:
+        raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
+    kind = grid or default_grid(spec.default_grid, sde)
+    if kind.split(":")[0] in LOG_SNR_GRIDS:
+        check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
+    return time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
 
 
 def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[str, dict, Any]:

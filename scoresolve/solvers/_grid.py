@@ -122,6 +122,7 @@ class GridRun:
         self.noise = Noise(x, generator, seeds)
         self.memory: dict[str, Any] = {}
         self._coefs: dict[Any, Any] = {}  # prediction kind -> per-grid-point (cx, cp); (kind, t) -> off the grid
+        self._times: dict[float, torch.Tensor] = {}  # off-grid host time -> its [batch] tensor
         self.stats: dict[str, Any] = dict(options)  # the resolved options, reported with the solution
         self.guard, self.traj = FiniteGuard(x, spec.name, keep_last), Trajectory(save_trajectory)
         self.traj.add(self.ts[0], x)
@@ -130,6 +131,14 @@ class GridRun:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.steps, desc="sampling", unit="step")
+
+    def reset(self, x: torch.Tensor) -> None:
+        """Forget one solve's device state (histories, guard, trajectory, count) but keep what was computed on the host
+        (the schedule, coefficients, weights: everything in ``memory`` that holds no tensor), so that a solve can be
+        recorded (`scoresolve.solvers.captured`) with no host computation left inside the step loop."""
+        self.memory = {k: v for k, v in self.memory.items() if not _holds_tensor(v)}
+        self.guard, self.traj = FiniteGuard(x, self.name), Trajectory(False)
+        self.counter.calls = 0
 
     # --- the schedule on the grid, as Python floats (computed once, on the host) ------------------------------
     @cached_property
@@ -210,17 +219,25 @@ class GridRun:
                 ("affine", kind, self.model.prediction, self.process.constant_scale, self.ts.dtype), build)
         return coefs
 
-    def prefetch(self, kind: str, times: list[float]) -> None:
+    def prefetch(self, kind: str, times: list[float], key: tuple | None = None) -> None:
         """Compute the coefficients of ``kind`` at the off-grid host times ``times`` at once (e.g. every stage time of
-        a Runge-Kutta solve), for `predict_at`."""
+        a Runge-Kutta solve), for `predict_at`. With ``key`` (naming how ``times`` follow from the grid) they are
+        kept for later solves on the same grid (`per_grid`)."""
         if not self.affine:
             return
-        new = sorted({t for t in times if (kind, t) not in self._coefs})
-        if new:
+
+        def build() -> dict:
+            new = sorted(set(times))
             cx, cp = affine_coefficients(self.process, self.model, kind,
                                          torch.tensor(new, dtype=torch.float64).to(self.ts.dtype))
-            for t, a, b in zip(new, cx, cp):
-                self._coefs[(kind, t)] = (a, b)
+            return {(kind, t): (a, b) for t, a, b in zip(new, cx, cp)}
+
+        if key is None:
+            if any((kind, t) not in self._coefs for t in times):
+                self._coefs.update(build())
+            return
+        self._coefs.update(self.per_grid(("affine_at", key, kind, self.model.prediction, self.process.constant_scale,
+                                          self.ts.dtype), build))
 
     def predict(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
         """Prediction ``kind`` (score, eps, x0, v, flow, or ``"drift"``: the reverse process's) at grid point i."""
@@ -232,7 +249,9 @@ class GridRun:
 
     def predict_at(self, x: torch.Tensor, t: float, kind: str) -> torch.Tensor:
         """Prediction ``kind`` (as `predict`) at an off-grid time t (a Python float: no host-device transfer)."""
-        tb = batch_t(t, x)
+        tb = self._times.get(t)
+        if tb is None or tb.shape[0] != x.shape[0]:
+            tb = self._times[t] = batch_t(t, x)
         if not self.affine:
             return self.proc.drift_at(x, tb) if kind == DRIFT else self.model.predict(x, tb, kind)
         if (kind, t) not in self._coefs:
@@ -289,6 +308,16 @@ class GridRun:
         tr_ts, tr_xs = self.traj.result()
         return Solution(x=x, nfe=self.counter.calls, steps=self.steps, t=batch_t(self.ts[-1], x), ts=tr_ts,
                         xs=tr_xs, solver=self.name, stats=dict(self.stats))
+
+
+def _holds_tensor(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
 
 
 def run_grid(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,

@@ -178,11 +178,12 @@ def dpm_solver_2_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     t1, a1, s1, l1 = inner_points(run, (r1,))[0][i]
     h1 = l1 - lam[i]
     e0 = run.eps(x, i)
-    u1 = (a1 / a[i]) * x - (s1 * math.expm1(h1)) * e0  # DPM-Solver-1 to s1
+    u1 = torch.add(x * (a1 / a[i]), e0, alpha=-s1 * math.expm1(h1))  # DPM-Solver-1 to s1
     e1 = run.eps_at(u1, t1)
-    # Algorithm 1: x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - s_t/(2 r1) (e^h - 1) (e1 - e0)
+    # Algorithm 1: x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - s_t/(2 r1) (e^h - 1) (e1 - e0), as fused multiply-adds
     c = s[i + 1] * math.expm1(h)
-    return (a[i + 1] / a[i]) * x - c * e0 - (c * h / (2 * h1)) * (e1 - e0)
+    c1 = c * h / (2 * h1)
+    return torch.add(x * (a[i + 1] / a[i]), e0, alpha=c1 - c).add_(e1, alpha=-c1)
 
 
 def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -199,14 +200,15 @@ def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     t2, a2, s2, l2 = second[i]
     h1, h2 = l1 - lam[i], l2 - lam[i]
     e0 = run.eps(x, i)
-    u1 = (a1 / a[i]) * x - (s1 * math.expm1(h1)) * e0
-    d1 = run.eps_at(u1, t1) - e0
-    # Algorithm 2: u2 = (a_2/a_s) x - s_2 (e^{r2 h} - 1) e0 - s_2 (r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) D1
-    u2 = (a2 / a[i]) * x - (s2 * math.expm1(h2)) * e0 - (s2 * (h2 / h1) * (math.expm1(h2) / h2 - 1)) * d1
-    d2 = run.eps_at(u2, t2) - e0
-    # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - (s_t/r2) ((e^h - 1)/h - 1) D2
+    u1 = torch.add(x * (a1 / a[i]), e0, alpha=-s1 * math.expm1(h1))
+    e1 = run.eps_at(u1, t1)
+    # Algorithm 2: u2 = (a_2/a_s) x - s_2 (e^{r2 h} - 1) e0 - s_2 (r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) D1, D1 = e1 - e0
+    c1 = s2 * (h2 / h1) * (math.expm1(h2) / h2 - 1)
+    u2 = torch.add(x * (a2 / a[i]), e0, alpha=c1 - s2 * math.expm1(h2)).add_(e1, alpha=-c1)
+    e2 = run.eps_at(u2, t2)
+    # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - (s_t/r2) ((e^h - 1)/h - 1) D2, D2 = e2 - e0
     c2 = s[i + 1] * (h / h2) * (math.expm1(h) / h - 1)
-    return (a[i + 1] / a[i]) * x - (s[i + 1] * math.expm1(h)) * e0 - c2 * d2
+    return torch.add(x * (a[i + 1] / a[i]), e0, alpha=c2 - s[i + 1] * math.expm1(h)).add_(e2, alpha=-c2)
 
 
 def inner_points(run: GridRun, rs: tuple[float, ...]) -> list[list[tuple[float, float, float, float]]]:
@@ -221,7 +223,7 @@ def inner_points(run: GridRun, rs: tuple[float, ...]) -> list[list[tuple[float, 
             return [run.at_lambdas([lam[k] + r * (lam[k + 1] - lam[k]) for k in range(run.steps)]) for r in rs]
 
         pts = run.memory["inner"] = run.per_grid(("inner_points", rs), build)
-        run.prefetch("eps", [p[0] for row in pts for p in row])
+        run.prefetch("eps", [p[0] for row in pts for p in row], key=("inner_points", rs))
     return pts
 
 

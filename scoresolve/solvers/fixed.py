@@ -23,7 +23,10 @@ def rk_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch
         for j, aij in enumerate(tab.a[s - 1] if s else ()):
             if aij:
                 xs = xs.add(k[j], alpha=h * aij) if xs is not x else torch.add(x, k[j], alpha=h * aij)
-        k.append(run.drift(x, i) if s == 0 else run.drift_at(xs, stage_time(tab, run, i, s)))
+        if s == 0 or tab.c[s] == 1.0:  # stages at grid times use the per-grid coefficients
+            k.append(run.drift(xs, i if s == 0 else i + 1))
+        else:
+            k.append(run.drift_at(xs, stage_time(tab, run, i, s)))
     out = x
     for bs, ks in zip(tab.b, k):
         if bs:
@@ -32,14 +35,14 @@ def rk_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch
 
 
 def stage_time(tab: ButcherTableau, run: GridRun, i: int, s: int) -> float:
-    """The host time of stage s > 0 of step i: the next grid time itself where c_s = 1 (its own coefficients)."""
-    c = tab.c[s]
-    return run.t[i + 1] if c == 1.0 else run.t[i] + c * (run.t[i + 1] - run.t[i])
+    """The host time of stage s > 0 of step i (off the grid: 0 < c_s < 1)."""
+    return run.t[i] + tab.c[s] * (run.t[i + 1] - run.t[i])
 
 
 def prefetch_stages(tab: ButcherTableau, run: GridRun) -> None:
     """The drift coefficients at every off-grid stage time of the solve, computed at once on the host."""
-    run.prefetch("drift", [stage_time(tab, run, i, s) for i in range(run.steps) for s in range(1, tab.stages)])
+    run.prefetch("drift", [stage_time(tab, run, i, s) for i in range(run.steps) for s in range(1, tab.stages)
+                           if tab.c[s] != 1.0], key=("rk_stages", tab.name))
 
 
 NOISY = 10.0  # sigma / alpha above which the data's own spread (scale ~1) is negligible next to the noise

@@ -1,0 +1,178 @@
+"""An opt-in recorded fixed-grid solve: the step loop captured once and replayed (`compile_sampler`).
+
+On a fixed grid every step coefficient is a host float known before the solve (`scoresolve.solvers._grid`), the
+histories are tensors of fixed shapes and the loop makes no host-device synchronisation (tests/test_syncs.py), so
+for a given input shape the whole solve, network included, is one static program. `compile_sampler` builds the run
+once, runs it eagerly once (filling every host cache: schedule, coefficients, weights), forgets the device state
+(`GridRun.reset`) and records the loop:
+
+- ``mode="cuda_graph"`` (on CUDA): `torch.cuda.graph` captures the loop; a call copies x_T into the static input,
+  replays the graph and clones the static output. Not yet measured on a GPU (benchmarks/gpu_run.sh measures it).
+- ``mode="compile"``: `make_fx` traces the loop into one flat graph of tensor operations (the host floats become
+  constants) and `torch.compile` (inductor) compiles it; on CUDA ``compile_mode="reduce-overhead"`` adds CUDA graphs.
+- ``mode="eager"``: the same recorded run, replayed as Python (the reference the other modes are tested against).
+- ``mode="auto"``: ``cuda_graph`` on CUDA, ``eager`` elsewhere (``compile`` unrolls the whole solve, network
+  included, into one graph: its compile time grows with the NFE and the network's size; ask for it explicitly).
+
+A capture or compile that fails (a network that synchronises, data-dependent shapes, a backend error) falls back to
+``eager`` with a warning naming the reason. Every call checks the result for non-finite samples (one
+synchronisation); a solve that ends non-finite is re-run by `sample` to raise its
+[`NonFiniteError`][scoresolve.NonFiniteError] with the details. Only deterministic solves are recorded (no noise:
+a generator's state would be frozen into the recording), without callback, progress bar or trajectory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..score import ScoreModel
+from ..sde import ForwardSDE
+from ._grid import GridRun
+from ._registry import REGISTRY
+from ._solution import Solution
+
+MODES = ("auto", "cuda_graph", "compile", "eager")
+
+
+class CompiledSampler:
+    """A recorded grid solve for inputs shaped like ``example`` (see the module docstring); call it with x_T.
+
+    ``mode`` is the mode asked for, ``active`` the one in use (after any fallback), ``fallback_reason`` why it fell
+    back (None if it did not), ``nfe`` the network evaluations per sample of one call, ``ts`` the float64 grid.
+    """
+
+    def __init__(self, score: Callable | ScoreModel, sde: ForwardSDE, example: torch.Tensor, *,
+                 solver: str | None = None, nfe: int | None = None, steps: int | None = None,
+                 grid: str | torch.Tensor | None = None, shift: float | None = None, t_eps: float = 1e-3,
+                 mode: str = "auto", compile_mode: str | None = None, **options: Any) -> None:
+        from ..sampling import _default_sampler, grid_times
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not (0 < t_eps < sde.T):
+            raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+        self.score, self.sde = score, sde
+        model = ScoreModel.wrap(score, sde)
+        if solver is None:
+            solver, options, grid = _default_sampler(nfe, steps, grid, None, dict(options), model.prediction)
+        if solver not in REGISTRY or REGISTRY[solver].kind != "grid":
+            grid_solvers = sorted(n for n, s in REGISTRY.items() if s.kind == "grid")
+            raise ValueError(f"compile_sampler records a grid solver, got {solver!r}; grid solvers: {grid_solvers}")
+        spec = self.spec = REGISTRY[solver]
+        spec.check_options(options)
+        spec.check_process(sde, options, None)
+        process = sde.reverse(model, spec.default_diffusion)
+        if not process.is_ode or spec.draws_noise({**spec.options, **options}):
+            raise ValueError(f"compile_sampler records deterministic solves only; solver {solver!r} draws noise "
+                             "(its generator state would be frozen into the recording): use sample()")
+        self.ts = grid_times(spec, sde, nfe, steps, grid, shift, t_eps, options)
+        self.options = spec.resolve(process, options, int(self.ts.numel()) - 1)
+        self._sample_kw = dict(solver=solver, grid=self.ts, **options)
+        self.shape, self.dtype, self.device = example.shape, example.dtype, example.device
+        self.mode, self.compile_mode, self.fallback_reason = mode, compile_mode, None
+        with torch.no_grad():
+            x = example.detach().clone()
+            self.run = GridRun(spec, process, x, self.ts.to(device=x.device), self.options)
+            self._loop(x)  # eager: fills the host caches (and warms the network up)
+            self.nfe = self.run.counter.calls
+            active = ("cuda_graph" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
+            self.active = self._record(active, x)
+
+    # --- recording ------------------------------------------------------------------------------------------
+    def _loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step loop on ``self.run`` (after `GridRun.reset`): the final state and the guard's [steps, batch]
+        per-sample sums (non-finite where a sample went bad)."""
+        run, step = self.run, self.spec.step
+        assert step is not None
+        run.reset(x)
+        for i in range(run.steps):
+            x = step(run, x, i)
+            run.done(i, x)
+        return x, torch.stack(run.guard.oks)
+
+    def _record(self, mode: str, x: torch.Tensor) -> str:
+        try:
+            if mode == "cuda_graph":
+                self._capture_graph(x)
+            elif mode == "compile":
+                self._compile(x)
+            else:
+                self._fn = self._loop
+            return mode
+        except Exception as err:  # any failure of capture or compilation: run eagerly, and say why
+            self.fallback_reason = f"{type(err).__name__}: {err}"
+            warnings.warn(f"compile_sampler: mode {mode!r} failed ({self.fallback_reason}); running eagerly",
+                          UserWarning, stacklevel=3)
+            self._fn = self._loop
+            return "eager"
+
+    def _capture_graph(self, x: torch.Tensor) -> None:
+        if x.device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"CUDA graphs need a CUDA input, got one on {x.device}")
+        self._static_in = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
+            for _ in range(2):
+                self._loop(self._static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_out = self._loop(self._static_in)
+        self._graph = graph
+
+        def replay(x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self._static_in.copy_(x_T)
+            self._graph.replay()
+            return self._static_out[0].clone(), self._static_out[1].clone()
+
+        self._fn = replay
+
+    def trace(self, x: torch.Tensor | None = None) -> torch.fx.GraphModule:
+        """The recorded solve as one flat FX graph ``x_T -> (x, guard sums)`` of tensor operations (`make_fx`; the
+        network inside, every host coefficient a constant): what ``compile`` compiles and what a CUDA graph
+        captures. Raises where the loop reads a tensor's value on the host (a data-dependent step or network)."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        x = torch.zeros(self.shape, dtype=self.dtype, device=self.device) if x is None else x
+        with torch.no_grad():
+            return make_fx(lambda x_in: self._loop(x_in))(x)
+
+    def _compile(self, x: torch.Tensor) -> None:
+        traced = self.trace(x)
+        compiled = torch.compile(traced, dynamic=False, mode=self.compile_mode)
+        compiled(x)  # compile now, so that a failure falls back here and not in the first call
+        self._fn = compiled
+
+    # --- calls ----------------------------------------------------------------------------------------------
+    def __call__(self, x_T: torch.Tensor) -> Solution:
+        """Solve from ``x_T`` (the example's shape, dtype and device)."""
+        if x_T.shape != self.shape or x_T.dtype != self.dtype or x_T.device != self.device:
+            raise ValueError(f"compile_sampler was recorded for {tuple(self.shape)} {self.dtype} on {self.device}, "
+                             f"got {tuple(x_T.shape)} {x_T.dtype} on {x_T.device}")
+        if not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T contains non-finite values")
+        with torch.no_grad():
+            x, sums = self._fn(x_T)
+            if not bool(torch.isfinite(sums).all()):  # re-run eagerly for the full error
+                from ..sampling import sample
+
+                sample(self.score, self.sde, x_T, **self._sample_kw)
+        t_end = self.run.ts[-1].expand(x.shape[0])
+        return Solution(x=x, nfe=self.nfe, steps=self.run.steps, t=t_end, solver=self.spec.name,
+                        stats={**self.options, "grid": self.ts, "mode": self.active})
+
+
+def compile_sampler(score: Callable | ScoreModel, sde: ForwardSDE, example: torch.Tensor, *,
+                    solver: str | None = None, nfe: int | None = None, steps: int | None = None,
+                    grid: str | torch.Tensor | None = None, shift: float | None = None, t_eps: float = 1e-3,
+                    mode: str = "auto", compile_mode: str | None = None, **options: Any) -> CompiledSampler:
+    """A recorded `sample` for inputs shaped like ``example``: ``sampler = compile_sampler(model, sde, x_T, nfe=10)``
+    then ``sampler(x_T).x`` per batch. The arguments mean what `sample`'s do (a grid solver; the default sampler
+    when ``solver`` is None); ``mode`` is ``"auto"``, ``"cuda_graph"``, ``"compile"`` or ``"eager"`` (module
+    docstring), ``compile_mode`` is passed to `torch.compile`."""
+    return CompiledSampler(score, sde, example, solver=solver, nfe=nfe, steps=steps, grid=grid, shift=shift,
+                           t_eps=t_eps, mode=mode, compile_mode=compile_mode, **options)

@@ -1,0 +1,134 @@
+"""compile_sampler: the recorded grid solve equals sample(), traces to one flat graph for every deterministic grid
+solver, falls back with a reason when recording fails, and keeps sample()'s checks (CPU-side logic; the CUDA graph
+path itself needs a GPU: benchmarks/gpu_run.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _exact import gaussian_3d, rel_rms
+from _sync import count_syncs, on_device
+
+import scoresolve as ss
+import scoresolve._utils as utils
+from scoresolve.solvers import REGISTRY
+
+DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if s.kind == "grid" and not s.stochastic) + ["ddim"]
+
+
+def _mlp_model(sde, prediction="eps", D=3):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(D + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, D))
+    net = net.double().requires_grad_(False)
+    return ss.ScoreModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), sde, prediction=prediction)
+
+
+def _x(sde, B=5, D=3):
+    return sde.prior_sample((B, D), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_every_deterministic_grid_solver_traces_to_one_graph_equal_to_sample(name):
+    sde = ss.VPSDE()
+    model, x = _mlp_model(sde), _x(sde)
+    steps = 6 if REGISTRY[name].evals() == 1 else 3
+    ref = ss.sample(model, sde, x, solver=name, steps=steps)
+    cs = ss.compile_sampler(model, sde, x, solver=name, steps=steps, mode="eager")
+    sol = cs(x)
+    assert cs.active == "eager" and cs.fallback_reason is None
+    assert torch.equal(sol.x, ref.x) and torch.equal(sol.nfe, ref.nfe) and sol.steps == ref.steps
+    gm = cs.trace()  # fails on any host read of a tensor inside the loop
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert not any("local_scalar_dense" in str(op) for op in ops)
+    x2 = _x(sde, B=5) * 0.5
+    out, sums = gm(x2)
+    assert torch.allclose(out, ss.sample(model, sde, x2, solver=name, steps=steps).x, rtol=1e-12, atol=1e-12)
+    assert sums.shape == (steps, 5) and torch.isfinite(sums).all()
+
+
+def test_default_sampler_is_recorded_and_accurate_on_an_exact_gaussian():
+    sde, mix = ss.VPSDE(), gaussian_3d()
+    model = mix.model(sde, "x0")
+    x = sde.prior_sample((64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cs = ss.compile_sampler(model, sde, x, nfe=10, mode="eager")
+    sol, ref = cs(x), ss.sample(model, sde, x, nfe=10)
+    assert torch.equal(sol.x, ref.x) and int(sol.nfe.max()) == 10 and sol.solver == ref.solver
+    exact = mix.pf_ode_flow(x, 1.0, 1e-3, sde)
+    assert rel_rms(sol.x, exact) < 0.05  # the default's 10-NFE accuracy, through the recorded run
+
+
+def test_cuda_graph_mode_without_cuda_falls_back_with_the_reason():
+    sde = ss.VPSDE()
+    model, x = _mlp_model(sde), _x(sde)
+    with pytest.warns(UserWarning, match="cuda_graph.*CUDA graphs need a CUDA input.*running eagerly"):
+        cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=5, mode="cuda_graph")
+    assert cs.active == "eager" and "CUDA" in cs.fallback_reason
+    assert torch.equal(cs(x).x, ss.sample(model, sde, x, solver="dpmpp_2m", steps=5).x)
+
+
+def test_auto_on_cpu_is_eager_and_a_network_that_reads_values_falls_back_from_compile():
+    sde = ss.VPSDE()
+    x = _x(sde)
+    assert ss.compile_sampler(_mlp_model(sde), sde, x, solver="unipc", steps=5).active == "eager"
+
+    def branching(x, t):  # data-dependent control flow: cannot be recorded
+        return -x if bool(x.sum() > 0) else x * 0.5
+
+    with pytest.warns(UserWarning, match="mode 'compile' failed"):
+        cs = ss.compile_sampler(branching, sde, x, solver="dpmpp_2m", steps=4, mode="compile")
+    assert cs.active == "eager" and cs.fallback_reason
+    assert torch.equal(cs(x).x, ss.sample(branching, sde, x, solver="dpmpp_2m", steps=4).x)
+
+
+def test_refusals_and_input_checks():
+    sde = ss.VPSDE()
+    model, x = _mlp_model(sde), _x(sde)
+    with pytest.raises(ValueError, match="deterministic solves only"):
+        ss.compile_sampler(model, sde, x, solver="euler_maruyama", steps=4)
+    with pytest.raises(ValueError, match="deterministic solves only"):
+        ss.compile_sampler(model, sde, x, solver="ddim", steps=4, eta=1.0)
+    with pytest.raises(ValueError, match="records a grid solver"):
+        ss.compile_sampler(model, sde, x, solver="dopri5")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4, mode="fast")
+    cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4)
+    with pytest.raises(ValueError, match="recorded for"):
+        cs(x[:2])
+    with pytest.raises(ValueError, match="non-finite"):
+        cs(torch.full_like(x, float("nan")))
+
+
+def test_a_solve_that_turns_non_finite_raises_the_full_error():
+    sde = ss.VPSDE()
+    x = _x(sde)
+
+    def bad(x, t):  # infinite below t = 0.5
+        return torch.where(t[:, None] < 0.5, torch.full_like(x, float("inf")), -x)
+
+    cs = ss.compile_sampler(bad, sde, x, solver="dpmpp_2m", steps=6, mode="eager")
+    with pytest.raises(ss.NonFiniteError) as err:
+        cs(x)
+    assert err.value.indices == list(range(5))
+
+
+def test_a_recorded_call_synchronises_twice(monkeypatch):
+    # the input check and the result check; the step loop makes none (as in tests/test_syncs.py)
+    monkeypatch.setattr(utils, "on_host", lambda t: t.device.type == "cpu" and type(t) is torch.Tensor)
+    sde = ss.VPSDE()
+    model = _mlp_model(sde)
+    x = on_device(_x(sde))
+    for steps in (4, 12):
+        cs = ss.compile_sampler(model, sde, x, solver="vab", steps=steps, mode="eager")
+        with count_syncs() as log:
+            cs(x)
+        assert len(log) == 2, log
+
+
+@pytest.mark.slow
+def test_compile_mode_matches_eager():
+    sde = ss.VPSDE()
+    model, x = _mlp_model(sde), _x(sde)
+    cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=5, mode="compile")
+    assert cs.active == "compile", cs.fallback_reason
+    ref = ss.sample(model, sde, x, solver="dpmpp_2m", steps=5)
+    assert torch.allclose(cs(x).x, ref.x, rtol=1e-10, atol=1e-10)
