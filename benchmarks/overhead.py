@@ -17,6 +17,10 @@ shared machine the time spent waiting for a core is not the sampler's; ``--clock
   vern6 / vern7 against dopri8.
 
     python benchmarks/overhead.py [--batch 1 1024] [--repeats 9] [--threads 1] [--only NAME ...] [--json out.json]
+        [--compiled eager compile] [--device cuda --clock wall --compiled eager cuda_graph compile]
+
+``--compiled`` adds `compile_sampler` (the recorded solve, `scoresolve.solvers.captured`) for dpmpp_2m and the
+default sampler in the given modes, built before the timing (the build time is in the row's name).
 """
 
 from __future__ import annotations
@@ -47,9 +51,16 @@ CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
 _clock = CLOCKS["process"]
 
 
+_sync = None  # torch.cuda.synchronize on a GPU run: time the device's work, not only its launch
+
+
 def _timed(fn) -> float:
+    if _sync is not None:
+        _sync()
     t0 = _clock()
     calls = fn()
+    if _sync is not None:
+        _sync()
     return (_clock() - t0) / calls
 
 
@@ -84,6 +95,13 @@ def _diffusers(cls, x_T):
     return run
 
 
+def _recorded(cs, x_T):
+    def run():
+        cs(x_T)
+        return cs.nfe
+    return run
+
+
 # registered grid solver -> (k-diffusion sampler, its keywords) doing the same job
 KD_PEERS = {
     "euler": ("sample_euler", {}), "heun": ("sample_heun", {}), "dpm_solver_2": ("sample_dpm_2", {}),
@@ -98,10 +116,11 @@ TD_PEERS = {"dopri5": "dopri5", "bosh3": "bosh3", "tsit5": "dopri5", "dopri5_sha
             "vern7": "dopri8"}
 
 
-def pairs(batch: int, only: list[str] | None = None) -> dict:
-    """{name: (ours, theirs)}: zero-argument callables that run one solve and return its network calls."""
+def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compiled: tuple[str, ...] = ()) -> dict:
+    """{name: (ours, theirs)}: zero-argument callables that run one solve and return its network calls.
+    ``compiled``: `compile_sampler` modes to add for dpmpp_2m and the default sampler."""
     sde = ss.VPSDE()
-    x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0)).to(device)
     model = ss.ScoreModel(lambda x, t: torch.zeros_like(x), sde, prediction="x0")
     lam = sde.log_snr(torch.tensor([1.0, 1e-3], dtype=torch.float64))
     smax, smin = float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
@@ -116,7 +135,7 @@ def pairs(batch: int, only: list[str] | None = None) -> dict:
 
     kd = load_k_diffusion_sampling()
     if kd is not None:
-        sig = kd.get_sigmas_karras(NFE, smin, smax)
+        sig = kd.get_sigmas_karras(NFE, smin, smax, device=device)
         ref = _kd(kd, "sample_dpmpp_2m", x_T, sig)
         out["default (vab) | k-diffusion sample_dpmpp_2m"] = (_ours(model, sde, x_T, None, nfe=NFE), ref)
         for name in grid:
@@ -125,9 +144,18 @@ def pairs(batch: int, only: list[str] | None = None) -> dict:
             out[f"vab order {order} | k-diffusion sample_dpmpp_2m"] = (ours_grid("vab", order=order), ref)
         for name, (fn, kw) in KD_PEERS.items():
             # heun and dpm_2 use 2 calls per step: the same 50 NFE takes half as many sigmas
-            s = kd.get_sigmas_karras(NFE // REGISTRY[name].evals() + 1, smin, smax) if REGISTRY[name].evals() > 1 \
-                else sig
+            s = kd.get_sigmas_karras(NFE // REGISTRY[name].evals() + 1, smin, smax, device=device) \
+                if REGISTRY[name].evals() > 1 else sig
             out[f"{name} | k-diffusion {fn}"] = (ours_grid(name), _kd(kd, fn, x_T, s, **kw))
+        for mode in compiled:  # the recorded solve (built once, outside the timing; compile time is reported)
+            for name in ("dpmpp_2m", None):
+                if only and (name or "default") not in only:
+                    continue
+                t0 = time.perf_counter()
+                cs = ss.compile_sampler(model, sde, x_T, solver=name, nfe=NFE, mode=mode)
+                label = f"{name or 'default'} compile_sampler({mode} -> {cs.active}, built in " \
+                        f"{time.perf_counter() - t0:.0f} s)"
+                out[f"{label} | k-diffusion sample_dpmpp_2m"] = (_recorded(cs, x_T), ref)
     try:
         import diffusers
 
@@ -147,7 +175,8 @@ def pairs(batch: int, only: list[str] | None = None) -> dict:
                 def f(t, x):
                     n[0] += 1
                     return pf.drift(x, t.clamp(1e-5, 1.0).to(x.dtype).expand(x.shape[0]))  # its first trial overshoots
-                torchdiffeq.odeint(f, x_T, torch.tensor([1.0, 1e-3]), method=method, rtol=TOL, atol=TOL)
+                torchdiffeq.odeint(f, x_T, torch.tensor([1.0, 1e-3], device=device), method=method, rtol=TOL,
+                                   atol=TOL)
                 return n[0]
             return run
 
@@ -181,25 +210,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="+", default=None, help="our solver names to run (default: all)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (then use --clock wall)")
+    ap.add_argument("--compiled", nargs="*", default=[], choices=["eager", "compile", "cuda_graph"],
+                    help="compile_sampler modes to measure (dpmpp_2m and the default sampler)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="process",
                     help="process: this process's CPU time (default; a shared machine's waits for a core do not "
                          "count), wall: elapsed time")
     args = ap.parse_args(argv)
-    global _clock
+    global _clock, _sync
     _clock = CLOCKS[args.clock]
+    if args.device.startswith("cuda"):
+        _sync = torch.cuda.synchronize
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # pc's low-dimension warning, singlestep coarse-grid warnings
     rows = []
     print(f"{'ours | theirs':<62} {'batch':>6} {'ours us/call':>13} {'theirs us/call':>15} {'ratio':>6}")
     for batch in args.batch:
-        for name, (a, b) in pairs(batch, args.only).items():
+        for name, (a, b) in pairs(batch, args.only, args.device, tuple(args.compiled)).items():
             r = measure(a, b, args.repeats)
             rows.append({"pair": name, "batch": batch, **{k: round(v, 3) for k, v in r.items()}})
             print(f"{name:<62} {batch:>6} {r['ours_us']:>13.0f} {r['theirs_us']:>15.0f} {r['ratio']:>6.2f}",
                   flush=True)
     if args.json:
         meta = {"clock": args.clock, "nfe": NFE, "tol": TOL, "repeats": args.repeats, "threads": args.threads,
-                "torch": torch.__version__, "device": "cpu", "state": "[batch, 2]",
+                "torch": torch.__version__, "device": args.device, "state": "[batch, 2]",
                 "network": "x0 = 0 (torch.zeros_like)"}
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

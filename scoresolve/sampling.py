@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -179,7 +180,23 @@ def grid_times(spec, sde: ForwardSDE, nfe: int | None, steps: int | None, grid: 
     kind = grid or default_grid(spec.default_grid, sde)
     if kind.split(":")[0] in LOG_SNR_GRIDS:
         check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
-    return time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+    if kind.startswith("tuned"):  # read from the grid store: never cached
+        return time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+    key = (sde, steps, kind, float(t_eps), shift, solver)
+    try:
+        ts = _GRIDS.pop(key)
+    except KeyError:
+        ts = time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+    except TypeError:  # an unhashable process
+        return time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+    _GRIDS[key] = ts
+    while len(_GRIDS) > 64:
+        _GRIDS.popitem(last=False)
+    return ts.clone()
+
+
+_GRIDS: OrderedDict = OrderedDict()
+"""Named grids already built (an LRU of 64): repeated solves of the same process and budget skip the construction."""
 
 
 def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[str, dict, Any]:

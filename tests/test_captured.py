@@ -41,9 +41,8 @@ def test_every_deterministic_grid_solver_traces_to_one_graph_equal_to_sample(nam
     ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert not any("local_scalar_dense" in str(op) for op in ops)
     x2 = _x(sde, B=5) * 0.5
-    out, sums = gm(x2)
+    out = gm(x2)
     assert torch.allclose(out, ss.sample(model, sde, x2, solver=name, steps=steps).x, rtol=1e-12, atol=1e-12)
-    assert sums.shape == (steps, 5) and torch.isfinite(sums).all()
 
 
 def test_default_sampler_is_recorded_and_accurate_on_an_exact_gaussian():

@@ -57,37 +57,54 @@ def batch_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 
 class FiniteGuard:
-    """Tracks, without host-device synchronisation, when each sample first turns non-finite.
+    """Finds, without host-device synchronisation inside the loop, the samples that turned non-finite.
 
     `update` after each step with the new state and its time; `check` once at the end raises
-    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad, with the time each first did. Per step this
-    costs one reduction (a NaN or Inf anywhere in a sample makes its sum non-finite); the [steps, batch] sums are
-    tested once, at the end.
-    With ``keep_last`` it also keeps ``last``, the last finite state of every sample (one select per step): the grid
-    run turns it on only to replay a solve that failed, so the error can carry the state (see `run_grid`).
+    [`NonFiniteError`][scoresolve.NonFiniteError] if any sample went bad. A grid step combines x linearly with
+    nonzero weight (x_new = c x + ..., c > 0, plus predictions and noise), so a NaN or Inf in a sample's state stays
+    non-finite to the end: the common path tests the final state only (one reduction per solve, no per-step cost).
+    With ``keep_last`` (the grid run turns it on only to replay a solve that failed, see `run_grid`) it tests every
+    step, one reduction and one select per step, and the error carries the time each sample first went bad and
+    ``last``, the last finite state of every sample.
     """
 
     def __init__(self, x: torch.Tensor, solver: str, keep_last: bool = False) -> None:
         self.solver = solver
+        self.keep_last = keep_last
         self.oks: list[torch.Tensor] = []
         self.times: list[torch.Tensor | float] = []
+        self.final: tuple[torch.Tensor, torch.Tensor | float] | None = None
         self.last = x.detach().clone() if keep_last else None
         self.good = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if keep_last else None
         # accumulate the per-sample sums in at least float32 (a float16 sum of finite values can overflow)
         self._acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
 
+    def _finite(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(x.detach().flatten(1).sum(1, dtype=self._acc))  # a NaN or Inf makes the sum non-finite
+
     def update(self, x: torch.Tensor, t: torch.Tensor | float) -> None:
-        total = x.detach().flatten(1).sum(1, dtype=self._acc)  # one kernel; finiteness is tested once, in `check`
-        self.oks.append(total)
+        if not self.keep_last:
+            self.final = (x, t)
+            return
+        ok = self._finite(x)
+        self.oks.append(ok)
         self.times.append(t)
-        if self.last is not None:
-            self.good = self.good & torch.isfinite(total)
-            self.last = torch.where(bcast(self.good, x), x.detach(), self.last)
+        self.good = self.good & ok
+        self.last = torch.where(bcast(self.good, x), x.detach(), self.last)
 
     def check(self) -> None:
+        if not self.keep_last:
+            if self.final is None:
+                return
+            x, t = self.final
+            ok = self._finite(x)
+            if not bool(ok.all()):
+                idx = (~ok).nonzero().flatten().tolist()
+                raise NonFiniteError(self.solver, idx, [float(t)] * len(idx), None)
+            return
         if not self.oks:
             return
-        oks = torch.isfinite(torch.stack(self.oks))  # [steps, batch]
+        oks = torch.stack(self.oks)  # [steps, batch]
         bad = ~oks.all(0)
         if not bool(bad.any()):
             return
@@ -267,6 +284,13 @@ class GridRun:
         if i == 0 and self.options.get("afs"):
             return torch.zeros_like(x)
         return self.predict(x, i, "x0")
+
+    def x0_combination(self, x: torch.Tensor, i: int, a: float, b: float) -> torch.Tensor:
+        """a x + b x0(x, i) (e.g. a velocity), folded into the prediction's coefficients: two kernels."""
+        if (i == 0 and self.options.get("afs")) or not self.affine:
+            return self.x0(x, i).mul(b).add_(x, alpha=a)
+        cx, cp = self._grid_coefficients("x0")[i]
+        return torch.add(x * (a + b * cx), self.model.raw(x, self.time(i, x)), alpha=b * cp)
 
     def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Noise prediction at grid point i (with ``afs``, analytic and free at i = 0)."""

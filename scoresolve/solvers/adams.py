@@ -278,7 +278,7 @@ def vab_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 def _velocity(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """v = eps - x0 at grid point i from the data prediction (eps = (x - alpha x0) / sigma)."""
     a, s = run.alpha[i], run.sigma[i]
-    return run.x0(x, i).mul(-(1 + a / s)).add_(x, alpha=1 / s)  # x / s - (1 + a / s) x0, two kernels
+    return run.x0_combination(x, i, 1 / s, -(1 + a / s))  # x / s - (1 + a / s) x0, two kernels
 
 
 def _prepare(name: str):

@@ -82,16 +82,16 @@ class CompiledSampler:
             self.active = self._record(active, x)
 
     # --- recording ------------------------------------------------------------------------------------------
-    def _loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step loop on ``self.run`` (after `GridRun.reset`): the final state and the guard's [steps, batch]
-        per-sample sums (non-finite where a sample went bad)."""
+    def _loop(self, x: torch.Tensor) -> torch.Tensor:
+        """The step loop on ``self.run`` (after `GridRun.reset`): the final state (a sample that went non-finite on
+        the way stays non-finite, see `FiniteGuard`)."""
         run, step = self.run, self.spec.step
         assert step is not None
         run.reset(x)
         for i in range(run.steps):
             x = step(run, x, i)
             run.done(i, x)
-        return x, torch.stack(run.guard.oks)
+        return x
 
     def _record(self, mode: str, x: torch.Tensor) -> str:
         try:
@@ -124,15 +124,15 @@ class CompiledSampler:
             self._static_out = self._loop(self._static_in)
         self._graph = graph
 
-        def replay(x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def replay(x_T: torch.Tensor) -> torch.Tensor:
             self._static_in.copy_(x_T)
             self._graph.replay()
-            return self._static_out[0].clone(), self._static_out[1].clone()
+            return self._static_out.clone()
 
         self._fn = replay
 
     def trace(self, x: torch.Tensor | None = None) -> torch.fx.GraphModule:
-        """The recorded solve as one flat FX graph ``x_T -> (x, guard sums)`` of tensor operations (`make_fx`; the
+        """The recorded solve as one flat FX graph ``x_T -> x`` of tensor operations (`make_fx`; the
         network inside, every host coefficient a constant): what ``compile`` compiles and what a CUDA graph
         captures. Raises where the loop reads a tensor's value on the host (a data-dependent step or network)."""
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -156,8 +156,8 @@ class CompiledSampler:
         if not bool(torch.isfinite(x_T).all()):
             raise ValueError("x_T contains non-finite values")
         with torch.no_grad():
-            x, sums = self._fn(x_T)
-            if not bool(torch.isfinite(sums).all()):  # re-run eagerly for the full error
+            x = self._fn(x_T)
+            if not bool(torch.isfinite(x).all()):  # re-run eagerly for the full error
                 from ..sampling import sample
 
                 sample(self.score, self.sde, x_T, **self._sample_kw)
