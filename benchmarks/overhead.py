@@ -19,7 +19,7 @@ shared machine the time spent waiting for a core is not the sampler's; ``--clock
     python benchmarks/overhead.py [--batch 1 1024] [--repeats 9] [--threads 1] [--only NAME ...] [--json out.json]
         [--compiled eager compile] [--device cuda --clock wall --compiled eager cuda_graph compile]
 
-``--compiled`` adds `compile_sampler` (the recorded solve, `scoresolve.solvers.captured`) for dpmpp_2m and the
+``--compiled`` adds `compile_sampler` (the recorded solve, `scoresolve.compiled`) for dpmpp_2m and the
 default sampler in the given modes, built before the timing (the build time is in the row's name).
 """
 
@@ -223,7 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         _sync = torch.cuda.synchronize
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # pc's low-dimension warning, singlestep coarse-grid warnings
-    rows = []
+    rows: list[dict] = []
+    meta = {"clock": args.clock, "nfe": NFE, "tol": TOL, "repeats": args.repeats, "threads": args.threads,
+            "torch": torch.__version__, "device": args.device, "state": "[batch, 2]",
+            "network": "x0 = 0 (torch.zeros_like)"}
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
     print(f"{'ours | theirs':<62} {'batch':>6} {'ours us/call':>13} {'theirs us/call':>15} {'ratio':>6}")
     for batch in args.batch:
         for name, (a, b) in pairs(batch, args.only, args.device, tuple(args.compiled)).items():
@@ -231,12 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"pair": name, "batch": batch, **{k: round(v, 3) for k, v in r.items()}})
             print(f"{name:<62} {batch:>6} {r['ours_us']:>13.0f} {r['theirs_us']:>15.0f} {r['ratio']:>6.2f}",
                   flush=True)
-    if args.json:
-        meta = {"clock": args.clock, "nfe": NFE, "tol": TOL, "repeats": args.repeats, "threads": args.threads,
-                "torch": torch.__version__, "device": args.device, "state": "[batch, 2]",
-                "network": "x0 = 0 (torch.zeros_like)"}
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

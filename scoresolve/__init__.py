@@ -6,6 +6,7 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusion, score_sde models)
 from .analytic import GaussianMixture
+from .compiled import CompiledSampler, compile_sampler
 from .control_variate import GaussianControlVariate
 from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
 from .dequantizers import TruncatedNormalDequantizer, UniformDequantizer, VariationalDequantizer, train_dequantizer
@@ -22,7 +23,6 @@ from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
 from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
 from .solvers import NonFiniteError, Solution, time_grid
-from .solvers.captured import CompiledSampler, compile_sampler
 
 __version__ = "0.1.0"
 

@@ -152,7 +152,7 @@ class GridRun:
     def reset(self, x: torch.Tensor) -> None:
         """Forget one solve's device state (histories, guard, trajectory, count) but keep what was computed on the host
         (the schedule, coefficients, weights: everything in ``memory`` that holds no tensor), so that a solve can be
-        recorded (`scoresolve.solvers.captured`) with no host computation left inside the step loop."""
+        recorded (`scoresolve.compiled`) with no host computation left inside the step loop."""
         self.memory = {k: v for k, v in self.memory.items() if not _holds_tensor(v)}
         self.guard, self.traj = FiniteGuard(x, self.name), Trajectory(False)
         self.counter.calls = 0

@@ -4,7 +4,7 @@ On a fixed grid every step coefficient is a host float known before the solve (`
 histories are tensors of fixed shapes and the loop makes no host-device synchronisation (tests/test_syncs.py), so
 for a given input shape the whole solve, network included, is one static program. `compile_sampler` builds the run
 once, runs it eagerly once (filling every host cache: schedule, coefficients, weights), forgets the device state
-(`GridRun.reset`) and records the loop:
+(`scoresolve.solvers._grid.GridRun.reset`) and records the loop:
 
 - ``mode="cuda_graph"`` (on CUDA): `torch.cuda.graph` captures the loop; a call copies x_T into the static input,
   replays the graph and clones the static output. Not yet measured on a GPU (benchmarks/gpu_run.sh measures it).
@@ -28,11 +28,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..score import ScoreModel
-from ..sde import ForwardSDE
-from ._grid import GridRun
-from ._registry import REGISTRY
-from ._solution import Solution
+from .sampling import _default_sampler, grid_times, sample
+from .score import ScoreModel
+from .sde import ForwardSDE
+from .solvers import REGISTRY, Solution
+from .solvers._grid import GridRun
 
 MODES = ("auto", "cuda_graph", "compile", "eager")
 
@@ -48,8 +48,6 @@ class CompiledSampler:
                  solver: str | None = None, nfe: int | None = None, steps: int | None = None,
                  grid: str | torch.Tensor | None = None, shift: float | None = None, t_eps: float = 1e-3,
                  mode: str = "auto", compile_mode: str | None = None, **options: Any) -> None:
-        from ..sampling import _default_sampler, grid_times
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (0 < t_eps < sde.T):
@@ -158,8 +156,6 @@ class CompiledSampler:
         with torch.no_grad():
             x = self._fn(x_T)
             if not bool(torch.isfinite(x).all()):  # re-run eagerly for the full error
-                from ..sampling import sample
-
                 sample(self.score, self.sde, x_T, **self._sample_kw)
         t_end = self.run.ts[-1].expand(x.shape[0])
         return Solution(x=x, nfe=self.nfe, steps=self.run.steps, t=t_end, solver=self.spec.name,
