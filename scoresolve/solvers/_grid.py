@@ -276,6 +276,25 @@ class GridRun:
         cx, cp = self._coefs[(kind, t)]
         return apply_affine(x, self.model.raw(x, tb), cx, cp)
 
+    def predict_parts(self, x: torch.Tensor, i: int | None, kind: str,
+                      t: float | None = None) -> tuple[torch.Tensor, float, float]:
+        """(out, cx, cp) with prediction ``kind`` = cx x + cp out at grid point i (or the off-grid time t when i is
+        None): a step that combines predictions linearly folds cx, cp into its own weights and saves the kernels of
+        the conversion. Without host coefficients (`affine`) out is the prediction itself (cx = 0, cp = 1)."""
+        if not self.affine:
+            return (self.predict(x, i, kind) if i is not None else self.predict_at(x, float(t), kind)), 0.0, 1.0
+        if i is not None:
+            cx, cp = self._grid_coefficients(kind)[i]
+            return self.model.raw(x, self.time(i, x)), cx, cp
+        t = float(t)
+        tb = self._times.get(t)
+        if tb is None or tb.shape[0] != x.shape[0]:
+            tb = self._times[t] = batch_t(t, x)
+        if (kind, t) not in self._coefs:
+            self.prefetch(kind, [t])
+        cx, cp = self._coefs[(kind, t)]
+        return self.model.raw(x, tb), cx, cp
+
     def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return self.predict(x, i, "score")
 

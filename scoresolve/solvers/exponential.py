@@ -81,14 +81,31 @@ def ddim_update(run: GridRun, x: torch.Tensor, x0: torch.Tensor, i: int, noise_f
     x_s = rho (sigma_s/sigma_t) x - alpha_s (e^{-h} rho - 1) x0 + noise_std z. ``noise_std`` defaults to sigma_eta.
     noise_frac = sqrt(1 - e^{-2h}) is the DDPM posterior q(x_s | x_t, x0) (eta = 1).
     """
+    cx, c0 = ddim_weights(run, i, noise_frac)
+    return _ddim_noise(run, x, torch.add(x * cx, x0, alpha=c0), i, noise_frac, noise_std)
+
+
+def ddim_weights(run: GridRun, i: int, noise_frac: float) -> tuple[float, float]:
+    """(cx, c0) of DDIM's mean x_s = cx x + c0 x0 (`ddim_update`)."""
     a, s, lam = run.alpha, run.sigma, run.lam
     h = lam[i + 1] - lam[i]
     log_rho = 0.5 * math.log1p(-noise_frac**2) if noise_frac < 1 else -math.inf
-    x_new = (math.exp(log_rho) * s[i + 1] / s[i]) * x + (-a[i + 1] * math.expm1(log_rho - h)) * x0
-    std = noise_frac * s[i + 1] if noise_std is None else noise_std
+    return math.exp(log_rho) * s[i + 1] / s[i], -a[i + 1] * math.expm1(log_rho - h)
+
+
+def _ddim_noise(run: GridRun, x: torch.Tensor, x_new: torch.Tensor, i: int, noise_frac: float,
+                noise_std: float | None) -> torch.Tensor:
+    std = noise_frac * run.sigma[i + 1] if noise_std is None else noise_std
     if std > 0:
-        x_new = x_new + std * run.normal(x, i)
+        x_new = x_new.add_(run.normal(x, i), alpha=std)
     return x_new
+
+
+def ddim_step_from(run: GridRun, x: torch.Tensor, i: int, noise_frac: float,
+                   noise_std: float | None = None) -> torch.Tensor:
+    """`ddim_update` with the data prediction at grid point i folded into the mean's weights (two kernels)."""
+    cx, c0 = ddim_weights(run, i, noise_frac)
+    return _ddim_noise(run, x, run.x0_combination(x, i, cx, c0), i, noise_frac, noise_std)
 
 
 def posterior_fraction(run: GridRun, i: int) -> float:
@@ -108,7 +125,7 @@ def ddim_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     eta = 0 the mean is the deterministic DDIM step's and the analytic noise is still added).
     """
     eta = run.options["eta"]
-    return ddim_update(run, x, run.x0(x, i), i, min(eta * posterior_fraction(run, i), 1.0), reverse_std(run, i, eta))
+    return ddim_step_from(run, x, i, min(eta * posterior_fraction(run, i), 1.0), reverse_std(run, i, eta))
 
 
 REVERSE_VARIANCE_OPTIONS = {"variance": None, "moments": None, "data_range": None, "last_std": None}
@@ -177,13 +194,24 @@ def dpm_solver_2_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     h = lam[i + 1] - lam[i]
     t1, a1, s1, l1 = inner_points(run, (r1,))[0][i]
     h1 = l1 - lam[i]
-    e0 = run.eps(x, i)
-    u1 = torch.add(x * (a1 / a[i]), e0, alpha=-s1 * math.expm1(h1))  # DPM-Solver-1 to s1
-    e1 = run.eps_at(u1, t1)
-    # Algorithm 1: x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - s_t/(2 r1) (e^h - 1) (e1 - e0), as fused multiply-adds
+    # Algorithm 1: u1 = (a_1/a_s) x - s_1 (e^{h1} - 1) e0 (DPM-Solver-1 to s1),
+    # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - s_t/(2 r1) (e^h - 1) (e1 - e0). The noise predictions are affine in the
+    # network outputs, e = cx x + cp out (`GridRun.predict_parts`), so the step is a weighted sum of x and the two
+    # outputs: three fused multiply-adds for u1 and x_t together.
+    if i == 0 and run.options.get("afs"):
+        o0, cx0, cp0 = run.eps(x, i), 0.0, 1.0
+    else:
+        o0, cx0, cp0 = run.predict_parts(x, i, "eps")
+    k1 = s1 * math.expm1(h1)
+    ax, a0 = a1 / a[i] - k1 * cx0, -k1 * cp0  # u1 = ax x + a0 o0
+    u1 = torch.add(x * ax, o0, alpha=a0)
+    o1, cx1, cp1 = run.predict_parts(u1, None, "eps", t=t1)
     c = s[i + 1] * math.expm1(h)
     c1 = c * h / (2 * h1)
-    return torch.add(x * (a[i + 1] / a[i]), e0, alpha=c1 - c).add_(e1, alpha=-c1)
+    # x_t = (a_t/a_s) x + (c1 - c) e0 - c1 e1, with e0 = cx0 x + cp0 o0, e1 = cx1 (ax x + a0 o0) + cp1 o1
+    wx = a[i + 1] / a[i] + (c1 - c) * cx0 - c1 * cx1 * ax
+    w0 = (c1 - c) * cp0 - c1 * cx1 * a0
+    return torch.add(x * wx, o0, alpha=w0).add_(o1, alpha=-c1 * cp1)
 
 
 def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -30,7 +30,13 @@ from ._grid import GridRun
 from ._registry import GAUSSIAN_KERNEL, SolverSpec, check_start, counted, register
 from ._solution import Solution
 from .controllers import IController
-from .exponential import REVERSE_VARIANCE_OPTIONS, check_reverse_variance, ddim_update, posterior_fraction, reverse_std
+from .exponential import (
+    REVERSE_VARIANCE_OPTIONS,
+    check_reverse_variance,
+    ddim_step_from,
+    posterior_fraction,
+    reverse_std,
+)
 from .fixed import rk_step
 from .integrate import check_tolerance, integrate
 from .noise import BrownianMemory, Noise, seeded_normal  # noqa: F401  (seeded_normal re-exported)
@@ -80,7 +86,7 @@ def rd_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
             std = min(std, float(run.options["last_std"]))
     else:
         std = reverse_std(run, i, 1.0)
-    return ddim_update(run, x, run.x0(x, i), i, frac, std)
+    return ddim_step_from(run, x, i, frac, std)
 
 
 def reverse_diffusion_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -130,13 +136,13 @@ def _rd_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 def _langevin(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, c: float, norms: str) -> torch.Tensor:
     """One Langevin step x + eps score + sqrt(2 eps) z with eps = c ||z||^2 / ||score||^2 (see `pc`)."""
-    s2 = score.flatten(1).square().sum(1)
+    s2 = torch.linalg.vector_norm(score.flatten(1), dim=1).square()  # one pass over the state; the rest is [batch]
     if norms == "sample":
         eps = torch.where(s2 > 0, (c * math.prod(z.shape[1:])) / torch.where(s2 > 0, s2, 1.0), 0.0)
     else:  # score_sde: squared batch means of the norms (one step size for the whole batch)
         zn, sn = z.flatten(1).norm(dim=1).mean(), s2.sqrt().mean()
         eps = torch.where(sn > 0, c * zn.square() / torch.where(sn > 0, sn, 1.0).square(), 0.0).expand(s2.shape)
-    return x + bcast(eps, x) * score + bcast(torch.sqrt(2 * eps), x) * z
+    return torch.addcmul(x, bcast(eps, x), score).addcmul_(bcast(torch.sqrt(2 * eps), x), z)
 
 
 def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
