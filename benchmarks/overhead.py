@@ -71,26 +71,27 @@ def _ours(model, sde, x_T, solver: str | None, **kw):
     return run
 
 
-def _kd(kd, fn: str, x_T, sig, **kw):
+def _kd(kd, fn: str, x_T, sig, net, **kw):
     def run():
         n = [0]
 
         def den(x, s):
             n[0] += 1
-            return torch.zeros_like(x)
+            return net(x, s)  # sigma for t: the same work for a network
         getattr(kd, fn)(den, x_T, sig, disable=True, **kw)
         return n[0]
     return run
 
 
-def _diffusers(cls, x_T):
+def _diffusers(cls, x_T, net):
     def run():
         sched = cls(num_train_timesteps=1000, prediction_type="sample")
         sched.set_timesteps(NFE)
         x = x_T * sched.init_noise_sigma
         for t in sched.timesteps:
             xin = sched.scale_model_input(x, t)
-            x = sched.step(torch.zeros_like(xin), t, x, return_dict=False)[0]
+            tb = (t.to(x.device, x.dtype) / 1000).expand(x.shape[0])
+            x = sched.step(net(xin, tb), t, x, return_dict=False)[0]
         return len(sched.timesteps)
     return run
 
@@ -116,12 +117,24 @@ TD_PEERS = {"dopri5": "dopri5", "bosh3": "bosh3", "tsit5": "dopri5", "dopri5_sha
             "vern7": "dopri8"}
 
 
-def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compiled: tuple[str, ...] = ()) -> dict:
+def network(kind: str, device: str):
+    """The x0 prediction: ``zero`` (free: torch.zeros_like) or ``mlp`` (2 -> 64 -> 64 -> 2, SiLU, t as an input)."""
+    if kind == "zero":
+        return lambda x, t: torch.zeros_like(x)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
+                              torch.nn.Linear(64, 2)).to(device).requires_grad_(False)
+    return lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1))
+
+
+def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compiled: tuple[str, ...] = (),
+          net: str = "zero") -> dict:
     """{name: (ours, theirs)}: zero-argument callables that run one solve and return its network calls.
-    ``compiled``: `compile_sampler` modes to add for dpmpp_2m and the default sampler."""
+    ``compiled``: `compile_sampler` modes to add for dpmpp_2m and the default sampler; ``net``: see `network`."""
     sde = ss.VPSDE()
     x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0)).to(device)
-    model = ss.ScoreModel(lambda x, t: torch.zeros_like(x), sde, prediction="x0")
+    fn = network(net, device)
+    model = ss.ScoreModel(fn, sde, prediction="x0")
     lam = sde.log_snr(torch.tensor([1.0, 1e-3], dtype=torch.float64))
     smax, smin = float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
     grid = [n for n, s in REGISTRY.items() if s.kind == "grid"]
@@ -136,17 +149,17 @@ def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compil
     kd = load_k_diffusion_sampling()
     if kd is not None:
         sig = kd.get_sigmas_karras(NFE, smin, smax, device=device)
-        ref = _kd(kd, "sample_dpmpp_2m", x_T, sig)
+        ref = _kd(kd, "sample_dpmpp_2m", x_T, sig, fn)
         out["default (vab) | k-diffusion sample_dpmpp_2m"] = (_ours(model, sde, x_T, None, nfe=NFE), ref)
         for name in grid:
             out[f"{name} | k-diffusion sample_dpmpp_2m"] = (ours_grid(name), ref)
         for order in (1, 2, 3, 4):
             out[f"vab order {order} | k-diffusion sample_dpmpp_2m"] = (ours_grid("vab", order=order), ref)
-        for name, (fn, kw) in KD_PEERS.items():
+        for name, (kfn, kw) in KD_PEERS.items():
             # heun and dpm_2 use 2 calls per step: the same 50 NFE takes half as many sigmas
             s = kd.get_sigmas_karras(NFE // REGISTRY[name].evals() + 1, smin, smax, device=device) \
                 if REGISTRY[name].evals() > 1 else sig
-            out[f"{name} | k-diffusion {fn}"] = (ours_grid(name), _kd(kd, fn, x_T, s, **kw))
+            out[f"{name} | k-diffusion {kfn}"] = (ours_grid(name), _kd(kd, kfn, x_T, s, fn, **kw))
         for mode in compiled:  # the recorded solve (built once, outside the timing; compile time is reported)
             for name in ("dpmpp_2m", None):
                 if only and (name or "default") not in only:
@@ -160,7 +173,7 @@ def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compil
         import diffusers
 
         for name, cls in DIFFUSERS_PEERS.items():
-            out[f"{name} | diffusers {cls}"] = (ours_grid(name), _diffusers(getattr(diffusers, cls), x_T))
+            out[f"{name} | diffusers {cls}"] = (ours_grid(name), _diffusers(getattr(diffusers, cls), x_T, fn))
     except ImportError:
         pass
     try:
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", default=None, help="our solver names to run (default: all)")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then use --clock wall)")
+    ap.add_argument("--net", choices=["zero", "mlp"], default="zero",
+                    help="zero: a free x0 = 0 network (the sampler's own cost); mlp: a small MLP")
     ap.add_argument("--compiled", nargs="*", default=[], choices=["eager", "compile", "cuda_graph"],
                     help="compile_sampler modes to measure (dpmpp_2m and the default sampler)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="process",
@@ -226,12 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     meta = {"clock": args.clock, "nfe": NFE, "tol": TOL, "repeats": args.repeats, "threads": args.threads,
             "torch": torch.__version__, "device": args.device, "state": "[batch, 2]",
-            "network": "x0 = 0 (torch.zeros_like)"}
+            "network": {"zero": "x0 = 0 (torch.zeros_like)", "mlp": "x0 MLP 3-64-64-2 SiLU"}[args.net]}
     if args.device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
     print(f"{'ours | theirs':<62} {'batch':>6} {'ours us/call':>13} {'theirs us/call':>15} {'ratio':>6}")
     for batch in args.batch:
-        for name, (a, b) in pairs(batch, args.only, args.device, tuple(args.compiled)).items():
+        for name, (a, b) in pairs(batch, args.only, args.device, tuple(args.compiled), args.net).items():
             r = measure(a, b, args.repeats)
             rows.append({"pair": name, "batch": batch, **{k: round(v, 3) for k, v in r.items()}})
             print(f"{name:<62} {batch:>6} {r['ours_us']:>13.0f} {r['theirs_us']:>15.0f} {r['ratio']:>6.2f}",

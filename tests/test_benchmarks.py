@@ -152,3 +152,20 @@ def test_likelihood_cost_cache_never_unpickles_code(tmp_path):
     finally:
         mod.torch.load = real
     assert seen.get("weights_only") is True
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--batch", "2", "--repeats", "1", "--only",
+           "dpmpp_2m", "heun", "dopri5", "--compiled", "eager", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    pairs = [r["pair"] for r in res["rows"]]
+    assert "dpmpp_2m | k-diffusion sample_dpmpp_2m" in pairs and "heun | k-diffusion sample_heun" in pairs
+    assert any(p.startswith("dpmpp_2m compile_sampler(eager -> eager") for p in pairs)
+    if any("torchdiffeq" in p for p in pairs):
+        assert "dopri5 | torchdiffeq dopri5" in pairs
+    assert all(r["ours_us"] > 0 and r["theirs_us"] > 0 and r["ratio"] > 0 for r in res["rows"])
+    assert res["meta"]["clock"] == "process" and res["meta"]["nfe"] == 50
