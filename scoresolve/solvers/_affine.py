@@ -35,13 +35,13 @@ def affine_coefficients(process: ReverseProcess, model: ScoreModel, kind: str,
                         t: torch.Tensor) -> tuple[list[float], list[float]]:
     """(cx, cp), lists over the float64 host times ``t``, with ``kind`` = cx x + cp out (``kind`` a prediction or
     `DRIFT`; see the module docstring)."""
-    sde = process.sde
+    sde, msde = process.sde, model.sde  # the process's drift; the model's own schedule for its conversions
     t = t.to(torch.float64)
-    alpha, sigma = sde.marginal(t, check=False)
+    alpha, sigma = msde.marginal(t, check=False)
     need_flow = kind == "flow" or model.prediction == "flow" or (kind == DRIFT and sde.velocity_form)
     da = ds = None
     if need_flow:
-        da, ds = sde.dalpha_dt(t, check=False), sde.dsigma_dt(t, check=False)
+        da, ds = msde.dalpha_dt(t, check=False), msde.dsigma_dt(t, check=False)
     one, zero = torch.ones_like(t), torch.zeros_like(t)
 
     def pair(dst: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,7 +233,8 @@ class GridRun:
                 return list(zip(cx, cp))
 
             coefs = self._coefs[kind] = self.per_grid(
-                ("affine", kind, self.model.prediction, self.process.constant_scale, self.ts.dtype), build)
+                ("affine", kind, self.model.prediction, self.model.sde, self.process.constant_scale, self.ts.dtype),
+                build)
         return coefs
 
     def prefetch(self, kind: str, times: list[float], key: tuple | None = None) -> None:
@@ -253,8 +254,8 @@ class GridRun:
             if any((kind, t) not in self._coefs for t in times):
                 self._coefs.update(build())
             return
-        self._coefs.update(self.per_grid(("affine_at", key, kind, self.model.prediction, self.process.constant_scale,
-                                          self.ts.dtype), build))
+        self._coefs.update(self.per_grid(("affine_at", key, kind, self.model.prediction, self.model.sde,
+                                          self.process.constant_scale, self.ts.dtype), build))
 
     def predict(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
         """Prediction ``kind`` (score, eps, x0, v, flow, or ``"drift"``: the reverse process's) at grid point i."""
