@@ -419,7 +419,9 @@ def main() -> None:
         print(line + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.no_peers:
             for k in args.ours:
-                print(f"    {k:<40}" + "".join(f" | {n}: {p.runs['ours'][k][n]:.2e}" for n in nfes), flush=True)
+                r = p.runs["ours"][k]
+                print(f"    {k:<40}" + "".join(f" | {n}: {getattr(r[n], 'rms', math.inf):.2e} "
+                                              f"{getattr(r[n], 'median', math.inf):.2e}" for n in nfes), flush=True)
     if args.no_peers:
         return
     print(f"\nbest peer error / our error, {len(problems)} problems (above 1: ours is better); oracle = the peer run "
