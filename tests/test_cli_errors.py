@@ -54,6 +54,7 @@ def work(tmp_path, monkeypatch):
     torch.save(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)) * 3, tmp_path / "cont.pt")
     torch.save(torch.full((4, 2), float("nan")), tmp_path / "nan.pt")
     torch.save(torch.zeros(1, 3, 256, 256), tmp_path / "big.pt")
+    torch.save(torch.empty(0, 2), tmp_path / "empty.pt")
     torch.save(torch.arange(8.0).reshape(4, 2) / 7 * 2 - 1, tmp_path / "grid8.pt")  # 8 levels in [-1, 1]
     return tmp_path
 
@@ -103,6 +104,8 @@ TABLE = [
     ([*LL, "--data", "cont.pt", "--bits", "8"], "data lie outside the declared data_range"),
     ([*LL, "--data", "cont.pt", "--num-levels", "8", "--data-range", "-20", "20"], "not on the"),
     ([*LL, "--data", "nan.pt"], "--data holds non-finite values (NaN or inf) in 4 of its 4 samples"),
+    ([*LL, "--data", "cont.pt", "--probes", "100000"], "--probes 100000 takes 100000 VJPs per evaluation"),
+    ([*LL, "--data", "empty.pt"], "'empty.pt' holds no samples (a tensor of shape [0, 2])"),
     ([*LL, "--data", "big.pt", "--divergence", "exact"], "--divergence exact on D=196608 dimensions"),
     ([*LL, "--model-spec", "cli_err_net:make", "--model-arg", "bogus=1", "--data", "cont.pt"],
      "unexpected keyword argument 'bogus'"),

@@ -241,6 +241,8 @@ def tensor_file(path: str) -> torch.Tensor:
     data = obj.get("x") if isinstance(obj, Mapping) else obj
     if not torch.is_tensor(data) or data.ndim < 2:
         raise argparse.ArgumentTypeError(f"{path!r}: expected a tensor [N, ...] (or a dict with key 'x')")
+    if data.shape[0] == 0 or data.numel() == 0:
+        raise argparse.ArgumentTypeError(f"{path!r} holds no samples (a tensor of shape {list(data.shape)})")
     return data
 
 
