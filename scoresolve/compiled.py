@@ -23,6 +23,7 @@ a generator's state would be frozen into the recording), without callback, progr
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Callable
 
@@ -55,7 +56,11 @@ class CompiledSampler:
         self.score, self.sde = score, sde
         model = ScoreModel.wrap(score, sde)
         if solver is None:
-            solver, options, grid = _default_sampler(nfe, steps, grid, None, dict(options), model.prediction)
+            solver, options, grid, view = _default_sampler(nfe, steps, grid, None, dict(options), model.prediction,
+                                                           sde)
+            if view is not sde:  # the default runs on the process's ode_view, as in sample()
+                model = copy.copy(model)
+                model.sde = sde = view
         if solver not in REGISTRY or REGISTRY[solver].kind != "grid":
             grid_solvers = sorted(n for n, s in REGISTRY.items() if s.kind == "grid")
             raise ValueError(f"compile_sampler records a grid solver, got {solver!r}; grid solvers: {grid_solvers}")

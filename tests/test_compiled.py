@@ -131,3 +131,15 @@ def test_compile_mode_matches_eager():
     assert cs.active == "compile", cs.fallback_reason
     ref = ss.sample(model, sde, x, solver="dpmpp_2m", steps=5)
     assert torch.allclose(cs(x).x, ref.x, rtol=1e-10, atol=1e-10)
+
+
+def test_processes_beyond_the_gaussian_kernel_default_on_the_view_and_euler_on_their_own_drift():
+    proc = ss.PFGMPP(D=128)
+    cloud = ss.PointCloud(torch.randn(16, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5)
+    model = cloud.model(proc)
+    x_T = proc.prior_sample((16, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for kw in (dict(nfe=10), dict(solver="euler", nfe=10)):  # the default runs on the EDM view (Process.ode_view)
+        cs = ss.compile_sampler(model, proc, x_T, t_eps=proc.sigma_min, mode="eager", **kw)
+        ref = ss.sample(model, proc, x_T, t_eps=proc.sigma_min, **kw)
+        torch.testing.assert_close(cs(x_T).x, ref.x, rtol=0, atol=0)
+        assert int(cs(x_T).nfe.max()) == 10 and cs.spec.name == ref.solver

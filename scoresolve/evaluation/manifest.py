@@ -8,10 +8,11 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import types
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -117,26 +118,64 @@ def _children(obj: Any) -> list:
     return []
 
 
-def reachable_modules(f: Any, depth: int = _SEARCH_DEPTH) -> list[torch.nn.Module]:
-    """The torch modules a callable reaches: itself, a bound method's object, ``functools.partial`` arguments, the
-    cells of a closure, an object's attributes and the items of lists, tuples and dicts (the first 64), followed up
-    to ``depth`` levels (globals are not followed). Deduplicated, in the order found."""
-    found: list[torch.nn.Module] = []
+def _reachable(f: Any, take: Callable[[Any], bool], descend: bool, depth: int) -> list:
+    """The objects for which ``take`` holds that ``f`` reaches (see `reachable_modules`), in the order found;
+    ``descend``: whether to look inside a taken object too."""
+    found: list = []
     seen: set[int] = set()
 
     def visit(obj: Any, d: int) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module):
+        if take(obj):
             found.append(obj)
-            return
+            if not descend:
+                return
         if d > 0:
             for child in _children(obj):
                 visit(child, d - 1)
 
     visit(f, depth)
     return found
+
+
+def reachable_modules(f: Any, depth: int = _SEARCH_DEPTH) -> list[torch.nn.Module]:
+    """The torch modules a callable reaches: itself, a bound method's object, ``functools.partial`` arguments, the
+    cells of a closure, an object's attributes and the items of lists, tuples and dicts (the first 64), followed up
+    to ``depth`` levels (globals are not followed). Deduplicated, in the order found."""
+    return _reachable(f, lambda obj: isinstance(obj, torch.nn.Module), False, depth)
+
+
+def _stable(v: Any) -> str:
+    """A text for a setting that is the same in every process: a tensor by dtype, shape and hash, a function by its
+    qualified name, any other object by its repr without memory addresses."""
+    if torch.is_tensor(v):
+        digest = hashlib.blake2b(_tensor_bytes(v), digest_size=8).hexdigest()
+        return f"tensor({v.dtype}, {tuple(v.shape)}, blake2b={digest})"
+    if inspect.isfunction(v) or inspect.ismethod(v) or inspect.isbuiltin(v):
+        return f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k!r}: {_stable(x)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))) + "}"
+    return _ADDRESS.sub("", repr(v))
+
+
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+
+
+def model_config(f: Any) -> str | None:
+    """How the networks behind a callable are read: for every [`ScoreModel`][scoresolve.ScoreModel] it reaches (as
+    `reachable_modules` follows objects), its prediction, time convention, ``num_timesteps``, ``net_kwargs`` and
+    process, joined with "; ". The same network read as eps or as x0, at another time scale or under another process
+    is another model, which `model_fingerprint` (the weights alone) cannot tell. None when it reaches no ScoreModel."""
+    from ..score import ScoreModel
+
+    found = _reachable(f, lambda obj: isinstance(obj, ScoreModel), True, _SEARCH_DEPTH)
+    return "; ".join(
+        f"ScoreModel(prediction={m.prediction!r}, time={_stable(m.time)}, num_timesteps={m.num_timesteps}, "
+        f"net_kwargs={_stable(m.net_kwargs)}, process={_stable(m.sde)})"
+        for m in found
+    ) or None
 
 
 def model_fingerprint(f: Any) -> str | None:
@@ -168,10 +207,12 @@ class ResumeError(ValueError):
     records, a corrupt manifest, or a live run of the same rank)."""
 
 
-def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) -> bool:
+def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) -> tuple[bool, frozenset[int]]:
     """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (`ResumeError`, a
     ValueError, if not). ``data``: this run's data, for the spot check of a manifest written before full data hashes.
-    Returns whether this call wrote the manifest."""
+    Returns whether this call wrote the manifest, and the `run_identity` values that mark records of this run: this
+    manifest's and the stored manifest's (which differs when it was written before one of this run's entries
+    existed: its records carry its identity)."""
     path = os.path.join(out_dir, MANIFEST)
     created = not os.path.exists(path)
     if created:  # every rank of a run writes the same content, atomically
@@ -185,6 +226,7 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
     if not isinstance(old, dict):
         raise ResumeError(f"{path} holds {type(old).__name__}, not a manifest; delete it only if the records belong "
                           "to this run")
+    idents = frozenset({run_identity(manifest), run_identity(old)})
     old_data = old.get("data_fingerprint")
     if isinstance(old_data, str) and old_data.startswith(SPOT_PREFIX) and data is not None:
         if old_data == spot_fingerprint(data):  # a run from before full hashes: its spot check still holds
@@ -196,6 +238,8 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
         old["num_levels"] = 2 ** int(old_bits) if ok else None
     if "threads" not in old:
         old["threads"] = manifest.get("threads")  # a run from before thread counts were recorded: not checked
+    if "model_config" not in old:
+        old["model_config"] = manifest.get("model_config")  # a run from before model configurations: not checked
     if isinstance(old, dict) and "model_fingerprint" not in old:
         old["model_fingerprint"] = manifest.get("model_fingerprint")  # a run from before fingerprints: not checked
     if old.get("model_fingerprint") != manifest.get("model_fingerprint"):
@@ -230,4 +274,4 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
             RuntimeWarning,
             stacklevel=3,
         )
-    return created
+    return created, idents
