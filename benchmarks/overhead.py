@@ -143,7 +143,7 @@ def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compil
 
     def ours_grid(name: str, **kw):
         if REGISTRY[name].stochastic:
-            kw["generator"] = torch.Generator().manual_seed(0)
+            kw["generator"] = torch.Generator(device=device).manual_seed(0)
         return _ours(model, sde, x_T, name, nfe=NFE, **kw)
 
     kd = load_k_diffusion_sampling()
