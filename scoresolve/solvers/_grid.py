@@ -212,7 +212,9 @@ class GridRun:
     def per_grid(self, name: tuple, build: Callable[[], Any]) -> Any:
         """``build()``, computed once per (``name``, forward process, grid) and kept for later solves on the same grid
         (the batches of a data set; an LRU of `GRID_CACHE_SIZE` entries). ``name`` must hold everything else the
-        result depends on (options, prediction, dtype). Host-side values only (floats, lists)."""
+        result depends on (options, prediction, dtype). Host-side values only (floats, lists). Processes are keyed
+        by their hash and equality (the frozen dataclasses of the package: by value); a process changed in place
+        after a solve would need a new object."""
         key = (name, self.sde, tuple(self.t))
         try:
             value = _GRID_CACHE.pop(key)
