@@ -137,12 +137,12 @@ def _rd_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 def _langevin(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, c: float, norms: str) -> torch.Tensor:
     """One Langevin step x + eps score + sqrt(2 eps) z with eps = c ||z||^2 / ||score||^2 (see `pc`)."""
     s2 = torch.linalg.vector_norm(score.flatten(1), dim=1).square()  # one pass over the state; the rest is [batch]
-    if norms == "sample":
-        eps = torch.where(s2 > 0, (c * math.prod(z.shape[1:])) / torch.where(s2 > 0, s2, 1.0), 0.0)
+    if norms == "sample":  # 0 where the score is 0 (c D / 0 = inf) or not finite
+        eps = torch.nan_to_num((c * math.prod(z.shape[1:])) / s2, nan=0.0, posinf=0.0)
     else:  # score_sde: squared batch means of the norms (one step size for the whole batch)
         zn, sn = z.flatten(1).norm(dim=1).mean(), s2.sqrt().mean()
         eps = torch.where(sn > 0, c * zn.square() / torch.where(sn > 0, sn, 1.0).square(), 0.0).expand(s2.shape)
-    return torch.addcmul(x, bcast(eps, x), score).addcmul_(bcast(torch.sqrt(2 * eps), x), z)
+    return torch.addcmul(x, bcast(eps, x), score).addcmul_(bcast(eps.sqrt(), x), z, value=math.sqrt(2))
 
 
 def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
