@@ -16,6 +16,8 @@ from .tableaux import EULER, HEUN, RK4, ButcherTableau
 
 def rk_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """One explicit RK step of ``tab`` from t = run.t[i] to run.t[i + 1] (h < 0: backwards in time)."""
+    if tab.stages <= 2:
+        return _rk_step_folded(tab, run, x, i)
     h = run.t[i + 1] - run.t[i]  # host floats: no device sync, float64 coefficients
     k: list[torch.Tensor] = []
     for s in range(tab.stages):
@@ -32,6 +34,25 @@ def rk_step(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch
         if bs:
             out = torch.add(out, ks, alpha=h * bs) if out is x else out.add_(ks, alpha=h * bs)
     return out
+
+
+def _rk_step_folded(tab: ButcherTableau, run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """`rk_step` for one- and two-stage tableaux (Euler, Heun) with the drifts' host coefficients folded into the
+    stage weights (drift = cx x + cp out, `GridRun.predict_parts`): one kernel less per stage."""
+    h = run.t[i + 1] - run.t[i]
+    o0, cx0, cp0 = run.predict_parts(x, i, "drift")
+    b0 = tab.b[0]
+    if tab.stages == 1:  # x + h b0 (cx0 x + cp0 o0)
+        return torch.add(x * (1 + h * b0 * cx0), o0, alpha=h * b0 * cp0)
+    a10, b1 = tab.a[0][0], tab.b[1]
+    xs = torch.add(x * (1 + h * a10 * cx0), o0, alpha=h * a10 * cp0)  # x + h a10 k0
+    if tab.c[1] == 1.0:
+        o1, cx1, cp1 = run.predict_parts(xs, i + 1, "drift")
+    else:
+        o1, cx1, cp1 = run.predict_parts(xs, None, "drift", t=stage_time(tab, run, i, 1))
+    # x + h (b0 k0 + b1 k1), k1 = cx1 xs + cp1 o1
+    return torch.add(x * (1 + h * b0 * cx0), o0, alpha=h * b0 * cp0).add_(xs, alpha=h * b1 * cx1).add_(
+        o1, alpha=h * b1 * cp1)
 
 
 def stage_time(tab: ButcherTableau, run: GridRun, i: int, s: int) -> float:
