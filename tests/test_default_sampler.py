@@ -70,3 +70,24 @@ def test_the_sde_default_on_a_process_without_reverse_sde_is_refused_by_name():
     x_T = proc.prior_sample((4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
     with pytest.raises(ss.IncompatibleProcessError, match="reverse_sde"):
         ss.sample(_cloud().model(proc), proc, x_T, nfe=10, diffusion=1.0)
+
+
+def test_eps_models_get_deis4_on_the_log_snr_grid_from_20_nfe():
+    assert default_for_process(19, {}, "eps", ss.VPSDE())[:3] == ("dpmpp_2m", {}, None)
+    assert default_for_process(20, {}, "score", ss.VESDE())[:3] == ("deis", {"order": 4, "basis": "log_rho"}, "logsnr")
+    assert default_for_process(50, {}, "eps", ss.RectifiedFlow())[0] == "dpmpp_2m"  # log-SNR -inf at T
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(16, 6, spread=2.0, scale_range=(0.05, 0.3), seed=1)
+    model = gm.model(sde, "eps")
+    x_T = sde.prior_sample((128, 16), generator=torch.Generator().manual_seed(0), dtype=F64)
+    ref = ss.sample(model, sde, x_T, solver="dopri5", rtol=1e-9, atol=1e-9).x
+    sol = ss.sample(model, sde, x_T, nfe=20)
+    by_hand = ss.sample(model, sde, x_T, solver="deis", order=4, basis="log_rho", grid="logsnr", nfe=20)
+    torch.testing.assert_close(sol.x, by_hand.x, rtol=0, atol=0)
+    assert int(sol.nfe.max()) == 20
+
+    def median_error(x):
+        return float((x - ref).norm(dim=1).median())
+
+    former = ss.sample(model, sde, x_T, solver="dpmpp_2m", nfe=20).x  # the default below 20 NFE
+    assert median_error(sol.x) < 0.5 * median_error(former)
