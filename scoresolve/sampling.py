@@ -157,10 +157,14 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
                     steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
                 elif steps < spec.min_steps:
                     raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
-                kind = grid or default_grid(spec.default_grid, sde)
-                if kind.split(":")[0] in LOG_SNR_GRIDS:
-                    check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
-                ts = time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
+                own = sde.default_time_grid(steps, t_eps) if grid is None and shift is None else None
+                if own is not None:  # the process's own schedule (`Process.default_time_grid`)
+                    ts = check_grid(own.to(torch.float64), sde.T)
+                else:
+                    kind = grid or default_grid(spec.default_grid, sde)
+                    if kind.split(":")[0] in LOG_SNR_GRIDS:
+                        check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))
+                    ts = time_grid(sde, steps, kind, t_eps, shift=shift, solver=solver)
             sol = spec(process, x_T, ts.to(device=x_T.device), progress=progress, **keywords, **options)
             sol.stats.setdefault("grid", ts)
     if denoise:

@@ -44,9 +44,8 @@ EPS_HIGH_NFE = 20
 log(sigma / alpha) (`deis`, ``basis="log_rho"``, order 4; azula's zEAB4) on the log-SNR grid (`eps_sampler`)."""
 FALLBACK = ("euler",)
 """Solvers needing nothing but the ODE, in order of preference, for a process the default does not fit and that has no
-`ode_view` (on the PFGM++ point cloud above, without the view, Euler had 0.3-0.5 RMS error at 5-40 NFE where Heun and
-RK4 on their default grids had 9-3000: their stages at the small end of the grid amplify the denoiser's error by
-sigma_i / sigma_(i+1))."""
+`ode_view` (on the PFGM++ point cloud above, without the view, on PFGM++'s own rho = 7 grid: Euler 0.18 / 0.12 /
+0.092 RMS error at 10 / 20 / 40 NFE, Heun 1.4 / 0.099 / 0.067, RK4 76 / 0.19 / 0.066)."""
 LOG_SNR_GRIDS = ("logsnr", "karras", "flow")
 """Named grids built from the log-SNR (``flow:P`` included): they require the capability ``gaussian_kernel``."""
 
