@@ -1,6 +1,6 @@
 """``scoresolve evaluate`` (also ``python -m scoresolve.models.evaluate``): bits/dim of a trained image model on
 held-out digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
-``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow``."""
+``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow`` / ``digits_pfgmpp``."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve evaluate`` (sets ``func=cmd_evaluate``)."""
-    add_network_args(p, ("digits", "digits_flow"), with_shape=False, required=True,
+    add_network_args(p, ("digits", "digits_flow", "digits_pfgmpp"), with_shape=False, required=True,
                      model_help="a shipped digits model (else --checkpoint or --model-spec: a model of 8x8 digits)")
     p.add_argument("--bpd-n", type=NONNEGATIVE_INT, default=200, help="held-out images for bits/dim (0: skip)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="images per likelihood solve")
@@ -127,6 +127,17 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     add_check(p, check_dequantization_args)
 
 
+def _gaussian_view(model, sde):
+    """(model, process) for the (alpha, sigma) solvers: a Poisson flow (PFGM++) through its EDM view, the same ODE
+    in the x0 prediction (`scoresolve.PFGMPP.edm_view`); any other process as it is."""
+    if not hasattr(sde, "edm_view"):
+        return model, sde
+    from ..score import ScoreModel
+
+    view = sde.edm_view()
+    return ScoreModel(model.net, view, prediction="x0", time="t"), view
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Write the sample grid (``--grid``) and print bits/dim on ``--bpd-n`` held-out digits."""
     from ..data import digits
@@ -139,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split_seed = getattr(net.config, "split_seed", 0)  # the shipped models and --model-spec: the default split
     if args.grid:
         x_T = sde.prior_sample((64, 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
-        a = sample(model, sde, x_T, solver="dpmpp_2m", nfe=20)
+        a = sample(*_gaussian_view(model, sde), x_T, solver="dpmpp_2m", nfe=20)
         b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol)
         nfe_b = float(b.nfe.double().mean()) if torch.is_tensor(b.nfe) else float(b.nfe)
         test = digits("test", seed=split_seed)[:64]

@@ -115,7 +115,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve sample`` (sets ``func=cmd_sample``)."""
     add_model_args(p)
     add_network_args(p, model_help="the analytic Gaussian mixture (scored exactly: exact log p and sliced W2 to exact "
-                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow); networks "
+                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow), "
+                     "digits_pfgmpp (PFGM++, D = 128: the ODE solvers euler, heun, rk4, dopri5, ...); networks "
                      "ignore --sde, --dim, --components and --diagonal")
     p.add_argument("--solver", type=solver_name, default=None,
                    help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD (default: "
