@@ -1,9 +1,10 @@
 """Work-precision of the ODE solvers on trained PFGM++ digits models, one per D (the small-D robustness claim).
 
 For each model (a checkpoint of `scoresolve train --sde pfgmpp --sde-arg D=...`, all with identical settings): the
-network in float64, x_T from the model's own PFGM++ prior (seed 0, the same Gaussian and Gamma draws for every D),
-a reference solve of the PF-ODE (dopri5, rtol = atol = ``--ref-tol``) from sigma_max = 80 to sigma_min = 0.002,
-then each solver at each NFE on EDM's karras grid (rho = 7) through `PFGMPP.edm_view()` (the same ODE).
+network in ``--dtype`` (float32 by default: the errors measured are far above its rounding), x_T from the model's
+own PFGM++ prior (seed 0, the same Gaussian and Gamma draws for every D), a reference solve of the PF-ODE
+(dopri5, rtol = atol = ``--ref-tol``) from sigma_max = 80 to sigma_min = 0.002, then each solver at each NFE on
+EDM's karras grid (rho = 7) through `PFGMPP.edm_view()` (the same ODE).
 
 Reported per (D, solver, NFE): the median over samples of the per-sample RMS pixel error against the reference
 (pixels in [-1, 1]), and a sample-quality proxy: the sliced Wasserstein-2 distance (256 projections) between the
@@ -11,7 +12,7 @@ samples and as many held-out digits (uniformly dequantized, seed 0), next to the
 CPU, one thread, minutes.
 
     python benchmarks/pfgm_digits.py --model 128=scoresolve/models/checkpoints/digits_pfgmpp.pt \
-        --model 8=runs/D8/model.pt ... [--batch 128] [--out benchmarks/results/pfgm_digits.json] [--add]
+        --model 8=runs/D8/model.pt ... [--batch 64] [--out benchmarks/results/pfgm_digits.json] [--add]
 """
 
 from __future__ import annotations
@@ -38,19 +39,20 @@ def per_sample_rms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def run_model(label: str, path: str, solvers: list[str], nfes: list[int], batch: int, ref_tol: float,
-              test: torch.Tensor) -> dict:
+              test: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
     model, sde, config = load_checkpoint(path)
     if not isinstance(sde, ss.PFGMPP):
         raise SystemExit(f"{path} is not a PFGM++ model ({sde!r})")
-    net64 = float64_model(model.net)
+    net = float64_model(model.net) if dtype == F64 else model.net
     view = sde.edm_view()
-    m = ss.ScoreModel(net64, view, prediction="x0", time="t")
-    x_T = sde.prior_sample((batch, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=F64)
+    m = ss.ScoreModel(net, view, prediction="x0", time="t")
+    x_T = sde.prior_sample((batch, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=dtype)
     t_eps = sde.sigma_min
     t0 = time.perf_counter()
     ref = ss.sample(m, view, x_T, solver="dopri5", rtol=ref_tol, atol=ref_tol, t_eps=t_eps)
     ref_nfe = float(ref.nfe.double().mean()) if torch.is_tensor(ref.nfe) else float(ref.nfe)
     out = {"label": label, "D": sde.D, "checkpoint": path, "steps": config.steps, "ref_tol": ref_tol,
+           "dtype": str(dtype).replace("torch.", ""),
            "ref_nfe": ref_nfe, "ref_seconds": time.perf_counter() - t0,
            "ref_swd": sliced_wasserstein(ref.x, test), "runs": []}
     print(f"D = {label}: reference dopri5 rtol=atol={ref_tol:g}, NFE {ref_nfe:.0f}, SWD to held-out "
@@ -92,8 +94,9 @@ def main() -> None:
                     help="a PFGM++ digits checkpoint and its label (e.g. 128=...), repeatable")
     ap.add_argument("--solvers", default="euler,heun,dpmpp_2m,unipc,ipndm,vab")
     ap.add_argument("--nfe", default="5,10,20,35,50")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--ref-tol", type=float, default=1e-7)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ref-tol", type=float, default=1e-6)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--out", default="benchmarks/results/pfgm_digits.json")
     ap.add_argument("--add", action="store_true", help="add these models' rows to --out's (same settings)")
     args = ap.parse_args()
@@ -112,7 +115,8 @@ def main() -> None:
         results = [r for r in old["results"] if r["label"] not in labels]
     for spec in args.model:
         label, _, path = spec.partition("=")
-        results.append(run_model(label, path, solvers, nfes, args.batch, args.ref_tol, test))
+        results.append(run_model(label, path, solvers, nfes, args.batch, args.ref_tol, test,
+                                 getattr(torch, args.dtype)))
     results.sort(key=lambda r: r["D"])
     print("\nMedian per-sample RMS pixel error against each model's own reference:\n")
     print(table(results, solvers, nfes, "median_rms", ".1e"))

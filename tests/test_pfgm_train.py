@@ -166,6 +166,11 @@ def test_the_shipped_digits_pfgmpp_model(tmp_path, capsys):
     assert main(["sample", "--model", "digits_pfgmpp", "--solver", "heun", "--batch", "4", "--nfe", "7", "--quiet",
                  "--out", str(tmp_path / "s.png")]) == 0
     assert "digits_pfgmpp (PFGMPP(D=128" in capsys.readouterr().out
+    for solver, says in (([], "give --solver, one of"), (["--solver", "dpmpp_2m"], "'gaussian_kernel'"),
+                         (["--solver", "euler_maruyama"], "'reverse_sde'")):  # usage errors, not tracebacks
+        with pytest.raises(SystemExit) as e:
+            main(["sample", "--model", "digits_pfgmpp", *solver, "--batch", "2", "--quiet"])
+        assert e.value.code == 2 and says in capsys.readouterr().err
     assert main(["evaluate", "--model", "digits_pfgmpp", "--bpd-n", "2", "--batch-size", "2", "--rtol", "1e-2",
                  "--atol", "1e-2"]) == 0
     bpd = float(capsys.readouterr().out.split("digits (17 levels")[1].split("): ")[1].split()[0])

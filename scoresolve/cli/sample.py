@@ -109,6 +109,18 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
+    if net is not None and not getattr(net.sde, "gaussian_kernel", True):  # a Poisson flow (PFGM++)
+        from ..process import IncompatibleProcessError
+        from ..solvers._registry import fitting_solvers
+
+        if args.solver is None:
+            raise UsageError(f"{net.name}'s process {net.sde!r} has no Gaussian kernel, which the default sampler "
+                             f"needs: give --solver, one of {', '.join(fitting_solvers(net.sde))}")
+        if spec is not None:
+            try:
+                spec.check_process(net.sde, {}, args.diffusion)
+            except IncompatibleProcessError as e:
+                raise UsageError(str(e)) from None
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
