@@ -88,9 +88,17 @@ def table(results: list[dict], solvers: list[str], nfes: list[int], key: str, fm
     return "\n".join(lines)
 
 
+def print_tables(results: list[dict], solvers: list[str], nfes: list[int]) -> None:
+    print("\nMedian per-sample RMS pixel error against each model's own reference:\n")
+    print(table(results, solvers, nfes, "median_rms", ".1e"))
+    print("\nSliced W2 to held-out digits (reference samples: " + ", ".join(
+        f"D = {r['label']}: {r['ref_swd']:.4f} (NFE {r['ref_nfe']:.0f})" for r in results) + "):\n")
+    print(table(results, solvers, nfes, "swd", ".4f"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
+    ap.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                     help="a PFGM++ digits checkpoint and its label (e.g. 128=...), repeatable")
     ap.add_argument("--solvers", default="euler,heun,dpmpp_2m,unipc,ipndm,vab")
     ap.add_argument("--nfe", default="5,10,20,35,50")
@@ -99,9 +107,17 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--out", default="benchmarks/results/pfgm_digits.json")
     ap.add_argument("--add", action="store_true", help="add these models' rows to --out's (same settings)")
+    ap.add_argument("--print", action="store_true", help="print the tables of --out and stop")
     args = ap.parse_args()
     torch.set_num_threads(1)
     solvers, nfes = args.solvers.split(","), [int(n) for n in args.nfe.split(",")]
+    if args.print:
+        with open(args.out) as f:
+            old = json.load(f)
+        print_tables(old["results"], old["solvers"], old["nfes"])
+        return
+    if not args.model:
+        raise SystemExit("give --model LABEL=PATH (repeatable), or --print")
     test = dequantize(digits("test")[: args.batch], generator=torch.Generator().manual_seed(0)).double()
     if test.shape[0] < args.batch:
         raise SystemExit(f"--batch {args.batch}: the held-out split has {test.shape[0]} images")
@@ -118,11 +134,7 @@ def main() -> None:
         results.append(run_model(label, path, solvers, nfes, args.batch, args.ref_tol, test,
                                  getattr(torch, args.dtype)))
     results.sort(key=lambda r: r["D"])
-    print("\nMedian per-sample RMS pixel error against each model's own reference:\n")
-    print(table(results, solvers, nfes, "median_rms", ".1e"))
-    print("\nSliced W2 to held-out digits (reference samples: " + ", ".join(
-        f"D = {r['label']}: {r['ref_swd']:.4f}" for r in results) + "):\n")
-    print(table(results, solvers, nfes, "swd", ".4f"))
+    print_tables(results, solvers, nfes)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
