@@ -385,8 +385,10 @@ def shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def add_network_args(p: argparse.ArgumentParser, builtin: Sequence[str] = ("mixture", "digits", "digits_flow"),
-                     model_help: str = "", with_shape: bool = True, required: bool = False) -> None:
+def add_network_args(
+    p: argparse.ArgumentParser, builtin: Sequence[str] = ("mixture", "digits", "digits_flow", "digits_pfgmpp"),
+    model_help: str = "", with_shape: bool = True, required: bool = False,
+) -> None:
     """The model options: ``--model`` (the built-in names), ``--checkpoint``, ``--model-spec`` / ``--model-arg`` and
     ``--shape``; `check_model_source` checks them and `network` loads the model. Without any of them the model is
     ``builtin[0]``, unless ``required`` (then the command's check asks for one)."""

@@ -1,6 +1,6 @@
 """``scoresolve evaluate`` (also ``python -m scoresolve.models.evaluate``): bits/dim of a trained image model on
 held-out digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
-``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow``."""
+``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow`` / ``digits_pfgmpp``."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve evaluate`` (sets ``func=cmd_evaluate``)."""
-    add_network_args(p, ("digits", "digits_flow"), with_shape=False, required=True,
+    add_network_args(p, ("digits", "digits_flow", "digits_pfgmpp"), with_shape=False, required=True,
                      model_help="a shipped digits model (else --checkpoint or --model-spec: a model of 8x8 digits)")
     p.add_argument("--bpd-n", type=NONNEGATIVE_INT, default=200, help="held-out images for bits/dim (0: skip)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="images per likelihood solve")
@@ -127,6 +127,18 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     add_check(p, check_dequantization_args)
 
 
+def _grid_sampling(model, sde) -> tuple[object, object, dict]:
+    """(model, process, keywords) for the grid's dpmpp_2m: a Poisson flow (PFGM++) through its EDM view (the same
+    ODE in the x0 prediction, `scoresolve.PFGMPP.edm_view`) on EDM's karras grid down to sigma_min, as the PFGM++
+    reference samples; any other process as it is, on the solver's default grid."""
+    if not hasattr(sde, "edm_view"):
+        return model, sde, {}
+    from ..score import ScoreModel
+
+    view = sde.edm_view()
+    return ScoreModel(model.net, view, prediction="x0", time="t"), view, {"grid": "karras", "t_eps": sde.sigma_min}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Write the sample grid (``--grid``) and print bits/dim on ``--bpd-n`` held-out digits."""
     from ..data import digits
@@ -139,8 +151,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split_seed = getattr(net.config, "split_seed", 0)  # the shipped models and --model-spec: the default split
     if args.grid:
         x_T = sde.prior_sample((64, 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
-        a = sample(model, sde, x_T, solver="dpmpp_2m", nfe=20)
-        b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol)
+        model_a, sde_a, kw = _grid_sampling(model, sde)
+        a = sample(model_a, sde_a, x_T, solver="dpmpp_2m", nfe=20, **kw)
+        b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol,
+                   **({"t_eps": kw["t_eps"]} if "t_eps" in kw else {}))
         nfe_b = float(b.nfe.double().mean()) if torch.is_tensor(b.nfe) else float(b.nfe)
         test = digits("test", seed=split_seed)[:64]
         panels = [("held-out data", test), ("dpmpp_2m, 20 NFE", a.x)]

@@ -61,7 +61,8 @@ class _LevelsAction(argparse.Action):
             )
 
 
-_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf"}  # the process each shipped model was trained under
+# the process each shipped model was trained under
+_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf", "digits_pfgmpp": "pfgmpp"}
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -294,7 +295,8 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         "torchrun rejects --n as an ambiguous abbreviation of its own options)",
     )
     add_network_args(p, ("mixture", *_BUILTIN_SDE), with_shape=False, model_help="the analytic Gaussian mixture "
-                     "(exact reference), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow). "
+                     "(exact reference), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow), "
+                     "digits_pfgmpp (PFGM++, D = 128). "
                      "Networks (also --checkpoint, --model-spec) ignore --sde and evaluate --data; without it, the "
                      "shipped models and checkpoints trained on digits take the first --num-samples held-out digits "
                      "as 17-level data, checkpoints trained on a 2-D toy set fresh samples of it")

@@ -109,13 +109,22 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
     if args.nfe is not None and spec is not None and spec.kind == "adaptive":
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
+    if net is not None and not getattr(net.sde, "gaussian_kernel", True):  # a Poisson flow (PFGM++)
+        from ..process import IncompatibleProcessError
+
+        if spec is not None:  # (the default sampler runs on the process's ode_view: `Process.ode_view`)
+            try:
+                spec.check_process(net.sde, {}, args.diffusion)
+            except IncompatibleProcessError as e:
+                raise UsageError(str(e)) from None
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve sample`` (sets ``func=cmd_sample``)."""
     add_model_args(p)
     add_network_args(p, model_help="the analytic Gaussian mixture (scored exactly: exact log p and sliced W2 to exact "
-                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow); networks "
+                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow), "
+                     "digits_pfgmpp (PFGM++, D = 128: the ODE solvers euler, heun, rk4, dopri5, ...); networks "
                      "ignore --sde, --dim, --components and --diagonal")
     p.add_argument("--solver", type=solver_name, default=None,
                    help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD (default: "
