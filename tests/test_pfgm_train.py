@@ -166,7 +166,11 @@ def test_the_shipped_digits_pfgmpp_model(tmp_path, capsys):
     assert main(["sample", "--model", "digits_pfgmpp", "--solver", "heun", "--batch", "4", "--nfe", "7", "--quiet",
                  "--out", str(tmp_path / "s.png")]) == 0
     assert "digits_pfgmpp (PFGMPP(D=128" in capsys.readouterr().out
-    for solver, says in (([], "give --solver, one of"), (["--solver", "dpmpp_2m"], "'gaussian_kernel'"),
+    # no --solver: the default sampler runs on the process's EDM view (`Process.ode_view`)
+    assert main(["sample", "--model", "digits_pfgmpp", "--batch", "2", "--nfe", "5", "--quiet",
+                 "--out", str(tmp_path / "d.pt")]) == 0
+    capsys.readouterr()
+    for solver, says in ((["--solver", "dpmpp_2m"], "'gaussian_kernel'"),
                          (["--solver", "euler_maruyama"], "'reverse_sde'")):  # usage errors, not tracebacks
         with pytest.raises(SystemExit) as e:
             main(["sample", "--model", "digits_pfgmpp", *solver, "--batch", "2", "--quiet"])
