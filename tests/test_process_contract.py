@@ -9,7 +9,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.divergence import ExactDivergence, HutchinsonDivergence
-from scoresolve.solvers import REGISTRY, SolverSpec
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, GridSolver, SolverSpec
 from scoresolve.solvers._registry import alpha0_solvers, fitting_solvers, register
 
 F64 = torch.float64
@@ -113,6 +113,26 @@ def test_alpha0_solvers_come_from_the_registry():
             ss.sample(gm.model(sde, "flow"), sde, x_T, solver="dpm_solver_2", nfe=12)
     finally:
         del REGISTRY["toy_alpha0_solver"]
+
+
+def test_grid_and_adaptive_solvers_are_two_types():
+    """The type of a registry entry says how it runs (no kind string): grid solvers have a step function and an NFE
+    rule, adaptive ones a run function; SolverSpec(step=...) / SolverSpec(run=...) build the one or the other."""
+    grid = {n for n, s in REGISTRY.items() if isinstance(s, GridSolver)}
+    adaptive = {n for n, s in REGISTRY.items() if isinstance(s, AdaptiveSolver)}
+    assert grid | adaptive == set(REGISTRY) and not grid & adaptive
+    assert {"euler", "ddim", "dpmpp_2m", "pc", "ipndm"} <= grid
+    assert adaptive == {"dopri5", "dopri5_shampine", "tsit5", "bosh3", "vern6", "vern7", "adaptive_sde"}
+    assert not hasattr(REGISTRY["dopri5"], "steps_for_nfe") and not hasattr(REGISTRY["euler"], "kind")
+    assert REGISTRY["pc"].nfe_for_steps(10) == 20 and REGISTRY["dpm_solver_2"].steps_for_nfe(12) == 6
+    assert type(SolverSpec("toy", step=REGISTRY["euler"].step)) is GridSolver
+    assert type(SolverSpec("toy", run=REGISTRY["dopri5"].run)) is AdaptiveSolver
+    with pytest.raises(TypeError, match="exactly one of step= .* or run="):
+        SolverSpec("toy")
+    with pytest.raises(ValueError, match="needs a step function"):
+        GridSolver("toy")
+    with pytest.raises(ValueError, match="needs a run function"):
+        AdaptiveSolver("toy")
 
 
 def test_sample_and_log_likelihood_choose_the_same_time_variable_by_the_same_rule():

@@ -40,13 +40,13 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 def _grid_spec(name: str):
-    from ..solvers import REGISTRY
+    from ..solvers import REGISTRY, GridSolver
 
     if name not in REGISTRY:
         raise ValueError(f"unknown solver {name!r}; available grid solvers: "
-                         f"{sorted(n for n, s in REGISTRY.items() if s.kind == 'grid')}")
+                         f"{sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver))}")
     spec = REGISTRY[name]
-    if spec.kind != "grid":
+    if not isinstance(spec, GridSolver):
         raise ValueError(f"solver {name!r} is adaptive (it chooses its own steps); a k-diffusion sampler runs on the "
                          "sigmas it is given: use a grid solver")
     return spec

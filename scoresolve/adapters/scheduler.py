@@ -117,7 +117,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         diffusion: float | None = None,
         timestep_mode: str = "snap",
     ) -> None:
-        from ..solvers import REGISTRY
+        from ..solvers import REGISTRY, GridSolver
 
         if prediction_type not in _PREDICTIONS:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of "
@@ -137,7 +137,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         spec = self.spec = REGISTRY[solver]
         options = dict(solver_options or {})
         spec.check_options(options)
-        if spec.kind != "grid":
+        if not isinstance(spec, GridSolver):
             raise ValueError(f"solver {solver!r} is adaptive: a scheduler takes the pipeline's fixed timesteps; use a "
                              "grid solver")
         if options.get("afs"):

@@ -83,7 +83,7 @@ def _is_image(shape_: tuple[int, ...] | None) -> bool:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from ..solvers import REGISTRY
+    from ..solvers import REGISTRY, AdaptiveSolver
 
     net = check_model_source(args, need_shape=True)
     out = args.out.lower()
@@ -107,7 +107,7 @@ def _check(args: argparse.Namespace) -> None:
                              "dpmpp_2m_sde, torchsde:METHOD)")
         if args.diffusion == 0 and (args.solver or "").startswith("torchsde:"):
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
-    if args.nfe is not None and spec is not None and spec.kind == "adaptive":
+    if args.nfe is not None and isinstance(spec, AdaptiveSolver):
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
 
 

@@ -9,7 +9,7 @@ grids), `grid_store` (saved tuned grids).
 """
 
 from . import adams, backends, exponential, fixed, multistep, ode, sde  # noqa: F401  (imports register the solvers)
-from ._registry import REGISTRY, EvalCounter, SolverSpec
+from ._registry import REGISTRY, AdaptiveSolver, EvalCounter, GridSolver, SolverSpec
 from ._solution import Solution
 from .controllers import DOPRI5_GAINS, IController, PIController
 from .errors import MaxStepsError, NonFiniteError, NonFiniteStepError, StepSizeUnderflowError
@@ -19,7 +19,8 @@ from .ode import odeint_adaptive
 from .tableaux import TABLEAUX, ButcherTableau
 
 __all__ = [
-    "DOPRI5_GAINS", "GRIDS", "REGISTRY", "TABLEAUX", "ButcherTableau", "EvalCounter", "IController",
+    "AdaptiveSolver", "DOPRI5_GAINS", "GRIDS", "GridSolver", "REGISTRY", "TABLEAUX", "ButcherTableau", "EvalCounter",
+    "IController",
     "MaxStepsError", "NonFiniteError", "NonFiniteStepError", "PIController", "Solution", "SolverSpec",
     "StepSizeUnderflowError", "integrate", "odeint_adaptive", "time_grid",
 ]
