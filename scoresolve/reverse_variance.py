@@ -255,7 +255,7 @@ def load_moments(name: str, directory: str | os.PathLike | None = None) -> Momen
 
 
 def _model_id(model: Callable) -> str | None:
-    from .evaluation.manifest import model_fingerprint
+    from .fingerprint import model_fingerprint
 
     return model_fingerprint(model)
 
@@ -312,7 +312,7 @@ def moments_key(model: Callable, sde: ForwardSDE, times: Any, num_samples: int, 
     """The file name under which `cached_moments` keeps an estimate: the number of times, M, and a digest of the
     network's fingerprint, the schedule at the times (alpha, sigma), the seed and the data; None for a model without
     torch modules (nothing identifies it)."""
-    from .evaluation.manifest import data_fingerprint
+    from .fingerprint import data_fingerprint
     from .score import ScoreModel
 
     mid = _model_id(ScoreModel.wrap(model, sde))

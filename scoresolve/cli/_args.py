@@ -60,18 +60,6 @@ class CommandParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def run_module(module: str, add_args: Callable[[argparse.ArgumentParser], Any], argv: Sequence[str] | None) -> int:
-    """``python -m MODULE ARGV``: parse with a stand-alone parser of one command (described by the first line of
-    the module's docstring) and run it."""
-    import importlib
-
-    doc = importlib.import_module(module).__doc__ or ""
-    parser = CommandParser(prog=f"python -m {module}", description=doc.split("\n")[0])
-    add_args(parser)
-    args = parser.parse_args(argv)
-    return run_command(args, parser)
-
-
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 
 

@@ -1,11 +1,10 @@
-"""``scoresolve evaluate`` (also ``python -m scoresolve.models.evaluate``): bits/dim of a trained image model on
-held-out digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
+"""``scoresolve evaluate`` (also ``python -m scoresolve evaluate``): bits/dim of a trained image model on held-out
+digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
 ``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow``."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
 import torch
 
@@ -25,7 +24,6 @@ from ._args import (
     load_dequantizer,
     network,
     output_file,
-    run_module,
 )
 
 
@@ -175,8 +173,3 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print("  (each draw's log p carries Hutchinson noise, which the log-mean-exp turns into a spurious "
                       "gain: the importance-weighted figure is a bound only with --divergence exact)")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scoresolve.models.evaluate ...``: ``scoresolve evaluate`` as a stand-alone program."""
-    return run_module("scoresolve.models.evaluate", add_evaluate_args, argv)

@@ -263,7 +263,7 @@ def evaluate_dataset(
             records the score's name, with a checksum of its weights for a torch module, and the SDE).
             Independently, the manifest stores ``model_fingerprint``: a hash of the parameters and buffers of the
             torch modules that ``score`` (default ``fn``) or ``fn`` reaches (see
-            [`model_fingerprint`][scoresolve.evaluation.manifest.model_fingerprint]); resuming with another model
+            [`model_fingerprint`][scoresolve.fingerprint.model_fingerprint]); resuming with another model
             is an error naming both fingerprints (manifests from before fingerprints resume unchecked).
         progress: a tqdm bar of this rank's samples (rank 0 only).
         rank: this process's shard (default: from ``torch.distributed`` when initialised, else 0).

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..dequantization import dequantize_levels, grid_name, resolve_levels
+from ..fingerprint import item
 
 if TYPE_CHECKING:
     from ..dequantizers import Dequantizer
@@ -20,16 +21,6 @@ def derive_seed(tag: str, *parts: int) -> int:
     text = ":".join([tag, *(str(int(p)) for p in parts)])
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def item(data: Any, i: int) -> torch.Tensor:
-    """Sample ``i`` of a tensor or a map-style dataset (of a tuple item, its first element) as a tensor."""
-    it = data[i]
-    if isinstance(it, (tuple, list)):
-        if not it:
-            raise ValueError(f"dataset item {i} is empty")
-        it = it[0]
-    return torch.as_tensor(it)
 
 
 def batch(data: Any, start: int, stop: int) -> torch.Tensor:

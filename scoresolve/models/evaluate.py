@@ -2,7 +2,7 @@
 
     scoresolve evaluate --checkpoint scoresolve/models/checkpoints/digits_vp.pt --bpd-n 200 --grid digits_samples.png
 
-(or ``python -m scoresolve.models.evaluate`` with the same options; the command lives in `scoresolve.cli.evaluate`).
+(or ``python -m scoresolve evaluate`` with the same options; the command lives in `scoresolve.cli.evaluate`).
 
 Bits/dim: each held-out image is uniformly dequantized on its 17 levels
 ([`scoresolve.data.dequantize`][scoresolve.data.dequantize]), its log-density is computed with
@@ -16,7 +16,6 @@ importance-weighted one.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -153,9 +152,3 @@ def save_sample_grids(panels: Sequence[tuple[str, torch.Tensor]], path: str, nro
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-if __name__ == "__main__":  # python -m scoresolve.models.evaluate: the `scoresolve evaluate` command
-    from ..cli.evaluate import main
-
-    sys.exit(main())
