@@ -265,3 +265,41 @@ def test_a_process_that_is_no_forward_sde_runs_the_solvers_that_need_nothing_of_
         res = ss.log_likelihood(proc.x0_net, proc, x, divergence=div, probes=1, rtol=1e-8, atol=1e-8, t_eps=t_eps,
                                 generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(res.log_prob, ref, rtol=0, atol=1e-6)  # the Jacobian is a multiple of I
+
+
+NOISY_RUNS = (("dpmpp_2m_sde", {}, None), ("euler_maruyama", {}, None), ("ddim", {"eta": 1.0}, None),
+              ("euler", {}, 1.0))
+"""(solver, options, diffusion) of runs that draw noise: they require a reverse SDE."""
+
+
+def test_the_diffusers_scheduler_checks_the_process_like_sample(monkeypatch):
+    """ScoresolveScheduler runs a grid solver's steps itself (not through sample()): it makes the same check."""
+    pytest.importorskip("diffusers")
+    from scoresolve.adapters import scheduler as sch
+
+    ok = sch.ScoresolveScheduler(solver="dpmpp_2m_sde")  # the DDPM schedule has every capability
+    assert ok.sde.capabilities() >= {"reverse_sde", "gaussian_kernel"}
+    monkeypatch.setattr(sch, "sde_from_scheduler", lambda config: NoReverseSDE())
+    for solver, options, diffusion in NOISY_RUNS:
+        with pytest.raises(ss.IncompatibleProcessError, match=f"solver '{solver}' requires the capability "
+                                                              "'reverse_sde'.*solvers that fit it: .*dpmpp_2m"):
+            sch.ScoresolveScheduler(solver=solver, solver_options=options, diffusion=diffusion)
+    sch.ScoresolveScheduler(solver="dpmpp_2m")  # a solver that fits is taken
+    monkeypatch.setattr(sch, "sde_from_scheduler", lambda config: NonGaussianKernel())
+    with pytest.raises(ss.IncompatibleProcessError, match="solver 'dpmpp_2m' requires the capability 'gaussian_ke"):
+        sch.ScoresolveScheduler(solver="dpmpp_2m")
+
+
+def test_the_k_diffusion_sampler_checks_the_process_like_sample(monkeypatch):
+    from scoresolve.adapters import k_diffusion as kd
+
+    kd.k_diffusion_sampler("dpmpp_2m_sde")  # EDM's process has every capability
+    monkeypatch.setattr(kd, "_process", lambda kind, sigma_max: NoReverseSDE())
+    for solver, options, diffusion in NOISY_RUNS:
+        with pytest.raises(ss.IncompatibleProcessError, match=f"solver '{solver}' requires the capability "
+                                                              "'reverse_sde'.*solvers that fit it: .*dpmpp_2m"):
+            kd.k_diffusion_sampler(solver, diffusion=diffusion, **options)
+    kd.k_diffusion_sampler("dpmpp_2m")
+    monkeypatch.setattr(kd, "_process", lambda kind, sigma_max: NonGaussianKernel())
+    with pytest.raises(ss.IncompatibleProcessError, match="solver 'unipc' requires the capability 'gaussian_kernel'"):
+        kd.k_diffusion_sampler("unipc", sde="flow")

@@ -153,6 +153,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"solver {solver!r} is not verified to take one evaluation per step at the pipeline's "
                              f"points; ScoresolveScheduler runs {', '.join(SCHEDULER_SOLVERS)}")
+        spec.check_process(self.sde, options, diffusion)  # the process contract, checked as sample() checks it
         self.options = options
         self.replay = _Replay()
         self.model = ScoreModel(self.replay, self.sde, prediction=_PREDICTIONS[prediction_type],
