@@ -15,12 +15,12 @@ from _evaluation_helpers import FakeResult
 import scoresolve as ss
 import scoresolve.likelihood
 from scoresolve import EDMSDE, SubVPSDE
-from scoresolve import data as sd
 from scoresolve.cli import build_parser, main
 from scoresolve.cli.likelihood import add_likelihood_args
 from scoresolve.cli.train import add_train_args, cmd_train
 from scoresolve.evaluation import dequantized_samples, read_records
 from scoresolve.models import DIGITS_CHECKPOINT, load_checkpoint
+from scoresolve.quantization import bits_per_dim, from_levels
 
 F64 = torch.float64
 
@@ -101,7 +101,7 @@ def test_likelihood_with_num_levels_dequantizes_on_17_levels(tmp_path, monkeypat
 
     monkeypatch.setattr(scoresolve.likelihood, "log_likelihood", exact_log_likelihood)
     v = torch.randint(0, 17, (6, 1, 2, 2), generator=torch.Generator().manual_seed(0))
-    x = sd.from_levels(v, 17, (-1.0, 1.0), dtype=torch.float64)
+    x = from_levels(v, 17, (-1.0, 1.0), dtype=torch.float64)
     torch.save({"x": x}, tmp_path / "d.pt")
     out = tmp_path / "run"
     common = ["likelihood", "--data", str(tmp_path / "d.pt"), "--components", "2", "--batch-size", "4", "--quiet",
@@ -119,7 +119,7 @@ def test_likelihood_with_num_levels_dequantizes_on_17_levels(tmp_path, monkeypat
     gm = ss.GaussianMixture.random(4, 2, seed=0, event_shape=(1, 2, 2))
     lp = gm.log_prob(ref, 1e-5, ss.VPSDE())
     assert torch.equal(rec["log_prob"], lp)
-    assert torch.equal(rec["bpd"], sd.bits_per_dim(lp, 4, 17, (-1.0, 1.0)))
+    assert torch.equal(rec["bpd"], bits_per_dim(lp, 4, data_range=(-1.0, 1.0), num_levels=17))
     assert float((rec["bpd"] + lp / (4 * math.log(2)) - math.log2(8.5)).abs().max()) < 1e-12
     with open(out / "manifest.json") as f:
         m = json.load(f)

@@ -519,7 +519,7 @@ def exact_model(gm, sde):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# dequantization (`scoresolve.dequantizers`): the options `likelihood` and `evaluate` share
+# dequantization (`scoresolve.quantization.dequantizers`): the options `likelihood` and `evaluate` share
 # --------------------------------------------------------------------------------------------------------------------
 DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
 TRUNCNORM_SCALE = 0.5  # the default std (in bin widths) of --dequantization truncnorm
@@ -551,7 +551,7 @@ def add_dequantizer_path_arg(p: argparse.ArgumentParser, help_: str) -> None:
 def load_dequantizer(path: str, num_levels: int, data_range: Sequence[float], shape: Sequence[int]):
     """The `VariationalDequantizer` saved in ``path``, checked against the data (UsageError if it models other
     levels, another range or other samples; errors of ``VariationalDequantizer.load`` propagate)."""
-    from ..dequantizers import VariationalDequantizer
+    from ..quantization import VariationalDequantizer
 
     dq = VariationalDequantizer.load(path)
     if dq.num_levels != num_levels or tuple(dq.data_range) != tuple(data_range) or dq.shape != tuple(shape):

@@ -1,6 +1,6 @@
 """What the per-batch function of a dataset evaluation is fed: dataset items and batches, seeds derived from the
 run's seed, and each sample's own dequantization noise (independent of batch size, sharding and restarts), uniform
-or drawn from a [`Dequantizer`][scoresolve.dequantizers.Dequantizer]."""
+or drawn from a [`Dequantizer`][scoresolve.quantization.Dequantizer]."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..dequantization import dequantize_levels, grid_name, resolve_levels
 from ..fingerprint import item
+from ..quantization.levels import dequantize, grid_name, resolve_levels
 
 if TYPE_CHECKING:
-    from ..dequantizers import Dequantizer
+    from ..quantization.dequantizers import Dequantizer
 
 
 def derive_seed(tag: str, *parts: int) -> int:
@@ -47,7 +47,7 @@ def dequantized(
             for i in indices
         ]
     )
-    return dequantize_levels(x.to(dtype) if x.is_floating_point() else x, num_levels, data_range, noise=noise,
+    return dequantize(x.to(dtype) if x.is_floating_point() else x, num_levels, data_range, noise=noise,
                              what=grid_name(num_levels))
 
 
@@ -128,12 +128,12 @@ def effective_dequantizer(
     Raises:
         ValueError: not a Dequantizer, continuous data (``num_levels`` None), or another L or data_range.
     """
-    from ..dequantizers import Dequantizer, UniformDequantizer
+    from ..quantization.dequantizers import Dequantizer, UniformDequantizer
 
     if dequantizer is None:
         return None
     if not isinstance(dequantizer, Dequantizer):
-        raise TypeError(f"dequantizer must be a scoresolve.dequantizers.Dequantizer, got {type(dequantizer).__name__}")
+        raise TypeError(f"dequantizer must be a scoresolve.quantization.Dequantizer, got {type(dequantizer).__name__}")
     if num_levels is None:
         raise ValueError(
             f"a dequantizer needs quantized data: give bits or num_levels (the {type(dequantizer).__name__} is for "
