@@ -13,7 +13,6 @@ import scoresolve as ss
 from scoresolve.solvers import REGISTRY, AdaptiveSolver, NonFiniteError
 from scoresolve.solvers.ode import (
     TABLEAUX,
-    AdaptiveResult,
     ButcherTableau,
     MaxStepsError,
     NonFiniteStepError,
@@ -360,7 +359,7 @@ def test_augmented_tuple_state(t0, t1):
     l0 = torch.randn(4, generator=g, dtype=torch.float64)
     tol = 1e-6
     res = odeint_adaptive(_aug_field, (x0, l0), t0, t1, method="tsit5", rtol=tol, atol=tol)
-    assert isinstance(res, AdaptiveResult) and isinstance(res.y, tuple) and len(res.y) == 2
+    assert isinstance(res, ss.Solution) and isinstance(res.y, tuple) and len(res.y) == 2
     x1, l1 = res.y
     assert x1.shape == x0.shape and l1.shape == l0.shape
     xe, le = _aug_exact(x0, l0, t0, t1)

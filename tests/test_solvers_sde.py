@@ -14,12 +14,12 @@ import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
 from scoresolve.solvers.grids import time_grid
 from scoresolve.solvers.noise import BrownianMemory as _BrownianMemory
+from scoresolve.solvers.noise import seeded_normal
 from scoresolve.solvers.sde import (
     adaptive_sde,
     euler_maruyama,
     pc,
     reverse_diffusion,
-    seeded_normal,
 )
 
 T_EPS = 1e-3

@@ -26,8 +26,6 @@ from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError  #
 from .integrate import MIN_STEP_REL, Callback, RKStepper, State, VectorField, integrate, tableau_by_name  # noqa: F401
 from .tableaux import BOSH3, DOPRI5, DOPRI5_SHAMPINE, TABLEAUX, TSIT5, VERN6, VERN7, ButcherTableau  # noqa: F401
 
-AdaptiveResult = Solution  # the old name of the integrator's result: it is the one Solution type now
-
 
 def odeint_adaptive(
     func: VectorField,

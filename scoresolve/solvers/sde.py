@@ -33,7 +33,7 @@ from .controllers import IController
 from .exponential import REVERSE_VARIANCE_OPTIONS, check_reverse_variance, ddim_update, posterior_fraction, reverse_std
 from .fixed import rk_step
 from .integrate import check_tolerance, integrate
-from .noise import BrownianMemory, Noise, seeded_normal  # noqa: F401  (seeded_normal re-exported)
+from .noise import BrownianMemory, Noise
 from .tableaux import EULER
 
 
@@ -266,8 +266,7 @@ class StochasticHeunStepper:
 
 
 ADAPTIVE_SDE_OPTIONS = {"max_steps": 10_000, "first_step": 0.01, "max_step": None, "controller": None,
-                        "safety": 0.9, "exponent": 0.9, "check_every": 8, "bridge_depth": 8, "compact": False,
-                        "h_init": None, "h_max": None}
+                        "safety": 0.9, "exponent": 0.9, "check_every": 8, "bridge_depth": 8, "compact": False}
 
 
 def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,
@@ -321,10 +320,6 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
         raise ValueError(f"need 0 < t1 < t0 <= T = {process.sde.T}, got t0={t0}, t1={t1}")
     rtol = check_tolerance(rtol, "rtol", allow_zero=True)
     atol = check_tolerance(atol, "atol")
-    for old, new in (("h_init", "first_step"), ("h_max", "max_step")):
-        if o[old] is not None:
-            warnings.warn(f"adaptive_sde: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
-            o[new] = o[old]
     if int(o["bridge_depth"]) < 1:
         raise ValueError(f"bridge_depth must be >= 1, got {o['bridge_depth']}")
     controller = o["controller"] or IController(o["safety"], o["exponent"])
