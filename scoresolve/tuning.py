@@ -47,8 +47,8 @@ from .solvers import REGISTRY, GridSolver
 from .solvers._grid import check_grid
 from .solvers.adams import adams_coefficients, deis_two_node_weights
 from .solvers.grid_store import GRID_DIR_ENV, TunedGrid, grid_dir, load_grid, save_grid  # noqa: F401  (re-exported)
-from .solvers.grids import time_grid
 from .solvers.multistep import dpmpp_2m_coefficients
+from .solvers.time_grids import time_grid
 
 METHODS = ("gits", "descent")
 COSTS = ("ddim", "solver")

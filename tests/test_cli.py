@@ -596,7 +596,7 @@ def test_a_user_module_on_pythonpath_runs_in_a_fresh_process(user_module, tmp_pa
 def test_sample_grid_is_square_and_capped(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     from scoresolve.cli.sample import GRID_MAX, grid_layout
-    from scoresolve.models import evaluate as me
+    from scoresolve.models import image_grid as me
 
     assert GRID_MAX == 256 and grid_layout(512) == (256, 16) and grid_layout(10) == (10, 4) and grid_layout(4) == (4, 2)
     calls = []

@@ -12,7 +12,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve import divergence
-from scoresolve.solvers import grids
+from scoresolve.solvers import time_grids as grids
 from scoresolve.tuning import GRID_DIR_ENV, TunedGrid, save_grid
 
 F64 = torch.float64

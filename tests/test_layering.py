@@ -128,6 +128,6 @@ def test_the_circle_check_fails_on_a_circle():
 
 def test_grids_do_not_import_the_optimiser():
     graph = _graph(_modules())
-    assert "scoresolve.tuning" not in graph["scoresolve.solvers.grids"]
+    assert "scoresolve.tuning" not in graph["scoresolve.solvers.time_grids"]
     assert not any(m.startswith("scoresolve.tuning") or m == "scoresolve.sampling"
                    for m in graph["scoresolve.solvers._registry"] | graph["scoresolve.solvers.grid_store"])

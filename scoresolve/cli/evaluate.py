@@ -1,5 +1,5 @@
 """``scoresolve evaluate`` (also ``python -m scoresolve evaluate``): bits/dim of a trained image model on held-out
-digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
+digits and a PNG grid of its samples (`scoresolve.models.image_grid`); the model is a checkpoint, a user's
 ``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow``."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Write the sample grid (``--grid``) and print bits/dim on ``--bpd-n`` held-out digits."""
     from ..data import digits
     from ..likelihood import log_likelihood
-    from ..models.evaluate import save_sample_grids
+    from ..models.image_grid import save_sample_grids
     from ..quantization import dequantized_bpd
     from ..sampling import sample
 

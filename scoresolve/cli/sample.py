@@ -162,7 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
               f"NFE {nfe:g}; sample mean {x.mean():.4f}, std {x.std():.4f}")
         out = args.out or ("samples.png" if _is_image(net.shape) else "")
         if out.endswith(".png"):
-            from ..models.evaluate import save_sample_grids
+            from ..models.image_grid import save_sample_grids
 
             shown, nrow = grid_layout(args.batch)
             save_sample_grids([(f"{sol.solver}, NFE {nfe:g}", sol.x[:shown].clamp(-1, 1))], out, nrow=nrow)

@@ -1,7 +1,8 @@
 """The store of tuned time grids: `TunedGrid` (a fitted grid and how it was obtained), saved as JSON by name.
 
-It lives with the grids (``sample(..., grid="tuned:<name>")`` reads it through `scoresolve.solvers.grids.time_grid`);
-the optimiser that fits grids is `scoresolve.tuning`, which imports this module, never the other way round.
+It lives with the grids (``sample(..., grid="tuned:<name>")`` reads it through
+`scoresolve.solvers.time_grids.time_grid`); the optimiser that fits grids is `scoresolve.tuning`, which imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
