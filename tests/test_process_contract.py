@@ -122,7 +122,7 @@ def test_grid_and_adaptive_solvers_are_two_types():
     adaptive = {n for n, s in REGISTRY.items() if isinstance(s, AdaptiveSolver)}
     assert grid | adaptive == set(REGISTRY) and not grid & adaptive
     assert {"euler", "ddim", "dpmpp_2m", "pc", "ipndm"} <= grid
-    assert adaptive == {"dopri5", "dopri5_shampine", "tsit5", "bosh3", "vern6", "vern7", "adaptive_sde"}
+    assert {"dopri5", "dopri5_shampine", "tsit5", "bosh3", "vern6", "vern7", "adaptive_sde"} <= adaptive
     assert not hasattr(REGISTRY["dopri5"], "steps_for_nfe") and not hasattr(REGISTRY["euler"], "kind")
     assert REGISTRY["pc"].nfe_for_steps(10) == 20 and REGISTRY["dpm_solver_2"].steps_for_nfe(12) == 6
     assert type(SolverSpec("toy", step=REGISTRY["euler"].step)) is GridSolver
@@ -133,6 +133,35 @@ def test_grid_and_adaptive_solvers_are_two_types():
         GridSolver("toy")
     with pytest.raises(ValueError, match="needs a run function"):
         AdaptiveSolver("toy")
+
+
+def test_a_solver_registered_in_its_family_file_is_everywhere():
+    """Adding a grid solver touches one file, its family file: the entry registered there is all the registry-driven
+    places need (sample, list_solvers, the refusals' lists of fitting solvers, the alpha = 0 list, the command line's
+    --solver, work-precision runs)."""
+    from scoresolve.cli.sample import solver_name
+    from scoresolve.compare import work_precision
+    from scoresolve.solvers import _registry
+    from scoresolve.solvers.multistep import dpmpp_2m_step
+
+    toy = GridSolver("toy_family_solver", step=dpmpp_2m_step, options=dict(REGISTRY["dpmpp_2m"].options),
+                     prepare=REGISTRY["dpmpp_2m"].prepare, order=2, requires=frozenset({"gaussian_kernel"}),
+                     starts_at_alpha0=True, description="a copy of dpmpp_2m, registered as a family file would")
+    register(toy)
+    try:
+        vp = ss.VPSDE()
+        gm, x_T = _problem(vp)
+        out = ss.sample(gm.score_fn(vp), vp, x_T, solver="toy_family_solver", nfe=10, grid="logsnr")
+        ref = ss.sample(gm.score_fn(vp), vp, x_T, solver="dpmpp_2m", nfe=10, grid="logsnr")
+        assert torch.equal(out.x, ref.x) and bool((torch.as_tensor(out.nfe) == 10).all())
+        assert ss.list_solvers()["toy_family_solver"].startswith("a copy of dpmpp_2m")
+        assert "toy_family_solver" in fitting_solvers(vp) and "toy_family_solver" not in fitting_solvers(
+            NonGaussianKernel())
+        assert "toy_family_solver" in _registry.ALPHA0_SOLVERS and solver_name("toy_family_solver")
+        runs = work_precision(gm.score_fn(vp), vp, x_T, ["toy_family_solver@logsnr"], nfes=[10], reference=ref.x)
+        assert len(runs) == 1 and runs[0].error == 0.0
+    finally:
+        del REGISTRY["toy_family_solver"]
 
 
 def test_sample_and_log_likelihood_choose_the_same_time_variable_by_the_same_rule():
