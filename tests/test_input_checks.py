@@ -142,6 +142,7 @@ def test_tuned_grid_must_match_the_request(vp, tmp_path, monkeypatch):
         (dict(grid=d["grid"][:3] + [d["grid"][-1]]), "its grid has 3 steps, but it records steps=6"),
         (dict(nfe=10), "unipc takes 6 evaluations for 6 steps, but it records nfe=10"),
         (dict(solver="nosuch"), "unknown solver 'nosuch'"),
+        (dict(solver="dopri5"), "tuned for 'dopri5', which is not a grid solver"),
     ]:
         (tmp_path / "e.json").write_text(json.dumps({**d, **edit}))
         with pytest.raises(ValueError, match=match):

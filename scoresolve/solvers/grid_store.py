@@ -91,11 +91,13 @@ class TunedGrid:
         if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in ends):
             raise ValueError(f"its grid runs from {float(grid[0])} to {float(grid[-1])}, but it records T={d['T']}, "
                              f"t_eps={d['t_eps']}")
-        from ._registry import REGISTRY  # the solver modules register on import of the package
+        from ._registry import REGISTRY, GridSolver  # the solver modules register on import of the package
 
         spec = REGISTRY.get(d["solver"])
         if spec is None:
             raise ValueError(f"it was tuned for the unknown solver {d['solver']!r}")
+        if not isinstance(spec, GridSolver):
+            raise ValueError(f"it was tuned for {d['solver']!r}, which is not a grid solver")
         if spec.nfe_for_steps(int(d["steps"]), d.get("options") or {}) != int(d["nfe"]):
             raise ValueError(f"{d['solver']} takes {spec.nfe_for_steps(int(d['steps']), d.get('options') or {})} "
                              f"evaluations for {d['steps']} steps, but it records nfe={d['nfe']}")
