@@ -1,6 +1,6 @@
-"""Dequantizers beyond uniform (scoresolve.dequantizers): exact densities, exact bounds on bin-constant densities,
-bounds below the exact discrete log-probability of a Gaussian mixture, the importance-weighted bound approaching
-it, and a variational q that beats uniform."""
+"""Dequantizers beyond uniform (scoresolve.quantization.dequantizers): exact densities, exact bounds on bin-constant
+densities, bounds below the exact discrete log-probability of a Gaussian mixture, the importance-weighted bound
+approaching it, and a variational q that beats uniform."""
 
 import math
 
