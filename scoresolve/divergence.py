@@ -125,13 +125,31 @@ EXACT_MAX_DIMS = 16384  # the largest D for which divergence="exact" runs (D VJP
 PROBE_COPIES = 3  # K x B x D arrays a Hutchinson solve holds at once: the probes, their VJPs, the probes of a step
 
 
+MAX_PROBES = EXACT_MAX_DIMS  # the most Hutchinson probes (VJPs per evaluation): the exact divergence's cap
+
+
+def check_probe_work(x: torch.Tensor, k: int) -> None:
+    """Refuse (ValueError, with the cost) more than `MAX_PROBES` Hutchinson probes: each is one VJP per evaluation,
+    the work the exact divergence is refused above (`EXACT_MAX_DIMS`)."""
+    D = math.prod(x.shape[1:])
+    if int(k) > MAX_PROBES:
+        hint = (f"divergence='exact' takes D={D} VJPs and has no variance" if D <= EXACT_MAX_DIMS else
+                "fewer probes, or repeats of the solve")
+        raise ValueError(
+            f"probes={k} takes {k} VJPs per evaluation (~{100 * int(k):.2g} backward passes of the network for a "
+            f"100-evaluation solve): refused above {MAX_PROBES} (scoresolve.divergence.MAX_PROBES); use {hint}"
+        )
+
+
 def check_probe_memory(x: torch.Tensor, k: int) -> None:
     """Raise MemoryError before Hutchinson's ``k`` probes per sample (and their VJPs) take more memory than the
-    device has: an estimate of `PROBE_COPIES` arrays of ``k x batch x D`` values."""
+    device has: an estimate of `PROBE_COPIES` arrays of ``k x batch x D`` values (and ValueError above `MAX_PROBES`
+    probes, `check_probe_work`)."""
     B, D = x.shape[0], math.prod(x.shape[1:])
     need = PROBE_COPIES * int(k) * B * D * x.element_size()
     avail = available_bytes(x.device)
     if avail is None or need <= avail:
+        check_probe_work(x, k)
         return
     fits = avail // (PROBE_COPIES * B * D * x.element_size())
     raise MemoryError(

@@ -7,9 +7,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import re
 import types
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -103,26 +104,64 @@ def _children(obj: Any) -> list:
     return []
 
 
-def reachable_modules(f: Any, depth: int = _SEARCH_DEPTH) -> list[torch.nn.Module]:
-    """The torch modules a callable reaches: itself, a bound method's object, ``functools.partial`` arguments, the
-    cells of a closure, an object's attributes and the items of lists, tuples and dicts (the first 64), followed up
-    to ``depth`` levels (globals are not followed). Deduplicated, in the order found."""
-    found: list[torch.nn.Module] = []
+def _reachable(f: Any, take: Callable[[Any], bool], descend: bool, depth: int) -> list:
+    """The objects for which ``take`` holds that ``f`` reaches (see `reachable_modules`), in the order found;
+    ``descend``: whether to look inside a taken object too."""
+    found: list = []
     seen: set[int] = set()
 
     def visit(obj: Any, d: int) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module):
+        if take(obj):
             found.append(obj)
-            return
+            if not descend:
+                return
         if d > 0:
             for child in _children(obj):
                 visit(child, d - 1)
 
     visit(f, depth)
     return found
+
+
+def reachable_modules(f: Any, depth: int = _SEARCH_DEPTH) -> list[torch.nn.Module]:
+    """The torch modules a callable reaches: itself, a bound method's object, ``functools.partial`` arguments, the
+    cells of a closure, an object's attributes and the items of lists, tuples and dicts (the first 64), followed up
+    to ``depth`` levels (globals are not followed). Deduplicated, in the order found."""
+    return _reachable(f, lambda obj: isinstance(obj, torch.nn.Module), False, depth)
+
+
+def _stable(v: Any) -> str:
+    """A text for a setting that is the same in every process: a tensor by dtype, shape and hash, a function by its
+    qualified name, any other object by its repr without memory addresses."""
+    if torch.is_tensor(v):
+        digest = hashlib.blake2b(tensor_bytes(v), digest_size=8).hexdigest()
+        return f"tensor({v.dtype}, {tuple(v.shape)}, blake2b={digest})"
+    if inspect.isfunction(v) or inspect.ismethod(v) or inspect.isbuiltin(v):
+        return f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k!r}: {_stable(x)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))) + "}"
+    return _ADDRESS.sub("", repr(v))
+
+
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+
+
+def model_config(f: Any) -> str | None:
+    """How the networks behind a callable are read: for every [`ScoreModel`][scoresolve.ScoreModel] it reaches (as
+    `reachable_modules` follows objects), its prediction, time convention, ``num_timesteps``, ``net_kwargs`` and
+    process, joined with "; ". The same network read as eps or as x0, at another time scale or under another process
+    is another model, which `model_fingerprint` (the weights alone) cannot tell. None when it reaches no ScoreModel."""
+    from .score import ScoreModel
+
+    found = _reachable(f, lambda obj: isinstance(obj, ScoreModel), True, _SEARCH_DEPTH)
+    return "; ".join(
+        f"ScoreModel(prediction={m.prediction!r}, time={_stable(m.time)}, num_timesteps={m.num_timesteps}, "
+        f"net_kwargs={_stable(m.net_kwargs)}, process={_stable(m.sde)})"
+        for m in found
+    ) or None
 
 
 def model_fingerprint(f: Any) -> str | None:

@@ -219,6 +219,10 @@ class PFGMPP(Process):
         dpmpp_2m / 3m, unipc, deis, ipndm, named grids such as ``karras``): see `PFGMEDMView`."""
         return PFGMEDMView(T=self.sigma_max, D=self.D)
 
+    def ode_view(self) -> PFGMEDMView:
+        """The PF-ODE in x0 is EDM's (`edm_view`): `sample`'s default sampler runs there (`Process.ode_view`)."""
+        return self.edm_view()
+
     # -- ODE ------------------------------------------------------------------------------------------------------
 
     def probability_flow(self, score: Callable) -> PFGMFlow:

@@ -89,6 +89,13 @@ class Process(ABC):
             raise NotImplementedError(f"{type(self).__name__} declares reverse_sde but does not implement reverse()")
         return self.probability_flow(score)
 
+    def ode_view(self) -> "Process | None":
+        """A process declaring ``gaussian_kernel``, on the same time variable, whose probability-flow ODE written
+        with the data prediction x0(x, t) is this process's; None (the default) if there is none. `sample` runs its
+        default sampler on the view when this process lacks what that sampler needs and the model predicts x0
+        (`PFGMPP` returns EDM's schedule, `PFGMPP.edm_view`)."""
+        return None
+
     def capabilities(self) -> frozenset[str]:
         """The names in `CAPABILITIES` this process declares."""
         return frozenset(c for c in CAPABILITIES if getattr(self, c))

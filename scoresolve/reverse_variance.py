@@ -310,14 +310,17 @@ def estimate_moments(model: Callable, sde: ForwardSDE, data: torch.Tensor, times
 def moments_key(model: Callable, sde: ForwardSDE, times: Any, num_samples: int, seed: int = 0,
                 data: torch.Tensor | None = None) -> str | None:
     """The file name under which `cached_moments` keeps an estimate: the number of times, M, and a digest of the
-    network's fingerprint, the schedule at the times (alpha, sigma), the seed and the data; None for a model without
-    torch modules (nothing identifies it)."""
-    from .fingerprint import data_fingerprint
+    network's fingerprint, how the model reads it (prediction, time convention, process:
+    [`model_config`][scoresolve.fingerprint.model_config]), the schedule at the times (alpha, sigma), the
+    seed and the data; None for a model without torch modules (nothing identifies it)."""
+    from .fingerprint import data_fingerprint, model_config
     from .score import ScoreModel
 
-    mid = _model_id(ScoreModel.wrap(model, sde))
+    wrapped = ScoreModel.wrap(model, sde)
+    mid = _model_id(wrapped)
     if mid is None:
         return None
+    mid += f"; {model_config(wrapped)}"
     ts = torch.unique(_f64(times).flatten())
     a, s = sde.marginal(ts)
     h = hashlib.blake2b(digest_size=10)

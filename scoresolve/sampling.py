@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,7 @@ from .sde import ForwardSDE
 from .solvers import REGISTRY, AdaptiveSolver, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
 from .solvers._registry import fitting_solvers
-from .solvers.defaults import default_sampler
+from .solvers.defaults import LOG_SNR_GRIDS, default_for_process
 
 
 def sample(
@@ -107,7 +108,10 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
     if solver is None:
-        solver, options, grid = _default_sampler(nfe, steps, grid, diffusion, options, model.prediction)
+        solver, options, grid, view = _default_sampler(nfe, steps, grid, diffusion, options, model.prediction, sde)
+        if view is not sde:  # the default runs on the process's ode_view (`Process.ode_view`)
+            model = copy.copy(model)
+            model.sde = sde = view
     keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
     if ":" in solver:
         from .solvers.backends import solve_with_backend
@@ -175,17 +179,14 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     return sol
 
 
-def _default_sampler(nfe, steps, grid, diffusion, options, prediction) -> tuple[str, dict, Any]:
-    """The solver, options and grid when the caller names no solver (`scoresolve.solvers.defaults`)."""
+def _default_sampler(nfe, steps, grid, diffusion, options, prediction, sde) -> tuple[str, dict, Any, Any]:
+    """The solver, options, grid and process (``sde`` or its `ode_view`) when the caller names no solver
+    (`scoresolve.solvers.defaults`)."""
     if diffusion is not None and not (isinstance(diffusion, (int, float)) and float(diffusion) == 0.0):
-        return "euler_maruyama", options, grid
+        return "euler_maruyama", options, grid, sde
     budget = steps if steps is not None else (nfe if nfe is not None else 20)
-    name, opts, default = default_sampler(int(budget), options, prediction)
-    return name, opts, default if grid is None else grid
-
-
-LOG_SNR_GRIDS = ("logsnr", "karras", "flow")
-"""Named grids built from the log-SNR (``flow:P`` included): they require the capability ``gaussian_kernel``."""
+    name, opts, default, process = default_for_process(int(budget), options, prediction, sde)
+    return name, opts, default if grid is None else grid, process
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:

@@ -29,6 +29,11 @@ def make(scale=1.0, hidden=4):
     return (lambda x, t: -scale * x), sde
 
 
+def make_nan():
+    """A network whose output is NaN everywhere."""
+    return (lambda x, t: x * float("nan")), ss.VPSDE()
+
+
 def make_net(dim=2):
     torch.manual_seed(0)
     net = torch.nn.Linear(dim, dim)
@@ -54,6 +59,8 @@ def work(tmp_path, monkeypatch):
     torch.save(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)) * 3, tmp_path / "cont.pt")
     torch.save(torch.full((4, 2), float("nan")), tmp_path / "nan.pt")
     torch.save(torch.zeros(1, 3, 256, 256), tmp_path / "big.pt")
+    torch.save(torch.empty(0, 2), tmp_path / "empty.pt")
+    torch.save(torch.full((4, 2), 1e30), tmp_path / "huge.pt")
     torch.save(torch.arange(8.0).reshape(4, 2) / 7 * 2 - 1, tmp_path / "grid8.pt")  # 8 levels in [-1, 1]
     return tmp_path
 
@@ -103,6 +110,8 @@ TABLE = [
     ([*LL, "--data", "cont.pt", "--bits", "8"], "data lie outside the declared data_range"),
     ([*LL, "--data", "cont.pt", "--num-levels", "8", "--data-range", "-20", "20"], "not on the"),
     ([*LL, "--data", "nan.pt"], "--data holds non-finite values (NaN or inf) in 4 of its 4 samples"),
+    ([*LL, "--data", "cont.pt", "--probes", "100000"], "--probes 100000 takes 100000 VJPs per evaluation"),
+    ([*LL, "--data", "empty.pt"], "'empty.pt' holds no samples (a tensor of shape [0, 2])"),
     ([*LL, "--data", "big.pt", "--divergence", "exact"], "--divergence exact on D=196608 dimensions"),
     ([*LL, "--model-spec", "cli_err_net:make", "--model-arg", "bogus=1", "--data", "cont.pt"],
      "unexpected keyword argument 'bogus'"),
@@ -242,3 +251,16 @@ def test_compare_reports_an_unstable_solve_as_refused(work, capsys):
     assert "refused: unstable on this grid" in rows[("heun", "nfe=10")]
     assert "refused" not in rows[("heun", "nfe=50")] and "refused" not in rows[("dpmpp_2m", "nfe=10")]
     assert (work / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [
+    [*LL, "--data", "huge.pt"],  # finite data far beyond any scale: the solve overflows
+    [*SAMPLE, "--model-spec", "cli_err_net:make_nan", "--shape", "2", "--nfe", "3"],
+    [*SAMPLE, "--solver", "dopri5", "--model-spec", "cli_err_net:make_nan", "--shape", "2"],
+], ids=["likelihood-huge-data", "sample-nan-net", "sample-adaptive-nan-net"])
+def test_a_failed_solve_is_one_line_with_status_1(work, capsys, argv):
+    rc, _, err = run(argv, capsys)
+    assert rc == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"scoresolve {argv[0]}: error: the solve failed: "), err
+    assert "non-finite values" in lines[0], err

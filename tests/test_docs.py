@@ -84,3 +84,31 @@ def test_readme_install_command_covers_its_commands():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("scikit-learn") for dep in extras["models"])
     assert "--model digits" in readme  # the command that needs it
+
+
+def test_documented_defaults_hold():
+    """What the guide and ``sample``'s docstring say about defaults is what the code does (issue 29's first hour):
+    the likelihood ODE runs in t by default and in the log-SNR on discrete DDPM schedules; ``callback`` is
+    described; ``nfe=9, denoise=True`` reports 10 NFE, as documented."""
+    import torch
+
+    import scoresolve as ss
+
+    guide = " ".join((ROOT / "docs" / "guide.md").read_text(encoding="utf-8").split())
+    assert "The ODE is integrated in t by default (in the log-SNR" in guide and "on discrete DDPM schedules" in guide
+    gm = ss.GaussianMixture.random(dim=2, num_components=2, seed=0)
+    x = gm.sample(4, generator=torch.Generator().manual_seed(0)).double()
+    kw = dict(rtol=1e-3, atol=1e-3, divergence="exact")
+    for sde, variable in ((ss.VPSDE(), "t"), (ss.DiscreteVPSDE.linear(), "logsnr")):
+        score = gm.score_fn(sde)
+        default = ss.log_likelihood(score, sde, x, **kw)
+        other = "logsnr" if variable == "t" else "t"
+        same, diff = (ss.log_likelihood(score, sde, x, time_variable=v, **kw) for v in (variable, other))
+        assert torch.equal(default.log_prob, same.log_prob) and torch.equal(default.nfe, same.nfe), sde
+        assert not torch.equal(default.nfe, diff.nfe) or not torch.equal(default.log_prob, diff.log_prob), sde
+    doc = " ".join(ss.sample.__doc__.split())
+    assert "callback: ``callback(i, t, x)`` after step ``i``" in doc
+    assert "``nfe=9, denoise=True`` reports 10 NFE" in doc
+    sde = ss.VPSDE()
+    sol = ss.sample(gm.score_fn(sde), sde, sde.prior_sample((4, 2)), solver="dpmpp_2m", nfe=9, denoise=True)
+    assert sol.nfe.tolist() == [10] * 4

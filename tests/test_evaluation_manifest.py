@@ -9,12 +9,14 @@ import torch
 from _evaluation_helpers import assert_same_records
 from _evaluation_worker import make_fn, make_problem
 
+import scoresolve as ss
 from scoresolve.evaluation import (
     ResumeError,
     data_fingerprint,
     decode_record,
     encode_record,
     evaluate_dataset,
+    model_config,
     model_fingerprint,
     read_records,
 )
@@ -252,3 +254,87 @@ def test_thread_count_is_part_of_a_cpu_runs_identity(tmp_path):
         assert evaluate_dataset(x, out, fn=fn, batch_size=4, progress=False) == s
     finally:
         torch.set_num_threads(n)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2, dtype=F64)
+
+    def forward(self, x, t):
+        return 0.1 * self.lin(x)
+
+
+@pytest.mark.parametrize("other", [dict(prediction="x0"), dict(time="index"), dict(sde="vesde"),
+                                   dict(num_timesteps=500, time="index")])
+def test_the_same_net_read_another_way_is_another_model(tmp_path, other):
+    """A ScoreModel on the same network but with another prediction, time convention or process computes another
+    likelihood: its manifest differs (model_config) and a resume is refused, also under a deleted manifest."""
+    torch.manual_seed(0)
+    net, sde = _Net(), ss.VPSDE()
+    x = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    base = dict(prediction="eps", time="t", num_timesteps=1000)
+    a = ss.ScoreModel(net, sde, **base)
+    kw = {**base, **other, "sde": ss.VESDE() if other.get("sde") == "vesde" else sde}
+    b = ss.ScoreModel(net, kw.pop("sde"), **kw)
+    assert model_fingerprint(a) == model_fingerprint(b)  # the same weights ...
+    assert model_config(a) != model_config(b)  # ... read another way
+    run = dict(batch_size=4, progress=False, rtol=1e-3, atol=1e-3)
+    out = str(tmp_path / "run")
+    evaluate_dataset(x, out, score=a, sde=sde, **run)
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["model_config"] == model_config(a)
+    before = read_records(out)
+    with pytest.raises(ResumeError, match="model_config: stored"):
+        evaluate_dataset(x, out, score=b, sde=sde, **run)
+    os.remove(os.path.join(out, "manifest.json"))
+    with pytest.raises(ResumeError, match="computed by another run"):
+        evaluate_dataset(x, out, score=b, sde=sde, **run)
+    assert_same_records(read_records(out), before)
+    # an fn that closes over the model is covered the same way
+    def batch_fn(m):
+        return lambda y, g: {"log_prob": m(y, torch.ones(len(y), dtype=F64)).sum(1)}
+
+    fa, fb = batch_fn(a), batch_fn(b)
+    assert model_config(fa) == model_config(a) and model_config(fb) == model_config(b)
+
+
+def test_model_config_is_stable_text():
+    """No memory address or process-dependent repr: the same model built twice has the same configuration."""
+    def build():
+        return ss.ScoreModel(_Net(), ss.VPSDE(), prediction="v", time=lambda t: 2 * t,
+                             net_kwargs={"w": torch.ones(3), "label": 1})
+
+    c = model_config(build())
+    assert c == model_config(build()) and "0x" not in c and "prediction='v'" in c
+    assert model_config(lambda y, g: y) is None
+
+
+def test_a_manifest_from_before_model_config_resumes(tmp_path):
+    """Runs written before ``model_config`` existed (manifest without it, records carrying that manifest's identity)
+    resume without recomputing."""
+    from scoresolve.evaluation import run_identity
+
+    net, sde = _Net(), ss.VPSDE()
+    x = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model = ss.ScoreModel(net, sde, prediction="eps")
+    out = str(tmp_path / "old")
+    run = dict(batch_size=4, progress=False, rtol=1e-3, atol=1e-3)
+    s = evaluate_dataset(x, out, score=model, sde=sde, **run)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    del m["model_config"]
+    with open(path, "w") as f:
+        json.dump(m, f)
+    ident = run_identity(m)
+    for name in os.listdir(out):
+        if name.startswith("records-rank"):
+            p = os.path.join(out, name)
+            with open(p, "rb") as f:
+                recs = [decode_record(line + b"\n") for line in f.read().splitlines()]
+            with open(p, "wb") as f:
+                f.write(b"".join(encode_record({**r, "run": ident}) for r in recs))
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    assert evaluate_dataset(x, out, score=model, sde=sde, **run) == s and calls == []

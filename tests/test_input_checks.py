@@ -205,6 +205,19 @@ def test_hutchinson_probes_beyond_memory_are_refused(vp, monkeypatch):
         ss.log_likelihood(lambda y, t: -y, sde, x, probes=100_000)
 
 
+def test_hutchinson_probes_beyond_the_work_cap_are_refused(vp):
+    """probes=1e5 on 2 dimensions fits in memory but takes 1e5 VJPs per evaluation (it ran past 5 minutes): refused
+    before any evaluation, with the cost and the exact divergence named; the cap itself runs."""
+    sde = vp[0]
+    calls = []
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"probes=100000 takes 100000 VJPs per evaluation.*divergence='exact'"):
+        ss.log_likelihood(lambda y, t: calls.append(1) or -y, sde, x, probes=100_000)
+    assert calls == []
+    assert divergence.MAX_PROBES == divergence.EXACT_MAX_DIMS
+    divergence.check_probe_work(x, divergence.MAX_PROBES)  # at the cap: allowed
+
+
 def test_exact_divergence_on_huge_dims_is_refused():
     sde = ss.VPSDE()
     calls = []

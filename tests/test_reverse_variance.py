@@ -151,5 +151,9 @@ def test_moments_are_saved_and_reused(tmp_path):
         net.scale.fill_(0.5)  # another network: another key
     assert moments_key(model, sde, times, 4, data=data) != key
     assert moments_key(model, sde, times, 10, data=data) != key
+    # the same network read as x0 (or at another time scale) predicts another eps: another key
+    key = moments_key(model, sde, times, 4, data=data)
+    for other in (dict(prediction="x0"), dict(time="index")):
+        assert moments_key(ss.ScoreModel(net, sde, **{"prediction": "eps", **other}), sde, times, 4, data=data) != key
     with pytest.raises(FileNotFoundError):
         load_moments("nothing-here", tmp_path)

@@ -70,9 +70,11 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     the usage, no traceback) even when found while it runs: a `UsageError`, a refused resume or a locked output
     directory (`scoresolve.evaluation.ResumeError`, ``RunLockedError``), work refused for its memory estimate
     (MemoryError), a file that cannot be written (OSError: a full disk, ``/dev/full``), a missing optional dependency
-    (an ImportError saying what to pip install). Ctrl-C prints one line
-    and returns 130 (a ``likelihood`` run resumes where it stopped)."""
+    (an ImportError saying what to pip install). A solve that fails (non-finite values, ``max_steps`` reached, a step
+    size underflow: on inputs or a network the solver cannot handle) prints its one-line message and returns 1.
+    Ctrl-C prints one line and returns 130 (a ``likelihood`` run resumes where it stopped)."""
     from ..evaluation import ResumeError, RunLockedError
+    from ..solvers.errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 
     try:
         return args.func(args)
@@ -80,6 +82,9 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         resumable = " (run it again to resume)" if getattr(args, "out_dir", None) else ""
         print(f"{parser.prog}: interrupted{resumable}", file=sys.stderr)
         return INTERRUPTED
+    except (NonFiniteError, MaxStepsError, StepSizeUnderflowError) as e:
+        print(f"{parser.prog}: error: the solve failed: {one_line(str(e))}", file=sys.stderr)
+        return 1
     except (UsageError, ResumeError, RunLockedError, MemoryError) as e:
         message = str(e)
     except ImportError as e:
@@ -229,6 +234,8 @@ def tensor_file(path: str) -> torch.Tensor:
     data = obj.get("x") if isinstance(obj, Mapping) else obj
     if not torch.is_tensor(data) or data.ndim < 2:
         raise argparse.ArgumentTypeError(f"{path!r}: expected a tensor [N, ...] (or a dict with key 'x')")
+    if data.shape[0] == 0 or data.numel() == 0:
+        raise argparse.ArgumentTypeError(f"{path!r} holds no samples (a tensor of shape {list(data.shape)})")
     return data
 
 

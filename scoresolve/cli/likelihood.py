@@ -77,6 +77,12 @@ def _check(args: argparse.Namespace) -> None:
         if D > EXACT_MAX_DIMS:
             raise UsageError(f"--divergence exact on D={D} dimensions takes {D} VJPs per evaluation: refused above "
                              f"D={EXACT_MAX_DIMS}; use --divergence hutchinson")
+    if args.divergence == "hutchinson":
+        from ..divergence import MAX_PROBES
+
+        if args.probes > MAX_PROBES:
+            raise UsageError(f"--probes {args.probes} takes {args.probes} VJPs per evaluation: refused above "
+                             f"{MAX_PROBES}; use fewer probes, or --divergence exact on data of fewer dimensions")
     net = check_model_source(args)
     if getattr(args, "bound", "ode") == "elbo" and net is None:
         raise UsageError("--bound elbo evaluates a network (--model digits, --checkpoint, --model-spec)")

@@ -8,8 +8,8 @@ Layout of ``out_dir``
 ---------------------
 ``manifest.json``            the run's settings (among them the data's number of levels ``num_levels`` and, for
                              L = 2^k, ``bits``; with a non-uniform dequantizer, ``dequantizer``: its
-                             ``describe()``) and ``model_fingerprint``; a resume with incompatible settings, another
-                             dequantizer or another model is an error.
+                             ``describe()``), ``model_fingerprint`` and ``model_config``; a resume with
+                             incompatible settings, another dequantizer or another model is an error.
 ``lock-rank00000``           locked (``fcntl.flock``) by rank 0 while it runs: a second run of that rank is refused.
 ``records-rank00000.jsonl``  append-only records written by rank 0 (one file per rank), one line per
                              (sample index, repeat) pair:  ``<crc32 of payload, 8 hex digits> <payload>\\n``,
@@ -64,7 +64,16 @@ cannot trip a process-group timeout. Every rank then builds the same summary fro
 from ..quantization.levels import resolve_levels
 from .dataset import BatchFn, EvalSummary, evaluate_dataset, likelihood_fn, read_records
 from .inputs import dequantized_samples, derive_seed
-from .manifest import FORMAT, MANIFEST, RESULTS, ResumeError, data_fingerprint, model_fingerprint, run_identity
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    RESULTS,
+    ResumeError,
+    data_fingerprint,
+    model_config,
+    model_fingerprint,
+    run_identity,
+)
 from .records import RunLockedError, decode_record, encode_record, record_path
 
 __all__ = [
@@ -82,6 +91,7 @@ __all__ = [
     "encode_record",
     "evaluate_dataset",
     "likelihood_fn",
+    "model_config",
     "model_fingerprint",
     "read_records",
     "record_path",

@@ -24,6 +24,7 @@ from .manifest import (
     callable_id,
     check_manifest,
     data_fingerprint,
+    model_config,
     model_fingerprint,
     run_identity,
 )
@@ -265,7 +266,10 @@ def evaluate_dataset(
             Independently, the manifest stores ``model_fingerprint``: a hash of the parameters and buffers of the
             torch modules that ``score`` (default ``fn``) or ``fn`` reaches (see
             [`model_fingerprint`][scoresolve.fingerprint.model_fingerprint]); resuming with another model
-            is an error naming both fingerprints (manifests from before fingerprints resume unchecked).
+            is an error naming both fingerprints (manifests from before fingerprints resume unchecked). The same
+            weights read another way are another model: ``model_config`` stores the prediction, time convention,
+            ``num_timesteps``, ``net_kwargs`` and process of every [`ScoreModel`][scoresolve.ScoreModel] reached
+            ([`model_config`][scoresolve.fingerprint.model_config]), checked on resume.
         progress: a tqdm bar of this rank's samples (rank 0 only).
         rank: this process's shard (default: from ``torch.distributed`` when initialised, else 0).
         world_size: number of shards (default: from ``torch.distributed`` when initialised, else 1).
@@ -307,7 +311,7 @@ def evaluate_dataset(
     if fn is None:
         if score is None or sde is None:
             raise ValueError("give either fn, or score and sde for the default log_likelihood")
-        fingerprint = model_fingerprint(score)
+        fingerprint, config = model_fingerprint(score), model_config(score)
         fn = likelihood_fn(score, sde, **likelihood_kwargs)
         likelihood = {
             "score": callable_id(score),
@@ -318,7 +322,7 @@ def evaluate_dataset(
         if score is not None or sde is not None or likelihood_kwargs:
             extra = sorted(likelihood_kwargs) + [k for k, v in (("score", score), ("sde", sde)) if v is not None]
             raise ValueError(f"with an explicit fn these arguments would be ignored: {extra}")
-        fingerprint = model_fingerprint(fn)
+        fingerprint, config = model_fingerprint(fn), model_config(fn)
         likelihood = None
     N = len(data)
     if N == 0:
@@ -354,6 +358,7 @@ def evaluate_dataset(
         "likelihood": likelihood,
         "model_id": model_id,
         "model_fingerprint": fingerprint,
+        "model_config": config,
         "batch_size": batch_size,
         "world_size": world_size,
         "fn": getattr(fn, "__qualname__", type(fn).__qualname__),
@@ -362,8 +367,9 @@ def evaluate_dataset(
         manifest["dequantizer"] = dq.describe()
     os.makedirs(out_dir, exist_ok=True)
     with RankLock(out_dir, rank):
-        created = check_manifest(out_dir, manifest, rank, data)
-        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress, dq, created)
+        created, idents = check_manifest(out_dir, manifest, rank, data)
+        _compute(data, out_dir, fn, manifest, rank, world_size, L, data_range, dtype, device, progress, dq, created,
+                 idents)
         # gather: wait for every pair on disk (no collective: ranks may finish far apart), summarise
         allrec = wait_complete(out_dir, N, repeats, world_size, wait_timeout, poll_interval)
     recs = [allrec[(i, r)] for r in range(repeats) for i in range(N)]
@@ -390,13 +396,15 @@ def _on_cpu(device: Any, first: torch.Tensor) -> bool:
 def _compute(
     data: Any, out_dir: str, fn: BatchFn, manifest: dict, rank: int, world_size: int, L: int | None,
     data_range: Sequence[float], dtype: torch.dtype | None, device: Any, progress: bool, dq: "Dequantizer | None",
-    new_manifest: bool = False,
+    new_manifest: bool = False, accepted: frozenset[int] = frozenset(),
 ) -> None:
     """Compute and append this rank's missing records (the caller holds the rank's lock). Records of another run
-    (their ``run`` identity differs from this run's; or, under a manifest written just now, records without one)
-    are refused with `ResumeError`."""
+    (their ``run`` identity is neither this run's nor one of ``accepted``, the identities `check_manifest` found
+    for the stored manifest; or, under a manifest written just now, records without one) are refused with
+    `ResumeError`."""
     N, repeats, seed, batch_size = (manifest[k] for k in ("num_samples", "repeats", "seed", "batch_size"))
     ident = run_identity(manifest)
+    accepted = accepted | {ident}
     num_dims = math.prod(manifest["sample_shape"])
     # what is done: read every rank's file; repair our own (and, on rank 0, files of ranks that no longer exist)
     done: dict[tuple[int, int], dict] = {}
@@ -406,7 +414,7 @@ def _compute(
             repair(path, good, bad, torn)
         for _, rec in good:
             done.setdefault((rec["i"], rec["r"]), rec)
-    foreign = sum(1 for rec in done.values() if rec.get("run", None if new_manifest else ident) != ident)
+    foreign = sum(1 for rec in done.values() if rec.get("run", None if new_manifest else ident) not in accepted)
     if foreign:
         raise ResumeError(
             f"cannot resume in {out_dir!r}: {foreign} of its {len(done)} records were computed by another run (other "

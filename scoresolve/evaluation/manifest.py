@@ -14,6 +14,7 @@ from ..fingerprint import (  # noqa: F401  (the manifest's fingerprints, importa
     callable_id,
     data_fingerprint,
     item,
+    model_config,
     model_fingerprint,
     module_fingerprint,
     reachable_modules,
@@ -60,10 +61,12 @@ class ResumeError(ValueError):
     records, a corrupt manifest, or a live run of the same rank)."""
 
 
-def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) -> bool:
+def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) -> tuple[bool, frozenset[int]]:
     """Write ``manifest.json`` if it is missing; otherwise check that it describes this run (`ResumeError`, a
     ValueError, if not). ``data``: this run's data, for the spot check of a manifest written before full data hashes.
-    Returns whether this call wrote the manifest."""
+    Returns whether this call wrote the manifest, and the `run_identity` values that mark records of this run: this
+    manifest's and the stored manifest's (which differs when it was written before one of this run's entries
+    existed: its records carry its identity)."""
     path = os.path.join(out_dir, MANIFEST)
     created = not os.path.exists(path)
     if created:  # every rank of a run writes the same content, atomically
@@ -77,6 +80,7 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
     if not isinstance(old, dict):
         raise ResumeError(f"{path} holds {type(old).__name__}, not a manifest; delete it only if the records belong "
                           "to this run")
+    idents = frozenset({run_identity(manifest), run_identity(old)})
     old_data = old.get("data_fingerprint")
     if isinstance(old_data, str) and old_data.startswith(SPOT_PREFIX) and data is not None:
         if old_data == spot_fingerprint(data):  # a run from before full hashes: its spot check still holds
@@ -88,6 +92,8 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
         old["num_levels"] = 2 ** int(old_bits) if ok else None
     if "threads" not in old:
         old["threads"] = manifest.get("threads")  # a run from before thread counts were recorded: not checked
+    if "model_config" not in old:
+        old["model_config"] = manifest.get("model_config")  # a run from before model configurations: not checked
     if isinstance(old, dict) and "model_fingerprint" not in old:
         old["model_fingerprint"] = manifest.get("model_fingerprint")  # a run from before fingerprints: not checked
     if old.get("model_fingerprint") != manifest.get("model_fingerprint"):
@@ -122,4 +128,4 @@ def check_manifest(out_dir: str, manifest: dict, rank: int, data: Any = None) ->
             RuntimeWarning,
             stacklevel=3,
         )
-    return created
+    return created, idents
