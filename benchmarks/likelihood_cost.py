@@ -52,14 +52,15 @@ PROBLEMS = {
 
 def digits_problem(model, sde, flow: bool, batch: int):
     """(sde, score, baseline field, x) of a digits network (a ScoreModel) on the held-out digits, in float64."""
-    from scoresolve.data import dequantize, digits
+    from scoresolve.data import DIGITS_LEVELS, digits
+    from scoresolve.quantization import dequantize
 
     net = model.net.double()
     conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
                 net_kwargs=model.net_kwargs)
     score = ss.ScoreModel(net, sde, **conv)
     score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
-    x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
+    x = dequantize(digits("test")[:batch], DIGITS_LEVELS, generator=torch.Generator().manual_seed(1)).double()
     return sde, score, baseline_field(score_ext, flow), x
 
 

@@ -13,7 +13,7 @@ from .process import Process, check_capabilities
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
+from .solvers import REGISTRY, AdaptiveSolver, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
 from .solvers._registry import fitting_solvers
 from .solvers.defaults import LOG_SNR_GRIDS, default_for_process
@@ -134,7 +134,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.stochastic:
             keywords["generator"] = generator
-        if spec.kind == "adaptive":
+        if isinstance(spec, AdaptiveSolver):
             if nfe is not None or steps is not None:
                 raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
             if grid is not None or shift is not None:

@@ -1,4 +1,4 @@
-"""``scoresolve train`` (also ``python -m scoresolve.models.train``): train a reference score network by denoising
+"""``scoresolve train`` (also ``python -m scoresolve train``): train a reference score network by denoising
 score matching (flow matching with ``--sde rf`` / ``trig``, EDM's denoiser loss with ``--sde pfgmpp``;
 `scoresolve.models.train`), checkpoint it and export its EMA weights."""
 
@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Sequence
 
 import torch
 
@@ -26,7 +25,6 @@ from ._args import (
     number,
     output_dir,
     output_file_in_new_dir,
-    run_module,
 )
 
 
@@ -117,11 +115,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     add_check(p, _check)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scoresolve.models.train ...``: ``scoresolve train`` as a stand-alone program."""
-    return run_module("scoresolve.models.train", add_train_args, argv)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from .mlp import MLPScoreNet, TimeEmbedding
 from .precond import EDMPrecond
 from .unet import UNet, num_parameters
 
-# training names load on first use, so that ``python -m scoresolve.models.train`` runs cleanly and
-# ``scoresolve.models.train`` stays the module (the function is ``scoresolve.models.train.train``)
+# training names load on first use, so that ``scoresolve.models.train`` stays the module (the function is
+# ``scoresolve.models.train.train``) and importing the networks does not import the trainer
 _TRAIN_NAMES = (
     "TrainConfig",
     "TrainResult",
@@ -34,7 +34,6 @@ _TRAIN_NAMES = (
     "flow_matching_loss",
     "load_checkpoint",
 )
-_CLI_NAMES = ("add_train_args", "cmd_train")  # the `scoresolve train` command, in scoresolve.cli.train
 
 
 def __getattr__(name: str):
@@ -42,10 +41,6 @@ def __getattr__(name: str):
         from . import train as _train
 
         return getattr(_train, name)
-    if name in _CLI_NAMES:
-        from ..cli import train as _cli_train
-
-        return getattr(_cli_train, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -51,7 +51,6 @@ import copy
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -529,9 +528,3 @@ def train(
     net.eval()
     ema.eval()
     return TrainResult(net, ema, sde, config, step, losses, shape, time.perf_counter() - t0)
-
-
-if __name__ == "__main__":  # python -m scoresolve.models.train: the `scoresolve train` command
-    from ..cli.train import main
-
-    sys.exit(main())

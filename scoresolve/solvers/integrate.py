@@ -3,7 +3,7 @@
 Three pieces, each small (diffrax's separation at torchdiffeq's size):
 
 * a **stepper** proposes a step and its scaled error: `RKStepper` for an embedded Runge-Kutta pair
-  (`scoresolve.solvers.tableaux`), the stochastic improved-Euler pair of `scoresolve.solvers.sde` for SDEs;
+  (`scoresolve.solvers.tableaux`), the stochastic improved-Euler pair of `scoresolve.solvers.stochastic` for SDEs;
 * a **controller** (`scoresolve.solvers.controllers`) turns the error into the next step size;
 * `integrate` runs the loop: every sample of the batch has its own time, step size, error and step counts; the
   vector field is called once per stage on the whole batch with a ``[batch]`` time vector, and samples that have
