@@ -24,9 +24,12 @@ U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import re
+import statistics
 import time
 
 import torch
@@ -39,11 +42,14 @@ from scoresolve.likelihood import log_likelihood
 from scoresolve.solvers import DOPRI5_GAINS, PIController
 
 PROBLEMS = {
-    # name: (dim, components, scale_range, full covariances)
+    # name: (dim, components, scale_range, full covariances[, process: "vp" (default) or "rf" (rectified flow)])
     "2-D smooth": (2, 4, (0.2, 0.8), True),
     "16-D smooth": (16, 8, (0.1, 0.5), True),
     "64-D near-degenerate": (64, 8, (1e-3, 0.5), True),
     "256-D near-degenerate": (256, 4, (1e-3, 0.3), False),
+    # the same mixtures under rectified flow (the exact flow prediction: flow_matching's setting)
+    "16-D smooth RF": (16, 8, (0.1, 0.5), True, "rf"),
+    "64-D near-degenerate RF": (64, 8, (1e-3, 0.5), True, "rf"),
     # the shipped U-Nets trained on the digits (real networks on dequantized 17-level data, 1x8x8), in float64
     "digits U-Net": None,
     "digits_flow U-Net": None,
@@ -88,16 +94,26 @@ def make_problem(name: str, batch: int):
 
         flow = name.startswith("digits_flow")
         return digits_problem(*(load_digits_flow_model if flow else load_digits_model)(), flow, batch)
-    dim, k, scale_range, full = PROBLEMS[name]
-    sde = ss.VPSDE()
+    dim, k, scale_range, full, *process = PROBLEMS[name]
     gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
     x = gm.sample(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if process == ["rf"]:
+        sde = ss.RectifiedFlow()
+        model = gm.model(sde, "flow")
+        return sde, model, baseline_field(model, True), x
+    sde = ss.VPSDE()
     return sde, gm.score_fn(sde), baseline_field(gm.score_fn(ss.VPSDE(T=1.5)), False), x
 
 
 def baseline_field(score, flow: bool):
-    """The baseline's vector field pieces at any t >= 0 (see `make_problem`)."""
+    """The baseline's vector field pieces at any t >= 0 (see `make_problem`); ``velocity.drift(x, t)`` is the drift
+    alone (for flow_matching, which differentiates it itself)."""
     ext = ss.VPSDE(T=1.5)
+
+    def drift(xt: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        if flow:
+            return score.flow(xt, tb.clamp(max=1.0))
+        return bcast(ext.f(tb), xt) * xt - bcast(0.5 * ext.g2(tb), xt) * score(xt, tb)
 
     def velocity(xt: torch.Tensor, tb: torch.Tensor, eps: torch.Tensor):
         if flow:  # the model's velocity and its divergence (f diverges at alpha = 0)
@@ -108,6 +124,7 @@ def baseline_field(score, flow: bool):
         v = bcast(f, xt) * xt - bcast(0.5 * g2, xt) * s
         return v, (xt[0].numel() * f)[:, None] - (0.5 * g2)[:, None] * ds
 
+    velocity.drift = drift
     return velocity
 
 
@@ -125,6 +142,50 @@ def torchdiffeq_baseline(velocity, sde, x, eps, t_eps, rtol, atol):
     xs, deltas = odeint(func, (x, delta0), ts, method="dopri5", rtol=rtol, atol=atol)
     sec = time.perf_counter() - t0
     return sde.prior_log_prob(xs[-1]) + deltas[-1, :, 0], calls["n"], sec
+
+
+@contextlib.contextmanager
+def _flow_matching_probe(eps: torch.Tensor):
+    """flow_matching draws its Rademacher probe as (randn_like(x) < 0) * 2.0 - 1.0 from torch's global generator: hand
+    it -eps[0] there, so that its probe is eps[0], the probe of every other solve here. That expression has torch's
+    default dtype (float32 for float64 data, which its einsum refuses): the default is eps's dtype meanwhile."""
+    randn_like, dtype = torch.randn_like, torch.get_default_dtype()
+    torch.randn_like = lambda *a, **k: -eps[0]
+    torch.set_default_dtype(eps.dtype)
+    try:
+        yield
+    finally:
+        torch.randn_like = randn_like
+        torch.set_default_dtype(dtype)
+
+
+def flow_matching_baseline(velocity, sde, x, eps, t_eps, rtol, atol, exact: bool = False):
+    """Meta's flow_matching: ``ODESolver.compute_likelihood`` (torchdiffeq dopri5 inside, batch-shared steps, its
+    own fused forward + VJP of the whole drift). Returns (log p, calls, s).
+
+    Its time s runs from noise (s = 0) to data (s = 1) and its grid must be [1, 0]; our span [t_eps, T] maps onto it
+    by t = t_eps + (T - t_eps)(1 - s) (t = 1 - s but for the t_eps offset, so that both sides solve the same ODE), the
+    velocity it sees being dx/ds = -(T - t_eps) v(x, t). Its ``log_p0`` is our prior's log-density (the prior term is
+    included on its side as on ours). ``exact``: its exact divergence (a loop of D gradients) instead of Hutchinson.
+    """
+    from flow_matching.solver import ODESolver
+
+    calls = {"n": 0}
+    span = sde.T - t_eps
+
+    def u(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        tb = (t_eps + span * (1 - t)).to(x.dtype).expand(x.shape[0])
+        return -span * velocity.drift(x, tb)
+
+    solver = ODESolver(velocity_model=u)
+    grid = torch.tensor([1.0, 0.0], dtype=x.dtype)
+    t0 = time.perf_counter()
+    with _flow_matching_probe(eps):
+        _, log_p = solver.compute_likelihood(x, sde.prior_log_prob, step_size=None, method="dopri5", atol=atol,
+                                             rtol=rtol, time_grid=grid, exact_divergence=exact)
+    sec = time.perf_counter() - t0
+    return log_p, calls["n"], sec
 
 
 TOLS = tuple(1e-5 * 10 ** (k / 8) for k in range(-16, 17))  # 1e-7 ... 1e-3, 8 per decade
@@ -237,7 +298,8 @@ def plot_curves(out: dict, path: str) -> None:
 
 
 def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: list[tuple[str, str, str]],
-        ref_tol: float | None = None, cache: str | None = None, baseline_tols: tuple[float, ...] = ()) -> dict:
+        ref_tol: float | None = None, cache: str | None = None, baseline_tols: tuple[float, ...] = (),
+        flow_matching: bool = True, repeats: int = 0) -> dict:
     torch.set_num_threads(1)
     print(f"batch {batch}, baseline rtol = atol = {rtol:g}, t_eps = {t_eps:g}, float64 (ODE error, not rounding), "
           "1 probe; errors |log p - log p_ref| (max / mean over the batch); ratios against torchdiffeq dopri5 in t")
@@ -260,6 +322,14 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
         print(f"{name:<22} {'torchdiffeq dopri5 (t)':<24} {base_calls:>6.1f} {base_calls:>5d} {base_max:>8.2e} "
               f"{base_mean:>8.2e} {1:>9.2f} {1:>11.2f} |")
         out[name] = {"baseline": {"nfe": base_calls, "max": base_max, "mean": base_mean}}
+        peers = {"torchdiffeq": (rtol, base_calls, base_max, base_mean)}
+        if flow_matching:
+            fm_lp, fm_calls, _ = flow_matching_baseline(velocity, sde, x, eps, t_eps, rtol, rtol)
+            fm_max, fm_mean = errors(fm_lp, ref)
+            peers["flow_matching"] = (rtol, fm_calls, fm_max, fm_mean)
+            out[name]["flow_matching"] = {"nfe": fm_calls, "max": fm_max, "mean": fm_mean}
+            print(f"{'':<22} {'flow_matching dopri5':<24} {fm_calls:>6.1f} {fm_calls:>5d} {fm_max:>8.2e} "
+                  f"{fm_mean:>8.2e} {fm_calls / base_calls:>9.2f} {'':>11} |", flush=True)
         base_curve = {}
         for tol in sorted(set(baseline_tols) - {rtol}):  # the baseline's own error-NFE curve
             lp, calls, _ = torchdiffeq_baseline(velocity, sde, x, eps, t_eps, tol, tol)
@@ -291,6 +361,66 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             out[name][label] = row
             print(f"{'':<22} {label:<24} {nfe:>6.1f} {calls:>5d} {e_max:>8.2e} {e_mean:>8.2e} "
                   f"{nfe / base_calls:>9.2f} {spn / base_spn:>11.2f} | {matched}", flush=True)
+            if repeats:
+                row["wall"] = wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, CONTROLLERS[ctrl], results,
+                                                    velocity, eps, peers, repeats)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``: on a shared machine the CPU time of a one-thread
+    solve is the steadier measure of its cost, the wall time the one asked for; both are reported."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, controller, results, velocity, eps, peers: dict,
+                          repeats: int) -> dict:
+    """Seconds at matched error against each peer: for each peer (tolerance, calls, max and mean error), our loosest
+    tolerance no worse in both errors (`sweep`, reusing ``results``); then ``repeats`` interleaved rounds of every
+    peer's solve and ours at each matched tolerance (``compact=True``), medians of wall and CPU seconds."""
+    jobs = {"torchdiffeq": lambda tol: torchdiffeq_baseline(velocity, sde, x, eps, t_eps, tol, tol),
+            "flow_matching": lambda tol: flow_matching_baseline(velocity, sde, x, eps, t_eps, tol, tol)}
+    matched = {}
+    for peer, (tol, _, e_max, e_mean) in peers.items():
+        sweep(score, sde, x, ref, t_eps, tol, solver, tv, controller, e_max, e_mean, results)
+        ok = [k for k, v in results.items() if v[2] <= e_max and v[3] <= e_mean]
+        matched[peer] = max(ok) if ok else None
+    mine = {}
+    for tol in sorted({v for v in matched.values() if v is not None}):
+        mine[tol] = functools.partial(log_likelihood, score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver,
+                                      time_variable=tv, controller=controller, compact=True,
+                                      generator=torch.Generator().manual_seed(2))
+    runs = {peer: functools.partial(jobs[peer], peers[peer][0]) for peer in peers}
+    runs.update({f"ours@{tol:.3g}": fn for tol, fn in mine.items()})
+    times = {k: [] for k in runs}
+    rows = {}
+    for _ in range(repeats):  # interleaved: each round runs every solve once
+        for k, fn in runs.items():
+            if k.startswith("ours"):
+                w, c = time.perf_counter(), time.process_time()
+                r = fn()
+                times[k].append((time.perf_counter() - w, time.process_time() - c))
+                rows[k] = (r.calls, r.rows)
+            else:
+                times[k].append(timed(fn))
+    med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in times.items()}
+    out = {}
+    for peer, (tol, calls, _, _) in peers.items():
+        entry = {"peer_tol": tol, "peer_nfe": calls, "peer_calls": calls, "peer_rows": calls * x.shape[0],
+                 "peer_wall": med[peer][0], "peer_cpu": med[peer][1], "matched_tol": matched[peer]}
+        if matched[peer] is not None:
+            key = f"ours@{matched[peer]:.3g}"
+            m = results[matched[peer]]
+            entry.update(nfe=m[0], max=m[2], mean=m[3], calls=rows[key][0], rows=rows[key][1], wall=med[key][0],
+                         cpu=med[key][1], wall_ratio=med[key][0] / med[peer][0], cpu_ratio=med[key][1] / med[peer][1],
+                         nfe_ratio=m[0] / calls)
+            print(f"{'':<22} {'  seconds vs ' + peer:<24} peer {calls} calls {med[peer][0]:.3g} s wall "
+                  f"{med[peer][1]:.3g} s CPU; ours tol {matched[peer]:.2e}: NFE {m[0]:.1f}, {rows[key][0]} calls, "
+                  f"{rows[key][1]} rows (peer {calls * x.shape[0]}), {med[key][0]:.3g} s wall {med[key][1]:.3g} s "
+                  f"CPU: ratio wall {entry['wall_ratio']:.2f}, CPU {entry['cpu_ratio']:.2f}", flush=True)
+        out[peer] = entry
+    return out
     return out
 
 
@@ -314,6 +444,10 @@ def main() -> None:
                    help="also run the baseline at these tolerances (its error-NFE curve) and give the matched-error "
                    "ratio at each of them")
     p.add_argument("--plot", default=None, help="with --baseline-tols: save error against NFE to this image")
+    p.add_argument("--no-flow-matching", action="store_true", help="leave out Meta's flow_matching baseline")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="time every peer and ours at matched error against it (compact=True), interleaved over this "
+                   "many rounds, one thread (medians of wall and CPU seconds); 0: NFE only")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args()
     mixtures = [k for k, v in PROBLEMS.items() if v is not None]  # the digit U-Nets (~15 min each) only on request
@@ -328,7 +462,7 @@ def main() -> None:
         pairs = [tuple(v.split(":")) for v in args.solvers]
     variants = [(s, tv, c) for c in args.controllers for s, tv in pairs]
     out = run(args.batch, args.rtol, args.t_eps, problems, variants, args.ref_tol, args.ref_cache,
-              tuple(args.baseline_tols))
+              tuple(args.baseline_tols), not args.no_flow_matching, args.repeats)
     if args.plot and args.baseline_tols:
         plot_curves(out, args.plot)
     if args.json:
