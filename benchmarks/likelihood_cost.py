@@ -220,7 +220,7 @@ def errors(log_p: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float(e.max()), float(e.mean())
 
 
-def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, controller, base_max: float,
+def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, options: dict, base_max: float,
           base_mean: float, results: dict | None = None) -> dict:
     """{tol: (NFE, calls, max err, mean err, s per call)}: from rtol looser until both errors are worse than the
     baseline's (looser tolerances only get worse); tighter than rtol only if none of those is no worse in both.
@@ -232,7 +232,7 @@ def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, c
             return results[tol][2] <= base_max and results[tol][3] <= base_mean
         t0 = time.perf_counter()
         r = log_likelihood(score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver, time_variable=tv,
-                           generator=torch.Generator().manual_seed(2), controller=controller)
+                           generator=torch.Generator().manual_seed(2), **options)
         sec = time.perf_counter() - t0
         e_max, e_mean = errors(r.log_prob, ref)
         results[tol] = (float(r.nfe.double().mean()), r.calls, e_max, e_mean, sec / r.calls)
@@ -250,13 +250,13 @@ def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, c
     return results
 
 
-def curve(score, sde, x, ref, t_eps: float, solver: str, tv: str, controller, base_curve: dict,
+def curve(score, sde, x, ref, t_eps: float, solver: str, tv: str, options: dict, base_curve: dict,
           results: dict) -> list[dict]:
     """The matched-error ratio at every point of the baseline's curve: for each baseline tolerance, the loosest of
     our TOLS no worse in max and mean error (sweeping on from that tolerance as `sweep` does, reusing ``results``)."""
     rows = []
     for tol, (nfe_b, max_b, mean_b) in sorted(base_curve.items()):
-        sweep(score, sde, x, ref, t_eps, min(TOLS, key=lambda v: abs(math.log(v / tol))), solver, tv, controller,
+        sweep(score, sde, x, ref, t_eps, min(TOLS, key=lambda v: abs(math.log(v / tol))), solver, tv, options,
               max_b, mean_b, results)
         ok = [k for k, v in results.items() if v[2] <= max_b and v[3] <= mean_b]
         m = results[max(ok)] if ok else None
@@ -340,16 +340,18 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             base_curve[rtol] = (base_calls, base_max, base_mean)
             out[name]["baseline"]["curve"] = [{"tol": k, "nfe": v[0], "max": v[1], "mean": v[2]}
                                               for k, v in sorted(base_curve.items())]
-        for solver, tv, ctrl in variants:
+        for solver, tv, ctrl, norms in variants:
+            opts = {"controller": CONTROLLERS[ctrl], "norms": norms}
             tv = tv_default if tv == "default" else tv
             if tv == "logsnr" and sde.velocity_form:
                 continue  # alpha(T) = 0: the log-SNR is infinite at T
-            results = sweep(score, sde, x, ref, t_eps, rtol, solver, tv, CONTROLLERS[ctrl], base_max, base_mean)
-            curve_rows = curve(score, sde, x, ref, t_eps, solver, tv, CONTROLLERS[ctrl], base_curve, results)
+            results = sweep(score, sde, x, ref, t_eps, rtol, solver, tv, opts, base_max, base_mean)
+            curve_rows = curve(score, sde, x, ref, t_eps, solver, tv, opts, base_curve, results)
             nfe, calls, e_max, e_mean, spn = results[rtol]
             ok = [tol for tol, v in results.items() if v[2] <= base_max and v[3] <= base_mean]
             matched = ""
-            label = f"{solver} ({tv})" + ("" if ctrl == "DOPRI5" else f" {ctrl}")
+            label = f"{solver} ({tv})" + ("" if ctrl == "DOPRI5" else f" {ctrl}") + \
+                ("" if norms == "sample" else f" norms={norms}")
             row = {"tol": rtol, "nfe": nfe, "max": e_max, "mean": e_mean}
             if ok:
                 m = results[max(ok)]
@@ -362,7 +364,7 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             print(f"{'':<22} {label:<24} {nfe:>6.1f} {calls:>5d} {e_max:>8.2e} {e_mean:>8.2e} "
                   f"{nfe / base_calls:>9.2f} {spn / base_spn:>11.2f} | {matched}", flush=True)
             if repeats:
-                row["wall"] = wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, CONTROLLERS[ctrl], results,
+                row["wall"] = wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, opts, results,
                                                     velocity, eps, peers, repeats)
 
 
@@ -374,7 +376,7 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, controller, results, velocity, eps, peers: dict,
+def wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, options, results, velocity, eps, peers: dict,
                           repeats: int) -> dict:
     """Seconds at matched error against each peer: for each peer (tolerance, calls, max and mean error), our loosest
     tolerance no worse in both errors (`sweep`, reusing ``results``); then ``repeats`` interleaved rounds of every
@@ -383,13 +385,13 @@ def wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, controller, res
             "flow_matching": lambda tol: flow_matching_baseline(velocity, sde, x, eps, t_eps, tol, tol)}
     matched = {}
     for peer, (tol, _, e_max, e_mean) in peers.items():
-        sweep(score, sde, x, ref, t_eps, tol, solver, tv, controller, e_max, e_mean, results)
+        sweep(score, sde, x, ref, t_eps, tol, solver, tv, options, e_max, e_mean, results)
         ok = [k for k, v in results.items() if v[2] <= e_max and v[3] <= e_mean]
         matched[peer] = max(ok) if ok else None
     mine = {}
     for tol in sorted({v for v in matched.values() if v is not None}):
         mine[tol] = functools.partial(log_likelihood, score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver,
-                                      time_variable=tv, controller=controller, compact=True,
+                                      time_variable=tv, compact=options.get("norms") != "batch", **options,
                                       generator=torch.Generator().manual_seed(2))
     runs = {peer: functools.partial(jobs[peer], peers[peer][0]) for peer in peers}
     runs.update({f"ours@{tol:.3g}": fn for tol, fn in mine.items()})
@@ -436,7 +438,8 @@ def main() -> None:
     p.add_argument("--controllers", nargs="*", default=["DOPRI5"], choices=list(CONTROLLERS),
                    help="step-size controllers to compare (each with every solver and time variable)")
     p.add_argument("--solvers", nargs="*", default=None,
-                   help="SOLVER:TIME pairs (TIME t, logsnr or default), e.g. dopri5:t dopri5_shampine:t")
+                   help="SOLVER:TIME[:NORMS] (TIME t, logsnr or default; NORMS sample, the default, or batch: one "
+                   "step size for the batch), e.g. dopri5:t dopri5_shampine:t dopri5:t:batch")
     p.add_argument("--ref-tol", type=float, default=None,
                    help="tolerance of the reference solve (default 1e-10 on mixtures, 1e-8 on the U-Nets)")
     p.add_argument("--ref-cache", default=None, help="directory to keep reference solves in between runs")
@@ -460,7 +463,8 @@ def main() -> None:
         pairs = pairs[:2]
     if args.solvers:
         pairs = [tuple(v.split(":")) for v in args.solvers]
-    variants = [(s, tv, c) for c in args.controllers for s, tv in pairs]
+    # SOLVER:TIME[:NORMS]: norms "sample" (per-sample steps, the default) or "batch" (one step for the batch)
+    variants = [(p[0], p[1], c, p[2] if len(p) > 2 else "sample") for c in args.controllers for p in pairs]
     out = run(args.batch, args.rtol, args.t_eps, problems, variants, args.ref_tol, args.ref_cache,
               tuple(args.baseline_tols), not args.no_flow_matching, args.repeats)
     if args.plot and args.baseline_tols:
