@@ -1,4 +1,4 @@
-"""CPU benchmark: PF-ODE log-likelihood cost at matched error against torchdiffeq dopri5 in t.
+"""CPU benchmark: PF-ODE log-likelihood cost at matched error against torchdiffeq dopri5 in t and flow_matching.
 
 The baseline is what k-diffusion does: torchdiffeq's dopri5 on the augmented state (x, delta_logp) in time t, one
 shared step for the whole batch, drift and Hutchinson divergence from one fused forward + VJP, at rtol = atol =
@@ -12,11 +12,18 @@ Two readings: (1) the same nominal tolerance on both sides (our per-sample contr
 torchdiffeq one RMS over the batch); (2) matched error: the loosest of our tolerances in TOLS (8 per decade) whose
 max AND mean errors are both no worse than the baseline's, its NFE and the ratio ("matched" columns).
 
+A second baseline is Meta's flow_matching (``ODESolver.compute_likelihood``: torchdiffeq's dopri5 inside, its own
+fused forward + VJP of the whole velocity), given the same ODE in its reversed time and the same probe
+(`flow_matching_baseline`). ``--repeats N`` times both peers and ours at matched error against each (interleaved
+rounds, one thread, medians of wall and CPU seconds; ours with ``compact=True``, or ``norms="batch"`` for a
+``SOLVER:TIME:batch`` variant).
+
 Problems: Gaussian mixtures (smooth, and with near-degenerate components that behave like dequantized images near
-t = 0), and on request the shipped digits U-Nets, trained networks on dequantized 17-level 1x8x8 digits
-(``--problems "digits U-Net" "digits_flow U-Net"``; the flow model under rectified flow, in t, its divergence the
-velocity's), or any digits network trained with ``scoresolve train --data digits`` (``--checkpoint PATH``). A
-U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
+t = 0; under VP, and two of them under rectified flow), and on request the shipped digits U-Nets, trained networks
+on dequantized 17-level 1x8x8 digits (``--problems "digits U-Net" "digits_flow U-Net"``; the flow model under
+rectified flow, in t, its divergence the velocity's), or any digits network trained with ``scoresolve train
+--data digits`` (``--checkpoint PATH``). A U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between
+runs.
 
     python benchmarks/likelihood_cost.py [--batch 32] [--quick] [--problems "digits U-Net"]
 """
