@@ -45,7 +45,7 @@ def odeint_adaptive(
     `ButcherTableau` with an embedded pair; ``rtol`` / ``atol`` (> 0) apply to every tensor of the state (the error
     of a sample is the max over the tensors of their scaled RMS errors). Every other option (``controller``,
     ``max_steps``, ``first_step``, ``max_step``, ``check_every``, ``callback``, ``save_trajectory``, ``progress``,
-    ``args``, ``compact``) is [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a
+    ``args``, ``compact``, ``norms``) is [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a
     [`Solution`][scoresolve.Solution]
     (``.y`` / ``.x`` the final state, ``.nfe`` per sample, ``.calls`` batched calls).
     """
