@@ -33,10 +33,10 @@ import torch
 
 import scoresolve as ss
 from scoresolve.compare import sliced_wasserstein
-from scoresolve.data import DIGITS_LEVELS, dequantize, digits
-from scoresolve.dequantization import levels_offset
+from scoresolve.data import DIGITS_LEVELS, digits
 from scoresolve.elbo import bound, chain_times, elbo_statistics, optimal_steps
 from scoresolve.models import load_digits_model
+from scoresolve.quantization import dequantize, levels_offset
 
 PUBLISHED = """Published CIFAR-10 (Bao et al. 2022, Table 1; linear schedule, even steps; NLL bound, bits/dim):
 | K | 10 | 25 | 50 | 100 | 200 | 400 | 1000 |
@@ -78,15 +78,15 @@ def main(argv=None) -> None:
     half = (rng[1] - rng[0]) / (2 * L)
     centres_range = (rng[0] + half, rng[1] - half)  # bin centres lo + (hi - lo)(v + 1/2)/L: a grid of L levels
     test = digits("test")[: a.num]
-    x_deq = dequantize(test, generator=torch.Generator().manual_seed(1))
+    x_deq = dequantize(test, DIGITS_LEVELS, generator=torch.Generator().manual_seed(1))
     v = torch.round((test + 1) * (L - 1) / 2)
     x_ctr = centres_range[0] + (centres_range[1] - centres_range[0]) * v / (L - 1)
     train = digits("train")
     times, _ = chain_times(sde, N, num_timesteps=N)
 
     t0 = time.perf_counter()
-    mom = ss.cached_moments(model, sde, dequantize(train, generator=torch.Generator().manual_seed(2)), times[1:],
-                            a.moment_samples, batch_size=1024)
+    train_deq = dequantize(train, DIGITS_LEVELS, generator=torch.Generator().manual_seed(2))
+    mom = ss.cached_moments(model, sde, train_deq, times[1:], a.moment_samples, batch_size=1024)
     print(f"moments Gamma_n: M = {mom.num_samples} per step at {mom.t.numel()} steps = {mom.evaluations} network "
           f"evaluations ({mom.seconds:.0f} s when computed; this run {time.perf_counter() - t0:.0f} s); "
           f"median standard error {float(mom.std_error.median()):.2e}")
@@ -148,8 +148,8 @@ def main(argv=None) -> None:
 
 
 def sampling_table(model, sde, mom, train, n, ks, N, L) -> None:
-    held = dequantize(digits("test")[:n], generator=torch.Generator().manual_seed(3))
-    train_deq = dequantize(train, generator=torch.Generator().manual_seed(4))
+    held = dequantize(digits("test")[:n], DIGITS_LEVELS, generator=torch.Generator().manual_seed(3))
+    train_deq = dequantize(train, DIGITS_LEVELS, generator=torch.Generator().manual_seed(4))
     sub = train_deq[torch.randperm(train_deq.shape[0], generator=torch.Generator().manual_seed(6))[:n]]
     floor_fd, floor_sw = frechet(held, train_deq), sliced_wasserstein(held, sub)
     print(f"\nFew-step sampling, {n} samples (same x_T and noise seeds everywhere), distance to the 1500 training "

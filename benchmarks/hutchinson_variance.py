@@ -35,8 +35,9 @@ import time
 import torch
 
 import scoresolve as ss
-from scoresolve.data import dequantize, digits
+from scoresolve.data import DIGITS_LEVELS, digits
 from scoresolve.models import load_digits_flow_model, load_digits_model
+from scoresolve.quantization import dequantize
 
 METHODS = ("rademacher", "gaussian", "orthogonal", "cv", "cv_r", "step")
 
@@ -94,10 +95,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     methods = ["rademacher"] + [m for m in args.methods if m != "rademacher"]
-    train = dequantize(digits("train"), generator=torch.Generator().manual_seed(10))
+    train = dequantize(digits("train"), DIGITS_LEVELS, generator=torch.Generator().manual_seed(10))
     cv_full = ss.GaussianControlVariate.from_data(train)
     cv_low = ss.GaussianControlVariate.from_data(train, rank=args.rank)
-    x = dequantize(digits("test")[: args.n], generator=torch.Generator().manual_seed(11))
+    x = dequantize(digits("test")[: args.n], DIGITS_LEVELS, generator=torch.Generator().manual_seed(11))
     D = math.prod(x.shape[1:])
     result = {"args": vars(args), "models": {}}
     loaders = {"digits": load_digits_model, "digits_flow": load_digits_flow_model}

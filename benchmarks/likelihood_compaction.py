@@ -20,8 +20,9 @@ import time
 import torch
 
 import scoresolve as ss
-from scoresolve.data import dequantize, digits
+from scoresolve.data import DIGITS_LEVELS, digits
 from scoresolve.models import load_digits_model
+from scoresolve.quantization import dequantize
 
 
 def run(model, sde, x, compact: bool, tol: float):
@@ -40,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, sde = load_digits_model()
-    x = dequantize(digits("test")[: args.batch], generator=torch.Generator().manual_seed(1))
+    x = dequantize(digits("test")[: args.batch], DIGITS_LEVELS, generator=torch.Generator().manual_seed(1))
     print(f"digits U-Net, batch {args.batch}, rtol = atol = {args.tol:g}, float32, {args.threads} thread(s)")
     res = {}
     for compact in (False, True, False, True)[: 2 * max(1, args.repeats // 2 + 1)]:

@@ -1,4 +1,4 @@
-"""CPU benchmark: PF-ODE log-likelihood cost at matched error against torchdiffeq dopri5 in t.
+"""CPU benchmark: PF-ODE log-likelihood cost at matched error against torchdiffeq dopri5 in t and flow_matching.
 
 The baseline is what k-diffusion does: torchdiffeq's dopri5 on the augmented state (x, delta_logp) in time t, one
 shared step for the whole batch, drift and Hutchinson divergence from one fused forward + VJP, at rtol = atol =
@@ -12,11 +12,18 @@ Two readings: (1) the same nominal tolerance on both sides (our per-sample contr
 torchdiffeq one RMS over the batch); (2) matched error: the loosest of our tolerances in TOLS (8 per decade) whose
 max AND mean errors are both no worse than the baseline's, its NFE and the ratio ("matched" columns).
 
+A second baseline is Meta's flow_matching (``ODESolver.compute_likelihood``: torchdiffeq's dopri5 inside, its own
+fused forward + VJP of the whole velocity), given the same ODE in its reversed time and the same probe
+(`flow_matching_baseline`). ``--repeats N`` times both peers and ours at matched error against each (interleaved
+rounds, one thread, medians of wall and CPU seconds; ours with ``compact=True``, or ``norms="batch"`` for a
+``SOLVER:TIME:batch`` variant).
+
 Problems: Gaussian mixtures (smooth, and with near-degenerate components that behave like dequantized images near
-t = 0), and on request the shipped digits U-Nets, trained networks on dequantized 17-level 1x8x8 digits
-(``--problems "digits U-Net" "digits_flow U-Net"``; the flow model under rectified flow, in t, its divergence the
-velocity's), or any digits network trained with ``scoresolve train --data digits`` (``--checkpoint PATH``). A
-U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
+t = 0; under VP, and two of them under rectified flow), and on request the shipped digits U-Nets, trained networks
+on dequantized 17-level 1x8x8 digits (``--problems "digits U-Net" "digits_flow U-Net"``; the flow model under
+rectified flow, in t, its divergence the velocity's), or any digits network trained with ``scoresolve train
+--data digits`` (``--checkpoint PATH``). A U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between
+runs.
 
     python benchmarks/likelihood_cost.py [--batch 32] [--quick] [--problems "digits U-Net"]
 """
@@ -24,9 +31,12 @@ U-Net reference costs ~4000 NFE: ``--ref-cache DIR`` keeps it between runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import re
+import statistics
 import time
 
 import torch
@@ -39,11 +49,14 @@ from scoresolve.likelihood import log_likelihood
 from scoresolve.solvers import DOPRI5_GAINS, PIController
 
 PROBLEMS = {
-    # name: (dim, components, scale_range, full covariances)
+    # name: (dim, components, scale_range, full covariances[, process: "vp" (default) or "rf" (rectified flow)])
     "2-D smooth": (2, 4, (0.2, 0.8), True),
     "16-D smooth": (16, 8, (0.1, 0.5), True),
     "64-D near-degenerate": (64, 8, (1e-3, 0.5), True),
     "256-D near-degenerate": (256, 4, (1e-3, 0.3), False),
+    # the same mixtures under rectified flow (the exact flow prediction: flow_matching's setting)
+    "16-D smooth RF": (16, 8, (0.1, 0.5), True, "rf"),
+    "64-D near-degenerate RF": (64, 8, (1e-3, 0.5), True, "rf"),
     # the shipped U-Nets trained on the digits (real networks on dequantized 17-level data, 1x8x8), in float64
     "digits U-Net": None,
     "digits_flow U-Net": None,
@@ -52,14 +65,15 @@ PROBLEMS = {
 
 def digits_problem(model, sde, flow: bool, batch: int):
     """(sde, score, baseline field, x) of a digits network (a ScoreModel) on the held-out digits, in float64."""
-    from scoresolve.data import dequantize, digits
+    from scoresolve.data import DIGITS_LEVELS, digits
+    from scoresolve.quantization import dequantize
 
     net = model.net.double()
     conv = dict(prediction=model.prediction, time=model.time, num_timesteps=model.num_timesteps,
                 net_kwargs=model.net_kwargs)
     score = ss.ScoreModel(net, sde, **conv)
     score_ext = score if flow else ss.ScoreModel(net, ss.VPSDE(T=1.5), **conv)
-    x = dequantize(digits("test")[:batch], generator=torch.Generator().manual_seed(1)).double()
+    x = dequantize(digits("test")[:batch], DIGITS_LEVELS, generator=torch.Generator().manual_seed(1)).double()
     return sde, score, baseline_field(score_ext, flow), x
 
 
@@ -88,16 +102,26 @@ def make_problem(name: str, batch: int):
 
         flow = name.startswith("digits_flow")
         return digits_problem(*(load_digits_flow_model if flow else load_digits_model)(), flow, batch)
-    dim, k, scale_range, full = PROBLEMS[name]
-    sde = ss.VPSDE()
+    dim, k, scale_range, full, *process = PROBLEMS[name]
     gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
     x = gm.sample(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if process == ["rf"]:
+        sde = ss.RectifiedFlow()
+        model = gm.model(sde, "flow")
+        return sde, model, baseline_field(model, True), x
+    sde = ss.VPSDE()
     return sde, gm.score_fn(sde), baseline_field(gm.score_fn(ss.VPSDE(T=1.5)), False), x
 
 
 def baseline_field(score, flow: bool):
-    """The baseline's vector field pieces at any t >= 0 (see `make_problem`)."""
+    """The baseline's vector field pieces at any t >= 0 (see `make_problem`); ``velocity.drift(x, t)`` is the drift
+    alone (for flow_matching, which differentiates it itself)."""
     ext = ss.VPSDE(T=1.5)
+
+    def drift(xt: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        if flow:
+            return score.flow(xt, tb.clamp(max=1.0))
+        return bcast(ext.f(tb), xt) * xt - bcast(0.5 * ext.g2(tb), xt) * score(xt, tb)
 
     def velocity(xt: torch.Tensor, tb: torch.Tensor, eps: torch.Tensor):
         if flow:  # the model's velocity and its divergence (f diverges at alpha = 0)
@@ -108,6 +132,7 @@ def baseline_field(score, flow: bool):
         v = bcast(f, xt) * xt - bcast(0.5 * g2, xt) * s
         return v, (xt[0].numel() * f)[:, None] - (0.5 * g2)[:, None] * ds
 
+    velocity.drift = drift
     return velocity
 
 
@@ -125,6 +150,50 @@ def torchdiffeq_baseline(velocity, sde, x, eps, t_eps, rtol, atol):
     xs, deltas = odeint(func, (x, delta0), ts, method="dopri5", rtol=rtol, atol=atol)
     sec = time.perf_counter() - t0
     return sde.prior_log_prob(xs[-1]) + deltas[-1, :, 0], calls["n"], sec
+
+
+@contextlib.contextmanager
+def _flow_matching_probe(eps: torch.Tensor):
+    """flow_matching draws its Rademacher probe as (randn_like(x) < 0) * 2.0 - 1.0 from torch's global generator: hand
+    it -eps[0] there, so that its probe is eps[0], the probe of every other solve here. That expression has torch's
+    default dtype (float32 for float64 data, which its einsum refuses): the default is eps's dtype meanwhile."""
+    randn_like, dtype = torch.randn_like, torch.get_default_dtype()
+    torch.randn_like = lambda *a, **k: -eps[0]
+    torch.set_default_dtype(eps.dtype)
+    try:
+        yield
+    finally:
+        torch.randn_like = randn_like
+        torch.set_default_dtype(dtype)
+
+
+def flow_matching_baseline(velocity, sde, x, eps, t_eps, rtol, atol, exact: bool = False):
+    """Meta's flow_matching: ``ODESolver.compute_likelihood`` (torchdiffeq dopri5 inside, batch-shared steps, its
+    own fused forward + VJP of the whole drift). Returns (log p, calls, s).
+
+    Its time s runs from noise (s = 0) to data (s = 1) and its grid must be [1, 0]; our span [t_eps, T] maps onto it
+    by t = t_eps + (T - t_eps)(1 - s) (t = 1 - s but for the t_eps offset, so that both sides solve the same ODE), the
+    velocity it sees being dx/ds = -(T - t_eps) v(x, t). Its ``log_p0`` is our prior's log-density (the prior term is
+    included on its side as on ours). ``exact``: its exact divergence (a loop of D gradients) instead of Hutchinson.
+    """
+    from flow_matching.solver import ODESolver
+
+    calls = {"n": 0}
+    span = sde.T - t_eps
+
+    def u(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        tb = (t_eps + span * (1 - t)).to(x.dtype).expand(x.shape[0])
+        return -span * velocity.drift(x, tb)
+
+    solver = ODESolver(velocity_model=u)
+    grid = torch.tensor([1.0, 0.0], dtype=x.dtype)
+    t0 = time.perf_counter()
+    with _flow_matching_probe(eps):
+        _, log_p = solver.compute_likelihood(x, sde.prior_log_prob, step_size=None, method="dopri5", atol=atol,
+                                             rtol=rtol, time_grid=grid, exact_divergence=exact)
+    sec = time.perf_counter() - t0
+    return log_p, calls["n"], sec
 
 
 TOLS = tuple(1e-5 * 10 ** (k / 8) for k in range(-16, 17))  # 1e-7 ... 1e-3, 8 per decade
@@ -159,7 +228,7 @@ def errors(log_p: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float(e.max()), float(e.mean())
 
 
-def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, controller, base_max: float,
+def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, options: dict, base_max: float,
           base_mean: float, results: dict | None = None) -> dict:
     """{tol: (NFE, calls, max err, mean err, s per call)}: from rtol looser until both errors are worse than the
     baseline's (looser tolerances only get worse); tighter than rtol only if none of those is no worse in both.
@@ -171,7 +240,7 @@ def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, c
             return results[tol][2] <= base_max and results[tol][3] <= base_mean
         t0 = time.perf_counter()
         r = log_likelihood(score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver, time_variable=tv,
-                           generator=torch.Generator().manual_seed(2), controller=controller)
+                           generator=torch.Generator().manual_seed(2), **options)
         sec = time.perf_counter() - t0
         e_max, e_mean = errors(r.log_prob, ref)
         results[tol] = (float(r.nfe.double().mean()), r.calls, e_max, e_mean, sec / r.calls)
@@ -189,13 +258,13 @@ def sweep(score, sde, x, ref, t_eps: float, rtol: float, solver: str, tv: str, c
     return results
 
 
-def curve(score, sde, x, ref, t_eps: float, solver: str, tv: str, controller, base_curve: dict,
+def curve(score, sde, x, ref, t_eps: float, solver: str, tv: str, options: dict, base_curve: dict,
           results: dict) -> list[dict]:
     """The matched-error ratio at every point of the baseline's curve: for each baseline tolerance, the loosest of
     our TOLS no worse in max and mean error (sweeping on from that tolerance as `sweep` does, reusing ``results``)."""
     rows = []
     for tol, (nfe_b, max_b, mean_b) in sorted(base_curve.items()):
-        sweep(score, sde, x, ref, t_eps, min(TOLS, key=lambda v: abs(math.log(v / tol))), solver, tv, controller,
+        sweep(score, sde, x, ref, t_eps, min(TOLS, key=lambda v: abs(math.log(v / tol))), solver, tv, options,
               max_b, mean_b, results)
         ok = [k for k, v in results.items() if v[2] <= max_b and v[3] <= mean_b]
         m = results[max(ok)] if ok else None
@@ -237,7 +306,8 @@ def plot_curves(out: dict, path: str) -> None:
 
 
 def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: list[tuple[str, str, str]],
-        ref_tol: float | None = None, cache: str | None = None, baseline_tols: tuple[float, ...] = ()) -> dict:
+        ref_tol: float | None = None, cache: str | None = None, baseline_tols: tuple[float, ...] = (),
+        flow_matching: bool = True, repeats: int = 0) -> dict:
     torch.set_num_threads(1)
     print(f"batch {batch}, baseline rtol = atol = {rtol:g}, t_eps = {t_eps:g}, float64 (ODE error, not rounding), "
           "1 probe; errors |log p - log p_ref| (max / mean over the batch); ratios against torchdiffeq dopri5 in t")
@@ -260,6 +330,14 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
         print(f"{name:<22} {'torchdiffeq dopri5 (t)':<24} {base_calls:>6.1f} {base_calls:>5d} {base_max:>8.2e} "
               f"{base_mean:>8.2e} {1:>9.2f} {1:>11.2f} |")
         out[name] = {"baseline": {"nfe": base_calls, "max": base_max, "mean": base_mean}}
+        peers = {"torchdiffeq": (rtol, base_calls, base_max, base_mean)}
+        if flow_matching:
+            fm_lp, fm_calls, _ = flow_matching_baseline(velocity, sde, x, eps, t_eps, rtol, rtol)
+            fm_max, fm_mean = errors(fm_lp, ref)
+            peers["flow_matching"] = (rtol, fm_calls, fm_max, fm_mean)
+            out[name]["flow_matching"] = {"nfe": fm_calls, "max": fm_max, "mean": fm_mean}
+            print(f"{'':<22} {'flow_matching dopri5':<24} {fm_calls:>6.1f} {fm_calls:>5d} {fm_max:>8.2e} "
+                  f"{fm_mean:>8.2e} {fm_calls / base_calls:>9.2f} {'':>11} |", flush=True)
         base_curve = {}
         for tol in sorted(set(baseline_tols) - {rtol}):  # the baseline's own error-NFE curve
             lp, calls, _ = torchdiffeq_baseline(velocity, sde, x, eps, t_eps, tol, tol)
@@ -270,16 +348,18 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             base_curve[rtol] = (base_calls, base_max, base_mean)
             out[name]["baseline"]["curve"] = [{"tol": k, "nfe": v[0], "max": v[1], "mean": v[2]}
                                               for k, v in sorted(base_curve.items())]
-        for solver, tv, ctrl in variants:
+        for solver, tv, ctrl, norms in variants:
+            opts = {"controller": CONTROLLERS[ctrl], "norms": norms}
             tv = tv_default if tv == "default" else tv
             if tv == "logsnr" and sde.velocity_form:
                 continue  # alpha(T) = 0: the log-SNR is infinite at T
-            results = sweep(score, sde, x, ref, t_eps, rtol, solver, tv, CONTROLLERS[ctrl], base_max, base_mean)
-            curve_rows = curve(score, sde, x, ref, t_eps, solver, tv, CONTROLLERS[ctrl], base_curve, results)
+            results = sweep(score, sde, x, ref, t_eps, rtol, solver, tv, opts, base_max, base_mean)
+            curve_rows = curve(score, sde, x, ref, t_eps, solver, tv, opts, base_curve, results)
             nfe, calls, e_max, e_mean, spn = results[rtol]
             ok = [tol for tol, v in results.items() if v[2] <= base_max and v[3] <= base_mean]
             matched = ""
-            label = f"{solver} ({tv})" + ("" if ctrl == "DOPRI5" else f" {ctrl}")
+            label = f"{solver} ({tv})" + ("" if ctrl == "DOPRI5" else f" {ctrl}") + \
+                ("" if norms == "sample" else f" norms={norms}")
             row = {"tol": rtol, "nfe": nfe, "max": e_max, "mean": e_mean}
             if ok:
                 m = results[max(ok)]
@@ -291,6 +371,70 @@ def run(batch: int, rtol: float, t_eps: float, problems: list[str], variants: li
             out[name][label] = row
             print(f"{'':<22} {label:<24} {nfe:>6.1f} {calls:>5d} {e_max:>8.2e} {e_mean:>8.2e} "
                   f"{nfe / base_calls:>9.2f} {spn / base_spn:>11.2f} | {matched}", flush=True)
+            if repeats:
+                row["wall"] = wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, opts, results,
+                                                    velocity, eps, peers, repeats)
+    return out
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``: on a shared machine the CPU time of a one-thread
+    solve is the steadier measure of its cost, the wall time the one asked for; both are reported."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _ours(*args, **kwargs):
+    """`log_likelihood` with the benchmark's probe (drawn from a fresh generator of seed 2 on every call)."""
+    return log_likelihood(*args, generator=torch.Generator().manual_seed(2), **kwargs)
+
+
+def wall_at_matched_error(score, sde, x, ref, t_eps, solver, tv, options, results, velocity, eps, peers: dict,
+                          repeats: int) -> dict:
+    """Seconds at matched error against each peer: for each peer (tolerance, calls, max and mean error), our loosest
+    tolerance no worse in both errors (`sweep`, reusing ``results``); then ``repeats`` interleaved rounds of every
+    peer's solve and ours at each matched tolerance (``compact=True``), medians of wall and CPU seconds."""
+    jobs = {"torchdiffeq": lambda tol: torchdiffeq_baseline(velocity, sde, x, eps, t_eps, tol, tol),
+            "flow_matching": lambda tol: flow_matching_baseline(velocity, sde, x, eps, t_eps, tol, tol)}
+    matched = {}
+    for peer, (tol, _, e_max, e_mean) in peers.items():
+        sweep(score, sde, x, ref, t_eps, tol, solver, tv, options, e_max, e_mean, results)
+        ok = [k for k, v in results.items() if v[2] <= e_max and v[3] <= e_mean]
+        matched[peer] = max(ok) if ok else None
+    mine = {}
+    for tol in sorted({v for v in matched.values() if v is not None}):
+        mine[tol] = functools.partial(_ours, score, sde, x, rtol=tol, atol=tol, t_eps=t_eps, solver=solver,
+                                      time_variable=tv, compact=options.get("norms") != "batch", **options)
+    runs = {peer: functools.partial(jobs[peer], peers[peer][0]) for peer in peers}
+    runs.update({f"ours@{tol:.3g}": fn for tol, fn in mine.items()})
+    times = {k: [] for k in runs}
+    rows = {}
+    for _ in range(repeats):  # interleaved: each round runs every solve once
+        for k, fn in runs.items():
+            if k.startswith("ours"):
+                w, c = time.perf_counter(), time.process_time()
+                r = fn()
+                times[k].append((time.perf_counter() - w, time.process_time() - c))
+                rows[k] = (r.calls, r.rows)
+            else:
+                times[k].append(timed(fn))
+    med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in times.items()}
+    out = {}
+    for peer, (tol, calls, _, _) in peers.items():
+        entry = {"peer_tol": tol, "peer_nfe": calls, "peer_calls": calls, "peer_rows": calls * x.shape[0],
+                 "peer_wall": med[peer][0], "peer_cpu": med[peer][1], "matched_tol": matched[peer]}
+        if matched[peer] is not None:
+            key = f"ours@{matched[peer]:.3g}"
+            m = results[matched[peer]]
+            entry.update(nfe=m[0], max=m[2], mean=m[3], calls=rows[key][0], rows=rows[key][1], wall=med[key][0],
+                         cpu=med[key][1], wall_ratio=med[key][0] / med[peer][0], cpu_ratio=med[key][1] / med[peer][1],
+                         nfe_ratio=m[0] / calls)
+            print(f"{'':<22} {'  seconds vs ' + peer:<24} peer {calls} calls {med[peer][0]:.3g} s wall "
+                  f"{med[peer][1]:.3g} s CPU; ours tol {matched[peer]:.2e}: NFE {m[0]:.1f}, {rows[key][0]} calls, "
+                  f"{rows[key][1]} rows (peer {calls * x.shape[0]}), {med[key][0]:.3g} s wall {med[key][1]:.3g} s "
+                  f"CPU: ratio wall {entry['wall_ratio']:.2f}, CPU {entry['cpu_ratio']:.2f}", flush=True)
+        out[peer] = entry
     return out
 
 
@@ -306,7 +450,8 @@ def main() -> None:
     p.add_argument("--controllers", nargs="*", default=["DOPRI5"], choices=list(CONTROLLERS),
                    help="step-size controllers to compare (each with every solver and time variable)")
     p.add_argument("--solvers", nargs="*", default=None,
-                   help="SOLVER:TIME pairs (TIME t, logsnr or default), e.g. dopri5:t dopri5_shampine:t")
+                   help="SOLVER:TIME[:NORMS] (TIME t, logsnr or default; NORMS sample, the default, or batch: one "
+                   "step size for the batch), e.g. dopri5:t dopri5_shampine:t dopri5:t:batch")
     p.add_argument("--ref-tol", type=float, default=None,
                    help="tolerance of the reference solve (default 1e-10 on mixtures, 1e-8 on the U-Nets)")
     p.add_argument("--ref-cache", default=None, help="directory to keep reference solves in between runs")
@@ -314,6 +459,10 @@ def main() -> None:
                    help="also run the baseline at these tolerances (its error-NFE curve) and give the matched-error "
                    "ratio at each of them")
     p.add_argument("--plot", default=None, help="with --baseline-tols: save error against NFE to this image")
+    p.add_argument("--no-flow-matching", action="store_true", help="leave out Meta's flow_matching baseline")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="time every peer and ours at matched error against it (compact=True), interleaved over this "
+                   "many rounds, one thread (medians of wall and CPU seconds); 0: NFE only")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args()
     mixtures = [k for k, v in PROBLEMS.items() if v is not None]  # the digit U-Nets (~15 min each) only on request
@@ -326,9 +475,10 @@ def main() -> None:
         pairs = pairs[:2]
     if args.solvers:
         pairs = [tuple(v.split(":")) for v in args.solvers]
-    variants = [(s, tv, c) for c in args.controllers for s, tv in pairs]
+    # SOLVER:TIME[:NORMS]: norms "sample" (per-sample steps, the default) or "batch" (one step for the batch)
+    variants = [(p[0], p[1], c, p[2] if len(p) > 2 else "sample") for c in args.controllers for p in pairs]
     out = run(args.batch, args.rtol, args.t_eps, problems, variants, args.ref_tol, args.ref_cache,
-              tuple(args.baseline_tols))
+              tuple(args.baseline_tols), not args.no_flow_matching, args.repeats)
     if args.plot and args.baseline_tols:
         plot_curves(out, args.plot)
     if args.json:

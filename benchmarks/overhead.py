@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _kdiffusion import load_k_diffusion_sampling  # noqa: E402
 
 import scoresolve as ss  # noqa: E402
-from scoresolve.solvers import REGISTRY  # noqa: E402
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, GridSolver  # noqa: E402
 
 NFE = 50
 TOL = 1e-5
@@ -67,7 +67,8 @@ def _timed(fn) -> float:
 def _ours(model, sde, x_T, solver: str | None, **kw):
     def run():
         sol = ss.sample(model, sde, x_T, solver=solver, **kw)
-        return int(sol.calls) if solver is not None and REGISTRY[solver].kind == "adaptive" else int(sol.nfe.max())
+        adaptive = solver is not None and isinstance(REGISTRY[solver], AdaptiveSolver)
+        return int(sol.calls) if adaptive else int(sol.nfe.max())
     return run
 
 
@@ -137,8 +138,8 @@ def pairs(batch: int, only: list[str] | None = None, device: str = "cpu", compil
     model = ss.ScoreModel(fn, sde, prediction="x0")
     lam = sde.log_snr(torch.tensor([1.0, 1e-3], dtype=torch.float64))
     smax, smin = float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
-    grid = [n for n, s in REGISTRY.items() if s.kind == "grid"]
-    adaptive = [n for n, s in REGISTRY.items() if s.kind == "adaptive" and not s.stochastic]
+    grid = [n for n, s in REGISTRY.items() if isinstance(s, GridSolver)]
+    adaptive = [n for n, s in REGISTRY.items() if isinstance(s, AdaptiveSolver) and not s.stochastic]
     out = {}
 
     def ours_grid(name: str, **kw):

@@ -8,8 +8,6 @@ from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusi
 from .analytic import GaussianMixture
 from .compiled import CompiledSampler, compile_sampler
 from .control_variate import GaussianControlVariate
-from .dequantization import bits_per_dim, dequantized_bpd, uniform_dequantize
-from .dequantizers import TruncatedNormalDequantizer, UniformDequantizer, VariationalDequantizer, train_dequantizer
 from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
@@ -17,6 +15,15 @@ from .likelihood import LikelihoodResult, log_likelihood
 from .pfgm import PFGM, PFGMPP, PFGMEDMView
 from .pointcloud import PointCloud
 from .process import CAPABILITIES, IncompatibleProcessError, Process
+from .quantization import (
+    TruncatedNormalDequantizer,
+    UniformDequantizer,
+    VariationalDequantizer,
+    bits_per_dim,
+    dequantized_bpd,
+    train_dequantizer,
+    uniform_dequantize,
+)
 from .reverse import ReverseProcess
 from .reverse_variance import MomentEstimate, cached_moments, estimate_moments, load_moments
 from .sampling import list_solvers, sample

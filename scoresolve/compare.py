@@ -21,7 +21,7 @@ from .analytic import GaussianMixture
 from .sampling import sample
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY
+from .solvers import REGISTRY, AdaptiveSolver, GridSolver
 
 
 @dataclass
@@ -145,12 +145,12 @@ def work_precision(
             raise ValueError(f"unknown solver {base!r}; available: {sorted(REGISTRY)}")
         spec = REGISTRY.get(base)
         opts = dict(solver_options.get(name, solver_options.get(base, {})))
-        if spec is not None and spec.kind == "adaptive":
+        if isinstance(spec, AdaptiveSolver):
             for tol in tolerances:
                 jobs.append((name, grid or None, f"rtol={tol:g}", {"rtol": tol, "atol": tol, **opts}))
         else:
             for n in nfes:
-                if spec is not None and n < spec.nfe_for_steps(spec.min_steps, opts):
+                if isinstance(spec, GridSolver) and n < spec.nfe_for_steps(spec.min_steps, opts):
                     continue
                 jobs.append((name, grid or None, f"nfe={n}", {"nfe": n, **opts}))
     bar = None

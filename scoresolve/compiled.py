@@ -32,7 +32,7 @@ import torch
 from .sampling import _default_sampler, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, Solution
+from .solvers import REGISTRY, GridSolver, Solution
 from .solvers._grid import GridRun
 
 MODES = ("auto", "cuda_graph", "compile", "eager")
@@ -61,8 +61,8 @@ class CompiledSampler:
             if view is not sde:  # the default runs on the process's ode_view, as in sample()
                 model = copy.copy(model)
                 model.sde = sde = view
-        if solver not in REGISTRY or REGISTRY[solver].kind != "grid":
-            grid_solvers = sorted(n for n, s in REGISTRY.items() if s.kind == "grid")
+        if solver not in REGISTRY or not isinstance(REGISTRY[solver], GridSolver):
+            grid_solvers = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver))
             raise ValueError(f"compile_sampler records a grid solver, got {solver!r}; grid solvers: {grid_solvers}")
         spec = self.spec = REGISTRY[solver]
         spec.check_options(options)

@@ -3,8 +3,7 @@
 Digits
 ------
 scikit-learn's ``load_digits`` holds 1797 gray images of 8x8 pixels with integer intensities v in {0, ..., 16}:
-17 levels, not a power of two, so the k-bit helpers of `scoresolve.dequantization` (2^k levels) do not apply
-as they stand. We use the same convention generalised to L levels (L = 2^k gives exactly those helpers):
+17 levels (``DIGITS_LEVELS``), not a power of two; `scoresolve.quantization` states its convention for any L:
 
     grid          x = lo + (hi - lo) v / (L - 1)           digits: x = 2 v / 16 - 1 in [-1, 1]
     dequantized   y = lo + (hi - lo) (v + u) / L,  u ~ U[0, 1)^D   (bins of width (hi - lo) / L tiling [lo, hi))
@@ -13,7 +12,8 @@ as they stand. We use the same convention generalised to L levels (L = 2^k gives
 Level v's grid point lies in its own bin (the top level on the bin's upper edge), as for 8-bit data. The bits/dim
 is an upper bound (Jensen) on -log2 P(v) / D of the discrete model that integrates the density over the bins; a
 uniform density on [lo, hi]^D gives log2(L) = 4.087 bits/dim. [`digits`][scoresolve.data.digits] returns grid data;
-models meant for likelihoods are trained on dequantized data ([`dequantize`][scoresolve.data.dequantize]), see
+models meant for likelihoods are trained on dequantized data
+([`dequantize`][scoresolve.quantization.dequantize]``(x, DIGITS_LEVELS)``), see
 `scoresolve.models.train`.
 
 The split into train and test images is a fixed seeded permutation ([`digits`][scoresolve.data.digits]).
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from .analytic import GaussianMixture
-from .dequantization import check_levels_range, dequantize_levels, grid_levels, levels_bits_per_dim, levels_offset
+from .quantization.levels import dequantize, from_levels
 
 DIGITS_LEVELS = 17
 DIGITS_RANGE = (-1.0, 1.0)
@@ -42,61 +42,6 @@ TOY_DATASETS = ("moons", "swissroll", "checkerboard", "gmm")
 DATASETS = ("digits",) + TOY_DATASETS
 
 Range = Sequence[float]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# L-level quantized data
-# --------------------------------------------------------------------------------------------------------------------
-def to_levels(x: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> torch.Tensor:
-    """Integer levels v (int64) of grid data x = lo + (hi - lo) v / (L - 1); integer tensors are taken as levels.
-
-    Raises ValueError if the data leave the range or are not on the grid (e.g. already dequantized).
-    """
-    return grid_levels(x, num_levels, data_range)
-
-
-def from_levels(v: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Grid values lo + (hi - lo) v / (L - 1) of integer levels v."""
-    lo, hi = check_levels_range(num_levels, data_range)
-    return (lo + (hi - lo) * v.to(torch.float64) / (int(num_levels) - 1)).to(dtype)
-
-
-def dequantize(
-    x: torch.Tensor,
-    num_levels: int = DIGITS_LEVELS,
-    data_range: Range = DIGITS_RANGE,
-    generator: torch.Generator | None = None,
-    *,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Uniformly dequantize L-level data: level v -> lo + (hi - lo) (v + u) / L, u ~ U[0, 1) (module docstring).
-
-    ``x`` holds grid values (or integer levels); ``noise`` gives u directly. For L = 2^k this is
-    [`scoresolve.uniform_dequantize`][scoresolve.uniform_dequantize] with ``bits=k``.
-    """
-    return dequantize_levels(x, num_levels, data_range, generator, noise=noise)
-
-
-def quantize(y: torch.Tensor, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> torch.Tensor:
-    """The level of the bin holding each value of continuous data y (clamped), as grid values (inverse of
-    [`dequantize`][scoresolve.data.dequantize]; use it to turn samples of a model trained on dequantized data into
-    data-like images)."""
-    lo, hi = check_levels_range(num_levels, data_range)
-    lv = torch.floor((y.double() - lo) / (hi - lo) * num_levels).clamp(0, num_levels - 1)
-    return from_levels(lv, num_levels, data_range, dtype=y.dtype if y.is_floating_point() else torch.float32)
-
-
-def bpd_offset(num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE) -> float:
-    """log2(L / (hi - lo)): bits/dim of the bins minus bits/dim of the density (-log2 of the bin width)."""
-    return levels_offset(num_levels, data_range)
-
-
-def bits_per_dim(
-    log_prob: torch.Tensor | float, num_dims: int, num_levels: int = DIGITS_LEVELS, data_range: Range = DIGITS_RANGE
-) -> torch.Tensor | float:
-    """-log p / (D ln 2) + log2(L / (hi - lo)) for a density (nats) on dequantized L-level data."""
-    return levels_bits_per_dim(log_prob, num_dims, num_levels, data_range)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def bound(stats: ElboStatistics, sde: ForwardSDE, variance: str | torch.Tensor =
     nll = prior + terms.sum(1) + dec
     bpd = nll / (D * math.log(2))
     if decoder == "gaussian" and levels is not None:
-        from .dequantization import levels_offset
+        from .quantization.levels import levels_offset
 
         bpd = bpd + levels_offset(levels, rng if rng is not None else (-1.0, 1.0))
     return ElboResult(elbo=-nll, nll=nll, bits_per_dim=bpd, prior=prior, terms=terms, decoder=dec, times=times,

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._utils import check_batched, check_count
+from ._utils import bcast, check_batched, check_count
 from .control_variate import GaussianControlVariate
 from .divergence import (
     CallableDivergence,
@@ -105,6 +105,7 @@ def log_likelihood(
     progress: bool = False,
     control_variate: GaussianControlVariate | None = None,
     probes_per: Literal["solve", "step"] = "solve",
+    norms: Literal["sample", "batch"] = "sample",
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) through the probability-flow ODE of ``sde`` with score ``score``.
 
@@ -162,7 +163,12 @@ def log_likelihood(
             off-diagonal entries, which on the digits U-Nets is several times smaller; the first stage of each step
             is evaluated anew (no FSAL), +1 evaluation per step (~17% for dopri5). A sample's probes then depend on
             how many steps its batch-mates took from the shared generator.
-    Every sample has its own adaptive steps, so its result does not depend on its batch-mates.
+        norms: ``"sample"`` (default): every sample has its own adaptive steps, so its result does not depend on its
+            batch-mates. ``"batch"``: one step size for the whole batch, its error the RMS over the batch of the
+            per-sample errors (torchdiffeq's and flow_matching's batch-shared steps; `scoresolve.solvers.integrate`):
+            the batched calls equal the NFE of every sample, which is cheaper where a call costs the same whatever
+            the batch (small networks, GPUs), dearer where its cost grows with the rows (``compact`` then evaluates
+            fewer); docs/guide.md section 5 has the measured trade-off.
     """
     if not isinstance(sde, Process):
         raise TypeError(f"sde must be a forward process (a scoresolve.Process, e.g. a ForwardSDE), got "
@@ -195,8 +201,9 @@ def log_likelihood(
             if not gaussian:
                 return estimator(whole, xt, t, *probe)
             s, ds = estimator(model, xt, t, *probe)  # the score's divergence; the linear part's is exact
-            div = process.linear_divergence(t, D)[:, None] - process.score_coef(t)[:, None] * ds
-            return process.drift_from_score(xt, t, s), div
+            f_t, c_t = process.sde.f(t), process.score_coef(t)  # once per evaluation (each checks t)
+            div = (D * f_t)[:, None] - c_t[:, None] * ds  # linear_divergence(t, D) - c div score
+            return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, div  # drift_from_score(xt, t, s)
 
         return f
 
@@ -211,6 +218,7 @@ def log_likelihood(
             controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
             first_step=first_step, max_step=max_step, check_every=check_every,
             progress="log_likelihood" if progress else False, args=args, compact=compact, refresh=estimator.refresh,
+            norms=norms,
         )
         z, delta = res.x
         prior = sde.prior_log_prob(z)

@@ -219,6 +219,20 @@ class PFGMPP(Process):
         dpmpp_2m / 3m, unipc, deis, ipndm, named grids such as ``karras``): see `PFGMEDMView`."""
         return PFGMEDMView(T=self.sigma_max, D=self.D)
 
+    def default_time_grid(self, steps: int, t_eps: float) -> torch.Tensor:
+        """EDM's rho = 7 grid from sigma_max down to ``t_eps`` (`Process.default_time_grid`): the grid solvers'
+        default here. On the quadratic grid in t, Heun's last step at 10 NFE went from sigma 3.3 to 1e-3 and its
+        corrector multiplied the denoiser's error by ~3000 (RMS error 310 on a point cloud of scale 1; 0.3 on this
+        grid)."""
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        i = torch.arange(steps + 1, dtype=torch.float64) / steps
+        a, b = self.sigma_max ** (1 / 7.0), float(t_eps) ** (1 / 7.0)
+        ts = (a + i * (b - a)) ** 7.0
+        ts[0], ts[-1] = self.T, float(t_eps)
+        return ts
+
     def ode_view(self) -> PFGMEDMView:
         """The PF-ODE in x0 is EDM's (`edm_view`): `sample`'s default sampler runs there (`Process.ode_view`)."""
         return self.edm_view()

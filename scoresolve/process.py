@@ -89,6 +89,12 @@ class Process(ABC):
             raise NotImplementedError(f"{type(self).__name__} declares reverse_sde but does not implement reverse()")
         return self.probability_flow(score)
 
+    def default_time_grid(self, steps: int, t_eps: float) -> torch.Tensor | None:
+        """The process's own grid of ``steps`` steps from T to ``t_eps`` (``steps + 1`` decreasing times, float64)
+        for a grid solver when the caller names no grid; None (the default): the solver's registered default grid.
+        `PFGMPP` returns EDM's rho = 7 grid, the reference's."""
+        return None
+
     def ode_view(self) -> "Process | None":
         """A process declaring ``gaussian_kernel``, on the same time variable, whose probability-flow ODE written
         with the data prediction x0(x, t) is this process's; None (the default) if there is none. `sample` runs its

@@ -255,7 +255,7 @@ def load_moments(name: str, directory: str | os.PathLike | None = None) -> Momen
 
 
 def _model_id(model: Callable) -> str | None:
-    from .evaluation.manifest import model_fingerprint
+    from .fingerprint import model_fingerprint
 
     return model_fingerprint(model)
 
@@ -311,9 +311,9 @@ def moments_key(model: Callable, sde: ForwardSDE, times: Any, num_samples: int, 
                 data: torch.Tensor | None = None) -> str | None:
     """The file name under which `cached_moments` keeps an estimate: the number of times, M, and a digest of the
     network's fingerprint, how the model reads it (prediction, time convention, process:
-    [`model_config`][scoresolve.evaluation.manifest.model_config]), the schedule at the times (alpha, sigma), the
+    [`model_config`][scoresolve.fingerprint.model_config]), the schedule at the times (alpha, sigma), the
     seed and the data; None for a model without torch modules (nothing identifies it)."""
-    from .evaluation.manifest import data_fingerprint, model_config
+    from .fingerprint import data_fingerprint, model_config
     from .score import ScoreModel
 
     wrapped = ScoreModel.wrap(model, sde)

@@ -14,7 +14,7 @@ from .process import Process, check_capabilities
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, NonFiniteError, Solution, time_grid
+from .solvers import REGISTRY, AdaptiveSolver, NonFiniteError, Solution, time_grid
 from .solvers._grid import check_grid
 from .solvers._registry import fitting_solvers
 from .solvers.defaults import LOG_SNR_GRIDS, default_for_process
@@ -135,7 +135,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.stochastic:
             keywords["generator"] = generator
-        if spec.kind == "adaptive":
+        if isinstance(spec, AdaptiveSolver):
             if nfe is not None or steps is not None:
                 raise ValueError(f"solver {solver!r} is adaptive: give rtol/atol, not nfe/steps")
             if grid is not None or shift is not None:
@@ -181,6 +181,9 @@ def grid_times(spec, sde: ForwardSDE, nfe: int | None, steps: int | None, grid: 
         steps = spec.steps_for_nfe(nfe if nfe is not None else 20, options)
     elif steps < spec.min_steps:
         raise ValueError(f"solver {solver!r} needs at least {spec.min_steps} step(s), got {steps}")
+    own = sde.default_time_grid(steps, t_eps) if grid is None and shift is None else None
+    if own is not None:  # the process's own schedule (`Process.default_time_grid`)
+        return check_grid(own.to(torch.float64), sde.T)
     kind = grid or default_grid(spec.default_grid, sde)
     if kind.split(":")[0] in LOG_SNR_GRIDS:
         check_capabilities(f"grid {kind!r}", sde, ("gaussian_kernel",))

@@ -43,12 +43,12 @@ import torch
 
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY
+from .solvers import REGISTRY, GridSolver
 from .solvers._grid import check_grid
 from .solvers.adams import adams_coefficients, deis_two_node_weights
 from .solvers.grid_store import GRID_DIR_ENV, TunedGrid, grid_dir, load_grid, save_grid  # noqa: F401  (re-exported)
-from .solvers.grids import time_grid
 from .solvers.multistep import dpmpp_2m_coefficients
+from .solvers.time_grids import time_grid
 
 METHODS = ("gits", "descent")
 COSTS = ("ddim", "solver")
@@ -163,11 +163,11 @@ def tune_grid(
     if solver not in REGISTRY:
         raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
     spec = REGISTRY[solver]
-    if spec.kind != "grid":
+    if not isinstance(spec, GridSolver):
         raise ValueError(f"solver {solver!r} is adaptive and chooses its own steps; tune_grid fits grid solvers")
     if spec.draws_noise(options) or spec.default_diffusion != 0:
         raise ValueError(f"tune_grid fits grids of deterministic ODE solvers; {solver!r} (with {options}) draws noise")
-    if reference_solver not in REGISTRY or REGISTRY[reference_solver].kind != "grid":
+    if reference_solver not in REGISTRY or not isinstance(REGISTRY[reference_solver], GridSolver):
         raise ValueError(f"reference_solver must be a registered grid solver, got {reference_solver!r}")
     spec.check_options(options)
     if isinstance(nfe, bool) or not isinstance(nfe, int):

@@ -2,7 +2,7 @@
 
 import torch
 
-from scoresolve.solvers import REGISTRY
+from scoresolve.solvers import REGISTRY, GridSolver
 
 
 def solve_kw(name: str, steps: int = 10, tol: float = 1e-4, seed: int = 0) -> dict:
@@ -12,7 +12,7 @@ def solve_kw(name: str, steps: int = 10, tol: float = 1e-4, seed: int = 0) -> di
     kw: dict = {}
     if spec.stochastic:
         kw.update(diffusion=1.0, generator=torch.Generator().manual_seed(seed))
-    if spec.kind == "grid":
+    if isinstance(spec, GridSolver):
         kw["steps"] = steps
     elif not spec.stochastic:
         kw.update(rtol=tol, atol=tol)

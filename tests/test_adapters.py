@@ -18,9 +18,8 @@ import pytest
 import torch
 
 import scoresolve as ss
-from scoresolve import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture, ScoreModel, SubVPSDE, time_grid
+from scoresolve import EDMSDE, VESDE, VPSDE, DiscreteVPSDE, GaussianMixture, ScoreModel, SubVPSDE, time_grid
 from scoresolve.adapters import (
-    EDMSDE,
     DDPMTimestep,
     ReversedIndex,
     from_diffusers,

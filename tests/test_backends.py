@@ -11,7 +11,7 @@ from _counts import uniform
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY
 from scoresolve.solvers.backends import TORCHDIFFEQ_FIXED, TORCHSDE_METHODS, solve_with_backend
-from scoresolve.solvers.grids import time_grid
+from scoresolve.solvers.time_grids import time_grid
 
 T_EPS = 1e-3
 GM = ss.GaussianMixture.random(2, 3, seed=1)

@@ -169,3 +169,45 @@ def test_overhead_benchmark_smoke(tmp_path):
         assert "dopri5 | torchdiffeq dopri5" in pairs
     assert all(r["ours_us"] > 0 and r["theirs_us"] > 0 and r["ratio"] > 0 for r in res["rows"])
     assert res["meta"]["clock"] == "process" and res["meta"]["nfe"] == 50
+
+
+def _likelihood_cost_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("likelihood_cost", ROOT / "benchmarks" / "likelihood_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return mod
+
+
+@pytest.mark.parametrize("name", ["16-D smooth RF", "2-D smooth"])
+def test_flow_matching_baseline_solves_our_problem_with_our_conventions(name):
+    """Meta's flow_matching (time reversed, grid [1, 0], its own probe draw and prior term) gives our log p: with
+    its exact divergence the exact mixture log-density (rectified flow: the prior is exact), and with Hutchinson
+    our log_likelihood's value for the same probe."""
+    pytest.importorskip("flow_matching")
+    import torch
+
+    import scoresolve as ss
+
+    mod = _likelihood_cost_module()
+    sde, score, velocity, x = mod.make_problem(name, 3)
+    eps = torch.randint(0, 2, (1,) + tuple(x.shape), generator=torch.Generator().manual_seed(2)).double() * 2 - 1
+    ours = ss.log_likelihood(score, sde, x, rtol=1e-9, atol=1e-9, time_variable="t",
+                             generator=torch.Generator().manual_seed(2))  # the same probe as eps
+    dtype, randn_like = torch.get_default_dtype(), torch.randn_like
+    lp, calls, sec = mod.flow_matching_baseline(velocity, sde, x, eps, 1e-5, 1e-9, 1e-9)
+    assert torch.get_default_dtype() == dtype and torch.randn_like is randn_like  # the probe patch is undone
+    assert calls > 20 and sec > 0 and lp.dtype == torch.float64
+    torch.testing.assert_close(lp, ours.log_prob, rtol=0, atol=1e-5)  # measured <= 1.2e-6 (log p ~ -10)
+    td, _, _ = mod.torchdiffeq_baseline(velocity, sde, x, eps, 1e-5, 1e-9, 1e-9)
+    torch.testing.assert_close(td, ours.log_prob, rtol=0, atol=1e-5)
+    if sde.velocity_form:
+        dim, k, scale_range, full, _ = mod.PROBLEMS[name]
+        gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
+        exact, _, _ = mod.flow_matching_baseline(velocity, sde, x, eps, 1e-5, 1e-9, 1e-9, exact=True)
+        torch.testing.assert_close(exact, gm.log_prob(x, 1e-5, sde), rtol=0, atol=1e-5)

@@ -15,12 +15,12 @@ from _evaluation_helpers import FakeResult
 import scoresolve as ss
 import scoresolve.likelihood
 from scoresolve import EDMSDE, SubVPSDE
-from scoresolve import data as sd
 from scoresolve.cli import build_parser, main
 from scoresolve.cli.likelihood import add_likelihood_args
 from scoresolve.cli.train import add_train_args, cmd_train
 from scoresolve.evaluation import dequantized_samples, read_records
 from scoresolve.models import DIGITS_CHECKPOINT, load_checkpoint
+from scoresolve.quantization import bits_per_dim, from_levels
 
 F64 = torch.float64
 
@@ -101,7 +101,7 @@ def test_likelihood_with_num_levels_dequantizes_on_17_levels(tmp_path, monkeypat
 
     monkeypatch.setattr(scoresolve.likelihood, "log_likelihood", exact_log_likelihood)
     v = torch.randint(0, 17, (6, 1, 2, 2), generator=torch.Generator().manual_seed(0))
-    x = sd.from_levels(v, 17, (-1.0, 1.0), dtype=torch.float64)
+    x = from_levels(v, 17, (-1.0, 1.0), dtype=torch.float64)
     torch.save({"x": x}, tmp_path / "d.pt")
     out = tmp_path / "run"
     common = ["likelihood", "--data", str(tmp_path / "d.pt"), "--components", "2", "--batch-size", "4", "--quiet",
@@ -119,7 +119,7 @@ def test_likelihood_with_num_levels_dequantizes_on_17_levels(tmp_path, monkeypat
     gm = ss.GaussianMixture.random(4, 2, seed=0, event_shape=(1, 2, 2))
     lp = gm.log_prob(ref, 1e-5, ss.VPSDE())
     assert torch.equal(rec["log_prob"], lp)
-    assert torch.equal(rec["bpd"], sd.bits_per_dim(lp, 4, 17, (-1.0, 1.0)))
+    assert torch.equal(rec["bpd"], bits_per_dim(lp, 4, data_range=(-1.0, 1.0), num_levels=17))
     assert float((rec["bpd"] + lp / (4 * math.log(2)) - math.log2(8.5)).abs().max()) < 1e-12
     with open(out / "manifest.json") as f:
         m = json.load(f)
@@ -416,15 +416,17 @@ def test_likelihood_data_is_loaded_as_tensors_only(tmp_path, monkeypatch, capsys
                        torch.zeros(4, 2))
 
 
-@pytest.mark.parametrize("module, argv, msg", [
-    ("scoresolve.models.train", ["--steps", "0"], "at least 1, got 0"),
-    ("scoresolve.models.evaluate", ["--checkpoint", "no_such_checkpoint.pt"], "no such file"),
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--steps", "0"], "at least 1, got 0"),
+    (["evaluate", "--checkpoint", "no_such_checkpoint.pt"], "no such file"),
 ])
-def test_module_entry_points_run_the_cli(module, argv, msg, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120,
+def test_module_entry_point_runs_the_cli(argv, msg, tmp_path):
+    """``python -m scoresolve CMD`` is the command (the 0.1.0 ``python -m scoresolve.models.*`` shims are gone: they
+    made models/ and cli/ import each other)."""
+    proc = subprocess.run([sys.executable, "-m", "scoresolve", *argv], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert f"usage: python -m {module}" in proc.stderr and msg in proc.stderr, proc.stderr
+    assert f"usage: scoresolve {argv[0]}" in proc.stderr and msg in proc.stderr, proc.stderr
 
 
 def test_no_argparse_code_outside_the_cli_package():
@@ -439,10 +441,10 @@ def test_no_argparse_code_outside_the_cli_package():
                     if "argparse" in f.read():
                         offenders.append(os.path.relpath(os.path.join(dirpath, name), root))
     assert offenders == [], offenders
-    # the old names still resolve, to the CLI's functions
+    # the 0.1.0 aliases of the command in scoresolve.models are gone (models/ does not import cli/)
     import scoresolve.models as models
 
-    assert models.add_train_args is add_train_args and models.cmd_train is cmd_train
+    assert not hasattr(models, "add_train_args") and not hasattr(models, "cmd_train")
 
 
 def test_evaluate_command_on_the_shipped_digits_model(tmp_path, capsys):
@@ -594,7 +596,7 @@ def test_a_user_module_on_pythonpath_runs_in_a_fresh_process(user_module, tmp_pa
 def test_sample_grid_is_square_and_capped(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     from scoresolve.cli.sample import GRID_MAX, grid_layout
-    from scoresolve.models import evaluate as me
+    from scoresolve.models import image_grid as me
 
     assert GRID_MAX == 256 and grid_layout(512) == (256, 16) and grid_layout(10) == (10, 4) and grid_layout(4) == (4, 2)
     calls = []

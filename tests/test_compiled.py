@@ -11,9 +11,9 @@ from _sync import count_syncs, on_device
 
 import scoresolve as ss
 import scoresolve._utils as utils
-from scoresolve.solvers import REGISTRY
+from scoresolve.solvers import REGISTRY, GridSolver
 
-DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if s.kind == "grid" and not s.stochastic) + ["ddim"]
+DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver) and not s.stochastic) + ["ddim"]
 
 
 def _mlp_model(sde, prediction="eps", D=3):

@@ -70,3 +70,42 @@ def test_the_sde_default_on_a_process_without_reverse_sde_is_refused_by_name():
     x_T = proc.prior_sample((4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
     with pytest.raises(ss.IncompatibleProcessError, match="reverse_sde"):
         ss.sample(_cloud().model(proc), proc, x_T, nfe=10, diffusion=1.0)
+
+
+def test_eps_models_get_deis4_on_the_log_snr_grid_from_20_nfe():
+    assert default_for_process(19, {}, "eps", ss.VPSDE())[:3] == ("dpmpp_2m", {}, None)
+    assert default_for_process(20, {}, "score", ss.VESDE())[:3] == ("deis", {"order": 4, "basis": "log_rho"}, "logsnr")
+    assert default_for_process(50, {}, "eps", ss.RectifiedFlow())[0] == "dpmpp_2m"  # log-SNR -inf at T
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(16, 6, spread=2.0, scale_range=(0.05, 0.3), seed=1)
+    model = gm.model(sde, "eps")
+    x_T = sde.prior_sample((128, 16), generator=torch.Generator().manual_seed(0), dtype=F64)
+    ref = ss.sample(model, sde, x_T, solver="dopri5", rtol=1e-9, atol=1e-9).x
+    sol = ss.sample(model, sde, x_T, nfe=20)
+    by_hand = ss.sample(model, sde, x_T, solver="deis", order=4, basis="log_rho", grid="logsnr", nfe=20)
+    torch.testing.assert_close(sol.x, by_hand.x, rtol=0, atol=0)
+    assert int(sol.nfe.max()) == 20
+
+    def median_error(x):
+        return float((x - ref).norm(dim=1).median())
+
+    former = ss.sample(model, sde, x_T, solver="dpmpp_2m", nfe=20).x  # the default below 20 NFE
+    assert median_error(sol.x) < 0.5 * median_error(former)
+
+
+def test_grid_solvers_on_pfgm_default_to_its_own_rho7_grid():
+    proc, cloud = ss.PFGMPP(D=128), _cloud()
+    model = cloud.model(proc)
+    x_T = proc.prior_sample((128, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
+    ref = ss.sample(model, proc, x_T, solver="dopri5", rtol=1e-10, atol=1e-10).x
+    sol = ss.sample(model, proc, x_T, solver="heun", nfe=20)
+    own = proc.default_time_grid(10, 1e-3)
+    torch.testing.assert_close(sol.stats["grid"], own, rtol=0, atol=0)
+    assert float(own[0]) == proc.T and float(own[-1]) == 1e-3
+    ratios = own[1:-1] / own[:-2]  # rho = 7: sigma_(i+1)^(1/7) falls linearly
+    assert bool((ratios < 1).all())
+    quadratic = ss.sample(model, proc, x_T, solver="heun", nfe=20, grid="quadratic")  # the former default
+    assert rms_error(sol.x, ref) < 0.2  # measured 0.099
+    assert rms_error(quadratic.x, ref) > 10 * rms_error(sol.x, ref)  # measured 70
+    # a named grid, an explicit grid and shift still win
+    assert ss.sample(model, proc, x_T, solver="euler", nfe=10, grid="uniform").stats["grid"][1] > 60

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from scoresolve.dequantization import (
+from scoresolve.quantization import (
     bin_offset,
     bits_per_dim,
     dequantized_bpd,
-    levels,
+    grid_levels,
     uniform_dequantize,
 )
 
@@ -45,7 +45,7 @@ def test_dequantized_values_fill_their_own_bin(bits, data_range):
     # uniform within the bin: mean 1/2, variance 1/12
     assert abs(float(frac.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / frac.numel())
     assert abs(float(frac.var()) - 1 / 12) < 0.01
-    torch.testing.assert_close(levels(x, bits, data_range), i)
+    torch.testing.assert_close(grid_levels(x, 2**bits, data_range), i)
 
 
 def test_out_of_range_is_a_clear_error():
@@ -165,3 +165,66 @@ def test_dequantized_bpd_accepts_result_objects_and_checks_shapes():
         dequantized_bpd(lambda y, g: torch.zeros(2), x)
     with pytest.raises(ValueError, match="repeats"):
         dequantized_bpd(lambda y, g: torch.zeros(3), x, repeats=0)
+
+
+def test_one_bits_per_dim_for_k_bit_l_level_and_continuous_data_and_a_dequantizer():
+    lp = torch.tensor([-3.0, 0.0], dtype=F64) * 4 * math.log(2)  # 3 and 0 bits/dim of the density, D = 4
+    torch.testing.assert_close(bits_per_dim(lp, 4), torch.tensor([10.0, 7.0], dtype=F64))  # 8 bits: +7
+    # num_levels replaces the default bits; L = 2^k gives the k-bit numbers exactly
+    assert torch.equal(bits_per_dim(lp, 4, num_levels=16), bits_per_dim(lp, 4, 4))
+    torch.testing.assert_close(bits_per_dim(lp, 4, num_levels=17), torch.tensor([3.0, 0.0], dtype=F64)
+                               + math.log2(8.5), rtol=0, atol=1e-12)
+    assert bits_per_dim(-4 * math.log(2), 4, None) == pytest.approx(1.0)  # continuous: no offset
+    # a dequantizer's log q is subtracted from log p (the variational bound)
+    lq = torch.tensor([0.5, -0.25], dtype=F64)
+    assert torch.equal(bits_per_dim(lp, 4, num_levels=17, log_q=lq), bits_per_dim(lp - lq, 4, num_levels=17))
+    with pytest.raises(ValueError, match="disagree"):
+        bits_per_dim(lp, 4, 8, num_levels=17)  # an explicit bits that contradicts num_levels
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
+        bits_per_dim(lp, 4, num_levels=1)
+
+
+def test_dequantized_bpd_seeds_per_batch_and_reports_nfe():
+    """``seed``: repeat r, batch b dequantizes and calls fn with a generator seeded seed + 1000 r + b (the numbers
+    `scoresolve evaluate` prints); ``generator``: one generator for everything, the whole batch at once."""
+    _, x = grid_data((5, 3), 4, (-1.0, 1.0), dtype=torch.float32)
+    fn = lambda y, g: {"log_prob": -y.double().pow(2).sum(1) + torch.rand(y.shape[0], generator=g, dtype=F64),  # noqa: E731
+                       "nfe": torch.full((y.shape[0],), 3.0)}
+    res = dequantized_bpd(fn, x, repeats=2, bits=4, batch_size=2, seed=5)
+    rows = []
+    for r in range(2):
+        row = []
+        for b, start in enumerate(range(0, 5, 2)):
+            g = torch.Generator().manual_seed(5 + 1000 * r + b)
+            row.append(fn(uniform_dequantize(x[start : start + 2], 4, generator=g), g)["log_prob"])
+        rows.append(bits_per_dim(torch.cat(row), 3, 4))
+    assert torch.equal(res.bpd, torch.stack(rows).mean(0)) and res.nfe_mean == 3.0
+    assert res.iw_bpd is not None and bool((res.iw_bpd <= res.bpd + 1e-12).all()) and res.log_q_mean == 0.0
+    g = torch.Generator().manual_seed(9)
+    one = dequantized_bpd(fn, x, bits=4, generator=g)
+    g = torch.Generator().manual_seed(9)
+    y = uniform_dequantize(x, 4, generator=g)
+    assert torch.equal(one.bpd, bits_per_dim(fn(y, g)["log_prob"], 3, 4)) and one.iw_bpd is None
+    with pytest.raises(ValueError, match="generator or seed"):
+        dequantized_bpd(fn, x, bits=4, generator=g, seed=0)
+    with pytest.raises(ValueError, match="needs the data's quantisation"):
+        dequantized_bpd(fn, x, bits=None)
+
+
+def test_bits_per_dim_and_dequantized_bpd_have_one_home():
+    """One definition of each in the package (they were in dequantization.py, data.py, dequantizers.py and
+    models/evaluate.py), re-exported at the top level."""
+    import ast
+    from pathlib import Path
+
+    import scoresolve
+
+    root = Path(scoresolve.__file__).parent
+    defs: dict[str, list[str]] = {}
+    for p in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef) and ("bits_per_dim" in node.name or "bpd" in node.name):
+                defs.setdefault(node.name, []).append(str(p.relative_to(root)))
+    assert defs["bits_per_dim"] == ["quantization/bpd.py"] and defs["dequantized_bpd"] == ["quantization/bpd.py"]
+    assert set(defs) == {"bits_per_dim", "dequantized_bpd", "importance_weighted_bits_per_dim"}, defs
+    assert scoresolve.bits_per_dim is bits_per_dim and scoresolve.dequantized_bpd is dequantized_bpd

@@ -1,6 +1,6 @@
-"""Dequantizers beyond uniform (scoresolve.dequantizers): exact densities, exact bounds on bin-constant densities,
-bounds below the exact discrete log-probability of a Gaussian mixture, the importance-weighted bound approaching
-it, and a variational q that beats uniform."""
+"""Dequantizers beyond uniform (scoresolve.quantization.dequantizers): exact densities, exact bounds on bin-constant
+densities, bounds below the exact discrete log-probability of a Gaussian mixture, the importance-weighted bound
+approaching it, and a variational q that beats uniform."""
 
 import math
 
@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from scoresolve import VPSDE, GaussianMixture
-from scoresolve.data import dequantize, quantize
-from scoresolve.dequantizers import (
+from scoresolve.quantization import (
     TruncatedNormalDequantizer,
     UniformDequantizer,
     VariationalDequantizer,
-    dequantized_bits_per_dim,
+    bits_per_dim,
+    dequantize,
+    dequantized_bpd,
     importance_weighted_bits_per_dim,
     make_dequantizer,
+    quantize,
     train_dequantizer,
 )
 
@@ -66,12 +68,10 @@ def test_uniform_is_bit_identical_to_dequantize(L, data_range, shape):
     assert torch.equal(log_q, torch.zeros(6, dtype=F64))
 
 
-def test_models_evaluate_uniform_path_is_bit_identical():
+def test_dequantized_bpd_uniform_path_is_bit_identical():
     """dequantized_bpd with the default (and with an explicit UniformDequantizer) gives the numbers of the code it
     replaced: dequantize, log_likelihood with the same generator, bits_per_dim."""
     from scoresolve import log_likelihood
-    from scoresolve.data import bits_per_dim
-    from scoresolve.models.evaluate import dequantized_bpd
 
     gm = GaussianMixture([1.0, 2.0], torch.tensor([[-0.5] * 4, [0.4] * 4]), torch.tensor([0.1, 0.2]),
                          event_shape=(1, 2, 2))
@@ -86,15 +86,16 @@ def test_models_evaluate_uniform_path_is_bit_identical():
             g = torch.Generator().manual_seed(7 + 1000 * r + b)
             y = dequantize(x[start : start + 4], 17, (-1.0, 1.0), generator=g)
             res = log_likelihood(score, sde, y, generator=g, **kw)
-            row.append(bits_per_dim(res.log_prob.double(), 4, 17, (-1.0, 1.0)))
+            row.append(bits_per_dim(res.log_prob.double(), 4, None, (-1.0, 1.0), num_levels=17))
         old.append(torch.cat(row))
     old = torch.stack(old).mean(0)
+    fn = lambda y, g: log_likelihood(score, sde, y, generator=g, **kw)  # noqa: E731
     for dq in (None, UniformDequantizer(17, (-1.0, 1.0))):
-        new = dequantized_bpd(score, sde, x, repeats=2, batch_size=4, seed=7, dequantizer=dq, **kw)
+        new = dequantized_bpd(fn, x, repeats=2, num_levels=17, batch_size=4, seed=7, dequantizer=dq)
         assert torch.equal(new.bpd, old) and new.mean == float(old.mean()) and new.log_q_mean == 0.0
         assert bool((new.iw_bpd <= new.bpd + 1e-12).all())  # log-mean-exp >= mean
     with pytest.raises(ValueError, match="dequantizer is for 5 levels"):
-        dequantized_bpd(score, sde, x, dequantizer=UniformDequantizer(5), **kw)
+        dequantized_bpd(fn, x, num_levels=17, dequantizer=UniformDequantizer(5))
 
 
 def _truncnorm_cdf(u, s):
@@ -149,7 +150,7 @@ def test_bound_is_exact_for_a_bin_constant_density_up_to_kl(L, data_range, shape
     for dq in _all_dequantizers(L, data_range, shape):
         y, log_q = dq.sample(x, torch.Generator().manual_seed(5))
         assert bool(((y >= lo) & (y <= hi)).all())
-        bpd = dequantized_bits_per_dim(lp, log_q, D, L, data_range)
+        bpd = bits_per_dim(lp, D, None, data_range, num_levels=L, log_q=log_q)
         torch.testing.assert_close(bpd, math.log2(L) + log_q / (D * math.log(2)), rtol=0, atol=1e-12)
         if isinstance(dq, UniformDequantizer) or (isinstance(dq, VariationalDequantizer) and dq.bias.abs().max() == 0):
             assert float(log_q.abs().max()) < 1e-12 and float((bpd - math.log2(L)).abs().max()) < 1e-12
@@ -165,7 +166,7 @@ def test_bound_is_exact_for_a_bin_constant_density_up_to_kl(L, data_range, shape
         # the importance-weighted bound over 32 draws is tighter, and still above the exact log2 L
         lqs = torch.stack([dq.sample(x[:500], torch.Generator().manual_seed(10 + k))[1] for k in range(32)])
         iw = importance_weighted_bits_per_dim(lp[:500].expand(32, 500), lqs, D, L, data_range)
-        one = dequantized_bits_per_dim(lp[:500], lqs, D, L, data_range).mean(0)
+        one = bits_per_dim(lp[:500], D, None, data_range, num_levels=L, log_q=lqs).mean(0)
         assert bool((iw <= one + 1e-12).all()) and float(iw.mean()) > math.log2(L)
         assert float(iw.mean()) - math.log2(L) < 0.6 * (float(one.mean()) - math.log2(L))
 
@@ -208,7 +209,7 @@ def test_bounds_on_a_mixture_lie_below_the_exact_discrete_log_probability_and_iw
     lv, exact = lv[keep], exact[keep]
     for dq in _all_dequantizers(L, rng, (2,)):
         lp, lq = _bound(gm, dq, lv, 400, seed=0)
-        per_draw = dequantized_bits_per_dim(lp, lq, D, L, rng)  # [400, B]
+        per_draw = bits_per_dim(lp, D, None, rng, num_levels=L, log_q=lq)  # [400, B]
         mean, se = per_draw.mean(0), per_draw.std(0) / math.sqrt(400)
         assert bool((mean >= exact - 4 * se - 1e-9).all())
         assert float((mean - exact).mean()) > 0.01  # the mixture is far from constant on bins: a real gap
@@ -238,7 +239,7 @@ def test_variational_dequantizer_beats_uniform_on_a_mixture(tmp_path):
     res = {}
     for name, q in (("uniform", UniformDequantizer(L, rng)), ("variational", dq)):
         lp, lq = _bound(gm, q, lv, 64, seed=100)
-        res[name] = float(dequantized_bits_per_dim(lp, lq, D, L, rng).mean()) - float(exact.mean())
+        res[name] = float(bits_per_dim(lp, D, None, rng, num_levels=L, log_q=lq).mean()) - float(exact.mean())
     assert res["variational"] > -1e-3 and res["variational"] < 0.5 * res["uniform"]
     path = tmp_path / "dq.pt"
     dq.save(str(path))

@@ -1,7 +1,6 @@
 """scoresolve.evaluation.dataset (evaluate_dataset, read_records, EvalSummary) and scoresolve.evaluation.inputs
 (per-sample dequantization on L levels, derived seeds)."""
 
-import argparse
 import dataclasses
 import json
 import math
@@ -14,8 +13,8 @@ from _evaluation_worker import T_EPS, make_fn, make_problem
 
 import scoresolve as ss
 import scoresolve.likelihood
-from scoresolve.dequantization import resolve_levels
 from scoresolve.evaluation import dequantized_samples, derive_seed, evaluate_dataset, read_records
+from scoresolve.quantization import bits_per_dim, dequantize, dequantized_bpd, resolve_levels
 
 F64 = torch.float64
 pytestmark = pytest.mark.timeout(120)
@@ -149,9 +148,8 @@ def test_num_levels_power_of_two_gives_exactly_the_records_of_bits(tmp_path):
     assert calls == [] and s == s_bits
 
 
-def test_num_levels_17_matches_the_digits_bits_per_dim(tmp_path, monkeypatch):
+def test_num_levels_17_matches_the_digits_bits_per_dim(tmp_path):
     from scoresolve import data as sd
-    from scoresolve.models import evaluate as me
 
     L, D, N = sd.DIGITS_LEVELS, 4, 12
     x, v = grid_data(N, (1, 2, 2), L, *sd.DIGITS_RANGE, seed=1)
@@ -162,29 +160,27 @@ def test_num_levels_17_matches_the_digits_bits_per_dim(tmp_path, monkeypatch):
                          batch_size=5, repeats=2, progress=False)
     rec = read_records(out)
     for r in range(2):
-        # the inputs: scoresolve.data.dequantize of the digits grid with this sample's noise u
+        # the inputs: scoresolve.quantization.dequantize of the digits grid with this sample's noise u
         u = torch.stack([torch.rand((1, 2, 2), dtype=F64, generator=torch.Generator().manual_seed(
             derive_seed("dequant", 0, r, i))) for i in range(N)])
         y = dequantized_samples(x, range(N), r, 0, data_range=sd.DIGITS_RANGE, num_levels=L)
-        assert torch.equal(y, sd.dequantize(x, L, sd.DIGITS_RANGE, noise=u))
+        assert torch.equal(y, dequantize(x, L, sd.DIGITS_RANGE, noise=u))
         pos = (y + 1) / 2 * L  # each value in its own bin [v, v + 1] of width 2 / 17
         assert bool((pos >= v).all()) and bool((pos <= v + 1).all())
         lp = gm.log_prob(y, T_EPS, sde)
         sel = rec["repeat"] == r
         assert torch.equal(rec["log_prob"][sel], lp)
         # bits/dim exactly as the digits pipeline converts these log-densities
-        assert torch.equal(rec["bpd"][sel], sd.bits_per_dim(lp, D, L, sd.DIGITS_RANGE))
+        assert torch.equal(rec["bpd"][sel], bits_per_dim(lp, D, data_range=sd.DIGITS_RANGE, num_levels=L))
     torch.testing.assert_close(rec["bpd"], -rec["log_prob"] / (D * math.log(2)) + math.log2(8.5), rtol=0, atol=1e-12)
     assert s.mean_bpd == pytest.approx(float(rec["bpd"].mean()), rel=1e-14)
-    # a density constant on the 17 bins: the same bits/dim as scoresolve.models.evaluate.dequantized_bpd (its own
+    # a density constant on the 17 bins: the same bits/dim as scoresolve.quantization.dequantized_bpd (its own
     # dequantization noise, the same bins), and as the exact -log2 P(v) / D of the discrete model
     logP = torch.log_softmax(torch.randn(D, L, generator=torch.Generator().manual_seed(4), dtype=F64), 1)
     fn = bin_constant_fn(logP, L, *sd.DIGITS_RANGE)
     evaluate_dataset(x, str(tmp_path / "bins"), fn=fn, num_levels=L, batch_size=5, progress=False)
     rec = read_records(str(tmp_path / "bins"))
-    monkeypatch.setattr(me, "log_likelihood", lambda model, sde_, y, generator=None: argparse.Namespace(
-        log_prob=fn(y, generator)["log_prob"], nfe=torch.ones(y.shape[0])))
-    ref = me.dequantized_bpd(None, sde, x, batch_size=5)
+    ref = dequantized_bpd(fn, x, num_levels=L, data_range=sd.DIGITS_RANGE, batch_size=5, seed=0)
     assert torch.equal(rec["bpd"], ref.bpd)
     exact = -logP.gather(1, v.flatten(1).T).T.sum(1) / (D * math.log(2))
     torch.testing.assert_close(rec["bpd"], exact, rtol=0, atol=1e-12)

@@ -13,14 +13,14 @@ from _evaluation_worker import T_EPS
 import scoresolve as ss
 import scoresolve.likelihood
 from scoresolve.cli import main
-from scoresolve.dequantizers import (
+from scoresolve.evaluation import dequantized_samples, derive_seed, evaluate_dataset, read_records
+from scoresolve.quantization import (
     TruncatedNormalDequantizer,
     UniformDequantizer,
     VariationalDequantizer,
-    dequantized_bits_per_dim,
+    bits_per_dim,
     importance_weighted_bits_per_dim,
 )
-from scoresolve.evaluation import dequantized_samples, derive_seed, evaluate_dataset, read_records
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -105,7 +105,7 @@ def test_truncnorm_records_log_q_and_the_bound(tmp_path):
     assert float(rec["log_q"].std()) > 0.1  # not a constant: u near the bin centre is likelier
     lp = gm.log_prob(y, T_EPS, sde)
     assert torch.equal(rec["log_prob"], lp)
-    assert torch.equal(rec["bpd"], dequantized_bits_per_dim(lp, rec["log_q"], D, L, (-1.0, 1.0)))
+    assert torch.equal(rec["bpd"], bits_per_dim(lp, D, data_range=(-1.0, 1.0), num_levels=L, log_q=rec["log_q"]))
     torch.testing.assert_close(rec["bpd"], (rec["log_q"] - lp) / (D * math.log(2)) + math.log2(L / 2), rtol=0,
                                atol=1e-12)
     # the summary: means, E log q, and the importance-weighted bound over the 3 repeats of each sample
@@ -214,7 +214,7 @@ def test_invalid_dequantizer_settings(tmp_path):
     for extra, msg in cases:
         with pytest.raises(ValueError, match=msg):
             evaluate_dataset(x, str(tmp_path / "bad"), **kw, **extra)
-    with pytest.raises(TypeError, match="must be a scoresolve.dequantizers.Dequantizer"):
+    with pytest.raises(TypeError, match="must be a scoresolve.quantization.Dequantizer"):
         evaluate_dataset(x, str(tmp_path / "bad"), num_levels=L, dequantizer="truncnorm", **kw)
     with pytest.raises(ValueError, match="returned 'log_q'"):
         evaluate_dataset(x, str(tmp_path / "lq"), fn=lambda y, g: {"log_prob": fn(y, g)["log_prob"],
@@ -266,7 +266,7 @@ def test_cli_truncnorm_end_to_end(tmp_path, exact_cli, capsys):
     torch.testing.assert_close(rec["log_q"], dq.log_prob(v.repeat(2, 1), y), rtol=0, atol=1e-9)
     gm = ss.GaussianMixture.random(D, 2, seed=0)
     lp = gm.log_prob(y, 1e-5, ss.VPSDE())
-    assert torch.equal(rec["bpd"], dequantized_bits_per_dim(lp, rec["log_q"], D, L))
+    assert torch.equal(rec["bpd"], bits_per_dim(lp, D, num_levels=L, log_q=rec["log_q"]))
     bpd = float(text.split("bits/dim ")[1].split()[0])
     assert bpd == pytest.approx(float(rec["bpd"].mean()), abs=1e-5)
     iw = importance_weighted_bits_per_dim(lp.reshape(2, 6), rec["log_q"].reshape(2, 6), D, L)

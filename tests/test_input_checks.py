@@ -12,7 +12,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve import divergence
-from scoresolve.solvers import grids
+from scoresolve.solvers import time_grids as grids
 from scoresolve.tuning import GRID_DIR_ENV, TunedGrid, save_grid
 
 F64 = torch.float64
@@ -142,6 +142,7 @@ def test_tuned_grid_must_match_the_request(vp, tmp_path, monkeypatch):
         (dict(grid=d["grid"][:3] + [d["grid"][-1]]), "its grid has 3 steps, but it records steps=6"),
         (dict(nfe=10), "unipc takes 6 evaluations for 6 steps, but it records nfe=10"),
         (dict(solver="nosuch"), "unknown solver 'nosuch'"),
+        (dict(solver="dopri5"), "tuned for 'dopri5', which is not a grid solver"),
     ]:
         (tmp_path / "e.json").write_text(json.dumps({**d, **edit}))
         with pytest.raises(ValueError, match=match):

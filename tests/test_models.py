@@ -10,6 +10,7 @@ import torch
 import scoresolve
 from scoresolve import EDMSDE, VESDE, VPSDE, GaussianMixture, ScoreModel, SubVPSDE
 from scoresolve import data as sdata
+from scoresolve import quantization as q
 from scoresolve.models import MLPScoreNet, TrainConfig, UNet, export_model, load_checkpoint, num_parameters
 from scoresolve.models.train import dsm_loss, sample_time, train
 
@@ -103,7 +104,7 @@ def test_digits_split_is_fixed_disjoint_and_on_the_17_level_grid():
     assert key(train_x) + key(test_x) == key(all_x)  # a partition of the dataset
     torch.testing.assert_close(sdata.digits("test"), test_x, rtol=0, atol=0)  # fixed
     assert not torch.equal(sdata.digits("test", seed=1), test_x)
-    lv = sdata.to_levels(all_x)
+    lv = q.grid_levels(all_x, sdata.DIGITS_LEVELS, sdata.DIGITS_RANGE)
     assert lv.min() == 0 and lv.max() == 16 and lv.unique().numel() == 17
     torch.testing.assert_close(all_x, 2 * lv.float() / 16 - 1, rtol=0, atol=1e-7)
 
@@ -112,23 +113,23 @@ def test_digits_split_is_fixed_disjoint_and_on_the_17_level_grid():
 def test_dequantization_of_L_level_data():
     x = sdata.digits("test")[:50]
     g = torch.Generator().manual_seed(0)
-    y = sdata.dequantize(x, generator=g)
+    y = q.dequantize(x, 17, generator=g)
     assert y.min() >= -1 and y.max() < 1 and not torch.equal(y, x)
-    torch.testing.assert_close(sdata.quantize(y), x, rtol=0, atol=1e-6)  # every value stays in its own bin
+    torch.testing.assert_close(q.quantize(y, 17), x, rtol=0, atol=1e-6)  # every value stays in its own bin
     # bin of level v is [-1 + 2 v / 17, -1 + 2 (v + 1) / 17)
-    v = sdata.to_levels(x).double()
+    v = q.grid_levels(x, 17, (-1, 1)).double()
     assert ((y.double() + 1) * 17 / 2 - v).min() >= 0 and ((y.double() + 1) * 17 / 2 - v).max() < 1
     with pytest.raises(ValueError, match="grid"):
-        sdata.to_levels(y)
-    # with L = 2^k the convention is exactly scoresolve.dequantization's
+        q.grid_levels(y, 17, (-1, 1))
+    # with L = 2^k the convention is exactly the k-bit one
     lv = torch.randint(0, 16, (6, 3, 4, 4), generator=g)
-    x4 = sdata.from_levels(lv, 16)
+    x4 = q.from_levels(lv, 16)
     u = torch.rand(x4.shape, generator=g)
-    torch.testing.assert_close(sdata.dequantize(x4, 16, noise=u), scoresolve.uniform_dequantize(x4, 4, noise=u))
-    assert sdata.bpd_offset(16) == pytest.approx(scoresolve.dequantization.bin_offset(4))
+    torch.testing.assert_close(q.dequantize(x4, 16, noise=u), scoresolve.uniform_dequantize(x4, 4, noise=u))
+    assert q.levels_offset(16) == pytest.approx(q.bin_offset(4))
     # offset log2(17 / 2); the uniform density on [-1, 1]^D is worth log2(17) bits/dim
-    assert sdata.bpd_offset() == pytest.approx(math.log2(8.5))
-    assert sdata.bits_per_dim(-64 * math.log(2.0), 64) == pytest.approx(math.log2(17))
+    assert q.levels_offset(sdata.DIGITS_LEVELS, sdata.DIGITS_RANGE) == pytest.approx(math.log2(8.5))
+    assert scoresolve.bits_per_dim(-64 * math.log(2.0), 64, num_levels=17) == pytest.approx(math.log2(17))
 
 
 @pytest.mark.parametrize("name", sdata.TOY_DATASETS)
@@ -252,7 +253,7 @@ def digits_model():
 def test_shipped_digits_model_loads_and_scores_are_finite(digits_model):
     model, sde = digits_model
     assert isinstance(sde, VPSDE) and model.prediction == "eps" and model.time == "t"
-    y = sdata.dequantize(sdata.digits("test")[:8], generator=torch.Generator().manual_seed(0))
+    y = q.dequantize(sdata.digits("test")[:8], 17, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for t in (1e-5, 1e-3, 0.5, 1.0):
             s = model(sde.perturb(y, t, generator=torch.Generator().manual_seed(1)), torch.full((8,), t))
@@ -266,7 +267,7 @@ def test_shipped_digits_model_samples_match_pixel_statistics(digits_model):
     with torch.no_grad():
         x = scoresolve.sample(model, sde, x_T, solver="dpmpp_2m", nfe=10).x
     assert torch.isfinite(x).all()
-    ref = sdata.dequantize(sdata.digits("test"), generator=torch.Generator().manual_seed(0))
+    ref = q.dequantize(sdata.digits("test"), 17, generator=torch.Generator().manual_seed(0))
     m_s, m_d = x.mean(0).flatten(), ref.mean(0).flatten()
     # per-pixel means: same spatial layout (dark border, bright strokes) and level; overall contrast alike.
     # Measured over x_T seeds 0-4: corr 0.96-0.98, mean |diff| 0.08-0.11, std ratios 0.97-1.08;

@@ -12,6 +12,7 @@ from scoresolve import VPSDE, RectifiedFlow, TrigonometricInterpolant
 from scoresolve import data as sdata
 from scoresolve.models import TrainConfig, export_model, load_checkpoint
 from scoresolve.models.train import flow_matching_loss, sample_time, train
+from scoresolve.quantization import dequantize
 
 try:
     import sklearn  # noqa: F401
@@ -139,16 +140,17 @@ def test_shipped_flow_model_samples_digits_with_euler_from_t_1(flow_model):
     x = sol.x
     assert torch.isfinite(x).all() and float(sol.nfe.double().mean() if torch.is_tensor(sol.nfe) else sol.nfe) == 10
     assert float(x.abs().max()) < 1.6  # data in [-1, 1]; prior noise reaches ~3
-    ref = sdata.dequantize(sdata.digits("test"), generator=torch.Generator().manual_seed(0))
+    ref = dequantize(sdata.digits("test"), sdata.DIGITS_LEVELS, generator=torch.Generator().manual_seed(0))
     corr = torch.corrcoef(torch.stack([x.mean(0).flatten(), ref.mean(0).flatten()]))[0, 1]
     assert corr > 0.7, corr  # dark border, bright strokes where the data have them
 
 
 @needs_sklearn
 def test_shipped_flow_model_bits_per_dim_on_held_out_digits(flow_model):
-    from scoresolve.models.evaluate import dequantized_bpd
+    from scoresolve import dequantized_bpd, log_likelihood
 
     model, sde = flow_model
-    res = dequantized_bpd(model, sde, sdata.digits("test")[:4], batch_size=4, seed=0, rtol=1e-3, atol=1e-3)
+    res = dequantized_bpd(lambda y, g: log_likelihood(model, sde, y, generator=g, rtol=1e-3, atol=1e-3),
+                          sdata.digits("test")[:4], num_levels=17, batch_size=4, seed=0)
     assert res.bpd.shape == (4,) and torch.isfinite(res.bpd).all()
     assert abs(res.mean - README_BPD) < 0.35, (res.mean, res.bpd)

@@ -27,7 +27,7 @@ def test_construction_names_and_errors():
     p = ss.sde_from_name("pfgmpp", D=8)
     assert isinstance(p, ss.PFGMPP) and isinstance(p, ss.Process) and p.D == 8 and p.T == 80.0
     assert ss.sde_from_name("pfgm").D == 1.0 and ss.PFGM().T == 40.0
-    # not a command-line --sde name yet: those (SDE_NAMES) train and compare on ForwardSDEs only
+    # not in SDE_NAMES (ForwardSDEs only): `scoresolve train --sde pfgmpp` takes it from models.train.PROCESSES
     assert "pfgmpp" not in ss.SDE_NAMES and "pfgm" not in ss.SDE_NAMES
     with pytest.raises(ValueError, match="unknown sde 'pfgm3'.*pfgmpp"):
         ss.sde_from_name("pfgm3")

@@ -9,7 +9,7 @@ import torch
 
 import scoresolve as ss
 from scoresolve.divergence import ExactDivergence, HutchinsonDivergence
-from scoresolve.solvers import REGISTRY, SolverSpec
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, GridSolver, SolverSpec
 from scoresolve.solvers._registry import alpha0_solvers, fitting_solvers, register
 
 F64 = torch.float64
@@ -113,6 +113,55 @@ def test_alpha0_solvers_come_from_the_registry():
             ss.sample(gm.model(sde, "flow"), sde, x_T, solver="dpm_solver_2", nfe=12)
     finally:
         del REGISTRY["toy_alpha0_solver"]
+
+
+def test_grid_and_adaptive_solvers_are_two_types():
+    """The type of a registry entry says how it runs (no kind string): grid solvers have a step function and an NFE
+    rule, adaptive ones a run function; SolverSpec(step=...) / SolverSpec(run=...) build the one or the other."""
+    grid = {n for n, s in REGISTRY.items() if isinstance(s, GridSolver)}
+    adaptive = {n for n, s in REGISTRY.items() if isinstance(s, AdaptiveSolver)}
+    assert grid | adaptive == set(REGISTRY) and not grid & adaptive
+    assert {"euler", "ddim", "dpmpp_2m", "pc", "ipndm"} <= grid
+    assert {"dopri5", "dopri5_shampine", "tsit5", "bosh3", "vern6", "vern7", "adaptive_sde"} <= adaptive
+    assert not hasattr(REGISTRY["dopri5"], "steps_for_nfe") and not hasattr(REGISTRY["euler"], "kind")
+    assert REGISTRY["pc"].nfe_for_steps(10) == 20 and REGISTRY["dpm_solver_2"].steps_for_nfe(12) == 6
+    assert type(SolverSpec("toy", step=REGISTRY["euler"].step)) is GridSolver
+    assert type(SolverSpec("toy", run=REGISTRY["dopri5"].run)) is AdaptiveSolver
+    with pytest.raises(TypeError, match="exactly one of step= .* or run="):
+        SolverSpec("toy")
+    with pytest.raises(ValueError, match="needs a step function"):
+        GridSolver("toy")
+    with pytest.raises(ValueError, match="needs a run function"):
+        AdaptiveSolver("toy")
+
+
+def test_a_solver_registered_in_its_family_file_is_everywhere():
+    """Adding a grid solver touches one file, its family file: the entry registered there is all the registry-driven
+    places need (sample, list_solvers, the refusals' lists of fitting solvers, the alpha = 0 list, the command line's
+    --solver, work-precision runs)."""
+    from scoresolve.cli.sample import solver_name
+    from scoresolve.compare import work_precision
+    from scoresolve.solvers import _registry
+    from scoresolve.solvers.multistep import dpmpp_2m_step
+
+    toy = GridSolver("toy_family_solver", step=dpmpp_2m_step, options=dict(REGISTRY["dpmpp_2m"].options),
+                     prepare=REGISTRY["dpmpp_2m"].prepare, order=2, requires=frozenset({"gaussian_kernel"}),
+                     starts_at_alpha0=True, description="a copy of dpmpp_2m, registered as a family file would")
+    register(toy)
+    try:
+        vp = ss.VPSDE()
+        gm, x_T = _problem(vp)
+        out = ss.sample(gm.score_fn(vp), vp, x_T, solver="toy_family_solver", nfe=10, grid="logsnr")
+        ref = ss.sample(gm.score_fn(vp), vp, x_T, solver="dpmpp_2m", nfe=10, grid="logsnr")
+        assert torch.equal(out.x, ref.x) and bool((torch.as_tensor(out.nfe) == 10).all())
+        assert ss.list_solvers()["toy_family_solver"].startswith("a copy of dpmpp_2m")
+        assert "toy_family_solver" in fitting_solvers(vp) and "toy_family_solver" not in fitting_solvers(
+            NonGaussianKernel())
+        assert "toy_family_solver" in _registry.ALPHA0_SOLVERS and solver_name("toy_family_solver")
+        runs = work_precision(gm.score_fn(vp), vp, x_T, ["toy_family_solver@logsnr"], nfes=[10], reference=ref.x)
+        assert len(runs) == 1 and runs[0].error == 0.0
+    finally:
+        del REGISTRY["toy_family_solver"]
 
 
 def test_sample_and_log_likelihood_choose_the_same_time_variable_by_the_same_rule():
@@ -245,3 +294,41 @@ def test_a_process_that_is_no_forward_sde_runs_the_solvers_that_need_nothing_of_
         res = ss.log_likelihood(proc.x0_net, proc, x, divergence=div, probes=1, rtol=1e-8, atol=1e-8, t_eps=t_eps,
                                 generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(res.log_prob, ref, rtol=0, atol=1e-6)  # the Jacobian is a multiple of I
+
+
+NOISY_RUNS = (("dpmpp_2m_sde", {}, None), ("euler_maruyama", {}, None), ("ddim", {"eta": 1.0}, None),
+              ("euler", {}, 1.0))
+"""(solver, options, diffusion) of runs that draw noise: they require a reverse SDE."""
+
+
+def test_the_diffusers_scheduler_checks_the_process_like_sample(monkeypatch):
+    """ScoresolveScheduler runs a grid solver's steps itself (not through sample()): it makes the same check."""
+    pytest.importorskip("diffusers")
+    from scoresolve.adapters import scheduler as sch
+
+    ok = sch.ScoresolveScheduler(solver="dpmpp_2m_sde")  # the DDPM schedule has every capability
+    assert ok.sde.capabilities() >= {"reverse_sde", "gaussian_kernel"}
+    monkeypatch.setattr(sch, "sde_from_scheduler", lambda config: NoReverseSDE())
+    for solver, options, diffusion in NOISY_RUNS:
+        with pytest.raises(ss.IncompatibleProcessError, match=f"solver '{solver}' requires the capability "
+                                                              "'reverse_sde'.*solvers that fit it: .*dpmpp_2m"):
+            sch.ScoresolveScheduler(solver=solver, solver_options=options, diffusion=diffusion)
+    sch.ScoresolveScheduler(solver="dpmpp_2m")  # a solver that fits is taken
+    monkeypatch.setattr(sch, "sde_from_scheduler", lambda config: NonGaussianKernel())
+    with pytest.raises(ss.IncompatibleProcessError, match="solver 'dpmpp_2m' requires the capability 'gaussian_ke"):
+        sch.ScoresolveScheduler(solver="dpmpp_2m")
+
+
+def test_the_k_diffusion_sampler_checks_the_process_like_sample(monkeypatch):
+    from scoresolve.adapters import k_diffusion as kd
+
+    kd.k_diffusion_sampler("dpmpp_2m_sde")  # EDM's process has every capability
+    monkeypatch.setattr(kd, "_process", lambda kind, sigma_max: NoReverseSDE())
+    for solver, options, diffusion in NOISY_RUNS:
+        with pytest.raises(ss.IncompatibleProcessError, match=f"solver '{solver}' requires the capability "
+                                                              "'reverse_sde'.*solvers that fit it: .*dpmpp_2m"):
+            kd.k_diffusion_sampler(solver, diffusion=diffusion, **options)
+    kd.k_diffusion_sampler("dpmpp_2m")
+    monkeypatch.setattr(kd, "_process", lambda kind, sigma_max: NonGaussianKernel())
+    with pytest.raises(ss.IncompatibleProcessError, match="solver 'unipc' requires the capability 'gaussian_kernel'"):
+        kd.k_diffusion_sampler("unipc", sde="flow")

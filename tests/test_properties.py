@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import scoresolve as ss
-from scoresolve.solvers import REGISTRY
+from scoresolve.solvers import REGISTRY, AdaptiveSolver
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())
 STOCHASTIC = [n for n in SOLVERS if REGISTRY[n].stochastic]
-ODE_ADAPTIVE = [n for n in SOLVERS if REGISTRY[n].kind == "adaptive" and not REGISTRY[n].stochastic]
+ODE_ADAPTIVE = [n for n in SOLVERS if isinstance(REGISTRY[n], AdaptiveSolver) and not REGISTRY[n].stochastic]
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=30, **_COMMON)

@@ -14,12 +14,12 @@ from _counts import uniform
 from _solver_kw import solve_kw
 
 import scoresolve as ss
-from scoresolve.solvers import REGISTRY, MaxStepsError, StepSizeUnderflowError
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, GridSolver, MaxStepsError, StepSizeUnderflowError
 
 F32, F64 = torch.float32, torch.float64
 SOLVERS = sorted(ss.list_solvers())
-GRID_SOLVERS = [n for n in SOLVERS if REGISTRY[n].kind == "grid"]
-ADAPTIVE_SOLVERS = [n for n in SOLVERS if REGISTRY[n].kind == "adaptive"]
+GRID_SOLVERS = [n for n in SOLVERS if isinstance(REGISTRY[n], GridSolver)]
+ADAPTIVE_SOLVERS = [n for n in SOLVERS if isinstance(REGISTRY[n], AdaptiveSolver)]
 ODE_ADAPTIVE = [n for n in ADAPTIVE_SOLVERS if not REGISTRY[n].stochastic]
 T_BAD = 0.3  # the broken networks below return NaN/Inf for t < T_BAD
 
@@ -268,15 +268,15 @@ def test_non_finite_network_output_names_solver_time_and_samples(name, case):
 
     if case == "always":
         assert torch.equal(last, x)  # nothing was ever finite beyond x_T
-        if spec.kind == "grid":
+        if isinstance(spec, GridSolver):
             grid = ss.sample(good, sde, x, solver=name, **_solve_kw(name)).stats["grid"]
             assert all(t == pytest.approx(float(grid[1]), rel=1e-12) for t in err.times)
         else:
             assert all(t == pytest.approx(sde.T, rel=1e-12) for t in err.times)
         return
 
-    clean = ss.sample(good, sde, x, solver=name, save_trajectory=spec.kind == "grid", **_solve_kw(name))
-    if spec.kind == "grid":
+    clean = ss.sample(good, sde, x, solver=name, save_trajectory=isinstance(spec, GridSolver), **_solve_kw(name))
+    if isinstance(spec, GridSolver):
         grid = clean.stats["grid"].tolist()
         below = [j for j, t in enumerate(grid) if t < T_BAD]
         for i, t in zip(err.indices, err.times):
@@ -365,7 +365,7 @@ def test_unknown_option_is_an_error_naming_the_solvers_options(name):
         if opt == "seeds":
             kw.pop("generator", None)
         ss.sample(good, sde, x, solver=name, **{opt: value}, **kw)
-    if REGISTRY[name].kind == "adaptive":
+    if isinstance(REGISTRY[name], AdaptiveSolver):
         assert "max_steps" in accepted
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import scoresolve as ss
-from scoresolve.solvers import REGISTRY, NonFiniteError
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, NonFiniteError
 from scoresolve.solvers.ode import (
     TABLEAUX,
-    AdaptiveResult,
     ButcherTableau,
     MaxStepsError,
     NonFiniteStepError,
@@ -184,7 +183,7 @@ def test_tableau_validation():
 def test_registry():
     for name in METHODS:
         spec = REGISTRY[name]
-        assert spec.kind == "adaptive" and spec.order == TABLEAUX[name].order and spec.description
+        assert isinstance(spec, AdaptiveSolver) and spec.order == TABLEAUX[name].order and spec.description
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ def test_verner_pairs_sample_and_likelihood(method):
     # per attempt; vern7 not: 10, the first attempt reusing f(t0)); at a tight tolerance a smaller error than dopri5's
     # for about its NFE
     sde, tab = ss.VPSDE(), TABLEAUX[method]
-    assert REGISTRY[method].kind == "adaptive" and REGISTRY[method].order == tab.order
+    assert isinstance(REGISTRY[method], AdaptiveSolver) and REGISTRY[method].order == tab.order
     gm = ss.GaussianMixture.random(2, 3, seed=4)
     x = sde.prior_sample((1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     counter = _CountingScore(gm.score_fn(sde))
@@ -360,7 +359,7 @@ def test_augmented_tuple_state(t0, t1):
     l0 = torch.randn(4, generator=g, dtype=torch.float64)
     tol = 1e-6
     res = odeint_adaptive(_aug_field, (x0, l0), t0, t1, method="tsit5", rtol=tol, atol=tol)
-    assert isinstance(res, AdaptiveResult) and isinstance(res.y, tuple) and len(res.y) == 2
+    assert isinstance(res, ss.Solution) and isinstance(res.y, tuple) and len(res.y) == 2
     x1, l1 = res.y
     assert x1.shape == x0.shape and l1.shape == l0.shape
     xe, le = _aug_exact(x0, l0, t0, t1)

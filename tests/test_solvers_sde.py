@@ -12,15 +12,15 @@ from _counts import uniform
 
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
-from scoresolve.solvers.grids import time_grid
 from scoresolve.solvers.noise import BrownianMemory as _BrownianMemory
-from scoresolve.solvers.sde import (
+from scoresolve.solvers.noise import seeded_normal
+from scoresolve.solvers.stochastic import (
     adaptive_sde,
     euler_maruyama,
     pc,
     reverse_diffusion,
-    seeded_normal,
 )
+from scoresolve.solvers.time_grids import time_grid
 
 T_EPS = 1e-3
 

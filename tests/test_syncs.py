@@ -16,11 +16,11 @@ from _sync import OnDevice, count_syncs, on_device
 
 import scoresolve as ss
 import scoresolve._utils as utils
-from scoresolve.solvers import REGISTRY
+from scoresolve.solvers import REGISTRY, AdaptiveSolver, GridSolver
 
 SOLVERS = sorted(ss.list_solvers())
-GRID = [n for n in SOLVERS if REGISTRY[n].kind == "grid"]
-ADAPTIVE = [n for n in SOLVERS if REGISTRY[n].kind == "adaptive"]
+GRID = [n for n in SOLVERS if isinstance(REGISTRY[n], GridSolver)]
+ADAPTIVE = [n for n in SOLVERS if isinstance(REGISTRY[n], AdaptiveSolver)]
 
 
 @pytest.fixture(autouse=True)

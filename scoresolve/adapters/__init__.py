@@ -47,14 +47,13 @@ from .diffusers_flow import (
 )
 from .diffusers_schedule import DiffusersSchedule, X0Processing, diffusers_schedule
 from .k_diffusion import KDiffusionSampler, k_diffusion_sampler, k_diffusion_sigmas
-from .karras import EDMSDE, RescaledDenoiser, from_karras
+from .karras import RescaledDenoiser, from_karras
 from .score_sde import ReversedIndex, from_score_sde
 
 __all__ = [
     "DDPMTimestep",
     "DiffusersNet",
     "DiffusersSchedule",
-    "EDMSDE",
     "ScoresolveScheduler",
     "ScoresolveSchedulerOutput",
     "FlowSchedule",

@@ -40,16 +40,22 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 def _grid_spec(name: str):
-    from ..solvers import REGISTRY
+    from ..solvers import REGISTRY, GridSolver
 
     if name not in REGISTRY:
         raise ValueError(f"unknown solver {name!r}; available grid solvers: "
-                         f"{sorted(n for n, s in REGISTRY.items() if s.kind == 'grid')}")
+                         f"{sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver))}")
     spec = REGISTRY[name]
-    if spec.kind != "grid":
+    if not isinstance(spec, GridSolver):
         raise ValueError(f"solver {name!r} is adaptive (it chooses its own steps); a k-diffusion sampler runs on the "
                          "sigmas it is given: use a grid solver")
     return spec
+
+
+def _process(kind: str, sigma_max: float) -> ForwardSDE:
+    """The forward process of a k-diffusion sampler: EDM's x = x0 + sigma z up to ``sigma_max`` (``"ve"``), or
+    rectified flow x = (1 - sigma) x0 + sigma z (``"flow"``); t is sigma in both."""
+    return RectifiedFlow() if kind == "flow" else EDMSDE(T=sigma_max)
 
 
 class KDiffusionSampler:
@@ -71,6 +77,8 @@ class KDiffusionSampler:
         self.generator = options.pop("generator", None)
         self.diffusion = options.pop("diffusion", None)
         self.spec.check_options(options)
+        # the process contract, checked as sample() checks it (the T of the process does not change its capabilities)
+        self.spec.check_process(_process(sde, 1.0), options, self.diffusion)
         self.options = options
         self.__name__ = f"sample_scoresolve_{solver}"
 
@@ -101,12 +109,9 @@ class KDiffusionSampler:
             raise ValueError(f"sigmas must be positive except for a final 0, got {sig.tolist()[:8]}...")
         if grid.numel() >= 2 and not bool((grid[1:] < grid[:-1]).all()):
             raise ValueError(f"sigmas must be strictly decreasing, got {sig.tolist()[:8]}...")
-        if self.sde == "flow":
-            if float(grid[0]) > 1.0:
-                raise ValueError(f"flow sigmas lie in (0, 1], got sigma_max = {float(grid[0])}")
-            sde: ForwardSDE = RectifiedFlow()
-        else:
-            sde = EDMSDE(T=float(grid[0]))
+        if self.sde == "flow" and float(grid[0]) > 1.0:
+            raise ValueError(f"flow sigmas lie in (0, 1], got sigma_max = {float(grid[0])}")
+        sde = _process(self.sde, float(grid[0]))
         model_sm = ScoreModel(_Reporting(model, sig, callback) if callback is not None else model, sde,
                               prediction="x0", time="t", net_kwargs=dict(extra_args or {}))  # t is sigma in both
         options = {**self.options, **extra_options}

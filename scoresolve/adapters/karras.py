@@ -41,7 +41,7 @@ import torch
 
 from .._utils import bcast
 from ..score import ScoreModel
-from ..sde import EDMSDE, VESDE, ForwardSDE  # EDMSDE lives in scoresolve.sde; re-exported here
+from ..sde import EDMSDE, VESDE, ForwardSDE
 
 Denoiser = Callable[..., torch.Tensor]
 

@@ -117,7 +117,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         diffusion: float | None = None,
         timestep_mode: str = "snap",
     ) -> None:
-        from ..solvers import REGISTRY
+        from ..solvers import REGISTRY, GridSolver
 
         if prediction_type not in _PREDICTIONS:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of "
@@ -137,7 +137,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         spec = self.spec = REGISTRY[solver]
         options = dict(solver_options or {})
         spec.check_options(options)
-        if spec.kind != "grid":
+        if not isinstance(spec, GridSolver):
             raise ValueError(f"solver {solver!r} is adaptive: a scheduler takes the pipeline's fixed timesteps; use a "
                              "grid solver")
         if options.get("afs"):
@@ -153,6 +153,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"solver {solver!r} is not verified to take one evaluation per step at the pipeline's "
                              f"points; ScoresolveScheduler runs {', '.join(SCHEDULER_SOLVERS)}")
+        spec.check_process(self.sde, options, diffusion)  # the process contract, checked as sample() checks it
         self.options = options
         self.replay = _Replay()
         self.model = ScoreModel(self.replay, self.sde, prediction=_PREDICTIONS[prediction_type],

@@ -60,18 +60,6 @@ class CommandParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def run_module(module: str, add_args: Callable[[argparse.ArgumentParser], Any], argv: Sequence[str] | None) -> int:
-    """``python -m MODULE ARGV``: parse with a stand-alone parser of one command (described by the first line of
-    the module's docstring) and run it."""
-    import importlib
-
-    doc = importlib.import_module(module).__doc__ or ""
-    parser = CommandParser(prog=f"python -m {module}", description=doc.split("\n")[0])
-    add_args(parser)
-    args = parser.parse_args(argv)
-    return run_command(args, parser)
-
-
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 
 
@@ -385,8 +373,10 @@ def shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def add_network_args(p: argparse.ArgumentParser, builtin: Sequence[str] = ("mixture", "digits", "digits_flow"),
-                     model_help: str = "", with_shape: bool = True, required: bool = False) -> None:
+def add_network_args(
+    p: argparse.ArgumentParser, builtin: Sequence[str] = ("mixture", "digits", "digits_flow", "digits_pfgmpp"),
+    model_help: str = "", with_shape: bool = True, required: bool = False,
+) -> None:
     """The model options: ``--model`` (the built-in names), ``--checkpoint``, ``--model-spec`` / ``--model-arg`` and
     ``--shape``; `check_model_source` checks them and `network` loads the model. Without any of them the model is
     ``builtin[0]``, unless ``required`` (then the command's check asks for one)."""
@@ -538,7 +528,7 @@ def exact_model(gm, sde):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# dequantization (`scoresolve.dequantizers`): the options `likelihood` and `evaluate` share
+# dequantization (`scoresolve.quantization.dequantizers`): the options `likelihood` and `evaluate` share
 # --------------------------------------------------------------------------------------------------------------------
 DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
 TRUNCNORM_SCALE = 0.5  # the default std (in bin widths) of --dequantization truncnorm
@@ -570,7 +560,7 @@ def add_dequantizer_path_arg(p: argparse.ArgumentParser, help_: str) -> None:
 def load_dequantizer(path: str, num_levels: int, data_range: Sequence[float], shape: Sequence[int]):
     """The `VariationalDequantizer` saved in ``path``, checked against the data (UsageError if it models other
     levels, another range or other samples; errors of ``VariationalDequantizer.load`` propagate)."""
-    from ..dequantizers import VariationalDequantizer
+    from ..quantization import VariationalDequantizer
 
     dq = VariationalDequantizer.load(path)
     if dq.num_levels != num_levels or tuple(dq.data_range) != tuple(data_range) or dq.shape != tuple(shape):

@@ -180,13 +180,13 @@ def _compare_network(args: argparse.Namespace, net, solvers: list[str], dtype: t
 
 def best_candidates(sde) -> list[str]:
     """Every deterministic grid solver on every grid the process allows, as ``solver@grid`` names."""
-    from ..solvers import GRIDS, REGISTRY
+    from ..solvers import GRIDS, REGISTRY, GridSolver
 
     alpha_T = float(sde.alpha(sde.T))
     grids = [g for g in GRIDS if alpha_T > 0 or g in ("uniform", "quadratic")]
     names = []
     for name, spec in sorted(REGISTRY.items()):
-        if spec.kind != "grid" or spec.stochastic and spec.noise_option is None or spec.default_diffusion:
+        if not isinstance(spec, GridSolver) or spec.stochastic and spec.noise_option is None or spec.default_diffusion:
             continue
         if alpha_T == 0 and not spec.starts_at_alpha0:
             continue

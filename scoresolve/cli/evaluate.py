@@ -1,11 +1,10 @@
-"""``scoresolve evaluate`` (also ``python -m scoresolve.models.evaluate``): bits/dim of a trained image model on
-held-out digits and a PNG grid of its samples (`scoresolve.models.evaluate`); the model is a checkpoint, a user's
-``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow``."""
+"""``scoresolve evaluate`` (also ``python -m scoresolve evaluate``): bits/dim of a trained image model on held-out
+digits and a PNG grid of its samples (`scoresolve.models.image_grid`); the model is a checkpoint, a user's
+``--model-spec MODULE:FACTORY`` or a shipped ``--model digits`` / ``digits_flow`` / ``digits_pfgmpp``."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
 import torch
 
@@ -25,13 +24,12 @@ from ._args import (
     load_dequantizer,
     network,
     output_file,
-    run_module,
 )
 
 
 def add_dequantization_args(p: argparse.ArgumentParser) -> None:
-    """The dequantizer options (``scoresolve.dequantizers``): ``--dequantization``, ``--truncnorm-scale``, ``--iw``,
-    ``--dequantizer-path``, ``--save-dequantizer``, ``--dequantizer-steps``."""
+    """The dequantizer options (``scoresolve.quantization.dequantizers``): ``--dequantization``, ``--truncnorm-scale``,
+    ``--iw``, ``--dequantizer-path``, ``--save-dequantizer``, ``--dequantizer-steps``."""
     add_dequantization_choice_args(
         p, "variational (learned on the training digits, or loaded with --dequantizer-path)")
     p.add_argument("--iw", type=POSITIVE_INT, default=None, metavar="N",
@@ -59,7 +57,7 @@ def check_dequantization_args(args: argparse.Namespace) -> None:
 def build_dequantizer(args: argparse.Namespace, model, sde, train_data: torch.Tensor, num_levels: int,
                       data_range, shape):
     """The dequantizer the options ask for (a variational one loaded, or trained on ``train_data``)."""
-    from ..dequantizers import (
+    from ..quantization import (
         TruncatedNormalDequantizer,
         UniformDequantizer,
         VariationalDequantizer,
@@ -103,7 +101,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve evaluate`` (sets ``func=cmd_evaluate``)."""
-    add_network_args(p, ("digits", "digits_flow"), with_shape=False, required=True,
+    add_network_args(p, ("digits", "digits_flow", "digits_pfgmpp"), with_shape=False, required=True,
                      model_help="a shipped digits model (else --checkpoint or --model-spec: a model of 8x8 digits)")
     p.add_argument("--bpd-n", type=NONNEGATIVE_INT, default=200, help="held-out images for bits/dim (0: skip)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="images per likelihood solve")
@@ -127,10 +125,24 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     add_check(p, check_dequantization_args)
 
 
+def _grid_sampling(model, sde) -> tuple[object, object, dict]:
+    """(model, process, keywords) for the grid's dpmpp_2m: a Poisson flow (PFGM++) through its EDM view (the same
+    ODE in the x0 prediction, `scoresolve.PFGMPP.edm_view`) on EDM's karras grid down to sigma_min, as the PFGM++
+    reference samples; any other process as it is, on the solver's default grid."""
+    if not hasattr(sde, "edm_view"):
+        return model, sde, {}
+    from ..score import ScoreModel
+
+    view = sde.edm_view()
+    return ScoreModel(model.net, view, prediction="x0", time="t"), view, {"grid": "karras", "t_eps": sde.sigma_min}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Write the sample grid (``--grid``) and print bits/dim on ``--bpd-n`` held-out digits."""
     from ..data import digits
-    from ..models.evaluate import dequantized_bpd, save_sample_grids
+    from ..likelihood import log_likelihood
+    from ..models.image_grid import save_sample_grids
+    from ..quantization import dequantized_bpd
     from ..sampling import sample
 
     apply_threads(args)
@@ -139,8 +151,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split_seed = getattr(net.config, "split_seed", 0)  # the shipped models and --model-spec: the default split
     if args.grid:
         x_T = sde.prior_sample((64, 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
-        a = sample(model, sde, x_T, solver="dpmpp_2m", nfe=20)
-        b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol)
+        model_a, sde_a, kw = _grid_sampling(model, sde)
+        a = sample(model_a, sde_a, x_T, solver="dpmpp_2m", nfe=20, **kw)
+        b = sample(model, sde, x_T, solver="dopri5", rtol=args.grid_rtol, atol=args.grid_rtol,
+                   **({"t_eps": kw["t_eps"]} if "t_eps" in kw else {}))
         nfe_b = float(b.nfe.double().mean()) if torch.is_tensor(b.nfe) else float(b.nfe)
         test = digits("test", seed=split_seed)[:64]
         panels = [("held-out data", test), ("dpmpp_2m, 20 NFE", a.x)]
@@ -154,10 +168,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dq = build_dequantizer(args, model, sde, digits("train", seed=split_seed), DIGITS_LEVELS, DIGITS_RANGE,
                                DIGITS_SHAPE)
         repeats = args.iw or args.repeats
-        res = dequantized_bpd(model, sde, x, repeats=repeats, batch_size=args.batch_size, seed=args.seed,
-                              dequantizer=dq, probes=args.probes, rtol=args.rtol, atol=args.atol,
-                              divergence=args.divergence,
-                              **({"probes_per": "step"} if args.probes_per == "step" else {}))
+        kw = dict(probes=args.probes, rtol=args.rtol, atol=args.atol, divergence=args.divergence,
+                  **({"probes_per": "step"} if args.probes_per == "step" else {}))
+        res = dequantized_bpd(lambda y, g: log_likelihood(model, sde, y, generator=g, **kw), x, repeats=repeats,
+                              num_levels=DIGITS_LEVELS, data_range=DIGITS_RANGE, dequantizer=dq,
+                              batch_size=args.batch_size, seed=args.seed)
         name = {"uniform": "uniform", "truncnorm": f"truncated-normal (scale {args.truncnorm_scale:g})",
                 "variational": "variational"}[args.dequantization]
         probes = "exact divergence" if args.divergence == "exact" else \
@@ -175,8 +190,3 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print("  (each draw's log p carries Hutchinson noise, which the log-mean-exp turns into a spurious "
                       "gain: the importance-weighted figure is a bound only with --divergence exact)")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scoresolve.models.evaluate ...``: ``scoresolve evaluate`` as a stand-alone program."""
-    return run_module("scoresolve.models.evaluate", add_evaluate_args, argv)

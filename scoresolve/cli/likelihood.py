@@ -2,7 +2,7 @@
 (``scoresolve.evaluation``), next to the exact value of the built-in analytic Gaussian mixture, or under a network: a
 shipped digits model (``--model digits`` / ``digits_flow``, on held-out digits by default), a trained checkpoint
 (``--checkpoint``) or a user's own (``--model-spec MODULE:FACTORY``). Quantized data are dequantized uniformly, or
-with a truncated-normal or saved variational q(u | i) (``--dequantization``, `scoresolve.dequantizers`)."""
+with a truncated-normal or saved variational q(u | i) (``--dequantization``, `scoresolve.quantization.dequantizers`)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ class _LevelsAction(argparse.Action):
             )
 
 
-_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf"}  # the process each shipped model was trained under
+# the process each shipped model was trained under
+_BUILTIN_SDE = {"digits": "vp", "digits_flow": "rf", "digits_pfgmpp": "pfgmpp"}
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -131,7 +132,7 @@ def _check_data(args: argparse.Namespace) -> None:
         raise UsageError(f"--data holds non-finite values (NaN or inf) in {bad} of its {len(data)} samples")
     num_levels = args.num_levels or (2**args.bits if args.bits is not None else None)
     if num_levels is not None:
-        from ..dequantization import grid_levels, grid_name
+        from ..quantization import grid_levels, grid_name
 
         try:
             grid_levels(data, num_levels, tuple(args.data_range), grid_name(num_levels))
@@ -236,7 +237,7 @@ def _dequantizer(args: argparse.Namespace, num_levels: int | None, shape_):
         raise ValueError(f"--dequantization {kind} needs quantized data: give --bits K or --num-levels L")
     data_range = tuple(args.data_range)
     if kind == "truncnorm":
-        from ..dequantizers import TruncatedNormalDequantizer
+        from ..quantization import TruncatedNormalDequantizer
 
         scale = getattr(args, "truncnorm_scale", None) or TRUNCNORM_SCALE
         return TruncatedNormalDequantizer(num_levels, data_range, scale=scale)
@@ -294,7 +295,8 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
         "torchrun rejects --n as an ambiguous abbreviation of its own options)",
     )
     add_network_args(p, ("mixture", *_BUILTIN_SDE), with_shape=False, model_help="the analytic Gaussian mixture "
-                     "(exact reference), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow). "
+                     "(exact reference), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow), "
+                     "digits_pfgmpp (PFGM++, D = 128). "
                      "Networks (also --checkpoint, --model-spec) ignore --sde and evaluate --data; without it, the "
                      "shipped models and checkpoints trained on digits take the first --num-samples held-out digits "
                      "as 17-level data, checkpoints trained on a 2-D toy set fresh samples of it")
@@ -379,9 +381,9 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         0 (the exit status); the report is printed on rank 0.
     """
     from ..analytic import GaussianMixture
-    from ..dequantization import resolve_levels
     from ..evaluation import dequantized_samples, evaluate_dataset, read_records
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
+    from ..quantization import resolve_levels
     from ..sde import sde_from_name
 
     if args.out_dir is None:  # a parser without the checks (add_likelihood_args on a plain ArgumentParser)
@@ -470,9 +472,9 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
 def _cmd_network(args: argparse.Namespace, net) -> int:
     """A network (``--model digits`` / ``digits_flow``, ``--checkpoint``, ``--model-spec``): its PF-ODE likelihood
     of ``--data`` or of its default dataset (`_default_data`); bits/dim and NFE (no exact reference)."""
-    from ..dequantization import resolve_levels
     from ..evaluation import evaluate_dataset
     from ..evaluation.distributed import is_secondary_rank, maybe_init_distributed
+    from ..quantization import resolve_levels
 
     model, sde = net.model, net.sde
     num_levels = resolve_levels(args.bits, getattr(args, "num_levels", None), tuple(args.data_range))
@@ -547,9 +549,9 @@ def _elbo_fn(args: argparse.Namespace, net, data: torch.Tensor, num_levels: int 
         train = data if train is None else train
         train = train.float() if train.is_floating_point() else train
         if num_levels is not None:
-            from ..dequantization import dequantize_levels
+            from ..quantization import dequantize
 
-            train = dequantize_levels(train, num_levels, tuple(args.data_range),
+            train = dequantize(train, num_levels, tuple(args.data_range),
                                       torch.Generator().manual_seed(args.seed))
         moments = cached_moments(model, sde, train, times[1:], args.moment_samples, seed=args.seed)
     return elbo_fn(model, sde, args.elbo_steps, args.variance, moments=moments, num_timesteps=args.num_timesteps

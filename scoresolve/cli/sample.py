@@ -83,7 +83,7 @@ def _is_image(shape_: tuple[int, ...] | None) -> bool:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from ..solvers import REGISTRY
+    from ..solvers import REGISTRY, AdaptiveSolver
 
     net = check_model_source(args, need_shape=True)
     out = args.out.lower()
@@ -107,15 +107,24 @@ def _check(args: argparse.Namespace) -> None:
                              "dpmpp_2m_sde, torchsde:METHOD)")
         if args.diffusion == 0 and (args.solver or "").startswith("torchsde:"):
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
-    if args.nfe is not None and spec is not None and spec.kind == "adaptive":
+    if args.nfe is not None and isinstance(spec, AdaptiveSolver):
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
+    if net is not None and not getattr(net.sde, "gaussian_kernel", True):  # a Poisson flow (PFGM++)
+        from ..process import IncompatibleProcessError
+
+        if spec is not None:  # (the default sampler runs on the process's ode_view: `Process.ode_view`)
+            try:
+                spec.check_process(net.sde, {}, args.diffusion)
+            except IncompatibleProcessError as e:
+                raise UsageError(str(e)) from None
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     """Options of ``scoresolve sample`` (sets ``func=cmd_sample``)."""
     add_model_args(p)
     add_network_args(p, model_help="the analytic Gaussian mixture (scored exactly: exact log p and sliced W2 to exact "
-                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow); networks "
+                     "samples), or a shipped digits U-Net: digits (VP SDE), digits_flow (rectified flow), "
+                     "digits_pfgmpp (PFGM++, D = 128: the ODE solvers euler, heun, rk4, dopri5, ...); networks "
                      "ignore --sde, --dim, --components and --diagonal")
     p.add_argument("--solver", type=solver_name, default=None,
                    help="a solver of scoresolve.list_solvers(), or torchdiffeq:METHOD / torchsde:METHOD (default: "
@@ -162,7 +171,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
               f"NFE {nfe:g}; sample mean {x.mean():.4f}, std {x.std():.4f}")
         out = args.out or ("samples.png" if _is_image(net.shape) else "")
         if out.endswith(".png"):
-            from ..models.evaluate import save_sample_grids
+            from ..models.image_grid import save_sample_grids
 
             shown, nrow = grid_layout(args.batch)
             save_sample_grids([(f"{sol.solver}, NFE {nfe:g}", sol.x[:shown].clamp(-1, 1))], out, nrow=nrow)

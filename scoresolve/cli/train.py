@@ -1,6 +1,6 @@
-"""``scoresolve train`` (also ``python -m scoresolve.models.train``): train a reference score network by denoising
-score matching (flow matching with ``--sde rf`` / ``trig``; `scoresolve.models.train`), checkpoint it and export its
-EMA weights."""
+"""``scoresolve train`` (also ``python -m scoresolve train``): train a reference score network by denoising
+score matching (flow matching with ``--sde rf`` / ``trig``, EDM's denoiser loss with ``--sde pfgmpp``;
+`scoresolve.models.train`), checkpoint it and export its EMA weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Sequence
 
 import torch
 
@@ -26,7 +25,6 @@ from ._args import (
     number,
     output_dir,
     output_file_in_new_dir,
-    run_module,
 )
 
 
@@ -39,6 +37,11 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--sde {args.sde} with --sde-arg {dict(args.sde_arg or [])}: {e}") from None
     if not args.t_eps < sde.T:
         raise UsageError(f"--t-eps must lie in (0, T) = (0, {sde.T:g}) for this SDE, got {args.t_eps:g}")
+    from ..models.train import PROCESSES
+
+    if args.sde in PROCESSES and (args.weighting != "eps" or args.importance_sampling or args.t_sampling != "uniform"):
+        raise UsageError(f"--sde {args.sde} trains with EDM's denoiser loss (log-normal sigma: --p-mean, --p-std): "
+                         "drop --weighting, --importance-sampling and --t-sampling")
     if getattr(sde, "velocity_form", False) and (args.weighting != "eps" or args.importance_sampling):
         raise UsageError(f"--sde {args.sde} trains by flow matching, which has no weighting: drop --weighting "
                          "and --importance-sampling")
@@ -57,14 +60,16 @@ def _check(args: argparse.Namespace) -> None:
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``scoresolve train`` (sets ``func=cmd_train``)."""
     from ..data import DATASETS
-    from ..models.train import SDES, T_SAMPLINGS, WEIGHTINGS, TrainConfig
+    from ..models.train import PROCESSES, SDES, T_SAMPLINGS, WEIGHTINGS, TrainConfig
 
     d = TrainConfig()
     p = parser
     p.add_argument("--data", choices=DATASETS, default="moons", help="dataset (default: moons)")
-    p.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
+    p.add_argument("--sde", choices=sorted(SDES) + list(PROCESSES), default="vp",
+                   help="forward SDE, or pfgmpp (PFGM++: a preconditioned denoiser; D by --sde-arg D=128) "
+                   "(default: vp)")
     p.add_argument("--sde-arg", type=key_value, action="append", metavar="KEY=VALUE",
-                   help="SDE constructor argument, repeatable")
+                   help="SDE constructor argument, repeatable (e.g. D=128, sigma_max=80 for pfgmpp)")
     p.add_argument("--model", choices=["auto", "mlp", "unet"], default="auto",
                    help="network (default: auto = unet for images, mlp otherwise)")
     p.add_argument("--model-arg", type=key_value, action="append", metavar="KEY=VALUE",
@@ -85,6 +90,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"mean m of logit-normal t (default: {d.logit_mean})")
     p.add_argument("--logit-std", type=POSITIVE_FLOAT, default=d.logit_std,
                    help=f"std s of logit-normal t (default: {d.logit_std})")
+    p.add_argument("--p-mean", type=number(float), default=d.p_mean,
+                   help=f"pfgmpp: mean of log sigma, EDM's log-normal (default: {d.p_mean})")
+    p.add_argument("--p-std", type=POSITIVE_FLOAT, default=d.p_std,
+                   help=f"pfgmpp: std of log sigma (default: {d.p_std})")
+    p.add_argument("--sigma-data", type=POSITIVE_FLOAT, default=d.sigma_data,
+                   help=f"pfgmpp: sigma_data of EDM's preconditioning and weighting (default: {d.sigma_data})")
     p.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
                    help=f"in [0, 1) (default: {d.ema_decay})")
     p.add_argument("--grad-clip", type=NONNEGATIVE_FLOAT, default=d.grad_clip,
@@ -104,11 +115,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     add_check(p, _check)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scoresolve.models.train ...``: ``scoresolve train`` as a stand-alone program."""
-    return run_module("scoresolve.models.train", add_train_args, argv)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

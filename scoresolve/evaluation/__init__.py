@@ -61,7 +61,7 @@ cannot trip a process-group timeout. Every rank then builds the same summary fro
 ``results.json``; with a process group a final barrier makes it visible before any rank returns.
 """
 
-from ..dequantization import resolve_levels
+from ..quantization.levels import resolve_levels
 from .dataset import BatchFn, EvalSummary, evaluate_dataset, likelihood_fn, read_records
 from .inputs import dequantized_samples, derive_seed
 from .manifest import (

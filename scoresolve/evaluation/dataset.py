@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..dequantization import grid_levels, grid_name, levels_bits_per_dim, pow2_bits, resolve_levels
+from ..quantization.bpd import bits_per_dim
+from ..quantization.levels import grid_levels, grid_name, pow2_bits, resolve_levels
 from .distributed import resolve_rank, wait_complete
 from .inputs import batch, dequantized, dequantized_with, derive_seed, effective_dequantizer, item
 from .manifest import (
@@ -46,7 +47,7 @@ _RESERVED = ("i", "r", "bpd", "run")
 BatchFn = Callable[[torch.Tensor, torch.Generator], Any]
 
 if TYPE_CHECKING:
-    from ..dequantizers import Dequantizer
+    from ..quantization.dequantizers import Dequantizer
 
 
 def likelihood_fn(score: Callable, sde: Any, **likelihood_kwargs: Any) -> BatchFn:
@@ -110,7 +111,7 @@ class EvalSummary:
             amount subtracted from ``mean_log_prob`` in ``mean_bpd`` (None otherwise).
         iw_bpd: with a non-uniform ``dequantizer`` and ``repeats`` > 1: the mean over samples of the
             importance-weighted bound over each sample's repeats,
-            [`importance_weighted_bits_per_dim`][scoresolve.dequantizers.importance_weighted_bits_per_dim]
+            [`importance_weighted_bits_per_dim`][scoresolve.quantization.importance_weighted_bits_per_dim]
             (never above ``mean_bpd``; None otherwise). A bound only with exact log p (exact divergence): Hutchinson
             probe noise in log p biases it low.
         iw_bpd_std_error: its standard error over samples (NaN for N = 1, None without ``iw_bpd``).
@@ -178,7 +179,7 @@ def _summarize(
         )
     extra: dict[str, Any] = {}
     if levels is not None:
-        from ..dequantizers import importance_weighted_bits_per_dim
+        from ..quantization.bpd import importance_weighted_bits_per_dim
 
         lq = torch.tensor([r["log_q"] for r in recs], dtype=torch.float64).reshape(repeats, num_samples)
         extra["mean_log_q"] = float(lq.mean())
@@ -247,7 +248,7 @@ def evaluate_dataset(
             to ``bits`` for any L. With L given (by exactly one of the two, or by both if num_levels == 2^bits),
             the data must lie on the grid lo + (hi - lo) i / (L - 1), i = 0 .. L - 1, of ``data_range`` (or be
             integer levels i); each sample is uniformly dequantized to lo + (hi - lo) (i + u) / L, u ~ U[0, 1)^D,
-            and its bits/dim is -log p / (D ln 2) + log2(L / (hi - lo)) (``scoresolve.dequantization``,
+            and its bits/dim is -log p / (D ln 2) + log2(L / (hi - lo)) (``scoresolve.quantization``,
             ``scoresolve.data``; L = 2^k gives exactly the numbers of ``bits=k``). Both None (default):
             the data are evaluated as they are and bits/dim is plain -log p / (D ln 2). L is stored in the
             manifest: resuming with another L is an error. ``dequantizer`` replaces the uniform u.
@@ -264,25 +265,25 @@ def evaluate_dataset(
             records the score's name, with a checksum of its weights for a torch module, and the SDE).
             Independently, the manifest stores ``model_fingerprint``: a hash of the parameters and buffers of the
             torch modules that ``score`` (default ``fn``) or ``fn`` reaches (see
-            [`model_fingerprint`][scoresolve.evaluation.manifest.model_fingerprint]); resuming with another model
+            [`model_fingerprint`][scoresolve.fingerprint.model_fingerprint]); resuming with another model
             is an error naming both fingerprints (manifests from before fingerprints resume unchecked). The same
             weights read another way are another model: ``model_config`` stores the prediction, time convention,
             ``num_timesteps``, ``net_kwargs`` and process of every [`ScoreModel`][scoresolve.ScoreModel] reached
-            ([`model_config`][scoresolve.evaluation.manifest.model_config]), checked on resume.
+            ([`model_config`][scoresolve.fingerprint.model_config]), checked on resume.
         progress: a tqdm bar of this rank's samples (rank 0 only).
         rank: this process's shard (default: from ``torch.distributed`` when initialised, else 0).
         world_size: number of shards (default: from ``torch.distributed`` when initialised, else 1).
         wait_timeout: seconds to wait for the other ranks' records at the end (default: forever).
         poll_interval: longest pause between reads of the record files while waiting.
         dequantizer: q(u | i) of the position inside each bin, a
-            [`Dequantizer`][scoresolve.dequantizers.Dequantizer] for the data's L levels in ``data_range`` (needs
+            [`Dequantizer`][scoresolve.quantization.Dequantizer] for the data's L levels in ``data_range`` (needs
             ``bits`` or ``num_levels``). None (default) or a plain ``UniformDequantizer``: uniform u as described
             above (the same numbers, records and manifest). Otherwise sample i of repeat r is dequantized to
             lo + Delta (i + u), u ~ q(u | i) drawn with a CPU generator seeded with
             ``derive_seed("dequant", seed, r, i)``, one sample at a time (independent of batch size, sharding and
             restarts; keep the dequantizer on the CPU); its record holds ``log_q`` (u-space, nats) and ``bpd`` is the
             variational bound (-log p + log q) / (D ln 2) + log2(L / (hi - lo))
-            ([`dequantized_bits_per_dim`][scoresolve.dequantizers.dequantized_bits_per_dim]); the summary adds
+            ([`bits_per_dim`][scoresolve.quantization.bits_per_dim] with ``log_q``); the summary adds
             ``mean_log_q`` and, for ``repeats`` > 1, the importance-weighted bound ``iw_bpd`` (valid with exact
             divergences only). ``dequantizer.describe()`` (kind, settings, a hash of a learned q's weights) is
             stored in the manifest: resuming with another dequantizer is an error.
@@ -295,7 +296,7 @@ def evaluate_dataset(
 
     Raises:
         ValueError: invalid settings (among them ``bits`` and ``num_levels`` that disagree, or L < 2; see
-            ``scoresolve.dequantization.resolve_levels``; a dequantizer for other levels or continuous data), data
+            ``scoresolve.quantization.resolve_levels``; a dequantizer for other levels or continuous data), data
             off the declared grid, or an ``out_dir`` holding a run with other settings, another dequantizer or
             another model (`ResumeError`, a ValueError; also when ``out_dir`` holds records of another run, which
             every record's ``run`` identity tells even after ``manifest.json`` was deleted).
@@ -462,7 +463,7 @@ def _compute(
                                          "records itself")
                     cols["log_q"] = log_q.tolist()
                     lp = lp - log_q
-                cols["bpd"] = levels_bits_per_dim(lp, num_dims, L, data_range).tolist()
+                cols["bpd"] = bits_per_dim(lp, num_dims, None, data_range, num_levels=L).tolist()
                 lines = []
                 for j, i in enumerate(idx):
                     rec = {"i": i, "r": r, "log_prob": cols["log_prob"][j], "bpd": cols["bpd"][j], "run": ident}

@@ -1,6 +1,6 @@
 """What the per-batch function of a dataset evaluation is fed: dataset items and batches, seeds derived from the
 run's seed, and each sample's own dequantization noise (independent of batch size, sharding and restarts), uniform
-or drawn from a [`Dequantizer`][scoresolve.dequantizers.Dequantizer]."""
+or drawn from a [`Dequantizer`][scoresolve.quantization.Dequantizer]."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..dequantization import dequantize_levels, grid_name, resolve_levels
+from ..fingerprint import item
+from ..quantization.levels import dequantize, grid_name, resolve_levels
 
 if TYPE_CHECKING:
-    from ..dequantizers import Dequantizer
+    from ..quantization.dequantizers import Dequantizer
 
 
 def derive_seed(tag: str, *parts: int) -> int:
@@ -20,16 +21,6 @@ def derive_seed(tag: str, *parts: int) -> int:
     text = ":".join([tag, *(str(int(p)) for p in parts)])
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def item(data: Any, i: int) -> torch.Tensor:
-    """Sample ``i`` of a tensor or a map-style dataset (of a tuple item, its first element) as a tensor."""
-    it = data[i]
-    if isinstance(it, (tuple, list)):
-        if not it:
-            raise ValueError(f"dataset item {i} is empty")
-        it = it[0]
-    return torch.as_tensor(it)
 
 
 def batch(data: Any, start: int, stop: int) -> torch.Tensor:
@@ -56,7 +47,7 @@ def dequantized(
             for i in indices
         ]
     )
-    return dequantize_levels(x.to(dtype) if x.is_floating_point() else x, num_levels, data_range, noise=noise,
+    return dequantize(x.to(dtype) if x.is_floating_point() else x, num_levels, data_range, noise=noise,
                              what=grid_name(num_levels))
 
 
@@ -137,12 +128,12 @@ def effective_dequantizer(
     Raises:
         ValueError: not a Dequantizer, continuous data (``num_levels`` None), or another L or data_range.
     """
-    from ..dequantizers import Dequantizer, UniformDequantizer
+    from ..quantization.dequantizers import Dequantizer, UniformDequantizer
 
     if dequantizer is None:
         return None
     if not isinstance(dequantizer, Dequantizer):
-        raise TypeError(f"dequantizer must be a scoresolve.dequantizers.Dequantizer, got {type(dequantizer).__name__}")
+        raise TypeError(f"dequantizer must be a scoresolve.quantization.Dequantizer, got {type(dequantizer).__name__}")
     if num_levels is None:
         raise ValueError(
             f"a dequantizer needs quantized data: give bits or num_levels (the {type(dequantizer).__name__} is for "

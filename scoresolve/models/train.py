@@ -26,6 +26,17 @@ t ~ U(t_eps, T) or, with ``t_sampling="logit_normal"``, t = t_eps + (T - t_eps) 
 (SD3's logit-normal sampling, Esser et al. 2024, m = ``logit_mean``, s = ``logit_std``); the weighting must be
 "eps" (no weight) and importance sampling does not apply. Its checkpoints record ``prediction="flow"``.
 
+PFGM++ (``sde="pfgmpp"``, `scoresolve.PFGMPP`, D from ``sde_kwargs``): the network is a denoiser (x0 prediction)
+with EDM's preconditioning (`scoresolve.models.precond.EDMPrecond`, ``sigma_data``), trained as the PFGM++ reference
+trains (Newbeeer/pfgmpp, ``training/loss.py`` ``EDMLoss`` with ``pfgmpp=True``):
+
+    L = E_{sigma, y, x} [ lambda(sigma) mean_d (D_theta(x, sigma) - y)^2 ],   x ~ p_r(. | y), r = sigma sqrt(D),
+
+log sigma ~ N(p_mean, p_std^2) (EDM's -1.2, 1.2), lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+and x drawn by `PFGMPP.perturb` (the reference clips its Beta draw to [1e-3, 1 - 1e-3]; here it is exact). The
+reference sums over elements where this takes the mean (a constant factor N). Checkpoints record
+``prediction="x0"`` and the process's D, so `load_checkpoint` rebuilds ``PFGMPP(D=...)``.
+
 Training state (`train`): Adam, linear learning-rate warm-up, gradient-norm clipping, an EMA of the weights
 (decay ``min(ema_decay, (1 + step) / (10 + step))``), one ``torch.Generator`` seeded with ``seed`` for every random
 draw (batches, dequantization, t, noise) and the network initialised under ``torch.manual_seed(seed)``.
@@ -40,7 +51,6 @@ import copy
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -49,12 +59,15 @@ import torch
 from torch import nn
 
 from .._utils import bcast
+from ..pfgm import PFGMPP
 from ..score import ScoreModel
 from ..sde import SDE_NAMES, ForwardSDE, sde_from_name
 from .mlp import MLPScoreNet
+from .precond import EDMPrecond
 from .unet import UNet
 
-SDES = SDE_NAMES  # the names --sde and TrainConfig.sde take
+SDES = SDE_NAMES  # the Gaussian forward SDEs and interpolants --sde and TrainConfig.sde take
+PROCESSES = ("pfgmpp",)  # and the non-Gaussian processes (PFGM++: D via sde_kwargs, e.g. --sde-arg D=128)
 WEIGHTINGS = ("eps", "score", "likelihood")
 T_SAMPLINGS = ("uniform", "logit_normal")
 STATE_FORMAT = "scoresolve.train_state/1"
@@ -73,7 +86,8 @@ class TrainConfig:
     ``model="auto"`` picks the U-Net for image data ``[C, H, W]`` and the MLP otherwise; ``model_kwargs`` go to
     the network's constructor, ``sde_kwargs`` to the SDE's. ``split_seed`` fixes the digits train/test split.
     ``t_sampling`` is ``"uniform"`` (t ~ U(t_eps, T)) or ``"logit_normal"`` (``logit_mean``, ``logit_std``; module
-    docstring).
+    docstring). ``p_mean``, ``p_std`` (log-normal sigma) and ``sigma_data`` (EDM's preconditioning) apply to
+    ``sde="pfgmpp"`` only (module docstring).
     """
 
     data: str = "moons"
@@ -96,10 +110,21 @@ class TrainConfig:
     t_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.sde not in SDES:
-            raise ValueError(f"unknown sde {self.sde!r}; expected one of {sorted(SDES)}")
+        if self.sde not in SDES and self.sde not in PROCESSES:
+            raise ValueError(f"unknown sde {self.sde!r}; expected one of {sorted(SDES) + list(PROCESSES)}")
+        if not (math.isfinite(self.p_mean) and math.isfinite(self.p_std) and self.p_std > 0):
+            raise ValueError("need a finite p_mean and p_std > 0")
+        if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data}")
+        if self.sde in PROCESSES and (self.weighting != "eps" or self.importance_sampling
+                                      or self.t_sampling != "uniform"):
+            raise ValueError(f"{self.sde} trains with EDM's denoiser loss (log-normal sigma: p_mean, p_std; weight "
+                             "lambda(sigma)): leave weighting, importance_sampling and t_sampling at their defaults")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
         if self.t_sampling not in T_SAMPLINGS:
@@ -138,7 +163,8 @@ class TrainResult:
     seconds: float = 0.0
 
     def score_model(self, use_ema: bool = True) -> ScoreModel:
-        """The (EMA) network as a ScoreModel predicting eps (flow on a ``velocity_form`` process) with time t."""
+        """The (EMA) network as a ScoreModel predicting eps (flow on a ``velocity_form`` process, x0 on PFGM++) with
+        time t."""
         return ScoreModel(self.ema if use_ema else self.net, self.sde, prediction=prediction_of(self.sde), time="t")
 
 
@@ -146,7 +172,8 @@ class TrainResult:
 # builders
 # --------------------------------------------------------------------------------------------------------------------
 def build_sde(name: str, **kwargs: Any) -> ForwardSDE:
-    """The SDE named ``name`` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``) with constructor keyword arguments."""
+    """The SDE named ``name`` (``vp``, ``subvp``, ``ve``, ``edm``, ``cosine``, ``rf``, ``trig``; or the process
+    ``pfgmpp``) with constructor keyword arguments."""
     return sde_from_name(name, **kwargs)
 
 
@@ -169,9 +196,19 @@ def _resolved_model(config: TrainConfig, shape: Sequence[int]) -> str:
 
 
 def prediction_of(sde: ForwardSDE) -> str:
-    """What a network trained here predicts under ``sde``: ``"flow"`` on a ``velocity_form`` process (flow
-    matching), ``"eps"`` otherwise (denoising score matching)."""
+    """What a network trained here predicts under ``sde``: ``"x0"`` on PFGM++ (a preconditioned denoiser),
+    ``"flow"`` on a ``velocity_form`` process (flow matching), ``"eps"`` otherwise (denoising score matching)."""
+    if isinstance(sde, PFGMPP):
+        return "x0"
     return "flow" if getattr(sde, "velocity_form", False) else "eps"
+
+
+def _model_for(arch: str, shape: Sequence[int], sde: Any, config: TrainConfig) -> nn.Module:
+    """The network a run trains: ``build_network``'s, wrapped in EDM's preconditioning on PFGM++ (its raw network
+    then takes c_noise = log(sigma) / 4 as time, so it is built with T = 1)."""
+    if isinstance(sde, PFGMPP):
+        return EDMPrecond(build_network(arch, shape, T=1.0, **config.model_kwargs), config.sigma_data)
+    return build_network(arch, shape, T=sde.T, **config.model_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,6 +275,26 @@ def dsm_loss(
     per_sample = (net(xt, t) - noise).square().flatten(1).mean(1)
     w = is_w.to(x0.device) if is_w is not None else loss_weight(sde, t, weighting)
     return (w * per_sample).mean()
+
+
+def edm_denoiser_loss(
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    process: PFGMPP,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
+    """Monte-Carlo estimate of PFGM++'s denoiser loss mean_b lambda(sigma) mean_d (D(x, sigma) - y)^2 on a batch
+    ``x0`` (module docstring): one log-normal sigma per sample, then x ~ p_r(. | y) by ``process.perturb``, all from
+    ``generator``. ``net(x, sigma)`` is the denoiser."""
+    n = x0.shape[0]
+    sigma = torch.exp(p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64))
+    x = process.perturb(x0.cpu(), sigma, generator).to(x0.device)
+    sigma = sigma.to(dtype=x0.dtype, device=x0.device)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return (weight * (net(x, sigma) - x0).square().flatten(1).mean(1)).mean()
 
 
 def flow_matching_loss(
@@ -309,8 +366,9 @@ def load_checkpoint(
 ) -> tuple[ScoreModel, ForwardSDE, TrainConfig]:
     """(ScoreModel, sde, config) from a training state (``train_state.pt``) or an exported model file.
 
-    The ScoreModel predicts what the checkpoint records (``"eps"``, or ``"flow"`` for flow matching on an
-    interpolant; files without the record: what `prediction_of` gives for their SDE).
+    The ScoreModel predicts what the checkpoint records (``"eps"``, ``"flow"`` for flow matching on an
+    interpolant, ``"x0"`` for PFGM++: the sde is then ``PFGMPP(D=...)``; files without the record: what
+    `prediction_of` gives for their SDE).
 
     The network is in eval mode, float32, with parameters that do not require gradients (gradients with respect
     to x, as the likelihood needs, still work). ``use_ema=False`` takes the raw weights of a training state.
@@ -321,7 +379,7 @@ def load_checkpoint(
         raise ValueError(f"{path} is not a scoresolve checkpoint (format {fmt!r})")
     config = TrainConfig.from_dict(obj["config"])
     sde = build_sde(config.sde, **config.sde_kwargs)
-    net = build_network(obj["arch"], obj["shape"], T=sde.T, **config.model_kwargs)
+    net = _model_for(obj["arch"], obj["shape"], sde, config)
     key = "ema" if (use_ema or fmt == MODEL_FORMAT) else "model"
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in obj[key].items()})
     net = net.to(device).eval().requires_grad_(False)
@@ -361,8 +419,9 @@ def train(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train an eps network by denoising score matching, or a velocity network by flow matching on a
-    ``velocity_form`` process (module docstring), and return it with its EMA copy.
+    """Train an eps network by denoising score matching, a velocity network by flow matching on a
+    ``velocity_form`` process, or a preconditioned denoiser on PFGM++ (module docstring), and return it with its
+    EMA copy.
 
     Args:
         config: the run's settings.
@@ -382,7 +441,7 @@ def train(
     logit_normal = (config.logit_mean, config.logit_std) if config.t_sampling == "logit_normal" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = build_network(config.model, shape, T=sde.T, **config.model_kwargs)
+        net = _model_for(config.model, shape, sde, config)
     net = net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -439,7 +498,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
         x0 = draw(config.batch_size, gen).to(device)
-        if flow:
+        if isinstance(sde, PFGMPP):
+            loss = edm_denoiser_loss(net, sde, x0, gen, config.p_mean, config.p_std, config.sigma_data)
+        elif flow:
             loss = flow_matching_loss(net, sde, x0, config.t_eps, gen, logit_normal)
         else:
             loss = dsm_loss(net, sde, x0, config.weighting, config.t_eps, gen, config.importance_sampling,
@@ -467,9 +528,3 @@ def train(
     net.eval()
     ema.eval()
     return TrainResult(net, ema, sde, config, step, losses, shape, time.perf_counter() - t0)
-
-
-if __name__ == "__main__":  # python -m scoresolve.models.train: the `scoresolve train` command
-    from ..cli.train import main
-
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Solver names -> registry entries, the one options convention, and the one counting wrap of the score.
 
 Every registered solver is called the same way, ``spec(process, x, ts, **keywords)``: ``ts`` is the decreasing time
-grid of a grid solver, or the span ``[t0, t1]`` of an adaptive one. A grid solver is one step function plus its
-entry (`scoresolve.solvers._grid` runs the grid); an adaptive one is a stepper for the one integrator
+grid of a `GridSolver`, or the span ``[t0, t1]`` of an `AdaptiveSolver`. A grid solver is one step function plus its
+entry (`scoresolve.solvers._grid` runs the grid); an adaptive one is a run function around the one integrator
 (`scoresolve.solvers.integrate`).
 """
 
@@ -29,25 +29,18 @@ def check_options(name: str, unknown: Iterable[str], accepted: Iterable[str]) ->
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; its options: {takes}")
 
 
-SOLVER_KINDS = ("grid", "adaptive")
-
-
 @dataclass(frozen=True)
 class SolverSpec:
-    """Registry entry of a solver.
+    """Registry entry of a solver: what every solver states. Two types: `GridSolver` (runs on a decreasing time grid)
+    and `AdaptiveSolver` (chooses its own steps from rtol/atol); ``SolverSpec(name, step=...)`` builds the first,
+    ``SolverSpec(name, run=...)`` the second.
 
-    kind: ``"grid"`` (runs on a decreasing time grid: fixed-step, exponential and SDE samplers; ``step`` is its
-    step function, see `scoresolve.solvers._grid`) or ``"adaptive"`` (chooses its own steps from rtol/atol; ``run``
-    solves). ``options`` maps the solver's options to their defaults; ``prepare(process, options, steps)`` checks
-    their values and returns them resolved (e.g. an ``eta`` read from the process's diffusion scale).
-    ``evals_per_step`` and ``extra_evals`` give the NFE of a grid solve: nfe = evals_per_step * steps + extra_evals
-    (this is how an ``nfe`` budget becomes a step count); ``evals_per_step_fn(options)`` overrides it where it
-    depends on options. ``min_steps`` is the fewest steps the method accepts, ``default_grid`` the grid used when the
-    caller gives none, ``default_diffusion`` the s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for
-    the SDE samplers). ``stochastic`` solvers take a ``generator`` or per-sample ``seeds``; if ``noise_option``
-    names an option (``eta`` for ddim) they draw noise only when it is > 0 (see `draws_noise`).
-    ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR = -inf, t = 1 of rectified flow) from
-    a model that predicts x0 there (flow, x0 or v; see `check_start`).
+    ``options`` maps the solver's options to their defaults; ``prepare(process, options, steps)`` checks their values
+    and returns them resolved (e.g. an ``eta`` read from the process's diffusion scale). ``default_diffusion`` is the
+    s(t)/g(t) that ``sample()`` uses when the caller gives none (1 for the SDE samplers). ``stochastic`` solvers take
+    a ``generator`` or per-sample ``seeds``; if ``noise_option`` names an option (``eta`` for ddim) they draw noise
+    only when it is > 0 (see `draws_noise`). ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR =
+    -inf, t = 1 of rectified flow) from a model that predicts x0 there (flow, x0 or v; see `check_start`).
     ``requires``: the process capabilities the method needs (`scoresolve.process.CAPABILITIES`, e.g.
     ``gaussian_kernel`` for the exponential integrators); ``requires_fn(options)`` adds those of options (the
     options are the caller's merged over the defaults). A run that draws noise (`draws_noise`) or has diffusion > 0
@@ -55,43 +48,32 @@ class SolverSpec:
     """
 
     name: str
-    kind: str = "grid"
-    step: Callable[..., torch.Tensor] | None = None
-    run: Callable[..., Solution] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[[ReverseProcess, dict, int], dict] | None = None
-    evals_per_step: int = 1
-    extra_evals: int = 0
-    min_steps: int = 1
-    default_grid: str = "uniform"
     order: float = 1.0
     stochastic: bool = False
     description: str = ""
     noise_option: str | None = None
     default_diffusion: float = 0.0
-    evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
     starts_at_alpha0: bool = False
     requires: frozenset[str] = frozenset()
     requires_fn: Callable[[Mapping[str, Any]], Iterable[str]] | None = None
 
-    def __post_init__(self) -> None:
-        if self.kind not in SOLVER_KINDS:
-            raise ValueError(f"solver {self.name!r}: kind must be one of {SOLVER_KINDS}, got {self.kind!r}")
-        if (self.step if self.kind == "grid" else self.run) is None:
-            need = "a step function (step=)" if self.kind == "grid" else "a run function (run=)"
-            raise ValueError(f"solver {self.name!r} of kind {self.kind!r} needs {need}")
+    def __new__(cls, *args: Any, **keywords: Any) -> SolverSpec:
+        if cls is SolverSpec:  # the base names no run: the type follows from step= or run=
+            if ("step" in keywords) == ("run" in keywords):
+                raise TypeError("SolverSpec(...) needs exactly one of step= (a GridSolver) or run= (an AdaptiveSolver)")
+            cls = GridSolver if "step" in keywords else AdaptiveSolver
+        return super().__new__(cls)
 
     def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
         """Solve ``process`` from ``x`` over ``ts`` (the grid, or the span [t0, t1] of an adaptive solver)."""
-        if self.kind == "grid":
-            return run_grid(self, process, x, ts, **keywords)
-        assert self.run is not None
-        return self.run(self, process, x, ts, **keywords)
+        raise NotImplementedError
 
     @property
     def fn(self) -> Callable[..., Solution]:
         """The solver as a function ``fn(process, x, ts, **keywords)`` (the same as calling the entry)."""
-        return functools.partial(SolverSpec.__call__, self)
+        return functools.partial(type(self).__call__, self)
 
     def accepted_options(self) -> tuple[str, ...]:
         """The options ``sample(..., **options)`` may pass to this solver, sorted."""
@@ -108,12 +90,6 @@ class SolverSpec:
         self.check_options(options)
         opts = {**self.options, **{k: v for k, v in options.items() if k != "seeds"}}
         return self.prepare(process, opts, steps) if self.prepare is not None else opts
-
-    def evals(self, options: Mapping[str, Any] | None = None) -> int:
-        """Score evaluations per step with these options (e.g. pc: 1 + corrector_steps)."""
-        if self.evals_per_step_fn is not None:
-            return int(self.evals_per_step_fn({**self.options, **(options or {})}))
-        return self.evals_per_step
 
     def requirements(self, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> frozenset[str]:
         """The process capabilities a run with these options and this s(t) (None: the solver's default diffusion;
@@ -138,6 +114,39 @@ class SolverSpec:
             return False
         return self.noise_option is None or float(options.get(self.noise_option, 0.0) or 0.0) > 0
 
+
+@dataclass(frozen=True)
+class GridSolver(SolverSpec):
+    """A solver on a decreasing time grid (fixed-step RK, exponential, multistep and SDE samplers): one step function
+    ``step(run, x, i)`` (see `scoresolve.solvers._grid`, which runs the grid).
+
+    ``evals_per_step`` and ``extra_evals`` give the NFE of a solve: nfe = evals_per_step * steps + extra_evals (this
+    is how an ``nfe`` budget becomes a step count); ``evals_per_step_fn(options)`` overrides it where it depends on
+    options. ``min_steps`` is the fewest steps the method accepts, ``default_grid`` the grid used when the caller
+    gives none.
+    """
+
+    step: Callable[..., torch.Tensor] | None = None
+    evals_per_step: int = 1
+    extra_evals: int = 0
+    min_steps: int = 1
+    default_grid: str = "uniform"
+    evals_per_step_fn: Callable[[Mapping[str, Any]], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.step is None:
+            raise ValueError(f"grid solver {self.name!r} needs a step function (step=)")
+
+    def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
+        """Solve ``process`` from ``x`` at ts[0] over the decreasing grid ``ts``."""
+        return run_grid(self, process, x, ts, **keywords)
+
+    def evals(self, options: Mapping[str, Any] | None = None) -> int:
+        """Score evaluations per step with these options (e.g. pc: 1 + corrector_steps)."""
+        if self.evals_per_step_fn is not None:
+            return int(self.evals_per_step_fn({**self.options, **(options or {})}))
+        return self.evals_per_step
+
     def extra(self, options: Mapping[str, Any] | None = None) -> int:
         """Evaluations beyond evals_per_step * steps: ``extra_evals``, one fewer with the analytical first step."""
         return self.extra_evals - (1 if (options or {}).get("afs") else 0)
@@ -152,6 +161,25 @@ class SolverSpec:
 
     def nfe_for_steps(self, steps: int, options: Mapping[str, Any] | None = None) -> int:
         return self.evals(options) * steps + self.extra(options)
+
+
+@dataclass(frozen=True)
+class AdaptiveSolver(SolverSpec):
+    """A solver that chooses its own steps from rtol/atol (the adaptive PF-ODE solvers of `scoresolve.solvers.ode`,
+    ``adaptive_sde``): ``run(spec, process, x, span, **keywords)`` solves over the span [t0, t1].
+    ``evals_per_step`` is the score evaluations per attempted step (informational: the NFE is counted)."""
+
+    run: Callable[..., Solution] | None = None
+    evals_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            raise ValueError(f"adaptive solver {self.name!r} needs a run function (run=)")
+
+    def __call__(self, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, **keywords: Any) -> Solution:
+        """Solve ``process`` from ``x`` over the span ``ts`` = [t0, t1]."""
+        assert self.run is not None
+        return self.run(self, process, x, ts, **keywords)
 
 
 GAUSSIAN_KERNEL = frozenset({"gaussian_kernel"})

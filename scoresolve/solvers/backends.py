@@ -31,8 +31,8 @@ from ..score import ScoreModel
 from ._registry import check_options, check_start, counted
 from ._solution import Solution
 from .errors import NonFiniteError
-from .grids import GRIDS, time_grid
 from .integrate import LOW_PRECISION_FLOOR, check_tolerance
+from .time_grids import GRIDS, time_grid
 
 # evaluations of the vector field per step, for turning an nfe budget into a step count
 TORCHDIFFEQ_FIXED = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}

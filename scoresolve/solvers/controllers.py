@@ -73,7 +73,7 @@ faster: a 3-D Gaussian PF-ODE at rtol 1e-3 ends 63x the tolerance off in 4 steps
 class IController:
     """Integral control without clamps: h_new = h * safety * err^(-exponent), and h / ``nonfinite_shrink`` after a
     non-finite candidate. Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast") use safety 0.9, exponent 0.9 for their
-    adaptive SDE solver (`scoresolve.solvers.sde.adaptive_sde`'s default). ``exponent=None`` takes 1/k."""
+    adaptive SDE solver (`scoresolve.solvers.stochastic.adaptive_sde`'s default). ``exponent=None`` takes 1/k."""
 
     safety: float = 0.9
     exponent: float | None = 0.9

@@ -33,7 +33,7 @@ import torch
 
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import GAUSSIAN_KERNEL, SolverSpec, register, require_ode
+from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
 
 
 def phi(k: int, z: float) -> float:
@@ -299,16 +299,16 @@ def _dpm3_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 # Default grid "quadratic" (uniform in sqrt(t)): on VP with t_eps = 1e-3 (64-D, 8-component mixtures) it gave the
 # lowest ODE error at 10 and 20 NFE for every exponential method (benchmarks/work_precision.py).
-register(SolverSpec("ddim", step=ddim_step, options={"eta": None, "afs": False, **REVERSE_VARIANCE_OPTIONS},
+register(GridSolver("ddim", step=ddim_step, options={"eta": None, "afs": False, **REVERSE_VARIANCE_OPTIONS},
                     prepare=_ddim_prepare,
                     order=1,
                     default_grid="quadratic", stochastic=True, noise_option="eta", starts_at_alpha0=True,
                     requires=GAUSSIAN_KERNEL,
                     description="DDIM = DPM-Solver-1 (eta > 0: stochastic DDIM)"))
-register(SolverSpec("dpm_solver_2", step=dpm_solver_2_step, options={"r1": 0.5}, prepare=_dpm2_prepare,
+register(GridSolver("dpm_solver_2", step=dpm_solver_2_step, options={"r1": 0.5}, prepare=_dpm2_prepare,
                     evals_per_step=2, order=2, default_grid="quadratic", requires=GAUSSIAN_KERNEL,
                     description="singlestep DPM-Solver-2 (noise prediction)"))
-register(SolverSpec("dpm_solver_3", step=dpm_solver_3_step, options={"r1": 1 / 3, "r2": 2 / 3},
+register(GridSolver("dpm_solver_3", step=dpm_solver_3_step, options={"r1": 1 / 3, "r2": 2 / 3},
                     prepare=_dpm3_prepare, evals_per_step=3, order=3, default_grid="quadratic",
                     requires=GAUSSIAN_KERNEL,
                     description="singlestep DPM-Solver-3 (noise prediction)"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._grid import GridRun
-from ._registry import ReverseProcess, SolverSpec, register, require_ode
+from ._registry import GridSolver, ReverseProcess, register, require_ode
 from .tableaux import EULER, HEUN, RK4, ButcherTableau
 
 
@@ -140,7 +140,7 @@ def _ode_only(process: ReverseProcess, options: dict, steps: int, name: str) -> 
 for _tab, _grid, _what in ((EULER, "uniform", "Euler"), (HEUN, "quadratic", "Heun (EDM)"),
                            (RK4, "quadratic", "classical RK4")):
     # default grids from benchmarks/work_precision.py (64-D mixture, VP): the lowest error at 10-50 NFE
-    register(SolverSpec(
+    register(GridSolver(
         _tab.name, step=lambda run, x, i, _t=_tab: _checked_step(_t, run, x, i),
         prepare=lambda p, o, n, _n=_tab.name: _ode_only(p, o, n, _n), evals_per_step=_tab.stages, order=_tab.order,
         default_grid=_grid, starts_at_alpha0=True, description=f"{_what} on the PF-ODE"))

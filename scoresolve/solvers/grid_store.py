@@ -1,7 +1,8 @@
 """The store of tuned time grids: `TunedGrid` (a fitted grid and how it was obtained), saved as JSON by name.
 
-It lives with the grids (``sample(..., grid="tuned:<name>")`` reads it through `scoresolve.solvers.grids.time_grid`);
-the optimiser that fits grids is `scoresolve.tuning`, which imports this module, never the other way round.
+It lives with the grids (``sample(..., grid="tuned:<name>")`` reads it through
+`scoresolve.solvers.time_grids.time_grid`); the optimiser that fits grids is `scoresolve.tuning`, which imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ class TunedGrid:
         if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in ends):
             raise ValueError(f"its grid runs from {float(grid[0])} to {float(grid[-1])}, but it records T={d['T']}, "
                              f"t_eps={d['t_eps']}")
-        from ._registry import REGISTRY  # the solver modules register on import of the package
+        from ._registry import REGISTRY, GridSolver  # the solver modules register on import of the package
 
         spec = REGISTRY.get(d["solver"])
         if spec is None:
             raise ValueError(f"it was tuned for the unknown solver {d['solver']!r}")
+        if not isinstance(spec, GridSolver):
+            raise ValueError(f"it was tuned for {d['solver']!r}, which is not a grid solver")
         if spec.nfe_for_steps(int(d["steps"]), d.get("options") or {}) != int(d["nfe"]):
             raise ValueError(f"{d['solver']} takes {spec.nfe_for_steps(int(d['steps']), d.get('options') or {})} "
                              f"evaluations for {d['steps']} steps, but it records nfe={d['nfe']}")

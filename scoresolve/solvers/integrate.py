@@ -3,7 +3,7 @@
 Three pieces, each small (diffrax's separation at torchdiffeq's size):
 
 * a **stepper** proposes a step and its scaled error: `RKStepper` for an embedded Runge-Kutta pair
-  (`scoresolve.solvers.tableaux`), the stochastic improved-Euler pair of `scoresolve.solvers.sde` for SDEs;
+  (`scoresolve.solvers.tableaux`), the stochastic improved-Euler pair of `scoresolve.solvers.stochastic` for SDEs;
 * a **controller** (`scoresolve.solvers.controllers`) turns the error into the next step size;
 * `integrate` runs the loop: every sample of the batch has its own time, step size, error and step counts; the
   vector field is called once per stage on the whole batch with a ``[batch]`` time vector, and samples that have
@@ -73,10 +73,9 @@ def axpy(y: Parts, h: Parts, coeffs: Sequence[float], ks: Sequence[Parts]) -> Pa
     for p, (yp, hp) in enumerate(zip(y, h)):
         acc = None
         for cj, kj in zip(coeffs, ks):
-            if cj != 0.0:
-                term = kj[p] * cj
-                acc = term if acc is None else acc + term
-        out.append(yp if acc is None else yp + hp * acc)
+            if cj != 0.0:  # acc is a fresh tensor: accumulate in place, one fused multiply-add per stage
+                acc = kj[p] * cj if acc is None else acc.add_(kj[p], alpha=cj)
+        out.append(yp if acc is None else torch.addcmul(yp, hp, acc))
     return tuple(out)
 
 
@@ -253,6 +252,7 @@ def integrate(
     args: Sequence[torch.Tensor] = (),
     compact: bool = False,
     refresh: Callable[[Tuple[torch.Tensor, ...], torch.Tensor], Tuple[torch.Tensor, ...]] | None = None,
+    norms: str = "sample",
 ) -> Solution:
     """Integrate dy/dt = func(t, y, *args) from t0 to t1 (either direction) with per-sample adaptive steps.
 
@@ -293,6 +293,12 @@ def integrate(
             ``args`` and the ``[rows]`` mask of samples whose step was accepted; it returns new per-sample arguments
             (e.g. Hutchinson probes redrawn for the accepted rows). The vector field then changes from step to step:
             give a stepper that does not hand the last stage on (``RKStepper(..., reuse_last_stage=False)``).
+        norms: ``"sample"`` (default): every sample has its own steps, as above. ``"batch"``: one step size for the
+            whole batch (the naming of `pc`'s ``norms``): the error of a step is the RMS over the batch of the
+            per-sample errors (torchdiffeq's rule, up to its norm over the concatenated state), the first step the
+            smallest of the per-sample ones, so every sample takes the same steps and finishes at the same call
+            (no compaction needed; a sample's result then depends on its batch-mates). Fewer batched calls when the
+            per-call cost does not grow with the batch (small models, GPUs); per-sample steps take fewer rows.
 
     Returns a [`Solution`][scoresolve.Solution]: ``x`` the state at t1 (structured like ``y0``), ``nfe`` ``[batch]``
     evaluations in which each sample was active, ``steps`` / ``rejected`` per sample, ``t`` the final times, and
@@ -312,6 +318,9 @@ def integrate(
     if int(max_steps) < 1 or int(check_every) < 1:
         raise ValueError(f"max_steps and check_every must be >= 1, got {max_steps}, {check_every}")
     max_steps, check_every = int(max_steps), int(check_every)
+    if norms not in ("sample", "batch"):
+        raise ValueError(f"norms must be 'sample' or 'batch', got {norms!r}")
+    shared = norms == "batch"
     for val, what in ((first_step, "first_step"), (max_step, "max_step")):
         if val is not None and not (math.isfinite(float(val)) and float(val) > 0):
             raise ValueError(f"{what} must be a finite number > 0 (its sign follows t1 - t0), got {val!r}")
@@ -385,6 +394,8 @@ def integrate(
             h = stepper.initial_step(t, y, carry, evaluate, direction, span)
         if max_step is not None:
             h = h.clamp(-float(max_step), float(max_step))
+        if shared:  # one step for the batch: the smallest sample's
+            h = torch.full_like(h, direction) * h.abs().amin()
 
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         err_prev = torch.ones(B, dtype=tdtype, device=dev)
@@ -436,6 +447,11 @@ def integrate(
             y_new, err, bad, trial = stepper.attempt(t, h_step, t_new, y, carry, evaluate, active, steps + rejected,
                                                      it == 1)
             err = err.detach()  # the controller's input: no graph through step sizes (and none read on the host)
+            if shared:  # the RMS over the (active) batch; a non-finite candidate anywhere rejects the whole step
+                n_act = active.sum().clamp_min(1).to(err.dtype)
+                rms = (torch.where(active, err, torch.zeros_like(err)).square().sum() / n_act).sqrt()
+                bad = (bad & active).any().expand_as(bad)
+                err = torch.where(bad, torch.full_like(err, math.inf), rms.expand_as(err))
             accept = active & (err <= 1.0)
             reject = active & ~accept
             h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)

@@ -14,7 +14,7 @@ import torch
 
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import GAUSSIAN_KERNEL, SolverSpec, register, require_ode
+from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
 from .exponential import noise_level, phi
 
 
@@ -252,16 +252,16 @@ def _sde_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 
 
 _LOF = {"lower_order_final": None, "afs": False}
-register(SolverSpec("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepare("dpmpp_2m"), order=2,
+register(GridSolver("dpmpp_2m", step=dpmpp_2m_step, options=_LOF, prepare=_prepare("dpmpp_2m"), order=2,
                     default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="multistep DPM-Solver++(2M) (data prediction)"))
-register(SolverSpec("dpmpp_3m", step=dpmpp_3m_step, options=_LOF, prepare=_prepare("dpmpp_3m"), order=3,
+register(GridSolver("dpmpp_3m", step=dpmpp_3m_step, options=_LOF, prepare=_prepare("dpmpp_3m"), order=3,
                     default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="multistep DPM-Solver++(3M) (data prediction)"))
-register(SolverSpec("unipc", step=unipc_step, options={"order": 3, "final_corrector": False, **_LOF},
+register(GridSolver("unipc", step=unipc_step, options={"order": 3, "final_corrector": False, **_LOF},
                     prepare=_unipc_prepare, order=3,
                     default_grid="quadratic", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="UniPC-3 bh2: UniP predictor + free UniC corrector (data prediction)"))
-register(SolverSpec("dpmpp_2m_sde", step=dpmpp_2m_sde_step, options={"eta": None}, prepare=_sde_prepare, order=1,
+register(GridSolver("dpmpp_2m_sde", step=dpmpp_2m_sde_step, options={"eta": None}, prepare=_sde_prepare, order=1,
                     default_grid="quadratic", stochastic=True, starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="DPM-Solver++(2M) SDE (data prediction, eta=1: reverse SDE)"))

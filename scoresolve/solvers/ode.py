@@ -19,14 +19,12 @@ from .._utils import bcast, check_batched
 from ..process import Process
 from ..reverse import TIME_VARIABLES, ReverseProcess, TimeVariable
 from ..score import ScoreModel
-from ._registry import SolverSpec, check_start, counted, register, require_ode
+from ._registry import AdaptiveSolver, SolverSpec, check_start, counted, register, require_ode
 from ._solution import Solution
 from .controllers import DOPRI5_GAINS, Controller, IController, PIController  # noqa: F401  (re-exported)
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError  # noqa: F401  (re-exported)
 from .integrate import MIN_STEP_REL, Callback, RKStepper, State, VectorField, integrate, tableau_by_name  # noqa: F401
 from .tableaux import BOSH3, DOPRI5, DOPRI5_SHAMPINE, TABLEAUX, TSIT5, VERN6, VERN7, ButcherTableau  # noqa: F401
-
-AdaptiveResult = Solution  # the old name of the integrator's result: it is the one Solution type now
 
 
 def odeint_adaptive(
@@ -47,7 +45,7 @@ def odeint_adaptive(
     `ButcherTableau` with an embedded pair; ``rtol`` / ``atol`` (> 0) apply to every tensor of the state (the error
     of a sample is the max over the tensors of their scaled RMS errors). Every other option (``controller``,
     ``max_steps``, ``first_step``, ``max_step``, ``check_every``, ``callback``, ``save_trajectory``, ``progress``,
-    ``args``, ``compact``) is [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a
+    ``args``, ``compact``, ``norms``) is [`integrate`][scoresolve.solvers.integrate.integrate]'s. Returns a
     [`Solution`][scoresolve.Solution]
     (``.y`` / ``.x`` the final state, ``.nfe`` per sample, ``.calls`` batched calls).
     """
@@ -172,7 +170,7 @@ PF_ODE_SOLVERS: tuple[str, ...] = ()
 for _tab, _what in ((DOPRI5, "Dormand-Prince 5(4)"), (TSIT5, "Tsitouras 5(4)"), (BOSH3, "Bogacki-Shampine 3(2)"),
                     (DOPRI5_SHAMPINE, "Dormand-Prince 5(4) with Shampine's error weights (torchdiffeq's dopri5)"),
                     (VERN6, "Verner 6(5), for tight tolerances"), (VERN7, "Verner 7(6), for very tight tolerances")):
-    register(SolverSpec(_tab.name, kind="adaptive", run=_solve_pf_ode, options=PF_ODE_OPTIONS, order=_tab.order,
+    register(AdaptiveSolver(_tab.name, run=_solve_pf_ode, options=PF_ODE_OPTIONS, order=_tab.order,
                         starts_at_alpha0=True, requires_fn=_time_variable_requirements,
                         description=f"{_what}, adaptive per-sample steps, on the PF-ODE"))
     PF_ODE_SOLVERS += (_tab.name,)

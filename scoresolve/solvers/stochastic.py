@@ -27,7 +27,7 @@ import torch
 from .._utils import bcast, check_batched
 from ..reverse import ReverseProcess
 from ._grid import GridRun
-from ._registry import GAUSSIAN_KERNEL, SolverSpec, check_start, counted, register
+from ._registry import GAUSSIAN_KERNEL, AdaptiveSolver, GridSolver, SolverSpec, check_start, counted, register
 from ._solution import Solution
 from .controllers import IController
 from .exponential import (
@@ -39,7 +39,7 @@ from .exponential import (
 )
 from .fixed import rk_step
 from .integrate import check_tolerance, integrate
-from .noise import BrownianMemory, Noise, seeded_normal  # noqa: F401  (seeded_normal re-exported)
+from .noise import BrownianMemory, Noise
 from .tableaux import EULER
 
 
@@ -272,8 +272,7 @@ class StochasticHeunStepper:
 
 
 ADAPTIVE_SDE_OPTIONS = {"max_steps": 10_000, "first_step": 0.01, "max_step": None, "controller": None,
-                        "safety": 0.9, "exponent": 0.9, "check_every": 8, "bridge_depth": 8, "compact": False,
-                        "h_init": None, "h_max": None}
+                        "safety": 0.9, "exponent": 0.9, "check_every": 8, "bridge_depth": 8, "compact": False}
 
 
 def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: torch.Tensor, *,
@@ -327,10 +326,6 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
         raise ValueError(f"need 0 < t1 < t0 <= T = {process.sde.T}, got t0={t0}, t1={t1}")
     rtol = check_tolerance(rtol, "rtol", allow_zero=True)
     atol = check_tolerance(atol, "atol")
-    for old, new in (("h_init", "first_step"), ("h_max", "max_step")):
-        if o[old] is not None:
-            warnings.warn(f"adaptive_sde: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
-            o[new] = o[old]
     if int(o["bridge_depth"]) < 1:
         raise ValueError(f"bridge_depth must be >= 1, got {o['bridge_depth']}")
     controller = o["controller"] or IController(o["safety"], o["exponent"])
@@ -355,19 +350,19 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
 # ------------------------------------------------------------------------------------------------------------------
 _RD = {**REVERSE_VARIANCE_OPTIONS, "variance": "forward"}
 _PC = {"predictor": "reverse_diffusion", "snr": 0.16, "corrector_steps": 1, "norms": "sample", "variance": "forward"}
-euler_maruyama = register(SolverSpec(
+euler_maruyama = register(GridSolver(
     "euler_maruyama", step=euler_maruyama_step, order=1.0, default_grid="uniform", stochastic=True,
     default_diffusion=1.0, description="Euler-Maruyama on the reverse family (diffusion=0: Euler)"))
-reverse_diffusion = register(SolverSpec(
+reverse_diffusion = register(GridSolver(
     "reverse_diffusion", step=reverse_diffusion_step, options=_RD, prepare=_rd_prepare, order=1.0,
     default_grid="uniform", stochastic=True, default_diffusion=1.0, requires=GAUSSIAN_KERNEL,
     description="ancestral sampling (DDPM for VP, SMLD for VE), reverse SDE"))
-pc = register(SolverSpec(
+pc = register(GridSolver(
     "pc", step=pc_step, options=_PC, prepare=_pc_prepare, evals_per_step=2, order=1.0, default_grid="uniform",
     stochastic=True, default_diffusion=1.0, requires=GAUSSIAN_KERNEL,
     evals_per_step_fn=lambda o: 1 + int(o.get("corrector_steps", 1)),
     description="predictor-corrector: reverse diffusion + per-sample Langevin (snr rule)"))
-adaptive_sde = register(SolverSpec(
-    "adaptive_sde", kind="adaptive", run=_solve_sde, options=ADAPTIVE_SDE_OPTIONS, evals_per_step=2, order=1.0,
+adaptive_sde = register(AdaptiveSolver(
+    "adaptive_sde", run=_solve_sde, options=ADAPTIVE_SDE_OPTIONS, evals_per_step=2, order=1.0,
     stochastic=True, default_diffusion=1.0,
     description="adaptive EM/improved-Euler SDE solver (Gotta Go Fast), per-sample steps"))

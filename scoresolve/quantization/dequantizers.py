@@ -1,7 +1,7 @@
 """Dequantizers beyond uniform: a density q(u | i) for the position of a dequantized value inside its bin.
 
-Setting (the convention of `scoresolve.dequantization` with any number L of levels)
-----------------------------------------------------------------------------------
+Setting (the convention of `scoresolve.quantization.levels`)
+-----------------------------------------------------------
 Level i of L-level data in ``data_range = (lo, hi)`` owns the bin [lo + Delta i, lo + Delta (i + 1)) of width
 Delta = (hi - lo) / L. A dequantizer draws the position u in [0, 1]^D inside the bin from a density q(u | i) on the
 unit cube and returns
@@ -17,33 +17,32 @@ i.e. in bits/dim
 
     -log2 P(i) / D  <=  E_q[ -log p(y) + log q(u | i) ] / (D ln 2) + log2(L / (hi - lo)).
 
-Uniform q has log q = 0 and gives the bits/dim of `scoresolve.dequantization` (`levels_bits_per_dim`); any
-q gives it with ``log_prob - log_q`` in place of ``log_prob`` ([`dequantized_bits_per_dim`]
-[scoresolve.dequantizers.dequantized_bits_per_dim]). The gap of the bound is KL(q(. | i) || p(. | i)), with
-p(u | i) the model's density restricted to the bin and normalised: it vanishes for q = p(. | i). For a density that
-is constant on every bin, p(u | i) is uniform and the gap is KL(q || uniform) = E_q[log q(u | i)] (zero for uniform
-q): a non-uniform q is then looser by exactly that.
+Uniform q has log q = 0; any q gives the bound with ``log_prob - log_q`` in place of ``log_prob``
+([`bits_per_dim`][scoresolve.quantization.bits_per_dim]``(..., log_q=)``). The gap of the bound is
+KL(q(. | i) || p(. | i)), with p(u | i) the model's density restricted to the bin and normalised: it vanishes for
+q = p(. | i). For a density that is constant on every bin, p(u | i) is uniform and the gap is KL(q || uniform) =
+E_q[log q(u | i)] (zero for uniform q): a non-uniform q is then looser by exactly that.
 
 With n draws u_1..u_n per image the importance-weighted bound (Burda et al. 2016; Flow++, Ho et al. 2019)
 
     log P(i)  >=  E[ log (1/n) sum_k exp(log p(y_k) - log q(u_k | i)) ] + D log Delta
 
 is tighter than the one-draw bound and tends to log P(i) as n grows ([`importance_weighted_bits_per_dim`]
-[scoresolve.dequantizers.importance_weighted_bits_per_dim]). It is a bound only for exact log p: a noisy estimate
+[scoresolve.quantization.importance_weighted_bits_per_dim]). It is a bound only for exact log p: a noisy estimate
 (Hutchinson probes) makes the log-mean-exp reward the noise; on the shipped digits model one probe per draw lowers
 it by about 0.1 bits/dim with no dequantization change at all, so compute it with exact divergences.
 
 Dequantizers
 ------------
-- [`UniformDequantizer`][scoresolve.dequantizers.UniformDequantizer]: u ~ U[0, 1)^D, log q = 0; draws exactly the
-  numbers of [`scoresolve.data.dequantize`][scoresolve.data.dequantize] (bit-identical).
-- [`TruncatedNormalDequantizer`][scoresolve.dequantizers.TruncatedNormalDequantizer]: each u_d ~ N(1/2, scale^2)
+- [`UniformDequantizer`][scoresolve.quantization.UniformDequantizer]: u ~ U[0, 1)^D, log q = 0; draws exactly the
+  numbers of [`scoresolve.quantization.dequantize`][scoresolve.quantization.dequantize] (bit-identical).
+- [`TruncatedNormalDequantizer`][scoresolve.quantization.TruncatedNormalDequantizer]: each u_d ~ N(1/2, scale^2)
   truncated to [0, 1]; exact log q, sampling by the inverse CDF in float64.
-- [`VariationalDequantizer`][scoresolve.dequantizers.VariationalDequantizer]: a learned q(u | i). Per dimension
+- [`VariationalDequantizer`][scoresolve.quantization.VariationalDequantizer]: a learned q(u | i). Per dimension
   logit(u_d) = mu_d + exp(s_d) e_d with e_d standard logistic, so (mu, s) = (0, 0) is exactly the uniform
   dequantizer (its initial state); mu and s come from a small network of the whole level image (convolutional for
   ``[C, H, W]`` samples, an MLP otherwise) plus a learned per-position bias. It is trained by
-  [`train_dequantizer`][scoresolve.dequantizers.train_dequantizer] to maximise the ELBO E_q[log p(y) - log q] with
+  [`train_dequantizer`][scoresolve.quantization.train_dequantizer] to maximise the ELBO E_q[log p(y) - log q] with
   the reparameterised gradient, where grad_y log p(y) is the model's score at a small noise level: one score
   evaluation per sample, no ODE solve. The reported bits/dim still come from the PF-ODE likelihood
   ([`scoresolve.log_likelihood`][scoresolve.log_likelihood]) on held-out data, with log q subtracted.
@@ -58,48 +57,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .dequantization import check_levels_range, dequantize_levels, grid_levels, grid_name, levels_bits_per_dim
+from .levels import check_levels_range, dequantize, grid_levels, grid_name
 
 Range = Sequence[float]
 DEQUANTIZATIONS = ("uniform", "truncnorm", "variational")
-
-
-def dequantized_bits_per_dim(
-    log_prob: torch.Tensor, log_q: torch.Tensor | float, num_dims: int, num_levels: int, data_range: Range = (-1.0, 1.0)
-) -> torch.Tensor:
-    """The variational bound (-log p(y) + log q(u | i)) / (D ln 2) + log2(L / (hi - lo)) in bits/dim.
-
-    Args:
-        log_prob: log p(y) (nats) of the dequantized samples, any shape.
-        log_q: log q(u | i) in u-space (nats), broadcastable to ``log_prob`` (0 for uniform dequantization).
-        num_dims: D, the number of dimensions of one sample.
-        num_levels: L, the number of levels of the data.
-        data_range: (lo, hi) of the data.
-    Returns:
-        The bound, shaped like ``log_prob`` (float64 if either input is).
-    """
-    return levels_bits_per_dim(log_prob - log_q, num_dims, num_levels, data_range)
-
-
-def importance_weighted_bits_per_dim(
-    log_prob: torch.Tensor, log_q: torch.Tensor, num_dims: int, num_levels: int, data_range: Range = (-1.0, 1.0)
-) -> torch.Tensor:
-    """The importance-weighted bound -[log (1/n) sum_k p(y_k) / q(u_k | i)] / (D ln 2) + log2(L / (hi - lo)).
-
-    Args:
-        log_prob: ``[n, B]`` log p(y_k) (nats) of n dequantizations of each of B samples.
-        log_q: ``[n, B]`` their log q(u_k | i) in u-space (nats).
-        num_dims: D.
-        num_levels: L.
-        data_range: (lo, hi) of the data.
-    Returns:
-        ``[B]`` bits/dim; for n = 1 the one-draw bound, and never above the mean of the n one-draw bounds.
-    """
-    lw = (log_prob - log_q).to(torch.float64)
-    if lw.ndim != 2:
-        raise ValueError(f"log_prob and log_q must have shape [n, B], got {tuple(lw.shape)}")
-    n = lw.shape[0]
-    return levels_bits_per_dim(torch.logsumexp(lw, 0) - math.log(n), num_dims, num_levels, data_range)
 
 
 class Dequantizer(torch.nn.Module):
@@ -204,7 +165,7 @@ class Dequantizer(torch.nn.Module):
         Returns:
             (y, log_q): y shaped like x (x's dtype if floating, else ``torch.get_default_dtype()``) and ``[B]``
             log q(u | i) in u-space (float64, nats); the bits/dim bound is
-            [`dequantized_bits_per_dim`][scoresolve.dequantizers.dequantized_bits_per_dim]``(log p(y), log_q, ...)``.
+            [`bits_per_dim`][scoresolve.quantization.bits_per_dim]``(log p(y), D, num_levels=L, log_q=log_q)``.
         """
         if x.ndim < 1:
             raise ValueError("x must have a batch dimension")
@@ -216,8 +177,9 @@ class Dequantizer(torch.nn.Module):
 
 
 class UniformDequantizer(Dequantizer):
-    """u ~ U[0, 1)^D, log q = 0: the dequantization of [`scoresolve.data.dequantize`][scoresolve.data.dequantize]
-    (``sample(x, g)`` returns exactly ``dequantize(x, L, data_range, generator=g)``, drawing the same numbers).
+    """u ~ U[0, 1)^D, log q = 0: the dequantization of
+    [`scoresolve.quantization.dequantize`][scoresolve.quantization.dequantize] (``sample(x, g)`` returns exactly
+    ``dequantize(x, L, data_range, generator=g)``, drawing the same numbers).
 
     Args:
         num_levels: L.
@@ -232,7 +194,7 @@ class UniformDequantizer(Dequantizer):
         return torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
 
     def sample(self, x, generator=None):
-        y = dequantize_levels(x, self.num_levels, self.data_range, generator, what=grid_name(self.num_levels))
+        y = dequantize(x, self.num_levels, self.data_range, generator, what=grid_name(self.num_levels))
         return y, torch.zeros(x.shape[0], dtype=torch.float64)
 
 
@@ -333,7 +295,7 @@ class VariationalDequantizer(Dequantizer):
     a new dequantizer is exactly uniform (its output layer and biases start at zero). mu and s are a learned
     per-position bias plus a small network of the level image rescaled to [-1, 1]: two 3x3 convolutions for samples
     of shape ``[C, H, W]``, a two-layer MLP otherwise; s is soft-limited to (-6, 6). Train it with
-    [`train_dequantizer`][scoresolve.dequantizers.train_dequantizer]; ``save`` / ``load`` keep it.
+    [`train_dequantizer`][scoresolve.quantization.train_dequantizer]; ``save`` / ``load`` keep it.
 
     Args:
         num_levels: L.
@@ -433,7 +395,7 @@ def make_dequantizer(
     name: str, num_levels: int, data_range: Range = (-1.0, 1.0), **kwargs: Any
 ) -> Dequantizer:
     """A dequantizer by name: ``"uniform"``, ``"truncnorm"`` (keyword ``scale``) or ``"variational"`` (``shape``,
-    ``hidden``; untrained, i.e. uniform, until [`train_dequantizer`][scoresolve.dequantizers.train_dequantizer]).
+    ``hidden``; untrained, i.e. uniform, until [`train_dequantizer`][scoresolve.quantization.train_dequantizer]).
 
     Args:
         name: one of ``DEQUANTIZATIONS``.
