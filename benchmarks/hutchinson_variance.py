@@ -63,6 +63,7 @@ def measure(model, sde, x, method: str, cv_full, cv_low, args) -> dict:
 def table(name: str, rows: list[dict], args, D: int) -> list[str]:
     target = args.target_bpd * D * math.log(2)  # nats
     base = rows[0]
+    base_work = base["nfe"] * base["std_per_probe"] ** 2 * base["var_factor"]  # NFE x variance: cost at equal SE
     out = [f"{name}: n = {args.n} test digits, K = {args.probes} probes, rtol = atol = {args.tol:g}, "
            f"target standard error {args.target_bpd:g} bits/dim = {target:.3f} nats",
            f"{'method':<12} {'std/probe':>10} {'SE(K) nats':>11} {'SE(K) b/d':>10} {'NFE':>6} {'s':>6} "
@@ -72,7 +73,7 @@ def table(name: str, rows: list[dict], args, D: int) -> list[str]:
         var = r["std_per_probe"] ** 2 * r["var_factor"]
         k_need = var / target**2
         cost = r["nfe"] * k_need
-        ratio = cost / (base["nfe"] * base["std_per_probe"] ** 2 / target**2)
+        ratio = r["nfe"] * var / base_work  # in the base row's own order of operations: exactly 1 there
         r.update(k_needed=k_need, cost=cost, cost_ratio=ratio, se_ratio_equal_cost=math.sqrt(ratio))
         out.append(f"{r['method']:<12} {r['std_per_probe']:>10.4f} {r['std_error']:>11.4f} {r['std_error_bpd']:>10.5f} "
                    f"{r['nfe']:>6.0f} {r['seconds']:>6.1f} {k_need:>12.2f} {cost:>8.0f} {ratio:>11.4f} "

@@ -83,7 +83,11 @@ def test_a_process_without_a_gaussian_kernel_keeps_only_the_solvers_that_need_no
     vp = ss.VPSDE()
     for solver, kw in (("heun", {"nfe": 20}), ("dopri5", {"rtol": 1e-6, "atol": 1e-6})):
         out = ss.sample(gm.score_fn(sde), sde, x_T, solver=solver, **kw)
-        assert torch.equal(out.x, ss.sample(gm.score_fn(vp), vp, x_T, solver=solver, **kw).x)
+        ref = ss.sample(gm.score_fn(vp), vp, x_T, solver=solver, **kw)
+        # the same solve to rounding: grid solvers fold a Gaussian process's conversions into per-grid host
+        # coefficients (`solvers/_affine.py`), which the toy does not have (heun: 1e-15 apart, samples of scale 5)
+        torch.testing.assert_close(out.x, ref.x, rtol=1e-13, atol=1e-13)
+        assert torch.equal(out.nfe, ref.nfe)
     # log_likelihood: the control variate needs the Gaussian kernel; the likelihood itself does not (the divergence of
     # the whole drift is estimated, not D f + the score's part) and agrees with the VP SDE's split computation
     x = gm.sample_marginal(4, 1e-3, vp, generator=torch.Generator().manual_seed(2), dtype=F64)
