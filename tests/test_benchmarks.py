@@ -117,18 +117,11 @@ class _Planted:
 
 
 def test_likelihood_cost_cache_never_unpickles_code(tmp_path):
-    import importlib.util
     import pickle
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("likelihood_cost", ROOT / "benchmarks" / "likelihood_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    mod = _likelihood_cost_module()
     x = torch.zeros(2, 3, dtype=torch.float64)
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -142,15 +142,20 @@ def test_resume_with_another_model_is_refused_naming_both_fingerprints(tmp_path)
         evaluate_dataset(x, str(tmp_path / "module"), score=b, sde=object(), **kw)
 
 
-def _strip_run_identity(out):
-    """Rewrite the record files of ``out`` as runs before records carried ``run`` wrote them."""
+def _rewrite_records(out, edit):
+    """Rewrite every record of ``out``'s record files as ``edit(record)``."""
     for name in os.listdir(out):
         if name.startswith("records-rank"):
             path = os.path.join(out, name)
             with open(path, "rb") as f:
                 recs = [decode_record(line + b"\n") for line in f.read().splitlines()]
             with open(path, "wb") as f:
-                f.write(b"".join(encode_record({k: v for k, v in r.items() if k != "run"}) for r in recs))
+                f.write(b"".join(encode_record(edit(r)) for r in recs))
+
+
+def _strip_run_identity(out):
+    """Rewrite the record files of ``out`` as runs before records carried ``run`` wrote them."""
+    _rewrite_records(out, lambda r: {k: v for k, v in r.items() if k != "run"})
 
 
 def test_manifests_without_a_fingerprint_still_resume(tmp_path):
@@ -328,13 +333,7 @@ def test_a_manifest_from_before_model_config_resumes(tmp_path):
     with open(path, "w") as f:
         json.dump(m, f)
     ident = run_identity(m)
-    for name in os.listdir(out):
-        if name.startswith("records-rank"):
-            p = os.path.join(out, name)
-            with open(p, "rb") as f:
-                recs = [decode_record(line + b"\n") for line in f.read().splitlines()]
-            with open(p, "wb") as f:
-                f.write(b"".join(encode_record({**r, "run": ident}) for r in recs))
+    _rewrite_records(out, lambda r: {**r, "run": ident})
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
     assert evaluate_dataset(x, out, score=model, sde=sde, **run) == s and calls == []
