@@ -23,7 +23,6 @@ a generator's state would be frozen into the recording), without callback, progr
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Callable
 
@@ -56,11 +55,7 @@ class CompiledSampler:
         self.score, self.sde = score, sde
         model = ScoreModel.wrap(score, sde)
         if solver is None:
-            solver, options, grid, view = _default_sampler(nfe, steps, grid, None, dict(options), model.prediction,
-                                                           sde)
-            if view is not sde:  # the default runs on the process's ode_view, as in sample()
-                model = copy.copy(model)
-                model.sde = sde = view
+            solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, None, dict(options), model, sde)
         if solver not in REGISTRY or not isinstance(REGISTRY[solver], GridSolver):
             grid_solvers = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver))
             raise ValueError(f"compile_sampler records a grid solver, got {solver!r}; grid solvers: {grid_solvers}")

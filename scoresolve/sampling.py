@@ -109,10 +109,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
     if solver is None:
-        solver, options, grid, view = _default_sampler(nfe, steps, grid, diffusion, options, model.prediction, sde)
-        if view is not sde:  # the default runs on the process's ode_view (`Process.ode_view`)
-            model = copy.copy(model)
-            model.sde = sde = view
+        solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, diffusion, options, model, sde)
     keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
     if ":" in solver:
         from .solvers.backends import solve_with_backend
@@ -206,14 +203,19 @@ _GRIDS: OrderedDict = OrderedDict()
 """Named grids already built (an LRU of 64): repeated solves of the same process and budget skip the construction."""
 
 
-def _default_sampler(nfe, steps, grid, diffusion, options, prediction, sde) -> tuple[str, dict, Any, Any]:
-    """The solver, options, grid and process (``sde`` or its `ode_view`) when the caller names no solver
-    (`scoresolve.solvers.defaults`)."""
+def _default_sampler(nfe, steps, grid, diffusion, options, model: ScoreModel, sde
+                     ) -> tuple[str, dict, Any, ScoreModel, Any]:
+    """The solver, options, grid, model and process when the caller names no solver
+    (`scoresolve.solvers.defaults`): the process is ``sde`` or its `ode_view`, and then the model is a copy bound to
+    the view."""
     if diffusion is not None and not (isinstance(diffusion, (int, float)) and float(diffusion) == 0.0):
-        return "euler_maruyama", options, grid, sde
+        return "euler_maruyama", options, grid, model, sde
     budget = steps if steps is not None else (nfe if nfe is not None else 20)
-    name, opts, default, process = default_for_process(int(budget), options, prediction, sde)
-    return name, opts, default if grid is None else grid, process
+    name, opts, default, process = default_for_process(int(budget), options, model.prediction, sde)
+    if process is not sde:  # the default runs on the process's ode_view (`Process.ode_view`)
+        model = copy.copy(model)
+        model.sde = process
+    return name, opts, default if grid is None else grid, model, process
 
 
 def default_grid(solver_default: str, sde: ForwardSDE) -> str:
