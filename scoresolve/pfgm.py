@@ -143,13 +143,15 @@ class PFGMPP(Process):
         """r = sigma sqrt(D), the radius of the (N + D)-dimensional kernel."""
         return torch.as_tensor(sigma) * math.sqrt(self.D)
 
-    def karras_grid(self, steps: int, rho: float = 7.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """EDM's grid of ``steps`` steps from sigma_max to sigma_min (``steps + 1`` decreasing times), as the PFGM++
-        reference samples; pass it as ``sample(..., grid=process.karras_grid(n))``."""
+    def karras_grid(self, steps: int, rho: float = 7.0, dtype: torch.dtype = torch.float64,
+                    sigma_end: float | None = None) -> torch.Tensor:
+        """EDM's grid of ``steps`` steps from sigma_max to ``sigma_end`` (default sigma_min; ``steps + 1``
+        decreasing times), as the PFGM++ reference samples; pass it as ``sample(..., grid=process.karras_grid(n))``."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        end = self.sigma_min if sigma_end is None else float(sigma_end)
         i = torch.arange(steps + 1, dtype=torch.float64) / steps
-        a, b = self.sigma_max ** (1 / rho), self.sigma_min ** (1 / rho)
+        a, b = self.sigma_max ** (1 / rho), end ** (1 / rho)
         return ((a + i * (b - a)) ** rho).to(dtype)
 
     def elements(self, x: torch.Tensor) -> int:
@@ -222,15 +224,10 @@ class PFGMPP(Process):
     def default_time_grid(self, steps: int, t_eps: float) -> torch.Tensor:
         """EDM's rho = 7 grid from sigma_max down to ``t_eps`` (`Process.default_time_grid`): the grid solvers'
         default here. On the quadratic grid in t, Heun's last step at 10 NFE went from sigma 3.3 to 1e-3 and its
-        corrector multiplied the denoiser's error by ~3000 (RMS error 310 on a point cloud of scale 1; 0.3 on this
-        grid)."""
-        steps = int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        i = torch.arange(steps + 1, dtype=torch.float64) / steps
-        a, b = self.sigma_max ** (1 / 7.0), float(t_eps) ** (1 / 7.0)
-        ts = (a + i * (b - a)) ** 7.0
-        ts[0], ts[-1] = self.T, float(t_eps)
+        corrector multiplied the denoiser's error by ~3000 (RMS error 310 on a point cloud of scale 1; 1.4 on this
+        grid, 0.099 at 20 NFE)."""
+        ts = self.karras_grid(int(steps), sigma_end=t_eps)
+        ts[0], ts[-1] = self.T, float(t_eps)  # exact end points
         return ts
 
     def ode_view(self) -> PFGMEDMView:
