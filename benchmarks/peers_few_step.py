@@ -186,6 +186,44 @@ def ours_runs(p: Problem, nfes, configs: list[str]) -> dict[str, dict[int, float
     return out
 
 
+def calibrated_runs(p: Problem, nfes, seed: int, num_samples: int, iters: int) -> tuple[dict, dict]:
+    """({nfe: error}, {nfe: cost}) of the sampler calibrated to the problem's model (`scoresolve.calibrate`) on
+    ``num_samples`` prior draws of its own (``seed``: never the benchmark's x_T), run on the benchmark's x_T."""
+    out, cost = {}, {}
+    for n in nfes:
+        cal = ss.calibrate(p.model, p.sde, n, tuple(p.x_T.shape[1:]), num_samples=num_samples, iters=iters,
+                           seed=seed, t_eps=T_EPS)
+        sol = ss.sample(p.model, p.sde, p.x_T, calibration=cal)
+        out[n] = _finite_error(sol.x, p.ref) if int(sol.nfe.max()) <= n else math.inf
+        cost[n] = {"evaluations_per_sample": cal.evaluations / num_samples, "seconds": cal.seconds,
+                   "start": cal.start, "train_error": cal.train_error, "start_error": cal.start_error,
+                   "val_error": cal.val_error, "val_start_error": cal.val_start_error}
+    return out, cost
+
+
+def stored_peers(path: str) -> dict[str, dict[str, dict[int, float]]]:
+    """{problem: {peer config: {nfe: Err}}} from an earlier run's JSON (the peers are deterministic: the same
+    problem seeds, batch and reference tolerance give the same x_T, reference and peer errors)."""
+    with open(path) as f:
+        data = json.load(f)
+    out = {}
+    for prob in data["problems"]:
+        rms, med = prob["by_metric"]["rms"]["peers"], prob["by_metric"]["median"]["peers"]
+        runs = {}
+        for k, r in rms.items():
+            runs[k] = {}
+            for n, e in r.items():
+                v = med[k][n]
+                if not (math.isfinite(e) and math.isfinite(v)):
+                    runs[k][int(n)] = math.inf
+                    continue
+                err = Err(v if METRIC == "median" else e)
+                err.rms, err.median = e, v
+                runs[k][int(n)] = err
+        out[prob["name"]] = runs
+    return out
+
+
 # --- azula -------------------------------------------------------------------------------------------------------
 def azula_runs(p: Problem, nfes) -> dict[str, dict[int, float]]:
     try:
@@ -390,6 +428,13 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--metric", choices=METRICS, default="rms",
                     help="rms: RMS over the batch (flip-dominated); median: the median sample's error")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="add ours 'calibrated': scoresolve.calibrate per problem and budget, on x_T of its own")
+    ap.add_argument("--cal-samples", type=int, default=512)
+    ap.add_argument("--cal-iters", type=int, default=300)
+    ap.add_argument("--peers-from", default="",
+                    help="take the peers' errors from this earlier JSON (same --seed0/--batch/--ref-tol) instead of "
+                         "running them again")
     args = ap.parse_args()
     global METRIC
     METRIC = args.metric
@@ -399,13 +444,21 @@ def main() -> None:
     specs = [] if args.only_digits else [(args.seed0 + i, PROCESSES[(args.seed0 + i) % 4])
                                          for i in range(args.problems)]
     problems = []
+    stored = stored_peers(args.peers_from) if args.peers_from else None
     t0 = time.perf_counter()
     for seed, proc in specs + ([("digits", "vp"), ("digits", "rf")] if args.digits or args.only_digits else []):
         p = (digits_problem(proc, args.batch, args.ref_tol) if seed == "digits"
              else mixture_problem(seed, proc, args.batch, args.ref_tol))
         p.runs["ours"] = ours_runs(p, nfes, ["default", *args.ours])
+        if args.calibrate:
+            p.runs["ours"]["calibrated"], p.runs["calibration"] = calibrated_runs(
+                p, nfes, 10_000 + (seed if isinstance(seed, int) else 0), args.cal_samples, args.cal_iters)
         peers: dict = {}
-        if not args.no_peers:
+        if stored is not None:
+            if p.name not in stored:
+                raise SystemExit(f"{args.peers_from} has no problem {p.name}")
+            peers.update(stored[p.name])
+        elif not args.no_peers:
             peers.update(azula_runs(p, nfes))
             peers.update(kdiffusion_runs(p, nfes, kd))
             peers.update(diffusers_runs(p, nfes))
@@ -414,7 +467,7 @@ def main() -> None:
         line = f"{p.name:<14} {p.desc:<58}"
         for n in nfes:
             e_peer, who = best(peers, n)
-            e = p.runs["ours"]["default"][n]
+            e = p.runs["ours"]["calibrated" if args.calibrate else "default"][n]
             line += f" | {n}: {e:.1e} vs {e_peer:.1e} {who.split(' ', 1)[-1] if who != '-' else '-':<14}"
         print(line + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.no_peers:
@@ -426,7 +479,7 @@ def main() -> None:
         return
     print(f"\nbest peer error / our error, {len(problems)} problems (above 1: ours is better); oracle = the peer run "
           "best on each problem, fixed = the peer configuration best over each process's problems:")
-    keys = ["default", *args.ours]
+    keys = ["default", *args.ours, *(["calibrated"] if args.calibrate else [])]
     summary = {k: summarise(problems, nfes, k) for k in keys}
     for metric in METRICS:  # the same runs read under each metric
         for p in problems:
@@ -455,7 +508,7 @@ def main() -> None:
                                      for m, t in by_metric.items()},
                "problems": [{"name": p.name, "desc": p.desc, "ours": p.runs["ours"],
                              "best_peer": {str(n): best(p.runs["peers"], n) for n in nfes},
-                             "peers": p.runs["peers"],
+                             "peers": p.runs["peers"], "calibration": p.runs.get("calibration"),
                              "by_metric": {m: {"ours": p.runs[m]["ours"], "peers": p.runs[m]["peers"],
                                                "best_peer": {str(n): best(p.runs[m]["peers"], n) for n in nfes}}
                                            for m in METRICS}} for p in problems]}

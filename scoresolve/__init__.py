@@ -6,6 +6,7 @@ same-marginal family between them) are derived from it, and generic solvers inte
 
 from . import adapters  # noqa: F401  (scoresolve.adapters: diffusers, k-diffusion, score_sde models)
 from .analytic import GaussianMixture
+from .calibration import calibrate
 from .compiled import CompiledSampler, compile_sampler
 from .control_variate import GaussianControlVariate
 from .elbo import ElboResult, elbo
@@ -30,10 +31,14 @@ from .sampling import list_solvers, sample
 from .score import ScoreModel, classifier_free_guidance, classifier_guidance, convert
 from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
 from .solvers import NonFiniteError, Solution, time_grid
+from .solvers.calibrated import Calibration, load_calibration
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
+    "calibrate",
+    "load_calibration",
     "CompiledSampler",
     "compile_sampler",
     "CosineVPSDE",

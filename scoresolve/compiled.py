@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import _default_sampler, grid_times, sample
+from .sampling import _calibrated_sampler, _default_sampler, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver, Solution
@@ -54,6 +54,8 @@ class CompiledSampler:
             raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
         self.score, self.sde = score, sde
         model = ScoreModel.wrap(score, sde)
+        options = dict(options)
+        solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)
         if solver is None:
             solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, None, dict(options), model, sde)
         if solver not in REGISTRY or not isinstance(REGISTRY[solver], GridSolver):

@@ -86,7 +86,9 @@ def sample(
         options: passed to the solver (e.g. ``eta`` for ddim, ``snr`` for pc; for the adaptive ones ``max_steps``
             (most step attempts of any sample), ``controller`` (the step-size controller; default `PIController()`)
             and ``time_variable`` (None: the rule `log_likelihood` uses, `scoresolve.solvers.ode.choose_time_variable`)
-            mean what `log_likelihood`'s arguments of the same names mean).
+            mean what `log_likelihood`'s arguments of the same names mean). ``calibration=cal`` (a
+            `Calibration` from `scoresolve.calibrate`, or the name of a saved one) runs the calibrated sampler on
+            its grid and budget (no solver, grid or another nfe needed; another process or model is refused).
 
     Raises:
         IncompatibleProcessError: the solver (with these options and this diffusion) requires a capability that
@@ -108,6 +110,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
     if not (0 < t_eps < sde.T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
+    solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)
     if solver is None:
         solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, diffusion, options, model, sde)
     keywords: dict[str, Any] = {"callback": callback, "save_trajectory": save_trajectory}
@@ -201,6 +204,18 @@ def grid_times(spec, sde: ForwardSDE, nfe: int | None, steps: int | None, grid: 
 
 _GRIDS: OrderedDict = OrderedDict()
 """Named grids already built (an LRU of 64): repeated solves of the same process and budget skip the construction."""
+
+
+def _calibrated_sampler(solver, nfe, steps, grid, options: dict, model: ScoreModel, sde):
+    """(solver, nfe, steps, grid, model, process) of a solve: unchanged, or with ``calibration=`` in ``options`` (and
+    no other solver named) the calibrated sampler on its calibration's grid, process and model
+    (`scoresolve.solvers.calibrated.calibrated_setup`; ``options["calibration"]`` becomes the record)."""
+    if options.get("calibration") is None or solver not in (None, "calibrated"):
+        return solver, nfe, steps, grid, model, sde
+    from .solvers.calibrated import calibrated_setup
+
+    options["calibration"], grid, model, sde = calibrated_setup(options["calibration"], nfe, steps, grid, model, sde)
+    return "calibrated", None, None, grid, model, sde
 
 
 def _default_sampler(nfe, steps, grid, diffusion, options, model: ScoreModel, sde

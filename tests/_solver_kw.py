@@ -3,6 +3,7 @@
 import torch
 
 from scoresolve.solvers import REGISTRY, GridSolver
+from scoresolve.solvers.calibrated import Calibration
 
 
 def solve_kw(name: str, steps: int = 10, tol: float = 1e-4, seed: int = 0) -> dict:
@@ -12,7 +13,9 @@ def solve_kw(name: str, steps: int = 10, tol: float = 1e-4, seed: int = 0) -> di
     kw: dict = {}
     if spec.stochastic:
         kw.update(diffusion=1.0, generator=torch.Generator().manual_seed(seed))
-    if isinstance(spec, GridSolver):
+    if name == "calibrated":  # runs on its calibration's grid: the base (uncalibrated) one on a uniform grid in t
+        kw["calibration"] = Calibration.base(torch.linspace(1.0, 1e-3, steps + 1, dtype=torch.float64), afs=False)
+    elif isinstance(spec, GridSolver):
         kw["steps"] = steps
     elif not spec.stochastic:
         kw.update(rtol=tol, atol=tol)

@@ -12,6 +12,7 @@ from _sync import count_syncs, on_device
 import scoresolve as ss
 import scoresolve._utils as utils
 from scoresolve.solvers import REGISTRY, GridSolver
+from scoresolve.solvers.calibrated import Calibration
 
 DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver) and not s.stochastic) + ["ddim"]
 
@@ -32,8 +33,10 @@ def test_every_deterministic_grid_solver_traces_to_one_graph_equal_to_sample(nam
     sde = ss.VPSDE()
     model, x = _mlp_model(sde), _x(sde)
     steps = 6 if REGISTRY[name].evals() == 1 else 3
-    ref = ss.sample(model, sde, x, solver=name, steps=steps)
-    cs = ss.compile_sampler(model, sde, x, solver=name, steps=steps, mode="eager")
+    kw = {"steps": steps} if name != "calibrated" else {
+        "calibration": Calibration.base(ss.time_grid(sde, steps, "logsnr"), afs=True)}
+    ref = ss.sample(model, sde, x, solver=name, **kw)
+    cs = ss.compile_sampler(model, sde, x, solver=name, mode="eager", **kw)
     sol = cs(x)
     assert cs.active == "eager" and cs.fallback_reason is None
     assert torch.equal(sol.x, ref.x) and torch.equal(sol.nfe, ref.nfe) and sol.steps == ref.steps
@@ -42,7 +45,7 @@ def test_every_deterministic_grid_solver_traces_to_one_graph_equal_to_sample(nam
     assert not any("local_scalar_dense" in str(op) for op in ops)
     x2 = _x(sde, B=5) * 0.5
     out = gm(x2)
-    assert torch.allclose(out, ss.sample(model, sde, x2, solver=name, steps=steps).x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out, ss.sample(model, sde, x2, solver=name, **kw).x, rtol=1e-12, atol=1e-12)
 
 
 def test_default_sampler_is_recorded_and_accurate_on_an_exact_gaussian():

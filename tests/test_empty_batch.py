@@ -17,6 +17,8 @@ def test_every_solver_returns_an_empty_result(solver):
     spec = REGISTRY.get(solver)
     if isinstance(spec, AdaptiveSolver) or solver == "torchdiffeq:dopri5":
         kw = {"rtol": 1e-3, "atol": 1e-3}
+    elif solver == "calibrated":  # runs on its calibration's grid
+        kw = {"calibration": ss.Calibration.base(ss.time_grid(sde, 6, "logsnr"))}
     else:
         kw = {"steps": 6}
     sol = ss.sample(gm.score_fn(sde), sde, torch.zeros(0, 2), solver=solver, **kw)

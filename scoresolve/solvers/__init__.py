@@ -8,7 +8,7 @@ data), `noise` (generators, per-sample seeds, Brownian memory), and the step fun
 grids), `grid_store` (saved tuned grids).
 """
 
-from . import adams, backends, exponential, fixed, multistep, ode, stochastic  # noqa: F401  (imports register the solvers)
+from . import adams, backends, calibrated, exponential, fixed, multistep, ode, stochastic  # noqa: F401  (imports register the solvers)
 from ._registry import REGISTRY, AdaptiveSolver, EvalCounter, GridSolver, SolverSpec
 from ._solution import Solution
 from .controllers import DOPRI5_GAINS, IController, PIController

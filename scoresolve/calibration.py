@@ -1,0 +1,281 @@
+"""Calibrate a few-step sampler to one model: fit the time grid and the per-step weights of the calibrated multistep
+sampler (`scoresolve.solvers.calibrated`) so that its end points match reference solves of the probability-flow ODE.
+
+    cal = ss.calibrate(model, sde, nfe=5, shape=(1, 8, 8))     # once per model, process and budget
+    cal.save("digits-5")                                       # JSON under ~/.cache/scoresolve/calibrations
+    x = ss.sample(model, sde, x_T, calibration=cal).x          # or calibration="digits-5"
+
+How:
+
+1. ``num_samples`` draws x_T from the prior; their reference ends x_ref come from a tight dopri5 solve (float64
+   where the network converts), of which ``holdout`` are kept aside to check the fit.
+2. The starts: the base solver (DPM-Solver++(2M) in the data prediction, with the analytical first step ``afs``)
+   on each named grid in ``starts`` the process supports, ranked by the median sample's error; the ``fit_starts``
+   best are fitted and the best fit kept.
+3. Adam on the objective (learning rate decayed from ``lr`` to lr / 10 on a cosine), through the whole few-step
+   solve (the network is differentiated in x and t): the corrections of every step and the grid (softmax
+   increments of the log-SNR between the fixed ends, of t where the log-SNR is -inf at T, so it stays monotone).
+   The objective is the mean per-sample RMS error of the end point over the best ``1 - trim`` of the samples: the
+   few samples that end near another mode than their reference (their error is of the size of the data, and a
+   small change of the solver moves them either way) would otherwise steer the fit. Every ``check_every``
+   iterations the objective on all fitting samples is measured and the best parameters kept, so the fit never
+   ends worse than its start on them; parameters whose untrimmed mean error exceeds 1.25x the start's are never
+   kept (the fit must not buy a lower trimmed objective by giving up samples).
+
+Cost: the reference solves (a few hundred evaluations per sample) plus ``fit_starts * iters * batch * nfe`` evaluations
+with their backward passes. The network must be differentiable (the gradient to the grid also needs it in t; without it
+only the weights and the schedule's part of the grid are fitted).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .compare import float64_model
+from .fingerprint import model_fingerprint
+from .process import check_capabilities
+from .sampling import sample
+from .score import ScoreModel
+from .solvers.calibrated import Calibration, step_weights
+from .solvers.time_grids import time_grid
+
+STARTS = ("logsnr", "quadratic", "karras", "uniform", "flow:1", "flow:1.5")
+"""The named grids `calibrate` tries as the start of the fit."""
+
+
+def calibrate(
+    model: Callable | ScoreModel,
+    process: Any,
+    nfe: int,
+    shape: Sequence[int],
+    *,
+    num_samples: int = 512,
+    holdout: float = 0.2,
+    iters: int = 300,
+    batch: int = 128,
+    lr: float = 1e-2,
+    history: int = 2,
+    afs: bool = True,
+    starts: Sequence[str] = STARTS,
+    fit_grid: bool = True,
+    fit_starts: int = 2,
+    trim: float = 0.1,
+    check_every: int = 25,
+    t_eps: float = 1e-3,
+    reference_tol: float = 1e-7,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Fit the calibrated sampler (`scoresolve.solvers.calibrated`) to ``model`` on ``process`` for ``nfe``
+    evaluations per sample (module docstring).
+
+    Args:
+        model: the score model (a `ScoreModel` or a plain score callable); differentiable.
+        process: the forward process (one with a Gaussian kernel, or one whose `ode_view` has one for an x0 model).
+        nfe: the budget of the calibrated solves (>= 2).
+        shape: the shape of one sample (without the batch dimension).
+        num_samples: prior draws of the fit, of which the fraction ``holdout`` is held out to check it.
+        iters, batch, lr: Adam iterations, samples per iteration, learning rate.
+        history: the past states and predictions each step combines (>= 2).
+        afs: the analytical first step (x0 = 0 at T, no evaluation): the budget buys one more step.
+        starts: named grids to start from; the ``fit_starts`` best of them (by the median sample's error of the base
+            solver) are fitted, the best fit kept. fit_grid: fit the grid too (else only the weights).
+        trim: the fraction of the worst samples the objective leaves out (0 <= trim < 1).
+        check_every: iterations between the checks on all fitting samples (the best parameters are kept).
+        t_eps: the end time; reference_tol: rtol = atol of the reference dopri5 solves.
+        seed: the seed of the prior draws and of the minibatches; dtype, device: of the fit.
+        progress: show a progress bar.
+
+    Returns:
+        the `Calibration` (``sample(..., calibration=cal)`` runs it; ``cal.save(name)`` keeps it).
+    """
+    nfe = int(nfe)
+    if nfe < 2:
+        raise ValueError(f"calibrate needs nfe >= 2, got {nfe}")
+    if int(history) < 2:
+        raise ValueError(f"history must be >= 2, got {history}")
+    if not 0 <= trim < 1:
+        raise ValueError(f"trim must lie in [0, 1), got {trim}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must lie in [0, 1), got {holdout}")
+    n_val = int(round(num_samples * holdout))
+    if num_samples - n_val < 2:
+        raise ValueError(f"num_samples={num_samples} with holdout={holdout} leaves fewer than 2 fitting samples")
+    if iters < 0 or batch < 1 or check_every < 1 or not lr > 0:
+        raise ValueError("iters >= 0, batch >= 1, check_every >= 1 and lr > 0 are required")
+    start_time = time.perf_counter()
+    model = ScoreModel.wrap(model, process)
+    if process.missing(("gaussian_kernel",)):  # as the default sampler does: the process's ODE view for x0 models
+        view = process.ode_view()
+        if view is not None and model.prediction == "x0" and not view.missing(("gaussian_kernel",)):
+            model = copy.copy(model)
+            model.sde = process = view
+    check_capabilities("calibrate", process, ("gaussian_kernel",))
+    gen = torch.Generator().manual_seed(int(seed))
+    x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
+    ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
+    evaluations = ref_nfe
+    fit_x, fit_ref, val_x, val_ref = x_T[n_val:], ref[n_val:], x_T[:n_val], ref[:n_val]
+    steps = nfe + int(bool(afs))
+
+    def objective(err: torch.Tensor) -> torch.Tensor:
+        k = max(1, int(math.ceil((1 - trim) * err.numel())))
+        return err.sort().values[:k].mean()
+
+    def per_sample(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return (x - r).flatten(1).pow(2).mean(1).sqrt()
+
+    candidates: list[tuple[float, str, _Fit]] = []
+    for name in starts:
+        try:
+            grid = time_grid(process, steps, name, t_eps)
+        except (ValueError, NotImplementedError):
+            continue  # a grid this process does not support (e.g. logsnr where the log-SNR is -inf at T)
+        f = _Fit(process, grid, history, afs, dtype, device)
+        with torch.no_grad():
+            err = per_sample(f.rollout(model, fit_x), fit_ref)
+        evaluations += nfe * len(fit_x)
+        if bool(torch.isfinite(err).all()):
+            candidates.append((float(err.median()), name, f))  # ranked by the typical sample (flips aside)
+    if not candidates:
+        raise ValueError(f"none of the start grids {tuple(starts)} gives a finite end point on {process!r}")
+    candidates.sort(key=lambda c: c[0])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iters * min(fit_starts, len(candidates)), desc="calibrating", unit="iter")
+    fits = []
+    for _, name, fit in candidates[: max(1, fit_starts)]:
+        with torch.no_grad():
+            err0 = per_sample(fit.rollout(model, fit_x), fit_ref)
+        best, evals = _descend(fit, model, fit_x, fit_ref, objective, per_sample, float(objective(err0)),
+                               float(err0.mean()), fit_grid, iters, batch, lr, check_every, gen, bar)
+        evaluations += evals
+        fits.append((best, name, float(objective(err0)), fit))
+    if bar is not None:
+        bar.close()
+    best, start, start_error, fit = min(fits, key=lambda f: f[0])
+    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs, dtype, device)
+    with torch.no_grad():
+        val_error = float(objective(per_sample(fit.rollout(model, val_x), val_ref))) if n_val else math.nan
+        val_start = float(objective(per_sample(start_fit.rollout(model, val_x), val_ref))) if n_val else math.nan
+        grid = fit.grid().detach().to("cpu", torch.float64)
+    evaluations += 2 * nfe * n_val
+    return Calibration(
+        grid=grid, coefficients=fit.coef.detach().to("cpu", torch.float64).clone(), afs=bool(afs), nfe=nfe,
+        t_eps=float(t_eps), T=float(process.T), start=start, train_error=best, start_error=start_error,
+        val_error=val_error, val_start_error=val_start, evaluations=int(evaluations),
+        seconds=time.perf_counter() - start_time, num_samples=int(num_samples), process=repr(process),
+        model=model_fingerprint(model) or "", prediction=model.prediction, shape=[int(s) for s in shape],
+        reference=ref_desc, options={"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout,
+                                     "fit_grid": fit_grid, "fit_starts": fit_starts, "seed": seed})
+
+
+def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor, objective: Callable,
+             per_sample: Callable, start: float, start_mean: float, fit_grid: bool, iters: int, batch: int,
+             lr: float, check_every: int, gen: torch.Generator, bar: Any) -> tuple[float, int]:
+    """Adam on ``objective`` from the fit's current parameters (cosine-decayed learning rate, to lr / 10), keeping
+    the best checked parameters: those with the lowest objective on all of ``x`` whose untrimmed mean error stays
+    within 1.25x the start's (a fit must not buy a lower trimmed objective by giving up some samples). Returns
+    (the best objective, network evaluations spent); the fit ends at the best parameters."""
+    fit.logits.requires_grad_(bool(fit_grid))
+    params = [p for p in (fit.logits, fit.coef) if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * k / max(iters, 1))))
+    best, best_state, evaluations, nfe = start, fit.state(), 0, fit.steps - int(fit.afs)
+    for it in range(iters):
+        idx = torch.randperm(len(x), generator=gen)[:batch].to(x.device)
+        loss = objective(per_sample(fit.rollout(model, x[idx]), ref[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        evaluations += 2 * nfe * len(idx)  # forward and backward through the network
+        if (it + 1) % check_every == 0 or it + 1 == iters:
+            with torch.no_grad():
+                err = per_sample(fit.rollout(model, x), ref)
+            evaluations += nfe * len(x)
+            e = float(objective(err))
+            if e < best and float(err.mean()) <= 1.25 * start_mean:
+                best, best_state = e, fit.state()
+            if bar is not None:
+                bar.set_postfix(objective=f"{best:.3e}")
+        if bar is not None:
+            bar.update()
+    fit.load(best_state)
+    return best, evaluations
+
+
+def _reference(model: ScoreModel, process: Any, x_T: torch.Tensor, t_eps: float, tol: float
+               ) -> tuple[torch.Tensor, int, str]:
+    """(reference ends, network evaluations, description): dopri5 at rtol = atol = ``tol``, in float64 where the
+    network converts."""
+    m64 = float64_model(model)
+    use = m64 if m64 is not None else model
+    x = x_T.double() if m64 is not None else x_T
+    sol = sample(use, process, x, solver="dopri5", rtol=tol, atol=tol, t_eps=t_eps, max_steps=100_000)
+    nfe = int(sol.nfe.sum())
+    return sol.x.to(x_T.dtype), nfe, f"dopri5 rtol=atol={tol:g} {x.dtype} (mean NFE {nfe / len(x_T):.0f})"
+
+
+class _Fit:
+    """The parameters of a fit (grid logits, corrections) and the differentiable few-step solve they define."""
+
+    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool, dtype: torch.dtype,
+                 device: Any) -> None:
+        self.process, self.afs = process, bool(afs)
+        self.dtype, self.device = dtype, device
+        self.T, self.t_eps = float(grid[0]), float(grid[-1])
+        grid = grid.to(torch.float64)
+        # the grid's coordinate: the log-SNR where it is finite at T, else t (rectified flow: alpha(T) = 0)
+        self.log_snr = math.isfinite(float(process.log_snr(grid[:1], check=False)))
+        s = self._coord(grid)
+        self.s0, self.s1 = float(s[0]), float(s[-1])
+        inc = (s[1:] - s[:-1]) / (self.s1 - self.s0)  # positive fractions summing to 1
+        self.logits = inc.clamp_min(1e-12).log().requires_grad_(True)
+        self.coef = torch.zeros(len(grid) - 1, 2 * int(history), dtype=torch.float64, requires_grad=True)
+        self.steps = len(grid) - 1
+
+    def _coord(self, t: torch.Tensor) -> torch.Tensor:
+        return self.process.log_snr(t, check=False) if self.log_snr else t
+
+    def grid(self) -> torch.Tensor:
+        """The grid (float64, differentiable in the logits), ends pinned at T and t_eps."""
+        s = self.s0 + torch.cumsum(torch.softmax(self.logits, 0), 0) * (self.s1 - self.s0)
+        t = self.process.t_from_log_snr(s) if self.log_snr else s
+        one = torch.ones(1, dtype=torch.float64)
+        return torch.cat([one * self.T, t[:-1], one * self.t_eps])
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits.detach().clone(), self.coef.detach().clone()
+
+    def load(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state[0])
+            self.coef.copy_(state[1])
+
+    def rollout(self, model: ScoreModel, x: torch.Tensor) -> torch.Tensor:
+        """The calibrated few-step solve from ``x`` (the arithmetic of `scoresolve.solvers.calibrated`)."""
+        ts = self.grid()
+        alpha, sigma = self.process.marginal(ts, check=False)
+        lam = torch.log(alpha) - torch.log(sigma)
+        ts_x = ts.to(dtype=x.dtype, device=x.device)
+        a, s, lm = (v.to(dtype=x.dtype, device=x.device) for v in (alpha, sigma, lam))
+        coef = self.coef.to(dtype=x.dtype, device=x.device)
+        history = coef.shape[1] // 2
+        xs: list[torch.Tensor] = []  # the last states and predictions, newest first
+        ds: list[torch.Tensor] = []
+        for i in range(len(ts) - 1):
+            d = torch.zeros_like(x) if (self.afs and i == 0) else model.x0(x, ts_x[i].expand(x.shape[0]))
+            xs, ds = [x, *xs][:history], [d, *ds][:history]
+            wx, wd = step_weights(a, s, lm, i, coef[i], self.afs)
+            x = sum(wx[j] * xs[j] + wd[j] * ds[j] for j in range(len(wx)))
+        return x

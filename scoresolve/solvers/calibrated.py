@@ -1,0 +1,282 @@
+"""The calibrated sampler: a multistep data-prediction solver whose time grid and per-step weights were fitted to one
+model (`scoresolve.calibration.calibrate`), its record (`Calibration`) and the store of saved records.
+
+The update of step i (grid time t_i to t_{i+1}, data predictions D_j = x0(x_j, t_j)) is linear in the last
+``history`` states and predictions,
+
+    x_{i+1} = sum_j wx_j x_{i-j} + wd_j D_{i-j},
+
+its weights those of DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; a DDIM first step, and with ``afs`` a DDIM second
+step) plus the fitted corrections c_i = (a_0, b_0, a_1, b_1, ...): a_j sigma_{i+1} / sigma_{i-j} on x_{i-j} and
+b_j alpha_{i+1} on D_{i-j} (dimensionless, zero = the base solver). The fit (end-to-end, against reference solves of
+the probability-flow ODE) is in `scoresolve.calibration`; the same `step_weights` serves the fit and this solver, so
+a calibrated solve reproduces the fitted one to rounding. In the spirit of learned-step and learned-coefficient
+samplers (LD3, Tong et al. 2025; S4S, Frankel et al. 2025; Bespoke solvers, Shaul et al. 2024).
+
+``sample(model, process, x_T, calibration=cal)`` runs it (``cal`` a `Calibration` or the name of a saved one): the
+grid and the NFE are the calibration's, and a process or model other than the calibrated ones is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .._store import check_name, store_dir, write_json
+from ._grid import GridRun, check_grid
+from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
+
+CALIBRATION_DIR_ENV = "SCORESOLVE_CALIBRATION_DIR"
+_FORMAT = 1
+
+
+def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: Sequence, afs: bool
+                 ) -> tuple[list, list]:
+    """The weights (wx, wd) of step i: x_{i+1} = sum_j wx[j] x_{i-j} + wd[j] D_{i-j}, j < len(wx).
+
+    ``alpha``, ``sigma``, ``lam`` (log-SNR) on the grid and ``coef`` (the 2 * history fitted corrections of step i)
+    as Python floats (the solver) or tensors (the fit, differentiable); the same arithmetic for both."""
+    history = len(coef) // 2
+    m = min(history, i + 1)
+    r = sigma[i + 1] / sigma[i]
+    wx = [r] + [0.0] * (m - 1)
+    d = alpha[i + 1] - alpha[i] * r  # DDIM: x_{i+1} = r x_i + (alpha_{i+1} - alpha_i r) D_i
+    wd = [d] + [0.0] * (m - 1)
+    if i >= (2 if afs else 1) and m >= 2 and _finite(lam[i - 1]):
+        c = (lam[i + 1] - lam[i]) / (2 * (lam[i] - lam[i - 1]))  # DPM-Solver++(2M): D_i + (D_i - D_{i-1}) / (2 r)
+        wd[0], wd[1] = d * (1 + c), -d * c
+    for j in range(m):
+        wx[j] = wx[j] + coef[2 * j] * sigma[i + 1] / sigma[i - j]
+        wd[j] = wd[j] + coef[2 * j + 1] * alpha[i + 1]
+    return wx, wd
+
+
+def _finite(v: Any) -> bool:
+    return math.isfinite(float(v.detach() if torch.is_tensor(v) else v))
+
+
+@dataclass
+class Calibration:
+    """A calibrated sampler for one model, process and NFE: the fitted grid and weights, and how they were obtained.
+
+    Attributes:
+        grid: the decreasing float64 times (``steps + 1``) from T to t_eps.
+        coefficients: ``[steps, 2 * history]`` float64, the fitted corrections of each step (module docstring).
+        afs: the first prediction is the prior's (x0 = 0, no evaluation): ``nfe = steps - 1``; else ``nfe = steps``.
+        nfe: network evaluations per sample of a calibrated solve.
+        start: the named grid the fit started from.
+        train_error / start_error: the objective (mean per-sample RMS error against the reference end, over the best
+            ``1 - trim`` of the samples) after the fit and of the base solver on the start grid, on the fitting
+            samples; ``val_error`` / ``val_start_error`` the same on held-out samples (the check of the fit).
+        evaluations: network evaluations spent on the calibration (reference solves included); ``seconds``.
+        process: repr of the process it was fitted on ("" for `base`: any process); ``model``: the model's
+            fingerprint ("" if it has none or for `base`);
+            ``prediction``: the model's parametrisation; ``shape``: the per-sample shape.
+        reference: how the reference ends were computed.
+    """
+
+    grid: torch.Tensor
+    coefficients: torch.Tensor
+    afs: bool
+    nfe: int
+    t_eps: float
+    T: float
+    start: str
+    train_error: float
+    start_error: float
+    val_error: float
+    val_start_error: float
+    evaluations: int
+    seconds: float
+    num_samples: int
+    process: str
+    model: str = ""
+    prediction: str = ""
+    shape: list[int] = field(default_factory=list)
+    reference: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    @classmethod
+    def base(cls, grid: torch.Tensor, afs: bool = True, history: int = 2) -> "Calibration":
+        """The base solver on ``grid`` (float64 times from T down to t_eps) as a calibration with zero corrections,
+        bound to no process and no model: DPM-Solver++(2M) with the DDIM first step(s), the start of `calibrate`'s
+        fit (and a way to run that base with the calibrated solver)."""
+        grid = check_grid(torch.as_tensor(grid, dtype=torch.float64).detach().cpu(), float(grid[0]))
+        steps = len(grid) - 1
+        if steps < 1 + int(bool(afs)) or int(history) < 2:
+            raise ValueError(f"a base calibration needs at least {1 + int(bool(afs))} steps and history >= 2")
+        return cls(grid=grid, coefficients=torch.zeros(steps, 2 * int(history), dtype=torch.float64), afs=bool(afs),
+                   nfe=steps - int(bool(afs)), t_eps=float(grid[-1]), T=float(grid[0]), start="base",
+                   train_error=math.nan, start_error=math.nan, val_error=math.nan, val_start_error=math.nan,
+                   evaluations=0, seconds=0.0, num_samples=0, process="")
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid) - 1
+
+    @property
+    def history(self) -> int:
+        return self.coefficients.shape[1] // 2
+
+    def __repr__(self) -> str:
+        return (f"Calibration(nfe={self.nfe}, afs={self.afs}, start={self.start!r}, train_error={self.train_error:.3e} "
+                f"(start {self.start_error:.3e}), val_error={self.val_error:.3e} (start {self.val_start_error:.3e}), "
+                f"evaluations={self.evaluations}, seconds={self.seconds:.1f}, process={self.process})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["grid"] = [float(t) for t in self.grid.tolist()]
+        d["coefficients"] = [[float(c) for c in row] for row in self.coefficients.tolist()]
+        d["format"] = _FORMAT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        d = dict(d)
+        if d.pop("format", _FORMAT) != _FORMAT:
+            raise ValueError("a calibration saved in another format")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown fields in a saved calibration: {unknown}")
+        d["grid"] = check_grid(torch.tensor(d["grid"], dtype=torch.float64), float(d["T"]))
+        d["coefficients"] = torch.tensor(d["coefficients"], dtype=torch.float64)
+        cal = cls(**d)
+        cal.check()
+        return cal
+
+    def check(self) -> None:
+        """ValueError if the record disagrees with itself (an edited file is refused, never run as it is)."""
+        c = self.coefficients
+        if c.ndim != 2 or c.shape[0] != self.steps or c.shape[1] < 2 or c.shape[1] % 2:
+            raise ValueError(f"coefficients of shape {tuple(c.shape)} do not fit {self.steps} steps "
+                             "(expected [steps, 2 * history])")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("the coefficients contain non-finite values")
+        if self.nfe != self.steps - int(bool(self.afs)):
+            raise ValueError(f"{self.steps} steps{' with afs' if self.afs else ''} take "
+                             f"{self.steps - int(bool(self.afs))} evaluations, but it records nfe={self.nfe}")
+        ends = ((float(self.grid[0]), self.T), (float(self.grid[-1]), self.t_eps))
+        if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in ends):
+            raise ValueError(f"its grid runs from {float(self.grid[0])} to {float(self.grid[-1])}, but it records "
+                             f"T={self.T}, t_eps={self.t_eps}")
+
+    def save(self, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
+        """Write the record as JSON ``<directory>/<name>.json`` (see `calibration_dir`); returns the path."""
+        return save_calibration(self, name, directory)
+
+
+def calibration_dir(directory: str | os.PathLike | None = None) -> Path:
+    """Where calibrations are saved: ``directory``, else ``$SCORESOLVE_CALIBRATION_DIR``, else
+    ``$XDG_CACHE_HOME/scoresolve/calibrations``."""
+    return store_dir(directory, CALIBRATION_DIR_ENV, "calibrations")
+
+
+def save_calibration(cal: Calibration, name: str | None = None, directory: str | os.PathLike | None = None) -> Path:
+    """Save ``cal`` under ``name`` (default: its own ``name``) as JSON in `calibration_dir`; returns the path."""
+    name = check_name(name if name is not None else (cal.name or ""), "calibration")
+    cal.name = name
+    return write_json(calibration_dir(directory) / f"{name}.json", cal.to_dict())
+
+
+def load_calibration(name: str, directory: str | os.PathLike | None = None) -> Calibration:
+    """The calibration saved under ``name``; ``sample(..., calibration=name)`` does the same lookup."""
+    import json
+
+    where = calibration_dir(directory)
+    path = where / f"{check_name(name, 'calibration')}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in where.glob("*.json")) if where.is_dir() else []
+        raise FileNotFoundError(f"no saved calibration {name!r} in {where} (set {CALIBRATION_DIR_ENV} or pass "
+                                f"directory=); saved: {have}")
+    try:
+        cal = Calibration.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"saved calibration {path} is invalid: {e}") from e
+    cal.name = name
+    return cal
+
+
+def resolve_calibration(cal: Any) -> Calibration:
+    """A `Calibration` from a record or the name of a saved one; TypeError for anything else."""
+    if isinstance(cal, str):
+        return load_calibration(cal)
+    if not isinstance(cal, Calibration):
+        raise TypeError(f"calibration must be a Calibration (scoresolve.calibrate) or the name of a saved one, got "
+                        f"{type(cal).__name__}")
+    return cal
+
+
+def calibrated_setup(cal: Any, nfe: int | None, steps: int | None, grid: Any, model: Any, sde: Any
+                     ) -> tuple[Calibration, torch.Tensor, Any, Any]:
+    """What `sample` runs for ``calibration=cal``: (the record, its grid, the model, the process), the process being
+    ``sde`` or its `ode_view` (then the model is a copy bound to it), as the calibration was fitted. Refuses another
+    budget, grid, process or model."""
+    import copy
+
+    from ..fingerprint import model_fingerprint
+
+    cal = resolve_calibration(cal)
+    if grid is not None and not (torch.is_tensor(grid) and grid.shape == cal.grid.shape
+                                 and torch.equal(grid.detach().to("cpu", torch.float64), cal.grid)):
+        raise ValueError("a calibrated solve runs on its calibration's grid: pass no other grid=")
+    if nfe is not None and int(nfe) != cal.nfe:
+        raise ValueError(f"the calibration was fitted for nfe={cal.nfe}, got nfe={nfe} (calibrate for this budget)")
+    if steps is not None and int(steps) != cal.steps:
+        raise ValueError(f"the calibration has {cal.steps} steps, got steps={steps}")
+    if cal.grid[0] > sde.T * (1 + 1e-9):
+        raise ValueError(f"the calibration's grid starts at {float(cal.grid[0])}, after the process's T = {sde.T}")
+    if cal.process and repr(sde) != cal.process:  # "": a base calibration, bound to no process
+        view = sde.ode_view() if hasattr(sde, "ode_view") else None
+        if view is None or repr(view) != cal.process or model.prediction != "x0":
+            raise ValueError(f"the calibration was fitted on {cal.process}, not on {sde!r}")
+        model = copy.copy(model)
+        model.sde = sde = view
+    if cal.model:
+        fp = model_fingerprint(model)
+        if fp is not None and fp != cal.model:
+            raise ValueError("the calibration was fitted to another model (its fingerprint differs): calibrate this "
+                             "model (scoresolve.calibrate)")
+    return cal, cal.grid.clone(), model, sde
+
+
+def _prepare(process: Any, options: dict, steps: int) -> dict:
+    require_ode("calibrated", process)
+    cal = options["calibration"]
+    if cal is None:
+        raise ValueError("solver 'calibrated' needs calibration= (a Calibration from scoresolve.calibrate, or the "
+                         "name of a saved one)")
+    cal = options["calibration"] = resolve_calibration(cal)
+    if options["afs"] is not None and bool(options["afs"]) != cal.afs:
+        raise ValueError(f"the calibration was fitted with afs={cal.afs}")
+    options["afs"] = cal.afs
+    if steps != cal.steps:
+        raise ValueError(f"the calibration has {cal.steps} steps, the grid {steps}")
+    options["rows"] = tuple(tuple(float(c) for c in row) for row in cal.coefficients.tolist())
+    return options
+
+
+def calibrated_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """One step of the calibrated sampler (module docstring): 1 NFE (none at i = 0 with afs)."""
+    rows, afs = run.options["rows"], run.options["afs"]
+    hist_x = run.memory["x"] = ([x] + run.memory.get("x", []))[: len(rows[0]) // 2]
+    hist_d = run.memory["d"] = ([run.x0(x, i)] + run.memory.get("d", []))[: len(hist_x)]
+    wx, wd = run.per_grid(("calibrated", rows, afs), lambda: [
+        step_weights(run.alpha, run.sigma, run.lam, j, rows[j], afs) for j in range(run.steps)])[i]
+    out = hist_x[0] * wx[0]
+    for j in range(len(wx)):
+        if j:
+            out.add_(hist_x[j], alpha=wx[j])
+        out.add_(hist_d[j], alpha=wd[j])
+    return out
+
+
+register(GridSolver("calibrated", step=calibrated_step, options={"calibration": None, "afs": None},
+                    prepare=_prepare, order=2, default_grid="logsnr", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
+                    description="a multistep data-prediction sampler with grid and weights fitted to one model "
+                                "(scoresolve.calibrate)"))
