@@ -196,12 +196,16 @@ def log_likelihood(
         """(dx/dt, d delta/dt) at t with one network forward: ``v, div = estimator(fn, x, t, *probes)``."""
         whole = model.flow if velocity else process.drift_at  # v whole (f diverges at alpha = 0 on velocity_form)
 
-        def f(t: torch.Tensor, state, *probe):
-            xt, _ = state
+        def f(t: torch.Tensor, state, *probe, lean: bool = False):
+            xt, delta = state
+            # lean: a stage whose divergence the step does not use (`RKStepper`'s quadrature): the forward alone
             if not gaussian:
-                return estimator(whole, xt, t, *probe)
-            s, ds = estimator(model, xt, t, *probe)  # the score's divergence; the linear part's is exact
+                return (whole(xt, t), torch.zeros_like(delta)) if lean else estimator(whole, xt, t, *probe)
+            # the score's divergence; the linear part's is exact
+            s, ds = (model(xt, t), None) if lean else estimator(model, xt, t, *probe)
             f_t, c_t = process.sde.f(t), process.score_coef(t)  # once per evaluation (each checks t)
+            if lean:
+                return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, torch.zeros_like(delta)
             div = (D * f_t)[:, None] - c_t[:, None] * ds  # linear_divergence(t, D) - c div score
             return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, div  # drift_from_score(xt, t, s)
 
@@ -213,7 +217,7 @@ def log_likelihood(
         process = sde.probability_flow(ScoreModel.wrap(score, sde))
         res = solve_pf_ode(
             process, (x.detach(), delta0), t_eps, sde.T,
-            stepper=RKStepper(tableau, rtol, atol, reuse_last_stage=estimator.reuse_last_stage),
+            stepper=RKStepper(tableau, rtol, atol, reuse_last_stage=estimator.reuse_last_stage, quadrature=True),
             name=f"log_likelihood[{solver}]", time_variable=time_variable, field=field,
             controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
             first_step=first_step, max_step=max_step, check_every=check_every,

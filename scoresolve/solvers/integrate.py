@@ -137,11 +137,29 @@ def clamp_tolerances(stepper: Any, dtype: torch.dtype, name: str) -> None:
         stepper.rtol, stepper.atol = max(stepper.rtol, floor), max(stepper.atol, floor)
 
 
+def lean_stages(tableau: ButcherTableau) -> frozenset:
+    """The stages of ``tableau`` whose derivative enters neither the solution nor the error estimate (b_j = b_hat_j
+    = 0; stage 0 and an FSAL last stage never qualify): a part of the state that no stage reads (a quadrature, such as
+    delta log p) needs no derivative there. Dormand-Prince 5(4): stage 2 (c = 1/5) of its 7; Tsitouras 5(4),
+    Bogacki-Shampine 3(2): none."""
+    last = tableau.stages - 1
+    return frozenset(j for j in range(1, tableau.stages)
+                     if tableau.b[j] == 0.0 and tableau.b_err[j] == 0.0 and not (tableau.fsal and j == last))
+
+
 class RKStepper:
     """An embedded explicit Runge-Kutta pair (any `ButcherTableau` with ``b_hat``) with the error norm of
-    `error_norm` and Hairer's starting step."""
+    `error_norm` and Hairer's starting step.
 
-    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True) -> None:
+    ``quadrature``: the vector field reads only the first part of the state and the other parts are integrals of it
+    (``(x, delta log p)`` in `scoresolve.log_likelihood`); at the `lean_stages` the field is then called with
+    ``lean=True`` and may return zeros for those parts (their derivative is weighted by 0 in the solution and the
+    error; the first part's is still needed by the later stages): Hutchinson's VJP is skipped at one of dopri5's six
+    new stages per step. The results are those of ``quadrature=False``.
+    """
+
+    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True,
+                 quadrature: bool = False) -> None:
         if not tableau.adaptive:
             raise ValueError(f"tableau {tableau.name!r} has no embedded method: it cannot choose its own steps")
         self.tab = tableau
@@ -151,6 +169,7 @@ class RKStepper:
         # FSAL: the last stage of an accepted step is the next step's first; not when the vector field changes
         # between steps (Hutchinson probes redrawn after every accepted step): the first stage is then evaluated anew
         self.fsal = tableau.fsal and reuse_last_stage
+        self.lean_stages = lean_stages(tableau) if quadrature else frozenset()
 
     def start(self, t: torch.Tensor, y: Parts, evaluate) -> Parts:
         return evaluate(t, y, None)  # f0, the first stage (FSAL: handed on from step to step)
@@ -187,7 +206,7 @@ class RKStepper:
         for s in range(1, tab.stages):
             ys = axpy(y, hp, tab.a[s - 1], ks)
             ts = t_new if tab.c[s] == 1.0 else t + tab.c[s] * h
-            ks.append(evaluate(ts, ys, active))
+            ks.append(evaluate(ts, ys, active, lean=s in self.lean_stages))
         y_new = ys if tab.fsal else axpy(y, hp, tab.b, ks)
         err_est = axpy(tuple(torch.zeros_like(p) for p in y), hp, self.b_err, ks)
         err, bad = error_norm(err_est, y, y_new, self.rtol, self.atol, t.dtype)
@@ -357,9 +376,11 @@ def integrate(
     def pack(parts: Parts) -> State:
         return parts[0] if single else parts
 
-    def evaluate(tt: torch.Tensor, yy: Parts, active: torch.Tensor | None) -> Parts:
+    def evaluate(tt: torch.Tensor, yy: Parts, active: torch.Tensor | None, lean: bool = False) -> Parts:
         nonlocal calls, nfe, rows_evaluated
-        out = func(tt.to(fdtype), pack(yy), *args)  # args: the working rows of the per-sample arguments
+        # args: the working rows of the per-sample arguments; lean: a stage at which the stepper needs only the
+        # derivative of the first part (`RKStepper`'s ``quadrature``)
+        out = func(tt.to(fdtype), pack(yy), *args, lean=True) if lean else func(tt.to(fdtype), pack(yy), *args)
         calls += 1
         rows_evaluated += yy[0].shape[0]
         nfe = nfe + (1 if active is None else active.long())
