@@ -15,8 +15,9 @@ candidate with NaN/Inf has error = inf: it is rejected and the step shrinks. The
 within 1% of the remaining span is stretched to it, as in DOPRI5).
 
 No host-device synchronisation per step: coefficients are Python floats, accept/reject is ``torch.where``, and
-whether every sample is done (and whether one is stuck) is read once every ``check_every`` steps, sooner when the
-slowest sample should finish before then.
+whether every sample is done (and whether one is stuck) is read once every ``check_every`` steps (8 on an
+accelerator; on the CPU, where a read is free, after every step), sooner when the slowest sample should finish before
+then.
 
 Stepper protocol (per-sample tensors batch first; ``carry`` is the stepper's own per-sample state, e.g. the FSAL
 stage, which the integrator compacts with the rest):
@@ -37,6 +38,7 @@ from typing import Any, Callable, Sequence, Tuple, Union
 
 import torch
 
+from .. import _utils
 from .._utils import bcast
 from ._solution import Solution, Trajectory
 from .controllers import Controller, PIController
@@ -47,6 +49,9 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 Parts = Tuple[torch.Tensor, ...]
 VectorField = Callable[..., State]
 Callback = Callable[[int, torch.Tensor, State], None]
+
+CHECK_EVERY = 8
+"""Most steps between the adaptive loop's termination checks on an accelerator (`integrate`'s ``check_every=None``)."""
 
 MIN_STEP_REL = 1e-10
 """A rejected step smaller than this fraction of the time scale max(|t0|, |t1|, |t1 - t0|) is a step-size underflow."""
@@ -263,7 +268,7 @@ def integrate(
     max_steps: int = 10_000,
     first_step: float | None = None,
     max_step: float | None = None,
-    check_every: int = 8,
+    check_every: int | None = None,
     callback: Callback | None = None,
     save_trajectory: bool = False,
     progress: bool | str = False,
@@ -290,7 +295,9 @@ def integrate(
         max_step: largest |h| (None: no limit).
         check_every: most steps between the (single) host-device synchronisations that test whether every sample is
             done or stuck; samples that finish in between are frozen at t1 (and no longer counted in ``nfe``, though
-            the batched calls go on). A check comes sooner when, at its current step size, the slowest sample needs
+            the batched calls go on). None (default): `CHECK_EVERY` (8) on an accelerator, 1 on the CPU, where
+            reading a flag costs microseconds and every step past the last sample's end costs a batched call per
+            stage. A check comes sooner when, at its current step size, the slowest sample needs
             fewer steps to reach t1, so few calls are wasted after the last sample is done.
         callback: ``callback(i, t, y)`` at every such check with the iteration count, the ``[batch]`` times and the
             current state.
@@ -334,9 +341,9 @@ def integrate(
     t0, t1 = float(t0), float(t1)
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"t0 and t1 must be finite, got {t0}, {t1}")
-    if int(max_steps) < 1 or int(check_every) < 1:
+    if int(max_steps) < 1 or (check_every is not None and int(check_every) < 1):
         raise ValueError(f"max_steps and check_every must be >= 1, got {max_steps}, {check_every}")
-    max_steps, check_every = int(max_steps), int(check_every)
+    max_steps = int(max_steps)
     if norms not in ("sample", "batch"):
         raise ValueError(f"norms must be 'sample' or 'batch', got {norms!r}")
     shared = norms == "batch"
@@ -345,6 +352,7 @@ def integrate(
             raise ValueError(f"{what} must be a finite number > 0 (its sign follows t1 - t0), got {val!r}")
 
     y, single = as_parts(y0, "y0")
+    check_every = int(check_every) if check_every is not None else 1 if _utils.on_host(y[0]) else CHECK_EVERY
     B = y[0].shape[0] if y[0].ndim else -1
     for p in y:
         if p.ndim < 1 or p.shape[0] != B:
@@ -420,6 +428,8 @@ def integrate(
 
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         err_prev = torch.ones(B, dtype=tdtype, device=dev)
+        h_prev = torch.zeros(B, dtype=tdtype, device=dev)  # |previous accepted step| (0: none yet)
+        uses_ratio = getattr(ctrl, "uses_ratio", False)
         after_reject = torch.zeros(B, dtype=torch.bool, device=dev)
         nonfinite_recent = torch.zeros(B, dtype=torch.bool, device=dev)
         stuck = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -433,14 +443,16 @@ def integrate(
         rows: torch.Tensor | None = None
         sizes = sorted({math.ceil(B / 2**k) for k in range(max(B, 1).bit_length() + 1)})  # B, B/2, ..., 1 (ceil)
         compactions = 0
-        T_, DONE, STUCK, Y = 0, 2, 6, 10  # positions in working()
+        T_, DONE, STUCK, Y = 0, 2, 6, 11  # positions in working()
 
         def working() -> list:
-            return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *y, *carry]
+            return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev, *y,
+                    *carry]
 
         def unpack(vals: Sequence[torch.Tensor]) -> None:
-            nonlocal t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, y, carry
-            (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected) = vals[:Y]
+            nonlocal t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev, y, \
+                carry
+            (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev) = vals[:Y]
             y, carry = tuple(vals[Y : Y + n_y]), tuple(vals[Y + n_y :])
 
         def write_back() -> list:
@@ -475,7 +487,12 @@ def integrate(
                 err = torch.where(bad, torch.full_like(err, math.inf), rms.expand_as(err))
             accept = active & (err <= 1.0)
             reject = active & ~accept
-            h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)
+            if uses_ratio:  # h / h_prev of this step (1 at the first accepted one)
+                ratio = torch.where(h_prev > 0, h_step.abs() / h_prev.clamp_min(1e-300), torch.ones_like(h_prev))
+                h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order, ratio=ratio)
+                h_prev = torch.where(accept, h_step.abs(), h_prev)
+            else:
+                h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)
             if max_step is not None:
                 h_next = h_next.clamp(-float(max_step), float(max_step))
             h = torch.where(active, h_next, h)

@@ -54,7 +54,7 @@ def odeint_adaptive(
 
 
 # the options of the registered adaptive ODE solvers, with their defaults (time_variable None: `choose_time_variable`)
-PF_ODE_OPTIONS = {"max_steps": 10_000, "first_step": None, "max_step": None, "check_every": 8, "controller": None,
+PF_ODE_OPTIONS = {"max_steps": 10_000, "first_step": None, "max_step": None, "check_every": None, "controller": None,
                   "compact": False, "time_variable": None}
 
 
