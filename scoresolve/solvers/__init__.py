@@ -11,7 +11,7 @@ grids), `grid_store` (saved tuned grids).
 from . import adams, backends, exponential, fixed, multistep, ode, stochastic  # noqa: F401  (imports register the solvers)
 from ._registry import REGISTRY, AdaptiveSolver, EvalCounter, GridSolver, SolverSpec
 from ._solution import Solution
-from .controllers import DOPRI5_GAINS, IController, PIController, PredictiveController
+from .controllers import DOPRI5_GAINS, IController, PIController
 from .errors import MaxStepsError, NonFiniteError, NonFiniteStepError, StepSizeUnderflowError
 from .integrate import integrate
 from .ode import odeint_adaptive
@@ -21,7 +21,6 @@ from .time_grids import GRIDS, time_grid
 __all__ = [
     "AdaptiveSolver", "DOPRI5_GAINS", "GRIDS", "GridSolver", "REGISTRY", "TABLEAUX", "ButcherTableau", "EvalCounter",
     "IController",
-    "MaxStepsError", "NonFiniteError", "NonFiniteStepError", "PIController", "PredictiveController", "Solution",
-    "SolverSpec",
+    "MaxStepsError", "NonFiniteError", "NonFiniteStepError", "PIController", "Solution", "SolverSpec",
     "StepSizeUnderflowError", "integrate", "odeint_adaptive", "time_grid",
 ]

@@ -6,8 +6,6 @@ candidate was non-finite, the error of the sample's previous accepted step, the 
 attempt was rejected, and k, the order of the local error estimate.
 
 * `PIController`: PI control (Hairer & Wanner's gains by default; ``DOPRI5_GAINS`` those of Hairer's DOPRI5 code).
-* `PredictiveController`: PI control times the last step ratio (Gustafsson's predictive controller), which
-  keeps up with steps that grow geometrically.
 * `IController`: plain integral control h E^-exponent (Gotta Go Fast's rule for the adaptive SDE solver).
 """
 
@@ -72,53 +70,6 @@ faster: a 3-D Gaussian PF-ODE at rtol 1e-3 ends 63x the tolerance off in 4 steps
 
 
 @dataclass(frozen=True)
-class PredictiveController:
-    """PI control with the step-ratio term of Gustafsson's predictive controller (Gustafsson 1994; Soederlind 2003,
-    "Digital filters in adaptive time-stepping", eq. (3) with alpha2 = -ratio):
-
-        accepted:  h_new = h * clamp(safety * (h / h_prev)^ratio * err^(-beta1/k) * err_prev^(beta2/k), min, max)
-        rejected:  h_new = h * clamp(safety * err^(-1/k), factor_min, 1)        (plain I control)
-
-    with h_prev the sample's previous accepted step (ratio term 1 at the first step and right after a rejection).
-    Where the natural step grows geometrically (h ~ t near the data end of a diffusion, where the state moves like
-    sqrt(t)), a PI controller without that term lags: with the DOPRI5 gains its error settles where
-    0.9 err^-(0.17 - 0.04) equals the growth rate (err ~ 0.03 at 1.45x per step, measured on the likelihood's
-    PF-ODE), so every step is ~2x shorter than the tolerance allows; with ``ratio = 1`` and beta1 - beta2 = 1 the
-    growth is carried over and the error settles at safety^k whatever the rate. Defaults: Gustafsson's gains
-    (beta1 = 2, beta2 = 1, ratio 1; Soederlind's PC11), safety 0.9, factor in [0.2, 10], err_floor 1e-4.
-    """
-
-    safety: float = 0.9
-    beta1: float = 2.0
-    beta2: float = 1.0
-    ratio: float = 1.0
-    factor_min: float = 0.2
-    factor_max: float = 10.0
-    err_floor: float = 1e-4
-    uses_ratio = True  # the integrator passes ``ratio`` = h / h_prev (a class attribute, not a field)
-
-    def __post_init__(self) -> None:
-        if not (0 < self.safety <= 1):
-            raise ValueError(f"safety must lie in (0, 1], got {self.safety}")
-        if not (0 < self.factor_min < 1 < self.factor_max):
-            raise ValueError(f"need 0 < factor_min < 1 < factor_max, got {self.factor_min}, {self.factor_max}")
-        if self.beta1 <= 0 or self.beta2 < 0 or self.ratio < 0:
-            raise ValueError(f"need beta1 > 0, beta2 >= 0, ratio >= 0, got {self.beta1}, {self.beta2}, {self.ratio}")
-
-    def factor(self, err: torch.Tensor, bad: torch.Tensor, err_prev: torch.Tensor, accept: torch.Tensor,
-               after_reject: torch.Tensor, k: int, ratio: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample factor h_new / h; ``ratio`` ``[batch]``: h / h_prev (1 where there is no previous step)."""
-        e = err.clamp_min(1e-10)
-        acc = self.safety * e.pow(-self.beta1 / k) * err_prev.pow(self.beta2 / k)
-        if ratio is not None and self.ratio:
-            acc = acc * torch.where(after_reject, torch.ones_like(ratio), ratio).pow(self.ratio)
-        acc = acc.clamp(self.factor_min, self.factor_max)
-        acc = torch.where(after_reject, acc.clamp_max(1.0), acc)
-        rej = (self.safety * e.pow(-1.0 / k)).clamp(self.factor_min, 1.0)
-        return torch.where(accept, acc, rej)
-
-
-@dataclass(frozen=True)
 class IController:
     """Integral control without clamps: h_new = h * safety * err^(-exponent), and h / ``nonfinite_shrink`` after a
     non-finite candidate. Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast") use safety 0.9, exponent 0.9 for their
@@ -142,4 +93,4 @@ class IController:
         return torch.where(bad, torch.full_like(err, 1.0 / self.nonfinite_shrink), fac)
 
 
-Controller = Union[PIController, PredictiveController, IController]
+Controller = Union[PIController, IController]

@@ -428,8 +428,6 @@ def integrate(
 
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         err_prev = torch.ones(B, dtype=tdtype, device=dev)
-        h_prev = torch.zeros(B, dtype=tdtype, device=dev)  # |previous accepted step| (0: none yet)
-        uses_ratio = getattr(ctrl, "uses_ratio", False)
         after_reject = torch.zeros(B, dtype=torch.bool, device=dev)
         nonfinite_recent = torch.zeros(B, dtype=torch.bool, device=dev)
         stuck = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -443,16 +441,14 @@ def integrate(
         rows: torch.Tensor | None = None
         sizes = sorted({math.ceil(B / 2**k) for k in range(max(B, 1).bit_length() + 1)})  # B, B/2, ..., 1 (ceil)
         compactions = 0
-        T_, DONE, STUCK, Y = 0, 2, 6, 11  # positions in working()
+        T_, DONE, STUCK, Y = 0, 2, 6, 10  # positions in working()
 
         def working() -> list:
-            return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev, *y,
-                    *carry]
+            return [t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, *y, *carry]
 
         def unpack(vals: Sequence[torch.Tensor]) -> None:
-            nonlocal t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev, y, \
-                carry
-            (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, h_prev) = vals[:Y]
+            nonlocal t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected, y, carry
+            (t, h, done, err_prev, after_reject, nonfinite_recent, stuck, nfe, steps, rejected) = vals[:Y]
             y, carry = tuple(vals[Y : Y + n_y]), tuple(vals[Y + n_y :])
 
         def write_back() -> list:
@@ -487,12 +483,7 @@ def integrate(
                 err = torch.where(bad, torch.full_like(err, math.inf), rms.expand_as(err))
             accept = active & (err <= 1.0)
             reject = active & ~accept
-            if uses_ratio:  # h / h_prev of this step (1 at the first accepted one)
-                ratio = torch.where(h_prev > 0, h_step.abs() / h_prev.clamp_min(1e-300), torch.ones_like(h_prev))
-                h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order, ratio=ratio)
-                h_prev = torch.where(accept, h_step.abs(), h_prev)
-            else:
-                h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)
+            h_next = h_step * ctrl.factor(err, bad, err_prev, accept, after_reject, stepper.order)
             if max_step is not None:
                 h_next = h_next.clamp(-float(max_step), float(max_step))
             h = torch.where(active, h_next, h)
