@@ -204,7 +204,8 @@ def log_likelihood(
                 return (whole(xt, t), torch.zeros_like(delta)) if lean else estimator(whole, xt, t, *probe)
             # the score's divergence; the linear part's is exact
             s, ds = (model(xt, t), None) if lean else estimator(model, xt, t, *probe)
-            f_t, c_t = process.sde.f(t), process.score_coef(t)  # once per evaluation (each checks t)
+            # once per evaluation, unchecked: the integrator's times lie in [t_eps, T] (a check reads t on the host)
+            f_t, c_t = process.sde.f(t, check=False), process.score_coef(t, check=False)
             if lean:
                 return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, torch.zeros_like(delta)
             div = (D * f_t)[:, None] - c_t[:, None] * ds  # linear_divergence(t, D) - c div score
