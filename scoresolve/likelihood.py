@@ -48,9 +48,11 @@ class LikelihoodResult:
         latent: z = x(T), shape like x.
         prior_log_prob: log prior(z).
         delta_log_prob: int_{t_eps}^T div v dt (the mean over probes for Hutchinson).
-        nfe: network evaluations in which each sample was active (each one forward + one VJP per probe).
+        nfe: network evaluations in which each sample was active (each one forward, and one VJP per probe except at
+            the stages whose divergence the step does not use: one of dopri5's six per step, `RKStepper`'s
+            ``quadrature``).
         calls: batched network calls of the whole solve (>= nfe.max(): finished samples ride along until the
-            solver's next termination check).
+            solver's next termination check, which on the CPU comes after every step: there = nfe.max()).
         std_error: standard error of log_prob over the probes (``probes > 1``), else None.
         steps: accepted steps per sample.
         rejected: rejected steps per sample.

@@ -157,10 +157,11 @@ class RKStepper:
     `error_norm` and Hairer's starting step.
 
     ``quadrature``: the vector field reads only the first part of the state and the other parts are integrals of it
-    (``(x, delta log p)`` in `scoresolve.log_likelihood`); at the `lean_stages` the field is then called with
-    ``lean=True`` and may return zeros for those parts (their derivative is weighted by 0 in the solution and the
-    error; the first part's is still needed by the later stages): Hutchinson's VJP is skipped at one of dopri5's six
-    new stages per step. The results are those of ``quadrature=False``.
+    (``(x, delta log p)`` in `scoresolve.log_likelihood`). Their stage values are then not formed (the field gets
+    their value at the step's start), and at the `lean_stages` the field is called with ``lean=True`` and may return
+    zeros for them (their derivative is weighted by 0 in the solution and the error; the first part's is still needed
+    by the later stages): Hutchinson's VJP is skipped at one of dopri5's six new stages per step. The results are
+    those of ``quadrature=False``.
     """
 
     def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True,
@@ -175,6 +176,7 @@ class RKStepper:
         # between steps (Hutchinson probes redrawn after every accepted step): the first stage is then evaluated anew
         self.fsal = tableau.fsal and reuse_last_stage
         self.lean_stages = lean_stages(tableau) if quadrature else frozenset()
+        self.quadrature = quadrature
 
     def start(self, t: torch.Tensor, y: Parts, evaluate) -> Parts:
         return evaluate(t, y, None)  # f0, the first stage (FSAL: handed on from step to step)
@@ -208,11 +210,14 @@ class RKStepper:
         f0 = carry if (self.fsal or first) else evaluate(t, y, active)
         ks = [f0]
         ys = y
+        n = 1 if self.quadrature else len(y)  # the parts the stages read (quadratures: their value at t is passed)
         for s in range(1, tab.stages):
-            ys = axpy(y, hp, tab.a[s - 1], ks)
+            ys = axpy(y[:n], hp[:n], tab.a[s - 1], ks) + y[n:]
             ts = t_new if tab.c[s] == 1.0 else t + tab.c[s] * h
             ks.append(evaluate(ts, ys, active, lean=s in self.lean_stages))
         y_new = ys if tab.fsal else axpy(y, hp, tab.b, ks)
+        if tab.fsal and n < len(y):  # the quadratures' solution: the b-weighted sum (an FSAL pair's last a-row)
+            y_new = ys[:n] + axpy(y[n:], hp[n:], tab.b, [k[n:] for k in ks])
         err_est = axpy(tuple(torch.zeros_like(p) for p in y), hp, self.b_err, ks)
         err, bad = error_norm(err_est, y, y_new, self.rtol, self.atol, t.dtype)
         return y_new, err, bad, ks[-1]
