@@ -38,8 +38,7 @@ from typing import Any, Callable, Sequence, Tuple, Union
 
 import torch
 
-from .. import _utils
-from .._utils import bcast
+from .._utils import bcast, check_cadence
 from ._solution import Solution, Trajectory
 from .controllers import Controller, PIController
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError
@@ -357,7 +356,7 @@ def integrate(
             raise ValueError(f"{what} must be a finite number > 0 (its sign follows t1 - t0), got {val!r}")
 
     y, single = as_parts(y0, "y0")
-    check_every = int(check_every) if check_every is not None else 1 if _utils.on_host(y[0]) else CHECK_EVERY
+    check_every = int(check_every) if check_every is not None else check_cadence(y[0], CHECK_EVERY)
     B = y[0].shape[0] if y[0].ndim else -1
     for p in y:
         if p.ndim < 1 or p.shape[0] != B:
