@@ -44,6 +44,12 @@ def on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def check_cadence(t: torch.Tensor, accelerator: int) -> int:
+    """Steps between an adaptive loop's termination checks: 1 where reading ``t`` costs nothing (`on_host`: a read
+    takes microseconds, a step past the end a batched call per stage), else ``accelerator``."""
+    return 1 if on_host(t) else accelerator
+
+
 def as_time(
     t: Time,
     T: float,

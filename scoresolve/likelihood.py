@@ -48,9 +48,11 @@ class LikelihoodResult:
         latent: z = x(T), shape like x.
         prior_log_prob: log prior(z).
         delta_log_prob: int_{t_eps}^T div v dt (the mean over probes for Hutchinson).
-        nfe: network evaluations in which each sample was active (each one forward + one VJP per probe).
+        nfe: network evaluations in which each sample was active (each one forward, and one VJP per probe except at
+            the stages whose divergence the step does not use: one of dopri5's six per step, `RKStepper`'s
+            ``quadrature``).
         calls: batched network calls of the whole solve (>= nfe.max(): finished samples ride along until the
-            solver's next termination check).
+            solver's next termination check, which on the CPU comes after every step: there = nfe.max()).
         std_error: standard error of log_prob over the probes (``probes > 1``), else None.
         steps: accepted steps per sample.
         rejected: rejected steps per sample.
@@ -99,7 +101,7 @@ def log_likelihood(
     max_steps: int = 10_000,
     first_step: float | None = None,
     max_step: float | None = None,
-    check_every: int = 8,
+    check_every: int | None = None,
     compact: bool = False,
     controller: Controller | None = None,
     progress: bool = False,
@@ -143,7 +145,8 @@ def log_likelihood(
         max_steps: most step attempts of any sample (then `MaxStepsError`), as in `sample`.
         first_step: initial step in the time variable (None: Hairer's heuristic, one extra evaluation).
         max_step: largest step in the time variable (None: no limit).
-        check_every: most steps between the solver's termination checks (its only host-device synchronisations).
+        check_every: most steps between the solver's termination checks (its only host-device synchronisations);
+            None: 8 on an accelerator, 1 on the CPU (`scoresolve.solvers.integrate.integrate`).
         compact: drop samples that have reached T from the batched network calls (see
             `scoresolve.solvers.integrate.integrate`); same results, less work when the samples need
             different numbers of steps. ``score`` must then be a function of (x, t) alone: per-sample conditioning
@@ -196,12 +199,17 @@ def log_likelihood(
         """(dx/dt, d delta/dt) at t with one network forward: ``v, div = estimator(fn, x, t, *probes)``."""
         whole = model.flow if velocity else process.drift_at  # v whole (f diverges at alpha = 0 on velocity_form)
 
-        def f(t: torch.Tensor, state, *probe):
-            xt, _ = state
+        def f(t: torch.Tensor, state, *probe, lean: bool = False):
+            xt, delta = state
+            # lean: a stage whose divergence the step does not use (`RKStepper`'s quadrature): the forward alone
             if not gaussian:
-                return estimator(whole, xt, t, *probe)
-            s, ds = estimator(model, xt, t, *probe)  # the score's divergence; the linear part's is exact
-            f_t, c_t = process.sde.f(t), process.score_coef(t)  # once per evaluation (each checks t)
+                return (whole(xt, t), torch.zeros_like(delta)) if lean else estimator(whole, xt, t, *probe)
+            # the score's divergence; the linear part's is exact
+            s, ds = (model(xt, t), None) if lean else estimator(model, xt, t, *probe)
+            # once per evaluation, unchecked: the integrator's times lie in [t_eps, T] (a check reads t on the host)
+            f_t, c_t = process.sde.f(t, check=False), process.score_coef(t, check=False)
+            if lean:
+                return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, torch.zeros_like(delta)
             div = (D * f_t)[:, None] - c_t[:, None] * ds  # linear_divergence(t, D) - c div score
             return bcast(f_t, xt) * xt - bcast(c_t, xt) * s, div  # drift_from_score(xt, t, s)
 
@@ -213,7 +221,7 @@ def log_likelihood(
         process = sde.probability_flow(ScoreModel.wrap(score, sde))
         res = solve_pf_ode(
             process, (x.detach(), delta0), t_eps, sde.T,
-            stepper=RKStepper(tableau, rtol, atol, reuse_last_stage=estimator.reuse_last_stage),
+            stepper=RKStepper(tableau, rtol, atol, reuse_last_stage=estimator.reuse_last_stage, quadrature=True),
             name=f"log_likelihood[{solver}]", time_variable=time_variable, field=field,
             controller=DOPRI5_GAINS if controller is None else controller, max_steps=max_steps,
             first_step=first_step, max_step=max_step, check_every=check_every,

@@ -77,11 +77,11 @@ class ReverseProcess:
         """s(t), the noise coefficient of the reverse-time process."""
         return torch.sqrt(self.s2(t))
 
-    def score_coef(self, t: Time) -> torch.Tensor:
-        """c(t) = (g^2 + s^2)/2, the factor of the score in drift = f x - c score."""
+    def score_coef(self, t: Time, *, check: bool = True) -> torch.Tensor:
+        """c(t) = (g^2 + s^2)/2, the factor of the score in drift = f x - c score (``check``: t's range, for g^2)."""
         if not callable(self.diffusion_scale) and float(self.diffusion_scale) == 0.0:
-            return 0.5 * self.sde.g2(t)  # the probability-flow ODE: s = 0 (one schedule evaluation less per call)
-        return 0.5 * (self.sde.g2(t) + self.s2(t))
+            return 0.5 * self.sde.g2(t, check=check)  # the probability-flow ODE: s = 0 (one schedule evaluation less)
+        return 0.5 * (self.sde.g2(t, check=check) + self.s2(t))
 
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """f(x, t) - (g^2 + s^2)/2 score(x, t); ``t`` a float, 0-d or ``[batch]`` tensor."""

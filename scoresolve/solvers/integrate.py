@@ -15,8 +15,9 @@ candidate with NaN/Inf has error = inf: it is rejected and the step shrinks. The
 within 1% of the remaining span is stretched to it, as in DOPRI5).
 
 No host-device synchronisation per step: coefficients are Python floats, accept/reject is ``torch.where``, and
-whether every sample is done (and whether one is stuck) is read once every ``check_every`` steps, sooner when the
-slowest sample should finish before then.
+whether every sample is done (and whether one is stuck) is read once every ``check_every`` steps (8 on an
+accelerator; on the CPU, where a read is free, after every step), sooner when the slowest sample should finish before
+then.
 
 Stepper protocol (per-sample tensors batch first; ``carry`` is the stepper's own per-sample state, e.g. the FSAL
 stage, which the integrator compacts with the rest):
@@ -37,7 +38,7 @@ from typing import Any, Callable, Sequence, Tuple, Union
 
 import torch
 
-from .._utils import bcast
+from .._utils import bcast, check_cadence
 from ._solution import Solution, Trajectory
 from .controllers import Controller, PIController
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError
@@ -47,6 +48,9 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 Parts = Tuple[torch.Tensor, ...]
 VectorField = Callable[..., State]
 Callback = Callable[[int, torch.Tensor, State], None]
+
+CHECK_EVERY = 8
+"""Most steps between the adaptive loop's termination checks on an accelerator (`integrate`'s ``check_every=None``)."""
 
 MIN_STEP_REL = 1e-10
 """A rejected step smaller than this fraction of the time scale max(|t0|, |t1|, |t1 - t0|) is a step-size underflow."""
@@ -137,11 +141,30 @@ def clamp_tolerances(stepper: Any, dtype: torch.dtype, name: str) -> None:
         stepper.rtol, stepper.atol = max(stepper.rtol, floor), max(stepper.atol, floor)
 
 
+def lean_stages(tableau: ButcherTableau) -> frozenset:
+    """The stages of ``tableau`` whose derivative enters neither the solution nor the error estimate (b_j = b_hat_j
+    = 0; stage 0 and an FSAL last stage never qualify): a part of the state that no stage reads (a quadrature, such as
+    delta log p) needs no derivative there. Dormand-Prince 5(4): stage 2 (c = 1/5) of its 7; Tsitouras 5(4),
+    Bogacki-Shampine 3(2): none."""
+    last = tableau.stages - 1
+    return frozenset(j for j in range(1, tableau.stages)
+                     if tableau.b[j] == 0.0 and tableau.b_err[j] == 0.0 and not (tableau.fsal and j == last))
+
+
 class RKStepper:
     """An embedded explicit Runge-Kutta pair (any `ButcherTableau` with ``b_hat``) with the error norm of
-    `error_norm` and Hairer's starting step."""
+    `error_norm` and Hairer's starting step.
 
-    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True) -> None:
+    ``quadrature``: the vector field reads only the first part of the state and the other parts are integrals of it
+    (``(x, delta log p)`` in `scoresolve.log_likelihood`). Their stage values are then not formed (the field gets
+    their value at the step's start), and at the `lean_stages` the field is called with ``lean=True`` and may return
+    zeros for them (their derivative is weighted by 0 in the solution and the error; the first part's is still needed
+    by the later stages): Hutchinson's VJP is skipped at one of dopri5's six new stages per step. The results are
+    those of ``quadrature=False``.
+    """
+
+    def __init__(self, tableau: ButcherTableau, rtol: float, atol: float, reuse_last_stage: bool = True,
+                 quadrature: bool = False) -> None:
         if not tableau.adaptive:
             raise ValueError(f"tableau {tableau.name!r} has no embedded method: it cannot choose its own steps")
         self.tab = tableau
@@ -151,6 +174,8 @@ class RKStepper:
         # FSAL: the last stage of an accepted step is the next step's first; not when the vector field changes
         # between steps (Hutchinson probes redrawn after every accepted step): the first stage is then evaluated anew
         self.fsal = tableau.fsal and reuse_last_stage
+        self.lean_stages = lean_stages(tableau) if quadrature else frozenset()
+        self.quadrature = quadrature
 
     def start(self, t: torch.Tensor, y: Parts, evaluate) -> Parts:
         return evaluate(t, y, None)  # f0, the first stage (FSAL: handed on from step to step)
@@ -184,11 +209,14 @@ class RKStepper:
         f0 = carry if (self.fsal or first) else evaluate(t, y, active)
         ks = [f0]
         ys = y
+        n = 1 if self.quadrature else len(y)  # the parts the stages read (quadratures: their value at t is passed)
         for s in range(1, tab.stages):
-            ys = axpy(y, hp, tab.a[s - 1], ks)
+            ys = axpy(y[:n], hp[:n], tab.a[s - 1], ks) + y[n:]
             ts = t_new if tab.c[s] == 1.0 else t + tab.c[s] * h
-            ks.append(evaluate(ts, ys, active))
+            ks.append(evaluate(ts, ys, active, lean=s in self.lean_stages))
         y_new = ys if tab.fsal else axpy(y, hp, tab.b, ks)
+        if tab.fsal and n < len(y):  # the quadratures' solution: the b-weighted sum (an FSAL pair's last a-row)
+            y_new = ys[:n] + axpy(y[n:], hp[n:], tab.b, [k[n:] for k in ks])
         err_est = axpy(tuple(torch.zeros_like(p) for p in y), hp, self.b_err, ks)
         err, bad = error_norm(err_est, y, y_new, self.rtol, self.atol, t.dtype)
         return y_new, err, bad, ks[-1]
@@ -244,7 +272,7 @@ def integrate(
     max_steps: int = 10_000,
     first_step: float | None = None,
     max_step: float | None = None,
-    check_every: int = 8,
+    check_every: int | None = None,
     callback: Callback | None = None,
     save_trajectory: bool = False,
     progress: bool | str = False,
@@ -271,7 +299,9 @@ def integrate(
         max_step: largest |h| (None: no limit).
         check_every: most steps between the (single) host-device synchronisations that test whether every sample is
             done or stuck; samples that finish in between are frozen at t1 (and no longer counted in ``nfe``, though
-            the batched calls go on). A check comes sooner when, at its current step size, the slowest sample needs
+            the batched calls go on). None (default): `CHECK_EVERY` (8) on an accelerator, 1 on the CPU, where
+            reading a flag costs microseconds and every step past the last sample's end costs a batched call per
+            stage. A check comes sooner when, at its current step size, the slowest sample needs
             fewer steps to reach t1, so few calls are wasted after the last sample is done.
         callback: ``callback(i, t, y)`` at every such check with the iteration count, the ``[batch]`` times and the
             current state.
@@ -315,9 +345,9 @@ def integrate(
     t0, t1 = float(t0), float(t1)
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"t0 and t1 must be finite, got {t0}, {t1}")
-    if int(max_steps) < 1 or int(check_every) < 1:
+    if int(max_steps) < 1 or (check_every is not None and int(check_every) < 1):
         raise ValueError(f"max_steps and check_every must be >= 1, got {max_steps}, {check_every}")
-    max_steps, check_every = int(max_steps), int(check_every)
+    max_steps = int(max_steps)
     if norms not in ("sample", "batch"):
         raise ValueError(f"norms must be 'sample' or 'batch', got {norms!r}")
     shared = norms == "batch"
@@ -326,6 +356,7 @@ def integrate(
             raise ValueError(f"{what} must be a finite number > 0 (its sign follows t1 - t0), got {val!r}")
 
     y, single = as_parts(y0, "y0")
+    check_every = int(check_every) if check_every is not None else check_cadence(y[0], CHECK_EVERY)
     B = y[0].shape[0] if y[0].ndim else -1
     for p in y:
         if p.ndim < 1 or p.shape[0] != B:
@@ -357,9 +388,11 @@ def integrate(
     def pack(parts: Parts) -> State:
         return parts[0] if single else parts
 
-    def evaluate(tt: torch.Tensor, yy: Parts, active: torch.Tensor | None) -> Parts:
+    def evaluate(tt: torch.Tensor, yy: Parts, active: torch.Tensor | None, lean: bool = False) -> Parts:
         nonlocal calls, nfe, rows_evaluated
-        out = func(tt.to(fdtype), pack(yy), *args)  # args: the working rows of the per-sample arguments
+        # args: the working rows of the per-sample arguments; lean: a stage at which the stepper needs only the
+        # derivative of the first part (`RKStepper`'s ``quadrature``)
+        out = func(tt.to(fdtype), pack(yy), *args, lean=True) if lean else func(tt.to(fdtype), pack(yy), *args)
         calls += 1
         rows_evaluated += yy[0].shape[0]
         nfe = nfe + (1 if active is None else active.long())

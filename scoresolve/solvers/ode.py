@@ -54,7 +54,7 @@ def odeint_adaptive(
 
 
 # the options of the registered adaptive ODE solvers, with their defaults (time_variable None: `choose_time_variable`)
-PF_ODE_OPTIONS = {"max_steps": 10_000, "first_step": None, "max_step": None, "check_every": 8, "controller": None,
+PF_ODE_OPTIONS = {"max_steps": 10_000, "first_step": None, "max_step": None, "check_every": None, "controller": None,
                   "compact": False, "time_variable": None}
 
 
@@ -128,9 +128,9 @@ def solve_pf_ode(
     if time.name == "t":
         func, u0, u1, user_cb = f, t0, t1, callback
     else:
-        def func(u: torch.Tensor, y: State, *args: Any) -> State:
+        def func(u: torch.Tensor, y: State, *args: Any, **kw: Any) -> State:
             t = time.t(u)
-            dy = f(t, y, *args)
+            dy = f(t, y, *args, **kw)
             dt_du = time.dt_du(t)
             if isinstance(dy, tuple):
                 return tuple(bcast(dt_du, d) * d for d in dy)
