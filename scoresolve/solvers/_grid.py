@@ -269,6 +269,12 @@ class GridRun:
         self._coefs.update(self.per_grid(("affine_at", key, kind, self.model.prediction, self.model.sde,
                                           self.process.constant_scale, self.ts.dtype), build))
 
+    def coefficients_at(self, kind: str, t: float) -> tuple[float, float]:
+        """(cx, cp) of prediction ``kind`` = cx x + cp out at the off-grid host time t (`affine` grids only)."""
+        if (kind, t) not in self._coefs:
+            self.prefetch(kind, [t])
+        return self._coefs[(kind, t)]
+
     def predict(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
         """Prediction ``kind`` (score, eps, x0, v, flow, or ``"drift"``: the reverse process's) at grid point i."""
         if not self.affine:
@@ -284,9 +290,7 @@ class GridRun:
             tb = self._times[t] = batch_t(t, x)
         if not self.affine:
             return self.proc.drift_at(x, tb) if kind == DRIFT else self.model.predict(x, tb, kind)
-        if (kind, t) not in self._coefs:
-            self.prefetch(kind, [t])
-        cx, cp = self._coefs[(kind, t)]
+        cx, cp = self.coefficients_at(kind, t)
         return apply_affine(x, self.model.raw(x, tb), cx, cp)
 
     def predict_parts(self, x: torch.Tensor, i: int | None, kind: str,
@@ -303,9 +307,7 @@ class GridRun:
         tb = self._times.get(t)
         if tb is None or tb.shape[0] != x.shape[0]:
             tb = self._times[t] = batch_t(t, x)
-        if (kind, t) not in self._coefs:
-            self.prefetch(kind, [t])
-        cx, cp = self._coefs[(kind, t)]
+        cx, cp = self.coefficients_at(kind, t)
         return self.model.raw(x, tb), cx, cp
 
     def score(self, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -263,6 +263,9 @@ def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     paper's Algorithm 2 (score_sde's code corrects before predicting), so the last corrector acts at t_eps.
     ``snr`` defaults to 0.16, score_sde's CIFAR-10 setting for VP and VE alike (it uses 0.075 for its
     high-resolution VE models). The reverse-diffusion predictor needs diffusion=1; EM accepts any member.
+
+    Per step, with the package's own model and process (`GridRun.affine`), the predictor is two kernels and a draw
+    (`rd_step`) and each corrector five and a draw (`_langevin`); every weight is a host float from `_pc_plan`.
     """
     o = run.options
     D = math.prod(x.shape[1:])
