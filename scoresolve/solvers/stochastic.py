@@ -56,9 +56,9 @@ def _require_reverse_sde(name: str, process: ReverseProcess) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 def em_step(run: GridRun, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
     """x_s = x_t + (s - t) drift(x_t, t) + s(t) sqrt(t - s) z  (s < t, so (s - t) drift moves against the drift)."""
-    x_new = rk_step(EULER, run, x, i)
+    x_new = rk_step(EULER, run, x, i)  # a new tensor (one fused multiply-add): the noise is added in place
     if not run.process.is_ode:
-        x_new = x_new + (run.s[i] * math.sqrt(run.t[i] - run.t[i + 1])) * run.normal(x, i, stream)
+        x_new = x_new.add_(run.normal(x, i, stream), alpha=run.s[i] * math.sqrt(run.t[i] - run.t[i + 1]))
     return x_new
 
 
