@@ -13,7 +13,7 @@ from _counts import uniform
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
 from scoresolve.solvers.noise import BrownianMemory as _BrownianMemory
-from scoresolve.solvers.noise import seeded_normal
+from scoresolve.solvers.noise import Noise, seeded_normal
 from scoresolve.solvers.stochastic import (
     adaptive_sde,
     euler_maruyama,
@@ -149,6 +149,17 @@ def test_reverse_diffusion_reduces_to_smld():
     z = torch.randn(x.shape, generator=gen(4), dtype=torch.float64)
     d = s_t**2 - s_s**2
     torch.testing.assert_close(sol.x, x + d * score(x, None) + math.sqrt(d) * z, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_drawn_at_a_std_is_the_scaled_standard_draw():
+    # the std= draw (one kernel: torch.normal) takes the generator's numbers of randn and leaves it in the same state
+    for shape in ((5, 2), (64, 3)):
+        x = torch.zeros(shape, dtype=torch.float64)
+        a, b = Noise(x, gen(3), None), Noise(x, gen(3), None)
+        torch.testing.assert_close(a(shape, std=0.3), 0.3 * b(shape), rtol=1e-15, atol=0)
+        assert torch.equal(a(shape), b(shape))
+        s1, s2 = Noise(x, None, list(range(shape[0]))), Noise(x, None, list(range(shape[0])))
+        torch.testing.assert_close(s1(shape, 4, 1, std=0.3), 0.3 * s2(shape, 4, 1), rtol=1e-15, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:pc with norms='sample'")
