@@ -16,9 +16,11 @@ once, runs it eagerly once (filling every host cache: schedule, coefficients, we
 
 A capture or compile that fails (a network that synchronises, data-dependent shapes, a backend error) falls back to
 ``eager`` with a warning naming the reason. Every call checks the result for non-finite samples (one
-synchronisation); a solve that ends non-finite is re-run by `sample` to raise its
+synchronisation); a solve that ends non-finite is re-run by `sample` with the same arguments to raise its
 [`NonFiniteError`][scoresolve.NonFiniteError] with the details. Only deterministic solves are recorded (no noise:
-a generator's state would be frozen into the recording), without callback, progress bar or trajectory.
+a generator's state would be frozen into the recording), without callback, progress bar or trajectory; `sample`'s
+keywords for those (and for adaptive solvers) are refused by name. The step loop reads no tensor on the host and
+makes no tensor from host data (tests/test_compiled.py checks both on its trace): what a CUDA graph cannot capture.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch
 from .sampling import _calibrated_sampler, _default_sampler, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, GridSolver, Solution
+from .solvers import REGISTRY, GridSolver, NonFiniteError, Solution
 from .solvers._grid import GridRun
 
 MODES = ("auto", "cuda_graph", "compile", "eager")
+NOT_RECORDED = ("generator", "seeds", "callback", "save_trajectory", "progress", "denoise", "rtol", "atol", "grad")
+"""`sample`'s keywords that a recorded solve does not take (noise, per-step Python, adaptive solvers, autograd)."""
 
 
 class CompiledSampler:
@@ -47,30 +51,39 @@ class CompiledSampler:
     def __init__(self, score: Callable | ScoreModel, sde: ForwardSDE, example: torch.Tensor, *,
                  solver: str | None = None, nfe: int | None = None, steps: int | None = None,
                  grid: str | torch.Tensor | None = None, shift: float | None = None, t_eps: float = 1e-3,
-                 mode: str = "auto", compile_mode: str | None = None, **options: Any) -> None:
+                 diffusion: float | None = None, mode: str = "auto", compile_mode: str | None = None,
+                 **options: Any) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        refused = sorted(k for k in options if k in NOT_RECORDED)
+        if refused:
+            raise ValueError(f"compile_sampler records a deterministic grid solve without per-step Python: "
+                             f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} sample()'s only; use "
+                             "sample()")
         if not (0 < t_eps < sde.T):
             raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
         self.score, self.sde = score, sde
+        # sample()'s arguments for the same solve: a call that ends non-finite re-runs it for the full error
+        self._sample_kw = dict(solver=solver, nfe=nfe, steps=steps, grid=grid, shift=shift, t_eps=t_eps,
+                               diffusion=diffusion, **options)
         model = ScoreModel.wrap(score, sde)
         options = dict(options)
         solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)
         if solver is None:
-            solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, None, dict(options), model, sde)
+            solver, options, grid, model, sde = _default_sampler(nfe, steps, grid, diffusion, dict(options), model,
+                                                                 sde)
         if solver not in REGISTRY or not isinstance(REGISTRY[solver], GridSolver):
             grid_solvers = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver))
             raise ValueError(f"compile_sampler records a grid solver, got {solver!r}; grid solvers: {grid_solvers}")
         spec = self.spec = REGISTRY[solver]
         spec.check_options(options)
-        spec.check_process(sde, options, None)
-        process = sde.reverse(model, spec.default_diffusion)
+        spec.check_process(sde, options, diffusion)
+        process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if not process.is_ode or spec.draws_noise({**spec.options, **options}):
             raise ValueError(f"compile_sampler records deterministic solves only; solver {solver!r} draws noise "
                              "(its generator state would be frozen into the recording): use sample()")
         self.ts = grid_times(spec, sde, nfe, steps, grid, shift, t_eps, options)
         self.options = spec.resolve(process, options, int(self.ts.numel()) - 1)
-        self._sample_kw = dict(solver=solver, grid=self.ts, **options)
         self.shape, self.dtype, self.device = example.shape, example.dtype, example.device
         self.mode, self.compile_mode, self.fallback_reason = mode, compile_mode, None
         with torch.no_grad():
@@ -100,14 +113,17 @@ class CompiledSampler:
             elif mode == "compile":
                 self._compile(x)
             else:
-                self._fn = self._loop
+                self._fn = self._eager
             return mode
         except Exception as err:  # any failure of capture or compilation: run eagerly, and say why
             self.fallback_reason = f"{type(err).__name__}: {err}"
             warnings.warn(f"compile_sampler: mode {mode!r} failed ({self.fallback_reason}); running eagerly",
                           UserWarning, stacklevel=3)
-            self._fn = self._loop
+            self._fn = self._eager
             return "eager"
+
+    def _eager(self, x_T: torch.Tensor) -> torch.Tensor:
+        return self._loop(x_T.clone())  # as sample(): a network that writes into its input leaves x_T alone
 
     def _capture_graph(self, x: torch.Tensor) -> None:
         if x.device.type != "cuda" or not torch.cuda.is_available():
@@ -144,8 +160,8 @@ class CompiledSampler:
     def _compile(self, x: torch.Tensor) -> None:
         traced = self.trace(x)
         compiled = torch.compile(traced, dynamic=False, mode=self.compile_mode)
-        compiled(x)  # compile now, so that a failure falls back here and not in the first call
-        self._fn = compiled
+        compiled(x.clone())  # compile now, so that a failure falls back here and not in the first call
+        self._fn = lambda x_T: compiled(x_T.clone())  # the trace may write into its input (as _eager)
 
     # --- calls ----------------------------------------------------------------------------------------------
     def __call__(self, x_T: torch.Tensor) -> Solution:
@@ -157,9 +173,13 @@ class CompiledSampler:
             raise ValueError("x_T contains non-finite values")
         with torch.no_grad():
             x = self._fn(x_T)
-            if not bool(torch.isfinite(x).all()):  # re-run eagerly for the full error
-                sample(self.score, self.sde, x_T, **self._sample_kw)
         t_end = self.run.ts[-1].expand(x.shape[0])
+        ok = torch.isfinite(x.flatten(1)).all(1)
+        if not bool(ok.all()):  # re-run by sample() for the full error (times, last finite state)
+            sample(self.score, self.sde, x_T, **self._sample_kw)
+            idx = (~ok).nonzero().flatten().tolist()  # sample() ended finite: the recording differs from it
+            raise NonFiniteError(f"{self.spec.name} (recorded, {self.active})", idx, [float(t_end[0])] * len(idx),
+                                 None)
         return Solution(x=x, nfe=self.nfe, steps=self.run.steps, t=t_end, solver=self.spec.name,
                         stats={**self.options, "grid": self.ts, "mode": self.active})
 
@@ -167,10 +187,13 @@ class CompiledSampler:
 def compile_sampler(score: Callable | ScoreModel, sde: ForwardSDE, example: torch.Tensor, *,
                     solver: str | None = None, nfe: int | None = None, steps: int | None = None,
                     grid: str | torch.Tensor | None = None, shift: float | None = None, t_eps: float = 1e-3,
-                    mode: str = "auto", compile_mode: str | None = None, **options: Any) -> CompiledSampler:
+                    diffusion: float | None = None, mode: str = "auto", compile_mode: str | None = None,
+                    **options: Any) -> CompiledSampler:
     """A recorded `sample` for inputs shaped like ``example``: ``sampler = compile_sampler(model, sde, x_T, nfe=10)``
     then ``sampler(x_T).x`` per batch. The arguments mean what `sample`'s do (a grid solver; the default sampler
-    when ``solver`` is None); ``mode`` is ``"auto"``, ``"cuda_graph"``, ``"compile"`` or ``"eager"`` (module
-    docstring), ``compile_mode`` is passed to `torch.compile`."""
+    when ``solver`` is None; ``diffusion`` None or 0: a solve that draws noise is refused); ``mode`` is ``"auto"``,
+    ``"cuda_graph"``, ``"compile"`` or ``"eager"`` (module docstring), ``compile_mode`` is passed to
+    `torch.compile`. `sample`'s ``generator``, ``seeds``, ``callback``, ``save_trajectory``, ``progress``,
+    ``denoise``, ``rtol``, ``atol`` and ``grad`` are refused (ValueError)."""
     return CompiledSampler(score, sde, example, solver=solver, nfe=nfe, steps=steps, grid=grid, shift=shift,
-                           t_eps=t_eps, mode=mode, compile_mode=compile_mode, **options)
+                           t_eps=t_eps, diffusion=diffusion, mode=mode, compile_mode=compile_mode, **options)

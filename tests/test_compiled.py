@@ -4,6 +4,8 @@ path itself needs a GPU: benchmarks/gpu_run.sh)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _exact import gaussian_3d, rel_rms
@@ -17,10 +19,14 @@ from scoresolve.solvers.calibrated import Calibration
 DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if isinstance(s, GridSolver) and not s.stochastic) + ["ddim"]
 
 
+_NET_STORAGE: set[int] = set()  # the weights of the networks `_mlp_model` made
+
+
 def _mlp_model(sde, prediction="eps", D=3):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(D + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, D))
     net = net.double().requires_grad_(False)
+    _NET_STORAGE.update(p.untyped_storage().data_ptr() for p in net.parameters())
     return ss.ScoreModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), sde, prediction=prediction)
 
 
@@ -43,6 +49,13 @@ def test_every_deterministic_grid_solver_traces_to_one_graph_equal_to_sample(nam
     gm = cs.trace()  # fails on any host read of a tensor inside the loop
     ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert not any("local_scalar_dense" in str(op) for op in ops)
+    # every tensor the loop reads but does not compute existed before the recording (the grid and its [batch] times,
+    # the network's weights): no tensor made from host data inside the loop, a host-device copy a CUDA graph cannot
+    # capture
+    before = {t.untyped_storage().data_ptr() for t in (cs.run.ts, *cs.run._times.values())}
+    consts = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    made = [tuple(c.shape) for c in consts if c.untyped_storage().data_ptr() not in before | _NET_STORAGE]
+    assert consts and not made, made
     x2 = _x(sde, B=5) * 0.5
     out = gm(x2)
     assert torch.allclose(out, ss.sample(model, sde, x2, solver=name, **kw).x, rtol=1e-12, atol=1e-12)
@@ -93,7 +106,15 @@ def test_refusals_and_input_checks():
         ss.compile_sampler(model, sde, x, solver="dopri5")
     with pytest.raises(ValueError, match="mode must be one of"):
         ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4, mode="fast")
-    cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4)
+    for kw in ({"generator": torch.Generator()}, {"seeds": [0] * 5}, {"callback": print}, {"progress": True},
+               {"save_trajectory": True}, {"denoise": True}, {"rtol": 1e-3}):
+        (name,) = kw
+        with pytest.raises(ValueError, match=f"{name} is sample\\(\\)'s only"):  # not "unknown option of dpmpp_2m"
+            ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4, **kw)
+    with pytest.raises(ValueError, match="deterministic solves only"):
+        ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4, diffusion=1.0)
+    cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=4, diffusion=0.0)
+    assert torch.equal(cs(x).x, ss.sample(model, sde, x, solver="dpmpp_2m", steps=4, diffusion=0.0).x)
     with pytest.raises(ValueError, match="recorded for"):
         cs(x[:2])
     with pytest.raises(ValueError, match="non-finite"):
@@ -113,6 +134,54 @@ def test_a_solve_that_turns_non_finite_raises_the_full_error():
     assert err.value.indices == list(range(5))
 
 
+def test_a_network_that_writes_into_its_input_leaves_x_T_alone():
+    sde = ss.VPSDE()
+    x = _x(sde)
+
+    def net(x, t):  # scales its input in place (as sample() allows: it clones x_T)
+        x.mul_(0.5)
+        return -x
+
+    keep = x.clone()
+    cs = ss.compile_sampler(net, sde, x, solver="dpmpp_2m", steps=4, mode="eager")
+    sol = cs(x)
+    assert torch.equal(x, keep)
+    assert torch.equal(sol.x, ss.sample(net, sde, x, solver="dpmpp_2m", steps=4).x)
+
+
+def test_a_non_finite_default_solve_on_a_view_raises_the_full_error():
+    # the default sampler of PFGM++ runs on its EDM view: the re-run for the error must take sample()'s own path
+    # (it raised "solver 'vab' requires gaussian_kernel" when re-run with the resolved solver on the process)
+    proc = ss.PFGMPP(D=128)
+    cloud = ss.PointCloud(torch.randn(16, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5)
+    model = cloud.model(proc)
+    bad = {"on": False}
+    net = ss.ScoreModel(lambda x, t: model.net(x, t) * (math.inf if bad["on"] else 1.0), proc,
+                        prediction=model.prediction, time=model.time)
+    x_T = proc.prior_sample((16, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cs = ss.compile_sampler(net, proc, x_T, t_eps=proc.sigma_min, mode="eager", nfe=10)
+    bad["on"] = True
+    with pytest.raises(ss.NonFiniteError) as err:
+        cs(x_T)
+    assert err.value.indices == list(range(16)) and err.value.solver == "vab" and err.value.times[0] > 1
+
+
+def test_a_recorded_solve_that_ends_non_finite_where_sample_does_not_raises():
+    sde = ss.VPSDE()
+    x = _x(sde)
+    once = {"left": 0}
+
+    def net(x, t):  # infinite in one call only
+        once["left"] -= 1
+        return x * math.inf if once["left"] == 0 else -x
+
+    cs = ss.compile_sampler(net, sde, x, solver="dpmpp_2m", steps=4, mode="eager")
+    once["left"] = 2  # the recorded call's second evaluation; sample()'s re-run is finite
+    with pytest.raises(ss.NonFiniteError, match="recorded, eager") as err:
+        cs(x)
+    assert err.value.indices == list(range(5))
+
+
 def test_a_recorded_call_synchronises_twice(monkeypatch):
     # the input check and the result check; the step loop makes none (as in tests/test_syncs.py)
     monkeypatch.setattr(utils, "on_host", lambda t: t.device.type == "cpu" and type(t) is torch.Tensor)
@@ -127,13 +196,17 @@ def test_a_recorded_call_synchronises_twice(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_mode_matches_eager():
+@pytest.mark.parametrize("solver", ["dpmpp_2m", None])
+def test_compile_mode_matches_sample(solver):
+    # inductor on the CPU (a C++ compiler): the compiled solve is sample()'s to rounding, with its NFE
     sde = ss.VPSDE()
-    model, x = _mlp_model(sde), _x(sde)
-    cs = ss.compile_sampler(model, sde, x, solver="dpmpp_2m", steps=5, mode="compile")
+    model, x = _mlp_model(sde, "x0"), _x(sde)
+    cs = ss.compile_sampler(model, sde, x, solver=solver, steps=5, mode="compile")
     assert cs.active == "compile", cs.fallback_reason
-    ref = ss.sample(model, sde, x, solver="dpmpp_2m", steps=5)
-    assert torch.allclose(cs(x).x, ref.x, rtol=1e-10, atol=1e-10)
+    for xx in (x, x * 0.5):
+        ref, sol = ss.sample(model, sde, xx, solver=solver, steps=5), cs(xx)
+        torch.testing.assert_close(sol.x, ref.x, rtol=1e-10, atol=1e-10)
+        assert torch.equal(sol.nfe, ref.nfe) and sol.steps == ref.steps
 
 
 def test_processes_beyond_the_gaussian_kernel_default_on_the_view_and_euler_on_their_own_drift():

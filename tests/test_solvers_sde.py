@@ -13,7 +13,7 @@ from _counts import uniform
 import scoresolve as ss
 from scoresolve.solvers import REGISTRY, MaxStepsError, NonFiniteError
 from scoresolve.solvers.noise import BrownianMemory as _BrownianMemory
-from scoresolve.solvers.noise import seeded_normal
+from scoresolve.solvers.noise import Noise, seeded_normal
 from scoresolve.solvers.stochastic import (
     adaptive_sde,
     euler_maruyama,
@@ -149,6 +149,64 @@ def test_reverse_diffusion_reduces_to_smld():
     z = torch.randn(x.shape, generator=gen(4), dtype=torch.float64)
     d = s_t**2 - s_s**2
     torch.testing.assert_close(sol.x, x + d * score(x, None) + math.sqrt(d) * z, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_drawn_at_a_std_is_the_scaled_standard_draw():
+    # the std= draw (one kernel: torch.normal) takes the generator's numbers of randn and leaves it in the same state
+    for shape in ((5, 2), (64, 3)):
+        x = torch.zeros(shape, dtype=torch.float64)
+        a, b = Noise(x, gen(3), None), Noise(x, gen(3), None)
+        torch.testing.assert_close(a(shape, std=0.3), 0.3 * b(shape), rtol=1e-15, atol=0)
+        assert torch.equal(a(shape), b(shape))
+        s1, s2 = Noise(x, None, list(range(shape[0]))), Noise(x, None, list(range(shape[0])))
+        torch.testing.assert_close(s1(shape, 4, 1, std=0.3), 0.3 * s2(shape, 4, 1), rtol=1e-15, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:pc with norms='sample'")
+@pytest.mark.parametrize("prediction", ["score", "x0"])
+@pytest.mark.parametrize("norms", ["sample", "batch"])
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_pc_one_step_closed_form(name, norms, prediction):
+    # one reverse-diffusion step t -> s then two Langevin steps at s, written out by hand (pc_step's docstring) for
+    # the exact score of N(0, v I) data; with a score model one sample's score is exactly 0 (the corrector skips it)
+    sde, v, snr = SDES[name], 0.3, 0.2
+    t, s = 0.6, 0.55
+    x = torch.randn(5, 3, 2, generator=gen(0), dtype=torch.float64) * 2
+    mask = torch.ones(5, 1, 1, dtype=torch.float64)
+    if prediction == "score":
+        mask[2] = 0.0
+
+    def score(xx, tt):
+        a, sg = sde.marginal(torch.as_tensor(tt, dtype=torch.float64).reshape(-1)[:1])
+        return -xx / (a**2 * v + sg**2) * mask
+
+    def x0(xx, tt):  # the same model as a data prediction
+        a, sg = sde.marginal(tt)
+        return (xx + sg[:, None, None] ** 2 * score(xx, tt[:1])) / a[:, None, None]
+
+    model = ss.ScoreModel(score if prediction == "score" else x0, sde, prediction=prediction)
+    sol = pc(sde.reverse(model, 1.0), x, torch.tensor([t, s], dtype=torch.float64), generator=gen(4), snr=snr,
+             corrector_steps=2, norms=norms)
+    assert uniform(sol.nfe) == 3
+    g = gen(4)
+    (a_t,), (s_t,) = sde.marginal(torch.tensor([t], dtype=torch.float64))
+    (a_s,), (s_s,) = sde.marginal(torch.tensor([s], dtype=torch.float64))
+    ar = a_t / a_s
+    d = s_t**2 - ar**2 * s_s**2
+    y = (x + d * score(x, t)) / ar + d.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    c = 2 * ar**2 * snr**2
+    for _ in range(2):
+        sc, z = score(y, s), torch.randn(x.shape, generator=g, dtype=torch.float64)
+        n2 = sc.square().sum((1, 2))
+        if norms == "sample":
+            eps = torch.where(n2 > 0, c * 6 / n2, 0.0)
+        else:
+            eps = (c * z.square().sum((1, 2)).sqrt().mean() ** 2 / n2.sqrt().mean() ** 2).expand(5)
+        y = y + eps[:, None, None] * sc + (2 * eps[:, None, None]).sqrt() * z
+    torch.testing.assert_close(sol.x, y, rtol=1e-11, atol=1e-12)
+    if prediction == "score" and norms == "sample":  # the zero-score sample got the predictor's move only
+        z0 = torch.randn(x.shape, generator=gen(4), dtype=torch.float64)
+        torch.testing.assert_close(sol.x[2], (x[2] / ar + d.sqrt() * z0[2]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["vp", "ve", "subvp"])

@@ -140,6 +140,7 @@ class GridRun:
         self.memory: dict[str, Any] = {}
         self._coefs: dict[Any, Any] = {}  # prediction kind -> per-grid-point (cx, cp); (kind, t) -> off the grid
         self._times: dict[float, torch.Tensor] = {}  # off-grid host time -> its [batch] tensor
+        self._tb: tuple[torch.Tensor, ...] | None = None  # grid times as [batch] tensors (`time`)
         self.stats: dict[str, Any] = dict(options)  # the resolved options, reported with the solution
         self.guard, self.traj = FiniteGuard(x, spec.name, keep_last), Trajectory(save_trajectory)
         self.traj.add(self.ts[0], x)
@@ -201,8 +202,15 @@ class GridRun:
     # output and x combined with host coefficients computed once per grid (`scoresolve.solvers._affine`): two
     # kernels, no schedule evaluation per step. Otherwise the model's and the process's own methods are called.
     def time(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Grid time i as a ``[batch]`` tensor."""
-        return self.ts[i].expand(x.shape[0])
+        """Grid time i as a ``[batch]`` tensor (views of ``ts``, made once per solve)."""
+        tb = self._tb
+        if tb is None or tb[0].shape[0] != x.shape[0]:
+            tb = self._tb = self.ts[:, None].expand(-1, x.shape[0]).unbind(0)
+        return tb[i]
+
+    def raw(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The network's own output at grid point i (one counted evaluation)."""
+        return self.model.raw(x, self.time(i, x))
 
     @cached_property
     def affine(self) -> bool:
@@ -227,7 +235,9 @@ class GridRun:
             _GRID_CACHE.popitem(last=False)
         return value
 
-    def _grid_coefficients(self, kind: str) -> list[tuple[float, float]]:
+    def grid_coefficients(self, kind: str) -> list[tuple[float, float]]:
+        """(cx, cp) at every grid point with prediction ``kind`` = cx x + cp out (`affine` grids only; host floats,
+        kept per grid): for steps that fold the conversion into their own per-grid weights."""
         coefs = self._coefs.get(kind)
         if coefs is None:  # at the grid times as the network sees them (rounded to x's dtype)
             def build() -> list[tuple[float, float]]:
@@ -259,12 +269,18 @@ class GridRun:
         self._coefs.update(self.per_grid(("affine_at", key, kind, self.model.prediction, self.model.sde,
                                           self.process.constant_scale, self.ts.dtype), build))
 
+    def coefficients_at(self, kind: str, t: float) -> tuple[float, float]:
+        """(cx, cp) of prediction ``kind`` = cx x + cp out at the off-grid host time t (`affine` grids only)."""
+        if (kind, t) not in self._coefs:
+            self.prefetch(kind, [t])
+        return self._coefs[(kind, t)]
+
     def predict(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
         """Prediction ``kind`` (score, eps, x0, v, flow, or ``"drift"``: the reverse process's) at grid point i."""
         if not self.affine:
             return self.proc.drift_at(x, self.time(i, x)) if kind == DRIFT else self.model.predict(x, self.time(i, x),
                                                                                                       kind)
-        cx, cp = self._grid_coefficients(kind)[i]
+        cx, cp = self.grid_coefficients(kind)[i]
         return apply_affine(x, self.model.raw(x, self.time(i, x)), cx, cp)
 
     def predict_at(self, x: torch.Tensor, t: float, kind: str) -> torch.Tensor:
@@ -274,9 +290,7 @@ class GridRun:
             tb = self._times[t] = batch_t(t, x)
         if not self.affine:
             return self.proc.drift_at(x, tb) if kind == DRIFT else self.model.predict(x, tb, kind)
-        if (kind, t) not in self._coefs:
-            self.prefetch(kind, [t])
-        cx, cp = self._coefs[(kind, t)]
+        cx, cp = self.coefficients_at(kind, t)
         return apply_affine(x, self.model.raw(x, tb), cx, cp)
 
     def predict_parts(self, x: torch.Tensor, i: int | None, kind: str,
@@ -287,15 +301,13 @@ class GridRun:
         if not self.affine:
             return (self.predict(x, i, kind) if i is not None else self.predict_at(x, float(t), kind)), 0.0, 1.0
         if i is not None:
-            cx, cp = self._grid_coefficients(kind)[i]
+            cx, cp = self.grid_coefficients(kind)[i]
             return self.model.raw(x, self.time(i, x)), cx, cp
         t = float(t)
         tb = self._times.get(t)
         if tb is None or tb.shape[0] != x.shape[0]:
             tb = self._times[t] = batch_t(t, x)
-        if (kind, t) not in self._coefs:
-            self.prefetch(kind, [t])
-        cx, cp = self._coefs[(kind, t)]
+        cx, cp = self.coefficients_at(kind, t)
         return self.model.raw(x, tb), cx, cp
 
     def score(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -311,7 +323,7 @@ class GridRun:
         """a x + b x0(x, i) (e.g. a velocity), folded into the prediction's coefficients: two kernels."""
         if (i == 0 and self.options.get("afs")) or not self.affine:
             return self.x0(x, i).mul(b).add_(x, alpha=a)
-        cx, cp = self._grid_coefficients("x0")[i]
+        cx, cp = self.grid_coefficients("x0")[i]
         return torch.add(x * (a + b * cx), self.model.raw(x, self.time(i, x)), alpha=b * cp)
 
     def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -333,9 +345,9 @@ class GridRun:
     def drift(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return self.predict(x, i, DRIFT)
 
-    def normal(self, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
-        """N(0, I) like x for step i (with seeds: a function of each sample's seed, i and ``stream`` only)."""
-        return self.noise(x.shape, i, stream)
+    def normal(self, x: torch.Tensor, i: int, stream: int = 0, std: float = 1.0) -> torch.Tensor:
+        """N(0, std^2 I) like x for step i (with seeds: a function of each sample's seed, i and ``stream`` only)."""
+        return self.noise(x.shape, i, stream, std=std)
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     def done(self, i: int, x: torch.Tensor) -> None:

@@ -187,31 +187,52 @@ def _ddim_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 def dpm_solver_2_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """Singlestep DPM-Solver-2 (Lu et al. 2022, Algorithm 1), noise prediction. Order 2, 2 NFE/step.
 
-    The intermediate point sits at lambda_s + r1 h (default r1 = 1/2, the midpoint in log-SNR).
+    The intermediate point sits at lambda_s + r1 h (default r1 = 1/2, the midpoint in log-SNR). Weights from
+    `_dpm2_plan`: u1 and x_t are weighted sums of x and the two network outputs, three fused multiply-adds in all.
     """
     warn_coarse_singlestep(run, i)
-    a, s, lam, r1 = run.alpha, run.sigma, run.lam, run.options["r1"]
-    h = lam[i + 1] - lam[i]
-    t1, a1, s1, l1 = inner_points(run, (r1,))[0][i]
-    h1 = l1 - lam[i]
-    # Algorithm 1: u1 = (a_1/a_s) x - s_1 (e^{h1} - 1) e0 (DPM-Solver-1 to s1),
-    # x_t = (a_t/a_s) x - s_t (e^h - 1) e0 - s_t/(2 r1) (e^h - 1) (e1 - e0). The noise predictions are affine in the
-    # network outputs, e = cx x + cp out (`GridRun.predict_parts`), so the step is a weighted sum of x and the two
-    # outputs: three fused multiply-adds for u1 and x_t together.
-    if i == 0 and run.options.get("afs"):
-        o0, cx0, cp0 = run.eps(x, i), 0.0, 1.0
-    else:
-        o0, cx0, cp0 = run.predict_parts(x, i, "eps")
-    k1 = s1 * math.expm1(h1)
-    ax, a0 = a1 / a[i] - k1 * cx0, -k1 * cp0  # u1 = ax x + a0 o0
+    t1, ax, a0, wx, w0, w1 = _dpm2_plan(run)[i]
+    o0 = run.eps(x, i) if i == 0 and run.options.get("afs") else run.predict_parts(x, i, "eps")[0]
     u1 = torch.add(x * ax, o0, alpha=a0)
-    o1, cx1, cp1 = run.predict_parts(u1, None, "eps", t=t1)
-    c = s[i + 1] * math.expm1(h)
-    c1 = c * h / (2 * h1)
-    # x_t = (a_t/a_s) x + (c1 - c) e0 - c1 e1, with e0 = cx0 x + cp0 o0, e1 = cx1 (ax x + a0 o0) + cp1 o1
-    wx = a[i + 1] / a[i] + (c1 - c) * cx0 - c1 * cx1 * ax
-    w0 = (c1 - c) * cp0 - c1 * cx1 * a0
-    return torch.add(x * wx, o0, alpha=w0).add_(o1, alpha=-c1 * cp1)
+    o1 = run.predict_parts(u1, None, "eps", t=t1)[0]
+    return torch.add(x * wx, o0, alpha=w0).add_(o1, alpha=w1)
+
+
+def _dpm2_plan(run: GridRun) -> list[tuple[float, ...]]:
+    """Per step i, (t1, ax, a0, wx, w0, w1) of `dpm_solver_2_step`: u1 = ax x + a0 o0 and x_t = wx x + w0 o0 + w1 o1
+    for the outputs o0, o1 of `GridRun.predict_parts` (noise prediction e = cx x + cp o), host floats kept per grid.
+
+    Algorithm 1: u1 = (a_1/a_s) x - s_1 (e^{h1} - 1) e0 (DPM-Solver-1 to s1), x_t = (a_t/a_s) x - s_t (e^h - 1) e0
+    - s_t/(2 r1) (e^h - 1) (e1 - e0), with e0 = cx0 x + cp0 o0 and e1 = cx1 u1 + cp1 o1 folded in.
+    """
+    plan = run.memory.get("dpm2_plan")
+    if plan is not None:
+        return plan
+    r1, afs = run.options["r1"], bool(run.options.get("afs"))
+    pts = inner_points(run, (r1,))[0]  # (prefetches the noise-prediction coefficients there)
+
+    def build() -> list[tuple[float, ...]]:
+        a, s, lam = run.alpha, run.sigma, run.lam
+        grid = run.grid_coefficients("eps") if run.affine else None
+        rows = []
+        for i in range(run.steps):
+            t1, a1, s1, l1 = pts[i]
+            h, h1 = lam[i + 1] - lam[i], l1 - lam[i]
+            cx0, cp0 = (0.0, 1.0) if grid is None or (i == 0 and afs) else grid[i]
+            cx1, cp1 = run.coefficients_at("eps", t1) if grid is not None else (0.0, 1.0)
+            k1 = s1 * math.expm1(h1)
+            ax, a0 = a1 / a[i] - k1 * cx0, -k1 * cp0
+            c = s[i + 1] * math.expm1(h)
+            c1 = c * h / (2 * h1)
+            wx = a[i + 1] / a[i] + (c1 - c) * cx0 - c1 * cx1 * ax
+            w0 = (c1 - c) * cp0 - c1 * cx1 * a0
+            rows.append((t1, ax, a0, wx, w0, -c1 * cp1))
+        return rows
+
+    plan = run.memory["dpm2_plan"] = run.per_grid(
+        ("dpm2_plan", r1, afs, run.affine, run.model.prediction, run.model.sde, run.process.constant_scale,
+         run.ts.dtype), build)
+    return plan
 
 
 def dpm_solver_3_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -106,13 +106,18 @@ class Noise:
             self.seeds = torch.tensor(ints, dtype=torch.int64, device=x.device)
 
     def __call__(self, shape: Sequence[int], counter: int | torch.Tensor = 0, stream: int = 0,
-                 seeds: torch.Tensor | None = None) -> torch.Tensor:
-        """N(0, I) of ``shape`` ([batch, ...]); with seeds, row i is a function of (seeds[i], counter[i], stream).
-        ``seeds`` overrides the stored ones (the rows still being solved, when a batch has been compacted)."""
+                 seeds: torch.Tensor | None = None, std: float = 1.0) -> torch.Tensor:
+        """N(0, std^2 I) of ``shape`` ([batch, ...]); with seeds, row i is a function of (seeds[i], counter[i],
+        stream). ``seeds`` overrides the stored ones (the rows still being solved, when a batch has been compacted).
+        A ``std`` other than 1 scales the draw in the same kernel (the generator's numbers are those of std = 1)."""
         seeds = self.seeds if seeds is None else seeds
         if seeds is None:
-            return torch.randn(tuple(shape), generator=self.generator, dtype=self.dtype, device=self.device)
-        return seeded_normal(seeds, counter, stream, shape, self.dtype, self.device)
+            if std == 1.0:
+                return torch.randn(tuple(shape), generator=self.generator, dtype=self.dtype, device=self.device)
+            return torch.normal(0.0, std, tuple(shape), generator=self.generator, dtype=self.dtype,
+                                device=self.device)
+        z = seeded_normal(seeds, counter, stream, shape, self.dtype, self.device)
+        return z if std == 1.0 else z.mul_(std)
 
 
 

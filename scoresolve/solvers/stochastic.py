@@ -33,7 +33,7 @@ from .controllers import IController
 from .exponential import (
     REVERSE_VARIANCE_OPTIONS,
     check_reverse_variance,
-    ddim_step_from,
+    ddim_weights,
     posterior_fraction,
     reverse_std,
 )
@@ -56,9 +56,9 @@ def _require_reverse_sde(name: str, process: ReverseProcess) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 def em_step(run: GridRun, x: torch.Tensor, i: int, stream: int = 0) -> torch.Tensor:
     """x_s = x_t + (s - t) drift(x_t, t) + s(t) sqrt(t - s) z  (s < t, so (s - t) drift moves against the drift)."""
-    x_new = rk_step(EULER, run, x, i)
+    x_new = rk_step(EULER, run, x, i)  # a new tensor (one fused multiply-add): the noise is added in place
     if not run.process.is_ode:
-        x_new = x_new + (run.s[i] * math.sqrt(run.t[i] - run.t[i + 1])) * run.normal(x, i, stream)
+        x_new = x_new.add_(run.normal(x, i, stream), alpha=run.s[i] * math.sqrt(run.t[i] - run.t[i + 1]))
     return x_new
 
 
@@ -77,16 +77,55 @@ def euler_maruyama_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 
 def rd_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """One reverse-diffusion step: DDIM's eta = 1 mean, the forward (sigma_t) or posterior (sigma_s) noise std, or
-    another reverse variance (`scoresolve.solvers.exponential.reverse_std`)."""
-    frac = posterior_fraction(run, i)
-    kind = run.options["variance"]
-    if kind in ("forward", "posterior"):
-        std = frac * (run.sigma[i] if kind == "forward" else run.sigma[i + 1])
-        if run.options.get("last_std") is not None and i == run.steps - 1:
-            std = min(std, float(run.options["last_std"]))
+    another reverse variance (`scoresolve.solvers.exponential.reverse_std`); weights from `_rd_plan`."""
+    a, b, std = _rd_plan(run)[i]
+    if not run.affine:  # the model's own conversion to x0: a x + b x0, then the noise
+        x_new = run.x0_combination(x, i, a, b)
+        return x_new.add_(run.normal(x, i), alpha=std) if std > 0 else x_new
+    out = run.raw(x, i)  # x_s = a x + b out + std z = a (x + (b / a) out) + std z: two kernels besides the draw
+    if a == 0.0:
+        x_new = out * b
     else:
-        std = reverse_std(run, i, 1.0)
-    return ddim_step_from(run, x, i, frac, std)
+        x_new = torch.add(x, out, alpha=b / a)
+        if std <= 0:
+            return x_new.mul_(a)
+        return torch.add(run.normal(x, i, std=std), x_new, alpha=a)
+    return x_new.add_(run.normal(x, i), alpha=std) if std > 0 else x_new
+
+
+def _rd_plan(run: GridRun) -> list[tuple[float, float, float]]:
+    """Per step i of the grid, (a, b, std) of the reverse-diffusion step x_s = a x + b y + std z, with y the
+    network's raw output at t_i where the grid has host coefficients (`GridRun.affine`: DDIM's eta = 1 weights
+    with the conversion to x0 folded in), else y = x0. Host floats, computed once per grid and kept (`per_grid`)."""
+    plan = run.memory.get("rd_plan")
+    if plan is not None:
+        return plan
+    kind, last = run.options["variance"], run.options.get("last_std")
+
+    def build() -> list[tuple[float, float, float]]:
+        rows = []
+        x0 = run.grid_coefficients("x0") if run.affine else None
+        for i in range(run.steps):
+            frac = posterior_fraction(run, i)
+            if kind in ("forward", "posterior"):
+                std = frac * (run.sigma[i] if kind == "forward" else run.sigma[i + 1])
+                if last is not None and i == run.steps - 1:
+                    std = min(std, float(last))
+            else:
+                std = reverse_std(run, i, 1.0)
+            cx, c0 = ddim_weights(run, i, frac)
+            if x0 is not None:
+                cx, c0 = cx + c0 * x0[i][0], c0 * x0[i][1]
+            rows.append((cx, c0, std))
+        return rows
+
+    if kind in ("forward", "posterior"):  # a function of the grid and these keys only
+        plan = run.per_grid(("rd_plan", kind, last, run.affine, run.model.prediction, run.model.sde,
+                             run.process.constant_scale, run.ts.dtype), build)
+    else:
+        plan = build()
+    run.memory["rd_plan"] = plan
+    return plan
 
 
 def reverse_diffusion_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -134,15 +173,65 @@ def _rd_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # Predictor-corrector
 # ------------------------------------------------------------------------------------------------------------------
-def _langevin(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, c: float, norms: str) -> torch.Tensor:
-    """One Langevin step x + eps score + sqrt(2 eps) z with eps = c ||z||^2 / ||score||^2 (see `pc`)."""
-    s2 = torch.linalg.vector_norm(score.flatten(1), dim=1).square()  # one pass over the state; the rest is [batch]
-    if norms == "sample":  # 0 where the score is 0 (c D / 0 = inf) or not finite
-        eps = torch.nan_to_num((c * math.prod(z.shape[1:])) / s2, nan=0.0, posinf=0.0)
-    else:  # score_sde: squared batch means of the norms (one step size for the whole batch)
-        zn, sn = z.flatten(1).norm(dim=1).mean(), s2.sqrt().mean()
-        eps = torch.where(sn > 0, c * zn.square() / torch.where(sn > 0, sn, 1.0).square(), 0.0).expand(s2.shape)
-    return torch.addcmul(x, bcast(eps, x), score).addcmul_(bcast(eps.sqrt(), x), z, value=math.sqrt(2))
+def _langevin(run: GridRun, x: torch.Tensor, i: int, j: int, row: tuple, dims: tuple[int, ...]) -> torch.Tensor:
+    """Corrector j of step i: one Langevin step at grid point i + 1, x + eps score + sqrt(2 eps) z (see `pc_step`).
+
+    With score = c u (u = x + q y for the network's output y, or y itself, or the score when the grid has no host
+    coefficients; ``row`` = (q, v1, v2) from `_pc_plan`) and sqrt(eps) = sqrt(k) r / |c|, where r = 1 / ||u_b|| per
+    sample (k = 2 a snr^2 D) or r = mean_b ||z_b|| / mean_b ||u_b|| for the batch (k = 2 a snr^2), the step is
+
+        x + r v2 (z + v1 r u),     v1 = sign(c) sqrt(k / 2),  v2 = sqrt(2 k) / |c|,
+
+    two fused kernels besides the norm; r = 0 (no move) where ||u|| is 0 or not finite.
+    """
+    q, v1, v2 = row
+    if q is None:
+        u = run.score(x, i + 1)
+    elif q == 0.0:
+        u = run.raw(x, i + 1)
+    else:
+        u = torch.add(x, run.raw(x, i + 1), alpha=q)
+    z = run.normal(x, i, 1 + j)
+    if v2 == 0.0:  # snr = 0: no move (the evaluation and the draw still happen)
+        return x
+    if run.options["norms"] == "sample":
+        r = torch.linalg.vector_norm(u, dim=dims, keepdim=True).reciprocal_()
+    else:  # score_sde: one step size for the whole batch
+        r = torch.linalg.vector_norm(z, dim=dims).mean() / torch.linalg.vector_norm(u, dim=dims).mean()
+    r = r.nan_to_num_(nan=0.0, posinf=0.0)
+    return torch.addcmul(x, r, torch.addcmul(z, r, u, value=v1), value=v2)
+
+
+def _pc_plan(run: GridRun, D: int) -> list[tuple]:
+    """Per step i, (q, v1, v2) of its Langevin correctors at grid point i + 1 (see `_langevin`), q = None where the
+    grid has no host coefficients (u = the score, c = 1) and q = 0 where u = the network's output (score = c y).
+    The score's coefficients (cx, cp) give c = cx, q = cp / cx, or c = cp where cx = 0. Host floats, kept per grid."""
+    plan = run.memory.get("pc_plan")
+    if plan is not None:
+        return plan
+    o = run.options
+
+    def build() -> list[tuple]:
+        coefs = run.grid_coefficients("score") if run.affine else None
+        rows = []
+        for i in range(run.steps):
+            a = math.exp(2 * (run.log_alpha[i] - run.log_alpha[i + 1]))
+            k = 2 * a * o["snr"] ** 2 * (D if o["norms"] == "sample" else 1)
+            if coefs is None:
+                q, c = None, 1.0
+            else:
+                cx, cp = coefs[i + 1]
+                q, c = (cp / cx, cx) if cx != 0.0 else (0.0, cp)
+            if c == 0.0 or k == 0.0:
+                rows.append((q, 0.0, 0.0))
+            else:
+                rows.append((q, math.copysign(math.sqrt(k / 2), c), math.sqrt(2 * k) / abs(c)))
+        return rows
+
+    plan = run.memory["pc_plan"] = run.per_grid(
+        ("pc_plan", o["snr"], o["norms"], D, run.affine, run.model.prediction, run.model.sde,
+         run.process.constant_scale, run.ts.dtype), build)
+    return plan
 
 
 def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -174,6 +263,9 @@ def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     paper's Algorithm 2 (score_sde's code corrects before predicting), so the last corrector acts at t_eps.
     ``snr`` defaults to 0.16, score_sde's CIFAR-10 setting for VP and VE alike (it uses 0.075 for its
     high-resolution VE models). The reverse-diffusion predictor needs diffusion=1; EM accepts any member.
+
+    Per step, with the package's own model and process (`GridRun.affine`), the predictor is two kernels and a draw
+    (`rd_step`) and each corrector five and a draw (`_langevin`); every weight is a host float from `_pc_plan`.
     """
     o = run.options
     D = math.prod(x.shape[1:])
@@ -184,11 +276,10 @@ def pc_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
             f"-0.59 exact); for D < {PC_MIN_DIM} use norms='batch' (-1.00/-0.56 there) or corrector_steps=0",
             UserWarning, stacklevel=2)
     x = rd_step(run, x, i) if o["predictor"] == "reverse_diffusion" else em_step(run, x, i)
-    a = math.exp(2 * (run.log_alpha[i] - run.log_alpha[i + 1]))
-    for j in range(o["corrector_steps"]):
-        score = run.score(x, i + 1)
-        z = run.normal(x, i, 1 + j)
-        x = _langevin(x, score, z, 2 * a * o["snr"] ** 2, o["norms"])
+    if o["corrector_steps"]:
+        row, dims = _pc_plan(run, D)[i], tuple(range(1, x.ndim))
+        for j in range(o["corrector_steps"]):
+            x = _langevin(run, x, i, j, row, dims)
     return x
 
 
