@@ -82,7 +82,9 @@ def calibrate(
         nfe: the budget of the calibrated solves (>= 2).
         shape: the shape of one sample (without the batch dimension).
         num_samples: prior draws of the fit, of which the fraction ``holdout`` is held out to check it.
-        iters, batch, lr: Adam iterations, samples per iteration, learning rate.
+        iters: Adam iterations (per fitted start).
+        batch: samples per iteration.
+        lr: the learning rate at the start (decayed to lr / 10).
         history: the past states and predictions each step combines (>= 2).
         afs: the analytical first step (x0 = 0 at T, no evaluation): the budget buys one more step.
         starts: named grids to start from; the ``fit_starts`` best of them (by the median sample's error of the base

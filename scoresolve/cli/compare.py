@@ -188,7 +188,7 @@ def best_candidates(sde) -> list[str]:
     for name, spec in sorted(REGISTRY.items()):
         if not isinstance(spec, GridSolver) or spec.stochastic and spec.noise_option is None or spec.default_diffusion:
             continue
-        if alpha_T == 0 and not spec.starts_at_alpha0:
+        if alpha_T == 0 and not spec.starts_at_alpha0 or spec.required_options:
             continue
         names += [f"{name}@{g}" for g in grids]
     return names

@@ -41,7 +41,9 @@ class SolverSpec:
     a ``generator`` or per-sample ``seeds``; if ``noise_option`` names an option (``eta`` for ddim) they draw noise
     only when it is > 0 (see `draws_noise`). ``starts_at_alpha0``: the method can start where alpha = 0 (log-SNR =
     -inf, t = 1 of rectified flow) from a model that predicts x0 there (flow, x0 or v; see `check_start`).
-    ``requires``: the process capabilities the method needs (`scoresolve.process.CAPABILITIES`, e.g.
+    ``required_options``: options without which the solver cannot run (the calibrated sampler's ``calibration``):
+    generic runs over every solver (``scoresolve compare --best``) skip it. ``requires``: the process capabilities
+    the method needs (`scoresolve.process.CAPABILITIES`, e.g.
     ``gaussian_kernel`` for the exponential integrators); ``requires_fn(options)`` adds those of options (the
     options are the caller's merged over the defaults). A run that draws noise (`draws_noise`) or has diffusion > 0
     also requires ``reverse_sde``; see `requirements`.
@@ -58,6 +60,7 @@ class SolverSpec:
     starts_at_alpha0: bool = False
     requires: frozenset[str] = frozenset()
     requires_fn: Callable[[Mapping[str, Any]], Iterable[str]] | None = None
+    required_options: tuple[str, ...] = ()
 
     def __new__(cls, *args: Any, **keywords: Any) -> SolverSpec:
         if cls is SolverSpec:  # the base names no run: the type follows from step= or run=

@@ -277,6 +277,7 @@ def calibrated_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 register(GridSolver("calibrated", step=calibrated_step, options={"calibration": None, "afs": None},
-                    prepare=_prepare, order=2, default_grid="logsnr", starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
+                    required_options=("calibration",), prepare=_prepare, order=2, default_grid="logsnr",
+                    starts_at_alpha0=True, requires=GAUSSIAN_KERNEL,
                     description="a multistep data-prediction sampler with grid and weights fitted to one model "
                                 "(scoresolve.calibrate)"))
