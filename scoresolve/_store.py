@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -40,3 +40,18 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def read_record(where: Path, name: str, what: str, env: str, from_dict: Callable[[dict], Any]) -> Any:
+    """The record saved as ``<where>/<name>.json``, read through ``from_dict`` and named ``name``: FileNotFoundError
+    listing the saved names (``env`` is the variable that moves the store), ValueError naming an invalid file."""
+    path = where / f"{check_name(name, what)}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in where.glob("*.json")) if where.is_dir() else []
+        raise FileNotFoundError(f"no saved {what} {name!r} in {where} (set {env} or pass directory=); saved: {have}")
+    try:
+        record = from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid saved {what}: {e}") from e
+    record.name = name
+    return record

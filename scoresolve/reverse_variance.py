@@ -29,7 +29,6 @@ The moment estimate is saved and reused like a tuned grid (`MomentEstimate.save`
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time as _time
@@ -39,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._store import check_name, store_dir, write_json
+from ._store import check_name, read_record, store_dir, write_json
 from ._utils import check_batched
 from .sde import ForwardSDE
 
@@ -242,16 +241,7 @@ def _check_name(name: str) -> str:
 
 def load_moments(name: str, directory: str | os.PathLike | None = None) -> MomentEstimate:
     """The moment estimate saved under ``name`` (see `MomentEstimate.save`)."""
-    path = moment_dir(directory) / f"{_check_name(name)}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no saved moment estimate {name!r} in {moment_dir(directory)} (set "
-                                f"{MOMENT_DIR_ENV} or pass directory=)")
-    try:
-        est = MomentEstimate.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid saved moment estimate: {e}") from e
-    est.name = name
-    return est
+    return read_record(moment_dir(directory), name, "moment estimate", MOMENT_DIR_ENV, MomentEstimate.from_dict)
 
 
 def _model_id(model: Callable) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .._store import check_name, store_dir, write_json
+from .._store import check_name, read_record, store_dir, write_json
 from ._grid import GridRun, check_grid
 from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
 
@@ -186,20 +186,7 @@ def save_calibration(cal: Calibration, name: str | None = None, directory: str |
 
 def load_calibration(name: str, directory: str | os.PathLike | None = None) -> Calibration:
     """The calibration saved under ``name``; ``sample(..., calibration=name)`` does the same lookup."""
-    import json
-
-    where = calibration_dir(directory)
-    path = where / f"{check_name(name, 'calibration')}.json"
-    if not path.is_file():
-        have = sorted(p.stem for p in where.glob("*.json")) if where.is_dir() else []
-        raise FileNotFoundError(f"no saved calibration {name!r} in {where} (set {CALIBRATION_DIR_ENV} or pass "
-                                f"directory=); saved: {have}")
-    try:
-        cal = Calibration.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"saved calibration {path} is invalid: {e}") from e
-    cal.name = name
-    return cal
+    return read_record(calibration_dir(directory), name, "calibration", CALIBRATION_DIR_ENV, Calibration.from_dict)
 
 
 def resolve_calibration(cal: Any) -> Calibration:

@@ -7,7 +7,6 @@ module, never the other way round.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._store import check_name, store_dir, write_json
+from .._store import check_name, read_record, store_dir, write_json
 from ._grid import check_grid
 
 GRID_DIR_ENV = "SCORESOLVE_GRID_DIR"
@@ -129,16 +128,4 @@ def save_grid(tuned: TunedGrid, name: str | None = None, directory: str | os.Pat
 
 def load_grid(name: str, directory: str | os.PathLike | None = None) -> TunedGrid:
     """The grid saved under ``name`` (see `save_grid`); ``sample(..., grid="tuned:<name>")`` does the same lookup."""
-    path = grid_dir(directory) / f"{_check_name(name)}.json"
-    if not path.is_file():
-        where = grid_dir(directory)
-        have = sorted(p.stem for p in where.glob("*.json")) if where.is_dir() else []
-        raise FileNotFoundError(f"no saved grid {name!r} in {where} (set {GRID_DIR_ENV} or pass directory=); "
-                                f"saved: {have}")
-    try:
-        data = json.loads(path.read_text())
-        tuned = TunedGrid.from_dict(data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid saved grid: {e}") from e
-    tuned.name = name
-    return tuned
+    return read_record(grid_dir(directory), name, "grid", GRID_DIR_ENV, TunedGrid.from_dict)
