@@ -63,7 +63,7 @@ def calibrate(
     afs: bool = True,
     starts: Sequence[str] = STARTS,
     fit_grid: bool = True,
-    fit_starts: int = 2,
+    fit_starts: int = 3,
     trim: float = 0.1,
     check_every: int = 25,
     t_eps: float = 1e-3,
