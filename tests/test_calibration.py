@@ -144,3 +144,12 @@ def test_a_process_without_a_gaussian_kernel_is_calibrated_on_its_ode_view():
     sol = ss.sample(model, proc, x_T, calibration=cal)
     assert int(sol.nfe.max()) == 4 and bool(torch.isfinite(sol.x).all())
     assert cal.val_error < cal.val_start_error
+
+
+def test_generic_runs_over_every_solver_skip_the_calibrated_one():
+    """`scoresolve compare --best` tries every deterministic grid solver on every grid: not one that needs a fit."""
+    from scoresolve.cli.compare import best_candidates
+
+    names = best_candidates(ss.VPSDE())
+    assert names and not any(n.startswith("calibrated@") for n in names)
+    assert any(n.startswith("dpmpp_2m@") for n in names)
