@@ -87,12 +87,7 @@ def test_resume_with_another_num_levels_is_refused(tmp_path):
     # a run started before num_levels was recorded (manifest with bits only) resumes with its L = 2^bits
     old = str(tmp_path / "old")
     s = evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False)
-    path = os.path.join(old, "manifest.json")
-    with open(path) as f:
-        m = json.load(f)
-    del m["num_levels"]
-    with open(path, "w") as f:
-        json.dump(m, f)
+    _edit_manifest(old, lambda m: m.pop("num_levels"))
     assert evaluate_dataset(v, old, fn=fn, num_levels=16, batch_size=4, progress=False) == s
     assert evaluate_dataset(v, old, fn=fn, bits=4, batch_size=4, progress=False) == s
     with pytest.raises(ValueError, match="num_levels: stored 16, now 17"):
@@ -142,6 +137,17 @@ def test_resume_with_another_model_is_refused_naming_both_fingerprints(tmp_path)
         evaluate_dataset(x, str(tmp_path / "module"), score=b, sde=object(), **kw)
 
 
+def _edit_manifest(out, edit):
+    """Rewrite ``out``'s manifest as ``edit`` leaves it (``edit(m)`` changes the dict in place); returns it."""
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    edit(m)
+    with open(path, "w") as f:
+        json.dump(m, f)
+    return m
+
+
 def _rewrite_records(out, edit):
     """Rewrite every record of ``out``'s record files as ``edit(record)``."""
     for name in os.listdir(out):
@@ -162,12 +168,7 @@ def test_manifests_without_a_fingerprint_still_resume(tmp_path):
     _, _, x = make_problem(12)
     out = str(tmp_path / "old")
     s = evaluate_dataset(x, out, fn=Density(0.0), batch_size=4, progress=False)
-    path = os.path.join(out, "manifest.json")
-    with open(path) as f:
-        m = json.load(f)
-    del m["model_fingerprint"]  # written before fingerprints existed
-    with open(path, "w") as f:
-        json.dump(m, f)
+    _edit_manifest(out, lambda m: m.pop("model_fingerprint"))  # written before fingerprints existed
     _strip_run_identity(out)  # ... and its records before they carried their run's identity
     assert evaluate_dataset(x, out, fn=Density(0.5), batch_size=4, progress=False) == s  # nothing to compare
     # a function that reaches no torch module has no fingerprint (model_id names such a model)
@@ -219,12 +220,7 @@ def test_manifest_with_a_spot_fingerprint_resumes_on_the_same_data(tmp_path):
     fn = lambda y, g: -y.pow(2).sum(1)  # noqa: E731
     out = str(tmp_path / "run")
     s = evaluate_dataset(x, out, fn=fn, batch_size=8, progress=False)
-    path = os.path.join(out, "manifest.json")
-    with open(path) as f:
-        m = json.load(f)
-    m["data_fingerprint"] = spot_fingerprint(x)  # as runs before full hashes wrote it
-    with open(path, "w") as f:
-        json.dump(m, f)
+    _edit_manifest(out, lambda m: m.update(data_fingerprint=spot_fingerprint(x)))  # as runs before full hashes wrote it
     _strip_run_identity(out)
     assert evaluate_dataset(x, out, fn=fn, batch_size=8, progress=False) == s
     with pytest.raises(ResumeError, match="data_fingerprint"):
@@ -326,13 +322,7 @@ def test_a_manifest_from_before_model_config_resumes(tmp_path):
     out = str(tmp_path / "old")
     run = dict(batch_size=4, progress=False, rtol=1e-3, atol=1e-3)
     s = evaluate_dataset(x, out, score=model, sde=sde, **run)
-    path = os.path.join(out, "manifest.json")
-    with open(path) as f:
-        m = json.load(f)
-    del m["model_config"]
-    with open(path, "w") as f:
-        json.dump(m, f)
-    ident = run_identity(m)
+    ident = run_identity(_edit_manifest(out, lambda m: m.pop("model_config")))
     _rewrite_records(out, lambda r: {**r, "run": ident})
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
