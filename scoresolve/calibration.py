@@ -29,17 +29,15 @@ only the weights and the schedule's part of the grid are fitted).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .compare import float64_model
+from .compare import network_reference_solve
 from .fingerprint import model_fingerprint
 from .process import check_capabilities
-from .sampling import sample
 from .score import ScoreModel
 from .solvers.calibrated import Calibration, step_weights
 from .solvers.time_grids import time_grid
@@ -117,8 +115,7 @@ def calibrate(
     if process.missing(("gaussian_kernel",)):  # as the default sampler does: the process's ODE view for x0 models
         view = process.ode_view()
         if view is not None and model.prediction == "x0" and not view.missing(("gaussian_kernel",)):
-            model = copy.copy(model)
-            model.sde = process = view
+            model, process = model.on(view), view
     check_capabilities("calibrate", process, ("gaussian_kernel",))
     gen = torch.Generator().manual_seed(int(seed))
     x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
@@ -134,18 +131,18 @@ def calibrate(
     def per_sample(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return (x - r).flatten(1).pow(2).mean(1).sqrt()
 
-    candidates: list[tuple[float, str, _Fit]] = []
+    candidates: list[tuple[float, str, _Fit, torch.Tensor]] = []
     for name in starts:
         try:
             grid = time_grid(process, steps, name, t_eps)
         except (ValueError, NotImplementedError):
             continue  # a grid this process does not support (e.g. logsnr where the log-SNR is -inf at T)
-        f = _Fit(process, grid, history, afs, dtype, device)
+        f = _Fit(process, grid, history, afs)
         with torch.no_grad():
             err = per_sample(f.rollout(model, fit_x), fit_ref)
         evaluations += nfe * len(fit_x)
         if bool(torch.isfinite(err).all()):
-            candidates.append((float(err.median()), name, f))  # ranked by the typical sample (flips aside)
+            candidates.append((float(err.median()), name, f, err))  # ranked by the typical sample (flips aside)
     if not candidates:
         raise ValueError(f"none of the start grids {tuple(starts)} gives a finite end point on {process!r}")
     candidates.sort(key=lambda c: c[0])
@@ -155,9 +152,7 @@ def calibrate(
 
         bar = tqdm(total=iters * min(fit_starts, len(candidates)), desc="calibrating", unit="iter")
     fits = []
-    for _, name, fit in candidates[: max(1, fit_starts)]:
-        with torch.no_grad():
-            err0 = per_sample(fit.rollout(model, fit_x), fit_ref)
+    for _, name, fit, err0 in candidates[: max(1, fit_starts)]:
         best, evals = _descend(fit, model, fit_x, fit_ref, objective, per_sample, float(objective(err0)),
                                float(err0.mean()), fit_grid, iters, batch, lr, check_every, gen, bar)
         evaluations += evals
@@ -165,7 +160,7 @@ def calibrate(
     if bar is not None:
         bar.close()
     best, start, start_error, fit = min(fits, key=lambda f: f[0])
-    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs, dtype, device)
+    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs)
     with torch.no_grad():
         val_error = float(objective(per_sample(fit.rollout(model, val_x), val_ref))) if n_val else math.nan
         val_start = float(objective(per_sample(start_fit.rollout(model, val_x), val_ref))) if n_val else math.nan
@@ -218,23 +213,17 @@ def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor,
 
 def _reference(model: ScoreModel, process: Any, x_T: torch.Tensor, t_eps: float, tol: float
                ) -> tuple[torch.Tensor, int, str]:
-    """(reference ends, network evaluations, description): dopri5 at rtol = atol = ``tol``, in float64 where the
-    network converts."""
-    m64 = float64_model(model)
-    use = m64 if m64 is not None else model
-    x = x_T.double() if m64 is not None else x_T
-    sol = sample(use, process, x, solver="dopri5", rtol=tol, atol=tol, t_eps=t_eps, max_steps=100_000)
-    nfe = int(sol.nfe.sum())
-    return sol.x.to(x_T.dtype), nfe, f"dopri5 rtol=atol={tol:g} {x.dtype} (mean NFE {nfe / len(x_T):.0f})"
+    """(reference ends, network evaluations, description): `scoresolve.compare.network_reference_solve` at
+    rtol = atol = ``tol`` (float64 where the network converts)."""
+    sol, how = network_reference_solve(model, process, x_T, t_eps, tol64=tol, tol32=tol)
+    return sol.x.to(x_T.dtype), int(sol.nfe.sum()), how
 
 
 class _Fit:
     """The parameters of a fit (grid logits, corrections) and the differentiable few-step solve they define."""
 
-    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool, dtype: torch.dtype,
-                 device: Any) -> None:
+    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool) -> None:
         self.process, self.afs = process, bool(afs)
-        self.dtype, self.device = dtype, device
         self.T, self.t_eps = float(grid[0]), float(grid[-1])
         grid = grid.to(torch.float64)
         # the grid's coordinate: the log-SNR where it is finite at T, else t (rectified flow: alpha(T) = 0)

@@ -21,7 +21,7 @@ from .analytic import GaussianMixture
 from .sampling import sample
 from .score import ScoreModel
 from .sde import ForwardSDE
-from .solvers import REGISTRY, AdaptiveSolver, GridSolver
+from .solvers import REGISTRY, AdaptiveSolver, GridSolver, Solution
 
 
 @dataclass
@@ -94,17 +94,26 @@ def network_reference(
     ODE from ``x_T``, in float64 where the model converts (`float64_model`, rtol = atol = ``tol64``), else in its
     own precision (``tol32``); ``progress``: a progress bar of the solve. Returns (x_ref, a description of the
     reference)."""
+    sol, how = network_reference_solve(model, sde, x_T, t_eps, tol64, tol32, progress)
+    return sol.x, how
+
+
+def network_reference_solve(
+    model: Callable, sde: ForwardSDE, x_T: torch.Tensor, t_eps: float, tol64: float = 1e-8, tol32: float = 1e-6,
+    progress: bool = False,
+) -> tuple[Solution, str]:
+    """`network_reference` with the whole `Solution` (its ``nfe`` included) instead of the end points."""
     model64 = float64_model(model)
     if model64 is not None:
         try:
             ref = sample(model64, sde, x_T.double(), solver="dopri5", rtol=tol64, atol=tol64, t_eps=t_eps,
                          max_steps=100_000, progress=progress)
-            return ref.x, f"dopri5 float64 rtol=atol={tol64:g} (mean NFE {_mean(ref.nfe):.0f})"
+            return ref, f"dopri5 float64 rtol=atol={tol64:g} (mean NFE {_mean(ref.nfe):.0f})"
         except (RuntimeError, TypeError):  # a network that does not run in float64
             pass
     ref = sample(model, sde, x_T, solver="dopri5", rtol=tol32, atol=tol32, t_eps=t_eps, max_steps=100_000,
                  progress=progress)
-    return ref.x, f"dopri5 {str(x_T.dtype).replace('torch.', '')} rtol=atol={tol32:g} (mean NFE {_mean(ref.nfe):.0f})"
+    return ref, f"dopri5 {str(x_T.dtype).replace('torch.', '')} rtol=atol={tol32:g} (mean NFE {_mean(ref.nfe):.0f})"
 
 
 def _mean(v: int | torch.Tensor) -> float:

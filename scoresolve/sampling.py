@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -228,8 +227,7 @@ def _default_sampler(nfe, steps, grid, diffusion, options, model: ScoreModel, sd
     budget = steps if steps is not None else (nfe if nfe is not None else 20)
     name, opts, default, process = default_for_process(int(budget), options, model.prediction, sde)
     if process is not sde:  # the default runs on the process's ode_view (`Process.ode_view`)
-        model = copy.copy(model)
-        model.sde = process
+        model = model.on(process)
     return name, opts, default if grid is None else grid, model, process
 
 

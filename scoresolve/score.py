@@ -13,6 +13,7 @@ Guidance lives here too, as transforms of a score callable.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
@@ -177,6 +178,13 @@ class ScoreModel:
         if not callable(score):
             raise TypeError(f"score must be callable score(x, t), got {type(score).__name__}")
         return cls(score, sde, prediction="score", time="t")
+
+    def on(self, sde: "ForwardSDE") -> "ScoreModel":
+        """A copy of this model that reads its network under the process ``sde`` (e.g. a process's `ode_view`): the
+        same network, prediction and time convention."""
+        out = copy.copy(self)
+        out.sde = sde
+        return out
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         """The network's time input for continuous times ``t``."""

@@ -63,7 +63,7 @@ def test_calibrated_sampler_beats_the_default_on_held_out_x_T(sde):
 def test_the_solver_reproduces_the_fitted_solve(sde):
     """`sample(..., calibration=cal)` runs the arithmetic the fit differentiated (`_Fit.rollout`), to rounding."""
     model, cal = _mixture(sde), _calibrated(sde)
-    fit = _Fit(sde, cal.grid, cal.history, cal.afs, F64, None)
+    fit = _Fit(sde, cal.grid, cal.history, cal.afs)
     with torch.no_grad():
         fit.coef.copy_(cal.coefficients)
         assert torch.allclose(fit.grid(), cal.grid, rtol=1e-13, atol=1e-15)

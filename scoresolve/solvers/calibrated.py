@@ -204,8 +204,6 @@ def calibrated_setup(cal: Any, nfe: int | None, steps: int | None, grid: Any, mo
     """What `sample` runs for ``calibration=cal``: (the record, its grid, the model, the process), the process being
     ``sde`` or its `ode_view` (then the model is a copy bound to it), as the calibration was fitted. Refuses another
     budget, grid, process or model."""
-    import copy
-
     from ..fingerprint import model_fingerprint
 
     cal = resolve_calibration(cal)
@@ -222,8 +220,7 @@ def calibrated_setup(cal: Any, nfe: int | None, steps: int | None, grid: Any, mo
         view = sde.ode_view() if hasattr(sde, "ode_view") else None
         if view is None or repr(view) != cal.process or model.prediction != "x0":
             raise ValueError(f"the calibration was fitted on {cal.process}, not on {sde!r}")
-        model = copy.copy(model)
-        model.sde = sde = view
+        model, sde = model.on(view), view
     if cal.model:
         fp = model_fingerprint(model)
         if fp is not None and fp != cal.model:
