@@ -204,3 +204,34 @@ def test_flow_matching_baseline_solves_our_problem_with_our_conventions(name):
         gm = ss.GaussianMixture.random(dim, k, seed=0, scale_range=scale_range, full=full)
         exact, _, _ = mod.flow_matching_baseline(velocity, sde, x, eps, 1e-5, 1e-9, 1e-9, exact=True)
         torch.testing.assert_close(exact, gm.log_prob(x, 1e-5, sde), rtol=0, atol=1e-5)
+
+
+def test_likelihood_matched_fit_reads_planted_power_laws():
+    """The fitted matched-error reading recovers tol* and the work of exact power laws (no noise)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import likelihood_matched_fit as lmf
+
+    tols = [1e-6 * 10 ** (k / 4) for k in range(9)]
+    # the peer: max error 1e3 tol, mean 10 tol, calls 10 tol^-0.2; ours: max 100 tol, mean 2 tol (10x and 5x
+    # smaller: the mean governs, tol* = 5 x 1e-5), NFE 5 tol^-0.2, calls 8 tol^-0.2
+    peer = [(t, 10 * t ** -0.2, 1e3 * t, 10 * t) for t in tols]
+    ours = [(t, 5 * t ** -0.2, 8 * t ** -0.2, 100 * t, 2 * t) for t in tols]
+    m = lmf.matched(peer, ours, 1e-5)
+    assert m["tol"] == pytest.approx(5e-5, rel=1e-9)
+    assert m["peer_max"] == pytest.approx(1e-2) and m["peer_mean"] == pytest.approx(1e-4)
+    assert m["nfe"] == pytest.approx(5 * 5e-5 ** -0.2) and m["calls"] == pytest.approx(8 * 5e-5 ** -0.2)
+    assert m["peer_calls"] == pytest.approx(10 * 1e-5 ** -0.2)
+    assert m["calls_ratio"] == pytest.approx(8 * 5e-5 ** -0.2 / (10 * 1e-5 ** -0.2))
+
+
+def test_likelihood_matched_fit_smoke(tmp_path):
+    out = tmp_path / "fit.json"
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "likelihood_matched_fit.py"), "--problems", "2-D smooth",
+           "--batch", "4", "--tols", "3e-5", "1e-4", "3e-4", "--ref-tol", "1e-7", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["2-D smooth"]
+    assert set(res) == {"sample", "batch"}
+    for m in res.values():
+        assert m["tol"] > 0 and m["nfe"] > 0 and m["calls"] >= m["nfe"] * 0.99 and m["peer_calls"] > 0

@@ -325,8 +325,9 @@ def integrate(
             give a stepper that does not hand the last stage on (``RKStepper(..., reuse_last_stage=False)``).
         norms: ``"sample"`` (default): every sample has its own steps, as above. ``"batch"``: one step size for the
             whole batch (the naming of `pc`'s ``norms``): the error of a step is the RMS over the batch of the
-            per-sample errors (torchdiffeq's rule, up to its norm over the concatenated state), the first step the
-            smallest of the per-sample ones, so every sample takes the same steps and finishes at the same call
+            per-sample errors (torchdiffeq on a tuple state takes the max over the tuple's tensors of each one's RMS
+            over the batch; on likelihoods the two take the same steps but for one here and there), the first step
+            the smallest of the per-sample ones, so every sample takes the same steps and finishes at the same call
             (no compaction needed; a sample's result then depends on its batch-mates). Fewer batched calls when the
             per-call cost does not grow with the batch (small models, GPUs); per-sample steps take fewer rows.
 
