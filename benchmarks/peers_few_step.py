@@ -196,7 +196,8 @@ def calibrated_runs(p: Problem, nfes, seed: int, num_samples: int, iters: int) -
         sol = ss.sample(p.model, p.sde, p.x_T, calibration=cal)
         out[n] = _finite_error(sol.x, p.ref) if int(sol.nfe.max()) <= n else math.inf
         cost[n] = {"evaluations_per_sample": cal.evaluations / num_samples, "seconds": cal.seconds,
-                   "start": cal.start, "train_error": cal.train_error, "start_error": cal.start_error,
+                   "start": cal.start, "method": f"{cal.method}{cal.order}", "train_error": cal.train_error,
+                   "start_error": cal.start_error,
                    "val_error": cal.val_error, "val_start_error": cal.val_start_error}
     return out, cost
 

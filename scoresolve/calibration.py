@@ -9,10 +9,12 @@ How:
 
 1. ``num_samples`` draws x_T from the prior; their reference ends x_ref come from a tight dopri5 solve (float64
    where the network converts), of which ``holdout`` are kept aside to check the fit.
-2. The starts: the base solver (DPM-Solver++(2M) in the data prediction, with the analytical first step ``afs``)
-   on each named grid in ``starts`` the process supports, ranked by the median sample's error; the ``fit_starts``
-   best are fitted and the best fit kept.
-3. Adam on the objective (learning rate decayed from ``lr`` to lr / 10 on a cosine), through the whole few-step
+2. The starts: the base method (by default the family of the model's default sampler at this budget: vAB for x0,
+   v and flow models, DPM-Solver++(2M) or, from 20 NFE, the exponential Adams-Bashforth of order 4 for eps and
+   score models; with the analytical first step ``afs``) on each named grid in ``starts`` the process supports,
+   ranked by the median sample's error; the ``fit_starts`` best are fitted and the best fit kept.
+3. Adam on the objective (learning rates decayed to a tenth on a cosine; the corrections' scaled to the start's
+   error, see ``lr``), through the whole few-step
    solve (the network is differentiated in x and t): the corrections of every step and the grid (softmax
    increments of the log-SNR between the fixed ends, of t where the log-SNR is -inf at T, so it stays monotone).
    The objective is the mean per-sample RMS error of the end point over the best ``1 - trim`` of the samples: the
@@ -39,11 +41,17 @@ from .compare import network_reference_solve
 from .fingerprint import model_fingerprint
 from .process import check_capabilities
 from .score import ScoreModel
-from .solvers.calibrated import Calibration, step_weights
+from .solvers.calibrated import Calibration, check_method, step_weights
+from .solvers.defaults import calibration_method, default_order
 from .solvers.time_grids import time_grid
 
 STARTS = ("logsnr", "quadratic", "karras", "uniform", "flow:1", "flow:1.5")
 """The named grids `calibrate` tries as the start of the fit."""
+GRID_LR = 1e-2
+"""`calibrate`'s default learning rate of the grid's logits."""
+LR_SCALE = 0.2
+"""`calibrate`'s default learning rate of the corrections: this times the median error of the start relative to the RMS
+of the reference ends (the median: the mean of a start is often several times larger, carried by a few samples)."""
 
 
 def calibrate(
@@ -56,8 +64,10 @@ def calibrate(
     holdout: float = 0.2,
     iters: int = 300,
     batch: int = 128,
-    lr: float = 1e-2,
-    history: int = 2,
+    lr: float | None = None,
+    method: str | None = None,
+    order: int | None = None,
+    history: int | None = None,
     afs: bool = True,
     starts: Sequence[str] = STARTS,
     fit_grid: bool = True,
@@ -82,8 +92,14 @@ def calibrate(
         num_samples: prior draws of the fit, of which the fraction ``holdout`` is held out to check it.
         iters: Adam iterations (per fitted start).
         batch: samples per iteration.
-        lr: the learning rate at the start (decayed to lr / 10).
-        history: the past states and predictions each step combines (>= 2).
+        lr: the learning rate at the start (decayed to lr / 10), of the corrections and the grid alike; default: the
+            grid's `GRID_LR`, the corrections' `LR_SCALE` times the start's median error relative to the RMS of the
+            reference ends, within [1e-5, 1e-2] (Adam moves every parameter by about lr per iteration: a rate fit for a
+            start 2e-2 off at 5 NFE left a 20-NFE start 1.4e-3 off where it was; 3e-4 took it to 1.4e-4).
+        method, order: the base of the update (`scoresolve.solvers.calibrated.METHODS`: "dpmpp_2m", "vab" or
+            "zeab") and its order; default: the family of ``sample``'s default sampler for this model and budget
+            (`scoresolve.solvers.defaults.calibration_method`).
+        history: the past states and predictions each step combines (>= max(2, order); default max(2, order)).
         afs: the analytical first step (x0 = 0 at T, no evaluation): the budget buys one more step.
         starts: named grids to start from; the ``fit_starts`` best of them (by the median sample's error of the base
             solver) are fitted, the best fit kept. fit_grid: fit the grid too (else only the weights).
@@ -99,8 +115,6 @@ def calibrate(
     nfe = int(nfe)
     if nfe < 2:
         raise ValueError(f"calibrate needs nfe >= 2, got {nfe}")
-    if int(history) < 2:
-        raise ValueError(f"history must be >= 2, got {history}")
     if not 0 <= trim < 1:
         raise ValueError(f"trim must lie in [0, 1), got {trim}")
     if not 0 <= holdout < 1:
@@ -108,7 +122,7 @@ def calibrate(
     n_val = int(round(num_samples * holdout))
     if num_samples - n_val < 2:
         raise ValueError(f"num_samples={num_samples} with holdout={holdout} leaves fewer than 2 fitting samples")
-    if iters < 0 or batch < 1 or check_every < 1 or not lr > 0:
+    if iters < 0 or batch < 1 or check_every < 1 or (lr is not None and not lr > 0):
         raise ValueError("iters >= 0, batch >= 1, check_every >= 1 and lr > 0 are required")
     start_time = time.perf_counter()
     model = ScoreModel.wrap(model, process)
@@ -117,6 +131,15 @@ def calibrate(
         if view is not None and model.prediction == "x0" and not view.missing(("gaussian_kernel",)):
             model, process = model.on(view), view
     check_capabilities("calibrate", process, ("gaussian_kernel",))
+    finite = math.isfinite(float(process.log_snr(torch.tensor(float(process.T)), check=False)))
+    if method is None:
+        method, default = calibration_method(nfe, model.prediction, finite)
+        order = default if order is None else order
+    order = (2 if method == "dpmpp_2m" else default_order(nfe)) if order is None else int(order)
+    history = max(2, order) if history is None else int(history)
+    check_method(method, order, history)
+    if method == "zeab" and not finite:
+        raise ValueError(f"method 'zeab' needs a finite log-SNR at T, which {process!r} does not have")
     gen = torch.Generator().manual_seed(int(seed))
     x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
     ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
@@ -137,7 +160,7 @@ def calibrate(
             grid = time_grid(process, steps, name, t_eps)
         except (ValueError, NotImplementedError):
             continue  # a grid this process does not support (e.g. logsnr where the log-SNR is -inf at T)
-        f = _Fit(process, grid, history, afs)
+        f = _Fit(process, grid, history, afs, method, order)
         with torch.no_grad():
             err = per_sample(f.rollout(model, fit_x), fit_ref)
         evaluations += nfe * len(fit_x)
@@ -152,15 +175,18 @@ def calibrate(
 
         bar = tqdm(total=iters * min(fit_starts, len(candidates)), desc="calibrating", unit="iter")
     fits = []
+    scale = float(fit_ref.flatten(1).pow(2).mean().sqrt())
     for _, name, fit, err0 in candidates[: max(1, fit_starts)]:
+        rate = lr if lr is not None else min(1e-2, max(1e-5, LR_SCALE * float(err0.median()) / scale))
         best, evals = _descend(fit, model, fit_x, fit_ref, objective, per_sample, float(objective(err0)),
-                               float(err0.mean()), fit_grid, iters, batch, lr, check_every, gen, bar)
+                               float(err0.mean()), fit_grid, iters, batch, rate, GRID_LR if lr is None else lr,
+                               check_every, gen, bar)
         evaluations += evals
         fits.append((best, name, float(objective(err0)), fit))
     if bar is not None:
         bar.close()
     best, start, start_error, fit = min(fits, key=lambda f: f[0])
-    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs)
+    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs, method, order)
     with torch.no_grad():
         val_error = float(objective(per_sample(fit.rollout(model, val_x), val_ref))) if n_val else math.nan
         val_start = float(objective(per_sample(start_fit.rollout(model, val_x), val_ref))) if n_val else math.nan
@@ -172,20 +198,23 @@ def calibrate(
         val_error=val_error, val_start_error=val_start, evaluations=int(evaluations),
         seconds=time.perf_counter() - start_time, num_samples=int(num_samples), process=repr(process),
         model=model_fingerprint(model) or "", prediction=model.prediction, shape=[int(s) for s in shape],
-        reference=ref_desc, options={"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout,
-                                     "fit_grid": fit_grid, "fit_starts": fit_starts, "seed": seed})
+        reference=ref_desc, method=method, order=order,
+        options={"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
+                 "fit_starts": fit_starts, "seed": seed})
 
 
 def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor, objective: Callable,
              per_sample: Callable, start: float, start_mean: float, fit_grid: bool, iters: int, batch: int,
-             lr: float, check_every: int, gen: torch.Generator, bar: Any) -> tuple[float, int]:
+             lr: float, grid_lr: float, check_every: int, gen: torch.Generator, bar: Any) -> tuple[float, int]:
     """Adam on ``objective`` from the fit's current parameters (cosine-decayed learning rate, to lr / 10), keeping
     the best checked parameters: those with the lowest objective on all of ``x`` whose untrimmed mean error stays
     within 1.25x the start's (a fit must not buy a lower trimmed objective by giving up some samples). Returns
     (the best objective, network evaluations spent); the fit ends at the best parameters."""
     fit.logits.requires_grad_(bool(fit_grid))
-    params = [p for p in (fit.logits, fit.coef) if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [fit.coef], "lr": lr}]
+    if fit_grid:
+        groups.append({"params": [fit.logits], "lr": grid_lr})
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * k / max(iters, 1))))
     best, best_state, evaluations, nfe = start, fit.state(), 0, fit.steps - int(fit.afs)
     for it in range(iters):
@@ -222,8 +251,8 @@ def _reference(model: ScoreModel, process: Any, x_T: torch.Tensor, t_eps: float,
 class _Fit:
     """The parameters of a fit (grid logits, corrections) and the differentiable few-step solve they define."""
 
-    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool) -> None:
-        self.process, self.afs = process, bool(afs)
+    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool, method: str, order: int) -> None:
+        self.process, self.afs, self.method, self.order = process, bool(afs), method, order
         self.T, self.t_eps = float(grid[0]), float(grid[-1])
         grid = grid.to(torch.float64)
         # the grid's coordinate: the log-SNR where it is finite at T, else t (rectified flow: alpha(T) = 0)
@@ -267,6 +296,6 @@ class _Fit:
         for i in range(len(ts) - 1):
             d = torch.zeros_like(x) if (self.afs and i == 0) else model.x0(x, ts_x[i].expand(x.shape[0]))
             xs, ds = [x, *xs][:history], [d, *ds][:history]
-            wx, wd = step_weights(a, s, lm, i, coef[i], self.afs)
+            wx, wd = step_weights(a, s, lm, i, coef[i], self.afs, self.method, self.order)
             x = sum(wx[j] * xs[j] + wd[j] * ds[j] for j in range(len(wx)))
         return x

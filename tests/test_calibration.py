@@ -63,7 +63,7 @@ def test_calibrated_sampler_beats_the_default_on_held_out_x_T(sde):
 def test_the_solver_reproduces_the_fitted_solve(sde):
     """`sample(..., calibration=cal)` runs the arithmetic the fit differentiated (`_Fit.rollout`), to rounding."""
     model, cal = _mixture(sde), _calibrated(sde)
-    fit = _Fit(sde, cal.grid, cal.history, cal.afs)
+    fit = _Fit(sde, cal.grid, cal.history, cal.afs, cal.method, cal.order)
     with torch.no_grad():
         fit.coef.copy_(cal.coefficients)
         assert torch.allclose(fit.grid(), cal.grid, rtol=1e-13, atol=1e-15)
@@ -83,6 +83,40 @@ def test_the_base_is_dpm_solver_pp_2m():
     assert torch.allclose(base.x, want.x, rtol=1e-12, atol=1e-12) and torch.equal(base.nfe, want.nfe)
     with_afs = ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=True))
     assert int(with_afs.nfe.max()) == 6  # the first prediction is the prior's: one evaluation fewer
+
+
+@pytest.mark.parametrize("sde", [ss.VPSDE(), ss.SubVPSDE(), ss.VESDE(), ss.RectifiedFlow()],
+                         ids=["vp", "subvp", "ve", "rf"])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_the_adams_bases_are_vab_and_deis_log_rho(sde, order):
+    """With zero corrections the "vab" base is `vab` without its warm-up corrector and the "zeab" base `deis` with the
+    log-rho basis (azula's vAB and zEAB), at every order, to rounding (the exponential weights by quadrature)."""
+    model, x_T = _mixture(sde), _x(sde, B=8)
+    grid = ss.time_grid(sde, 8, "flow:1.5")
+    got = ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=False, method="vab", order=order))
+    want = ss.sample(model, sde, x_T, solver="vab", grid=grid, order=order, corrector=False)
+    assert torch.allclose(got.x, want.x, rtol=1e-12, atol=1e-12) and torch.equal(got.nfe, want.nfe)
+    if isinstance(sde, ss.RectifiedFlow):  # log-SNR -inf at T: refused, never run
+        with pytest.raises(ValueError, match="finite log-SNR"):
+            ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=False, method="zeab", order=order))
+        return
+    grid = ss.time_grid(sde, 8, "logsnr")
+    got = ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=False, method="zeab", order=order))
+    want = ss.sample(model, sde, x_T, solver="deis", basis="log_rho", grid=grid, order=order)
+    assert torch.allclose(got.x, want.x, rtol=1e-12, atol=1e-12)
+
+
+def test_the_default_base_is_the_default_samplers_family():
+    """`calibrate` starts from the family of `sample`'s default at the budget: vAB (x0, v, flow models) at vAB's
+    default order, DPM-Solver++(2M) below 20 NFE and zEAB-4 from 20 for eps and score models (not where the
+    log-SNR is -inf at T)."""
+    from scoresolve.solvers.defaults import calibration_method
+
+    assert [calibration_method(n, "x0") for n in (4, 8, 20)] == [("vab", 2), ("vab", 3), ("vab", 4)]
+    assert calibration_method(10, "flow") == ("vab", 3) and calibration_method(10, "eps") == ("dpmpp_2m", 2)
+    assert calibration_method(20, "eps") == ("zeab", 4) and calibration_method(20, "score", False) == ("dpmpp_2m", 2)
+    cal = _calibrated(ss.VPSDE())
+    assert (cal.method, cal.order, cal.history) == ("vab", 2, 2)
 
 
 def test_save_load_and_sample_by_name(tmp_path, monkeypatch):
@@ -128,9 +162,17 @@ def test_refusals():
     with pytest.raises(TypeError, match="calibration must be a Calibration"):
         ss.sample(model, sde, x_T, calibration=3)
     for kw, msg in (({"nfe": 1}, "nfe >= 2"), ({"history": 1}, "history"), ({"trim": 1.0}, "trim"),
-                    ({"num_samples": 1}, "fewer than 2")):
+                    ({"num_samples": 1}, "fewer than 2"), ({"method": "rk4"}, "unknown calibration method"),
+                    ({"method": "dpmpp_2m", "order": 3}, "takes order 2"), ({"method": "vab", "order": 5}, "1-4"),
+                    ({"method": "vab", "order": 3, "history": 2}, "history must be >= max")):
         with pytest.raises(ValueError, match=msg):
             ss.calibrate(model, sde, **{"nfe": 4, **kw}, shape=(D,))
+
+
+def test_zeab_is_refused_where_the_log_snr_is_infinite_at_T():
+    sde = ss.RectifiedFlow()
+    with pytest.raises(ValueError, match="finite log-SNR at T"):
+        ss.calibrate(_mixture(sde), sde, 4, (D,), method="zeab", order=2)
 
 
 def test_a_process_without_a_gaussian_kernel_is_calibrated_on_its_ode_view():

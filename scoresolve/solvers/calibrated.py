@@ -6,10 +6,11 @@ The update of step i (grid time t_i to t_{i+1}, data predictions D_j = x0(x_j, t
 
     x_{i+1} = sum_j wx_j x_{i-j} + wd_j D_{i-j},
 
-its weights those of DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; a DDIM first step, and with ``afs`` a DDIM second
-step) plus the fitted corrections c_i = (a_0, b_0, a_1, b_1, ...): a_j sigma_{i+1} / sigma_{i-j} on x_{i-j} and
-b_j alpha_{i+1} on D_{i-j} (dimensionless, zero = the base solver). The fit (end-to-end, against reference solves of
-the probability-flow ODE) is in `scoresolve.calibration`; the same `step_weights` serves the fit and this solver, so
+its weights those of a base method (`METHODS`: DPM-Solver++(2M), Lu et al. 2022b, Alg. 2, with a DDIM first step,
+and with ``afs`` a DDIM second step; vAB or zEAB of order 1-4, each a linear multistep method in (x, D)) plus the
+fitted corrections c_i = (a_0, b_0, a_1, b_1, ...): a_j sigma_{i+1} / sigma_{i-j} on x_{i-j} and b_j alpha_{i+1} on
+D_{i-j} (dimensionless, zero = the base method). The fit (end-to-end, against reference solves of the
+probability-flow ODE) is in `scoresolve.calibration`; the same `step_weights` serves the fit and this solver, so
 a calibrated solve reproduces the fitted one to rounding. In the spirit of learned-step and learned-coefficient
 samplers (LD3, Tong et al. 2025; S4S, Frankel et al. 2025; Bespoke solvers, Shaul et al. 2024).
 
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .._store import check_name, read_record, store_dir, write_json
@@ -35,25 +37,87 @@ CALIBRATION_DIR_ENV = "SCORESOLVE_CALIBRATION_DIR"
 _FORMAT = 1
 
 
-def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: Sequence, afs: bool
-                 ) -> tuple[list, list]:
+METHODS = ("dpmpp_2m", "vab", "zeab")
+"""The base methods of the calibrated update (the fit's start; zero corrections run them as they are):
+``dpmpp_2m``, DPM-Solver++(2M) in the data prediction (order 2); ``vab``, Adams-Bashforth on the velocity
+eps - x0 in the rectified-flow variables y = x / (alpha + sigma), u = sigma / (alpha + sigma) (azula's vAB, without
+the warm-up corrector of `vab`), order 1-4; ``zeab``, the exponential Adams-Bashforth on the noise prediction in
+log(sigma / alpha) (DEIS with the log-rho basis, azula's zEAB), order 1-4, on processes whose log-SNR is finite."""
+
+# Gauss-Legendre on [-1, 1]: 3 nodes (exact for the cubic Lagrange basis of order 4) and 12 (the exponential weight)
+_GL3 = ((-math.sqrt(0.6), 5 / 9), (0.0, 8 / 9), (math.sqrt(0.6), 5 / 9))
+_GL12 = tuple(zip(*(a.tolist() for a in np.polynomial.legendre.leggauss(12))))
+
+
+def _lagrange_integrals(nodes: Sequence, a: Any, b: Any, exponential: bool) -> list:
+    """int_a^b l_j(s) w(s) ds for the Lagrange basis l_j of ``nodes``, w = 1 or e^s, by Gauss-Legendre quadrature
+    (exact for w = 1; for e^s, 12 points: relative error below 1e-12 for |b - a| <= 10), on floats or tensors alike."""
+    half, mid = (b - a) / 2, (a + b) / 2
+    out = [0.0] * len(nodes)
+    for x, w in (_GL12 if exponential else _GL3):
+        p = mid + half * x
+        wp = w * half * (torch.exp(p) if torch.is_tensor(p) else math.exp(p)) if exponential else w * half
+        for j, nj in enumerate(nodes):
+            lj = wp
+            for k, nk in enumerate(nodes):
+                if k != j:
+                    lj = lj * (p - nk) / (nj - nk)
+            out[j] = out[j] + lj
+    return out
+
+
+def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: Sequence, afs: bool,
+                 method: str = "dpmpp_2m", order: int = 2) -> tuple[list, list]:
     """The weights (wx, wd) of step i: x_{i+1} = sum_j wx[j] x_{i-j} + wd[j] D_{i-j}, j < len(wx).
 
     ``alpha``, ``sigma``, ``lam`` (log-SNR) on the grid and ``coef`` (the 2 * history fitted corrections of step i)
-    as Python floats (the solver) or tensors (the fit, differentiable); the same arithmetic for both."""
+    as Python floats (the solver) or tensors (the fit, differentiable); the same arithmetic for both. ``method``
+    and ``order``: the base (`METHODS`); ``history`` >= ``order``."""
     history = len(coef) // 2
     m = min(history, i + 1)
     r = sigma[i + 1] / sigma[i]
     wx = [r] + [0.0] * (m - 1)
     d = alpha[i + 1] - alpha[i] * r  # DDIM: x_{i+1} = r x_i + (alpha_{i+1} - alpha_i r) D_i
     wd = [d] + [0.0] * (m - 1)
-    if i >= (2 if afs else 1) and m >= 2 and _finite(lam[i - 1]):
-        c = (lam[i + 1] - lam[i]) / (2 * (lam[i] - lam[i - 1]))  # DPM-Solver++(2M): D_i + (D_i - D_{i-1}) / (2 r)
-        wd[0], wd[1] = d * (1 + c), -d * c
+    q = min(order, m)  # the Adams bases' order at step i (a warm-up of lower orders)
+    if method == "dpmpp_2m":
+        if i >= (2 if afs else 1) and m >= 2 and _finite(lam[i - 1]):
+            c = (lam[i + 1] - lam[i]) / (2 * (lam[i] - lam[i - 1]))  # DPM-Solver++(2M): D_i + (D_i - D_{i-1}) / (2 r)
+            wd[0], wd[1] = d * (1 + c), -d * c
+    elif method == "vab" and q > 1:
+        # y = x / S, S = alpha + sigma, u = sigma / S; dy/du = v = x / sigma - (S / sigma) D:
+        # x_{i+1} = S_{i+1} (x_i / S_i + sum_j beta_j v_{i-j}), beta_j = int_{u_i}^{u_{i+1}} l_j(u) du
+        S = [alpha[i + 1 - k] + sigma[i + 1 - k] for k in range(q + 1)]  # S[0] = S_{i+1}, S[1 + j] = S_{i-j}
+        u = [sigma[i + 1 - k] / S[k] for k in range(q + 1)]
+        beta = _lagrange_integrals(u[1:], u[1], u[0], exponential=False)
+        wx[0] = S[0] / S[1]
+        for j in range(q):
+            wx[j] = wx[j] + S[0] * beta[j] / sigma[i - j]
+            wd[j] = -S[0] * beta[j] * S[1 + j] / sigma[i - j]
+    elif method == "zeab" and q > 1:
+        # y = x / alpha, s = log(sigma / alpha) = -lambda; dy/ds = e^s eps, eps = (x - alpha D) / sigma (DEIS):
+        # x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_j beta_j eps_{i-j}), beta_j = int_{s_i}^{s_{i+1}} l_j(s) e^s ds
+        s = [-lam[i + 1 - k] for k in range(q + 1)]
+        beta = _lagrange_integrals(s[1:], s[1], s[0], exponential=True)
+        wx[0] = alpha[i + 1] / alpha[i]
+        for j in range(q):
+            wx[j] = wx[j] + alpha[i + 1] * beta[j] / sigma[i - j]
+            wd[j] = -alpha[i + 1] * beta[j] * alpha[i - j] / sigma[i - j]
     for j in range(m):
         wx[j] = wx[j] + coef[2 * j] * sigma[i + 1] / sigma[i - j]
         wd[j] = wd[j] + coef[2 * j + 1] * alpha[i + 1]
     return wx, wd
+
+
+def check_method(method: str, order: int, history: int) -> None:
+    """ValueError unless ``method`` is one of `METHODS` with an order it has and a history that holds it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
+    top = 2 if method == "dpmpp_2m" else 4
+    if not (1 <= int(order) <= top) or (method == "dpmpp_2m" and int(order) != 2):
+        raise ValueError(f"method {method!r} takes order {'2' if top == 2 else '1-4'}, got {order}")
+    if int(history) < max(2, int(order)):
+        raise ValueError(f"history must be >= max(2, order) = {max(2, int(order))}, got {history}")
 
 
 def _finite(v: Any) -> bool:
@@ -78,6 +142,7 @@ class Calibration:
             fingerprint ("" if it has none or for `base`);
             ``prediction``: the model's parametrisation; ``shape``: the per-sample shape.
         reference: how the reference ends were computed.
+        method, order: the base method of the update (`METHODS`) and its order.
     """
 
     grid: torch.Tensor
@@ -101,20 +166,26 @@ class Calibration:
     reference: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    method: str = "dpmpp_2m"
+    order: int = 2
 
     @classmethod
-    def base(cls, grid: torch.Tensor, afs: bool = True, history: int = 2) -> "Calibration":
-        """The base solver on ``grid`` (float64 times from T down to t_eps) as a calibration with zero corrections,
-        bound to no process and no model: DPM-Solver++(2M) with the DDIM first step(s), the start of `calibrate`'s
-        fit (and a way to run that base with the calibrated solver)."""
+    def base(cls, grid: torch.Tensor, afs: bool = True, history: int | None = None, method: str = "dpmpp_2m",
+             order: int = 2) -> "Calibration":
+        """The base method on ``grid`` (float64 times from T down to t_eps) as a calibration with zero corrections,
+        bound to no process and no model (default: DPM-Solver++(2M) with the DDIM first step(s)): the start of
+        `calibrate`'s fit, and a way to run that base with the calibrated solver. ``history`` defaults to
+        max(2, order)."""
+        history = max(2, int(order)) if history is None else int(history)
+        check_method(method, order, history)
         grid = check_grid(torch.as_tensor(grid, dtype=torch.float64).detach().cpu(), float(grid[0]))
         steps = len(grid) - 1
-        if steps < 1 + int(bool(afs)) or int(history) < 2:
-            raise ValueError(f"a base calibration needs at least {1 + int(bool(afs))} steps and history >= 2")
-        return cls(grid=grid, coefficients=torch.zeros(steps, 2 * int(history), dtype=torch.float64), afs=bool(afs),
+        if steps < 1 + int(bool(afs)):
+            raise ValueError(f"a base calibration needs at least {1 + int(bool(afs))} steps")
+        return cls(grid=grid, coefficients=torch.zeros(steps, 2 * history, dtype=torch.float64), afs=bool(afs),
                    nfe=steps - int(bool(afs)), t_eps=float(grid[-1]), T=float(grid[0]), start="base",
                    train_error=math.nan, start_error=math.nan, val_error=math.nan, val_start_error=math.nan,
-                   evaluations=0, seconds=0.0, num_samples=0, process="")
+                   evaluations=0, seconds=0.0, num_samples=0, process="", method=method, order=int(order))
 
     @property
     def steps(self) -> int:
@@ -125,7 +196,8 @@ class Calibration:
         return self.coefficients.shape[1] // 2
 
     def __repr__(self) -> str:
-        return (f"Calibration(nfe={self.nfe}, afs={self.afs}, start={self.start!r}, train_error={self.train_error:.3e} "
+        return (f"Calibration(nfe={self.nfe}, method={self.method!r}, order={self.order}, afs={self.afs}, "
+                f"start={self.start!r}, train_error={self.train_error:.3e} "
                 f"(start {self.start_error:.3e}), val_error={self.val_error:.3e} (start {self.val_start_error:.3e}), "
                 f"evaluations={self.evaluations}, seconds={self.seconds:.1f}, process={self.process})")
 
@@ -158,6 +230,7 @@ class Calibration:
                              "(expected [steps, 2 * history])")
         if not bool(torch.isfinite(c).all()):
             raise ValueError("the coefficients contain non-finite values")
+        check_method(self.method, self.order, self.history)
         if self.nfe != self.steps - int(bool(self.afs)):
             raise ValueError(f"{self.steps} steps{' with afs' if self.afs else ''} take "
                              f"{self.steps - int(bool(self.afs))} evaluations, but it records nfe={self.nfe}")
@@ -241,17 +314,21 @@ def _prepare(process: Any, options: dict, steps: int) -> dict:
     options["afs"] = cal.afs
     if steps != cal.steps:
         raise ValueError(f"the calibration has {cal.steps} steps, the grid {steps}")
+    if cal.method == "zeab" and not math.isfinite(float(process.sde.log_snr(torch.tensor(float(cal.grid[0])),
+                                                                            check=False))):
+        raise ValueError("method 'zeab' needs a finite log-SNR at the grid's start (alpha > 0)")
     options["rows"] = tuple(tuple(float(c) for c in row) for row in cal.coefficients.tolist())
+    options["method"] = (cal.method, cal.order)
     return options
 
 
 def calibrated_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """One step of the calibrated sampler (module docstring): 1 NFE (none at i = 0 with afs)."""
-    rows, afs = run.options["rows"], run.options["afs"]
+    rows, afs, (method, order) = run.options["rows"], run.options["afs"], run.options["method"]
     hist_x = run.memory["x"] = ([x] + run.memory.get("x", []))[: len(rows[0]) // 2]
     hist_d = run.memory["d"] = ([run.x0(x, i)] + run.memory.get("d", []))[: len(hist_x)]
-    wx, wd = run.per_grid(("calibrated", rows, afs), lambda: [
-        step_weights(run.alpha, run.sigma, run.lam, j, rows[j], afs) for j in range(run.steps)])[i]
+    wx, wd = run.per_grid(("calibrated", rows, afs, method, order), lambda: [
+        step_weights(run.alpha, run.sigma, run.lam, j, rows[j], afs, method, order) for j in range(run.steps)])[i]
     out = hist_x[0] * wx[0]
     for j in range(len(wx)):
         if j:

@@ -86,6 +86,15 @@ def default_sampler(nfe: int, options: dict[str, Any], prediction: str, finite_l
     return DEFAULT_SOLVER, {"order": default_order(nfe), **options}, default_grid(nfe)
 
 
+def calibration_method(nfe: int, prediction: str, finite_log_snr: bool = True) -> tuple[str, int]:
+    """(method, order) of the calibrated update's base (`scoresolve.solvers.calibrated.METHODS`) that `calibrate`
+    starts from: the family of `default_sampler` at this budget (vAB for x0, v and flow models; DPM-Solver++(2M), and
+    from `EPS_HIGH_NFE` on the exponential Adams-Bashforth of order 4 on the noise, for eps and score models)."""
+    if prediction in ("eps", "score"):
+        return ("zeab", 4) if nfe >= EPS_HIGH_NFE and finite_log_snr else ("dpmpp_2m", 2)
+    return "vab", default_order(nfe)
+
+
 def requirements(solver: str, options: dict[str, Any], grid: Any) -> frozenset[str]:
     """The capabilities a deterministic run of ``solver`` with ``options`` on ``grid`` needs of the process."""
     from ._registry import REGISTRY
