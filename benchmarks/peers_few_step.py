@@ -186,13 +186,15 @@ def ours_runs(p: Problem, nfes, configs: list[str]) -> dict[str, dict[int, float
     return out
 
 
-def calibrated_runs(p: Problem, nfes, seed: int, num_samples: int, iters: int) -> tuple[dict, dict]:
+def calibrated_runs(p: Problem, nfes, seed: int, num_samples: int, iters: int, starts: int | None = None
+                    ) -> tuple[dict, dict]:
     """({nfe: error}, {nfe: cost}) of the sampler calibrated to the problem's model (`scoresolve.calibrate`) on
     ``num_samples`` prior draws of its own (``seed``: never the benchmark's x_T), run on the benchmark's x_T."""
     out, cost = {}, {}
     for n in nfes:
+        kw = {} if starts is None else {"fit_starts": starts}
         cal = ss.calibrate(p.model, p.sde, n, tuple(p.x_T.shape[1:]), num_samples=num_samples, iters=iters,
-                           seed=seed, t_eps=T_EPS)
+                           seed=seed, t_eps=T_EPS, **kw)
         sol = ss.sample(p.model, p.sde, p.x_T, calibration=cal)
         out[n] = _finite_error(sol.x, p.ref) if int(sol.nfe.max()) <= n else math.inf
         cost[n] = {"evaluations_per_sample": cal.evaluations / num_samples, "seconds": cal.seconds,
@@ -433,6 +435,9 @@ def main() -> None:
                     help="add ours 'calibrated': scoresolve.calibrate per problem and budget, on x_T of its own")
     ap.add_argument("--cal-samples", type=int, default=512)
     ap.add_argument("--cal-iters", type=int, default=300)
+    ap.add_argument("--cal-starts", type=int, default=None, help="calibrate's fit_starts (default: its own)")
+    ap.add_argument("--digit-models", nargs="*", default=["vp", "rf"], choices=["vp", "rf"],
+                    help="which shipped U-Nets --digits / --only-digits run")
     ap.add_argument("--peers-from", default="",
                     help="take the peers' errors from this earlier JSON (same --seed0/--batch/--ref-tol) instead of "
                          "running them again")
@@ -447,13 +452,15 @@ def main() -> None:
     problems = []
     stored = stored_peers(args.peers_from) if args.peers_from else None
     t0 = time.perf_counter()
-    for seed, proc in specs + ([("digits", "vp"), ("digits", "rf")] if args.digits or args.only_digits else []):
+    digits = [("digits", kind) for kind in args.digit_models] if args.digits or args.only_digits else []
+    for seed, proc in specs + digits:
         p = (digits_problem(proc, args.batch, args.ref_tol) if seed == "digits"
              else mixture_problem(seed, proc, args.batch, args.ref_tol))
         p.runs["ours"] = ours_runs(p, nfes, ["default", *args.ours])
         if args.calibrate:
             p.runs["ours"]["calibrated"], p.runs["calibration"] = calibrated_runs(
-                p, nfes, 10_000 + (seed if isinstance(seed, int) else 0), args.cal_samples, args.cal_iters)
+                p, nfes, 10_000 + (seed if isinstance(seed, int) else 0), args.cal_samples, args.cal_iters,
+                args.cal_starts)
         peers: dict = {}
         if stored is not None:
             if p.name not in stored:

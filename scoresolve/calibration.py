@@ -57,7 +57,7 @@ of the reference ends (the median: the mean of a start is often several times la
 def calibrate(
     model: Callable | ScoreModel,
     process: Any,
-    nfe: int,
+    nfe: int | Sequence[int],
     shape: Sequence[int],
     *,
     num_samples: int = 512,
@@ -80,14 +80,15 @@ def calibrate(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: bool = False,
-) -> Calibration:
+) -> Calibration | list[Calibration]:
     """Fit the calibrated sampler (`scoresolve.solvers.calibrated`) to ``model`` on ``process`` for ``nfe``
     evaluations per sample (module docstring).
 
     Args:
         model: the score model (a `ScoreModel` or a plain score callable); differentiable.
         process: the forward process (one with a Gaussian kernel, or one whose `ode_view` has one for an x0 model).
-        nfe: the budget of the calibrated solves (>= 2).
+        nfe: the budget of the calibrated solves (>= 2), or a sequence of budgets: one calibration each, all on the
+            same prior draws and one reference solve (its evaluations and seconds are in every record).
         shape: the shape of one sample (without the batch dimension).
         num_samples: prior draws of the fit, of which the fraction ``holdout`` is held out to check it.
         iters: Adam iterations (per fitted start).
@@ -110,10 +111,12 @@ def calibrate(
         progress: show a progress bar.
 
     Returns:
-        the `Calibration` (``sample(..., calibration=cal)`` runs it; ``cal.save(name)`` keeps it).
+        the `Calibration` (``sample(..., calibration=cal)`` runs it; ``cal.save(name)`` keeps it), or a list of them
+        in the order of the budgets; each is the one a call for its budget alone gives.
     """
-    nfe = int(nfe)
-    if nfe < 2:
+    several = isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1
+    budgets = [int(n) for n in (nfe if several else [nfe])]
+    if not budgets or min(budgets) < 2:
         raise ValueError(f"calibrate needs nfe >= 2, got {nfe}")
     if not 0 <= trim < 1:
         raise ValueError(f"trim must lie in [0, 1), got {trim}")
@@ -132,19 +135,52 @@ def calibrate(
             model, process = model.on(view), view
     check_capabilities("calibrate", process, ("gaussian_kernel",))
     finite = math.isfinite(float(process.log_snr(torch.tensor(float(process.T)), check=False)))
+    bases = [_base(n, model.prediction, finite, method, order, history, process) for n in budgets]
+    gen = torch.Generator().manual_seed(int(seed))
+    x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
+    ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
+    if several:
+        ref_desc += f"; shared by the budgets {tuple(budgets)}"
+    data = (x_T[n_val:], ref[n_val:], x_T[:n_val], ref[:n_val])
+    after_draws, ref_seconds = gen.get_state(), time.perf_counter() - start_time
+    options = {"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
+               "fit_starts": fit_starts, "seed": seed}
+    out = []
+    for n, base in zip(budgets, bases):
+        gen.set_state(after_draws)  # each budget fits as a call for it alone would
+        budget_start = time.perf_counter()
+        cal = _fit_budget(model, process, n, base, afs, data, starts, fit_starts, trim, iters, batch, lr, fit_grid,
+                          check_every, t_eps, gen, progress)
+        cal.evaluations += ref_nfe
+        cal.seconds = ref_seconds + time.perf_counter() - budget_start
+        cal.num_samples, cal.reference, cal.options = int(num_samples), ref_desc, dict(options)
+        cal.model, cal.shape = model_fingerprint(model) or "", [int(s) for s in shape]
+        out.append(cal)
+    return out if several else out[0]
+
+
+def _base(nfe: int, prediction: str, finite: bool, method: str | None, order: int | None, history: int | None,
+          process: Any) -> tuple[str, int, int]:
+    """(method, order, history) of the update for a budget: the caller's, else `calibration_method`'s."""
     if method is None:
-        method, default = calibration_method(nfe, model.prediction, finite)
+        method, default = calibration_method(nfe, prediction, finite)
         order = default if order is None else order
     order = (2 if method == "dpmpp_2m" else default_order(nfe)) if order is None else int(order)
     history = max(2, order) if history is None else int(history)
     check_method(method, order, history)
     if method == "zeab" and not finite:
         raise ValueError(f"method 'zeab' needs a finite log-SNR at T, which {process!r} does not have")
-    gen = torch.Generator().manual_seed(int(seed))
-    x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
-    ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
-    evaluations = ref_nfe
-    fit_x, fit_ref, val_x, val_ref = x_T[n_val:], ref[n_val:], x_T[:n_val], ref[:n_val]
+    return method, order, history
+
+
+def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int, int], afs: bool, data: tuple,
+                starts: Sequence[str], fit_starts: int, trim: float, iters: int, batch: int, lr: float | None,
+                fit_grid: bool, check_every: int, t_eps: float, gen: torch.Generator, progress: bool) -> Calibration:
+    """The calibration for one budget on the shared (fit_x, fit_ref, val_x, val_ref) (`calibrate`, steps 2-3); its
+    evaluations and seconds without the reference's, its sample count, reference and options left to the caller."""
+    method, order, history = base
+    fit_x, fit_ref, val_x, val_ref = data
+    n_val, evaluations = len(val_x), 0
     steps = nfe + int(bool(afs))
 
     def objective(err: torch.Tensor) -> torch.Tensor:
@@ -173,7 +209,7 @@ def calibrate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=iters * min(fit_starts, len(candidates)), desc="calibrating", unit="iter")
+        bar = tqdm(total=iters * min(fit_starts, len(candidates)), desc=f"calibrating {nfe} NFE", unit="iter")
     fits = []
     scale = float(fit_ref.flatten(1).pow(2).mean().sqrt())
     for _, name, fit, err0 in candidates[: max(1, fit_starts)]:
@@ -195,12 +231,8 @@ def calibrate(
     return Calibration(
         grid=grid, coefficients=fit.coef.detach().to("cpu", torch.float64).clone(), afs=bool(afs), nfe=nfe,
         t_eps=float(t_eps), T=float(process.T), start=start, train_error=best, start_error=start_error,
-        val_error=val_error, val_start_error=val_start, evaluations=int(evaluations),
-        seconds=time.perf_counter() - start_time, num_samples=int(num_samples), process=repr(process),
-        model=model_fingerprint(model) or "", prediction=model.prediction, shape=[int(s) for s in shape],
-        reference=ref_desc, method=method, order=order,
-        options={"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
-                 "fit_starts": fit_starts, "seed": seed})
+        val_error=val_error, val_start_error=val_start, evaluations=int(evaluations), seconds=0.0, num_samples=0,
+        process=repr(process), prediction=model.prediction, method=method, order=order)
 
 
 def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor, objective: Callable,

@@ -169,6 +169,18 @@ def test_refusals():
             ss.calibrate(model, sde, **{"nfe": 4, **kw}, shape=(D,))
 
 
+def test_several_budgets_share_one_reference_solve():
+    """``nfe=[3, 4]`` gives what two calls give, on the same draws and one reference solve (counted in both)."""
+    sde = ss.VPSDE()
+    kw = {"num_samples": 48, "iters": 10, "batch": 16, "check_every": 5, "fit_starts": 1, "seed": 4}
+    both = ss.calibrate(_mixture(sde), sde, [3, 4], (D,), **kw)
+    alone = [ss.calibrate(_mixture(sde), sde, n, (D,), **kw) for n in (3, 4)]
+    assert [c.nfe for c in both] == [3, 4] and "shared by the budgets (3, 4)" in both[0].reference
+    for a, b in zip(both, alone):
+        assert torch.equal(a.grid, b.grid) and torch.equal(a.coefficients, b.coefficients)
+        assert a.evaluations == b.evaluations and a.val_error == b.val_error and a.start == b.start
+
+
 def test_zeab_is_refused_where_the_log_snr_is_infinite_at_T():
     sde = ss.RectifiedFlow()
     with pytest.raises(ValueError, match="finite log-SNR at T"):
