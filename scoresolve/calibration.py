@@ -97,9 +97,10 @@ def calibrate(
             grid's `GRID_LR`, the corrections' `LR_SCALE` times the start's median error relative to the RMS of the
             reference ends, within [1e-5, 1e-2] (Adam moves every parameter by about lr per iteration: a rate fit for a
             start 2e-2 off at 5 NFE left a 20-NFE start 1.4e-3 off where it was; 3e-4 took it to 1.4e-4).
-        method, order: the base of the update (`scoresolve.solvers.calibrated.METHODS`: "dpmpp_2m", "vab" or
-            "zeab") and its order; default: the family of ``sample``'s default sampler for this model and budget
+        method: the base of the update (`scoresolve.solvers.calibrated.METHODS`: "dpmpp_2m", "vab" or "zeab");
+            default: the family of ``sample``'s default sampler for this model and budget
             (`scoresolve.solvers.defaults.calibration_method`).
+        order: the base's order (dpmpp_2m: 2; vab, zeab: 1-4); default: that family's order at the budget.
         history: the past states and predictions each step combines (>= max(2, order); default max(2, order)).
         afs: the analytical first step (x0 = 0 at T, no evaluation): the budget buys one more step.
         starts: named grids to start from; the ``fit_starts`` best of them (by the median sample's error of the base
