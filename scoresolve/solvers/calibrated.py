@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .._store import check_name, read_record, store_dir, write_json
 from ._grid import GridRun, check_grid
 from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
+from .adams import _gauss_legendre
 
 CALIBRATION_DIR_ENV = "SCORESOLVE_CALIBRATION_DIR"
 _FORMAT = 1
@@ -46,12 +46,13 @@ log(sigma / alpha) (DEIS with the log-rho basis, azula's zEAB), order 1-4, on pr
 
 # Gauss-Legendre on [-1, 1]: 3 nodes (exact for the cubic Lagrange basis of order 4) and 12 (the exponential weight)
 _GL3 = ((-math.sqrt(0.6), 5 / 9), (0.0, 8 / 9), (math.sqrt(0.6), 5 / 9))
-_GL12 = tuple(zip(*(a.tolist() for a in np.polynomial.legendre.leggauss(12))))
+_GL12 = tuple(zip(*(a.tolist() for a in _gauss_legendre(12))))
 
 
 def _lagrange_integrals(nodes: Sequence, a: Any, b: Any, exponential: bool) -> list:
     """int_a^b l_j(s) w(s) ds for the Lagrange basis l_j of ``nodes``, w = 1 or e^s, by Gauss-Legendre quadrature
-    (exact for w = 1; for e^s, 12 points: relative error below 1e-12 for |b - a| <= 10), on floats or tensors alike."""
+    (exact for w = 1; for e^s, 12 points: relative error below 1e-12 for |b - a| <= 10), on floats or tensors alike
+    (`adams.lagrange_integrals` and `adams.poly_integrals` take floats only: the fit differentiates these)."""
     half, mid = (b - a) / 2, (a + b) / 2
     out = [0.0] * len(nodes)
     for x, w in (_GL12 if exponential else _GL3):

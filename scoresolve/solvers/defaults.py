@@ -90,9 +90,10 @@ def calibration_method(nfe: int, prediction: str, finite_log_snr: bool = True) -
     """(method, order) of the calibrated update's base (`scoresolve.solvers.calibrated.METHODS`) that `calibrate`
     starts from: the family of `default_sampler` at this budget (vAB for x0, v and flow models; DPM-Solver++(2M), and
     from `EPS_HIGH_NFE` on the exponential Adams-Bashforth of order 4 on the noise, for eps and score models)."""
-    if prediction in ("eps", "score"):
-        return ("zeab", 4) if nfe >= EPS_HIGH_NFE and finite_log_snr else ("dpmpp_2m", 2)
-    return "vab", default_order(nfe)
+    name, opts, _ = default_sampler(nfe, {}, prediction, finite_log_snr)
+    if name == "deis":  # the exponential AB on the noise in log rho: the calibrated update's zEAB
+        return "zeab", opts["order"]
+    return name, opts.get("order", 2)
 
 
 def requirements(solver: str, options: dict[str, Any], grid: Any) -> frozenset[str]:
