@@ -31,12 +31,17 @@ only the weights and the schedule's part of the grid are fitted).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ._store import write_json
 from .compare import network_reference_solve
 from .fingerprint import model_fingerprint
 from .process import check_capabilities
@@ -68,6 +73,7 @@ def calibrate(
     method: str | None = None,
     order: int | None = None,
     history: int | None = None,
+    corrector: bool | None = None,
     afs: bool = True,
     starts: Sequence[str] = STARTS,
     fit_grid: bool = True,
@@ -80,6 +86,7 @@ def calibrate(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Calibration | list[Calibration]:
     """Fit the calibrated sampler (`scoresolve.solvers.calibrated`) to ``model`` on ``process`` for ``nfe``
     evaluations per sample (module docstring).
@@ -102,6 +109,8 @@ def calibrate(
             (`scoresolve.solvers.defaults.calibration_method`).
         order: the base's order (dpmpp_2m: 2; vab, zeab: 1-4); default: that family's order at the budget.
         history: the past states and predictions each step combines (>= max(2, order); default max(2, order)).
+        corrector: vab's warm-up corrector in the base (vab only; default: on for vab, as `sample`'s `vab`), so
+            that the fit starts from the default sampler itself.
         afs: the analytical first step (x0 = 0 at T, no evaluation): the budget buys one more step.
         starts: named grids to start from; the ``fit_starts`` best of them (by the median sample's error of the base
             solver) are fitted, the best fit kept. fit_grid: fit the grid too (else only the weights).
@@ -110,6 +119,10 @@ def calibrate(
         t_eps: the end time; reference_tol: rtol = atol of the reference dopri5 solves.
         seed: the seed of the prior draws and of the minibatches; dtype, device: of the fit.
         progress: show a progress bar.
+        checkpoint: a directory where the reference solve and each finished budget are written as soon as they
+            exist; a call with the same arguments resumes from them (a killed run loses at most the budget being
+            fitted). Files written with other arguments, or for another model, are refused (ValueError), never
+            overwritten; a model without a fingerprint (no torch module) resumes unchecked, with a warning.
 
     Returns:
         the `Calibration` (``sample(..., calibration=cal)`` runs it; ``cal.save(name)`` keeps it), or a list of them
@@ -136,50 +149,127 @@ def calibrate(
             model, process = model.on(view), view
     check_capabilities("calibrate", process, ("gaussian_kernel",))
     finite = math.isfinite(float(process.log_snr(torch.tensor(float(process.T)), check=False)))
-    bases = [_base(n, model.prediction, finite, method, order, history, process) for n in budgets]
+    bases = [_base(n, model.prediction, finite, method, order, history, corrector, process) for n in budgets]
+    options = {"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
+               "fit_starts": fit_starts, "seed": seed}
+    ckpt = None if checkpoint is None else _Checkpoint(
+        checkpoint, model, {"process": repr(process), "shape": [int(v) for v in shape], "num_samples": num_samples,
+                            "seed": int(seed), "t_eps": float(t_eps), "reference_tol": float(reference_tol),
+                            "dtype": str(dtype)},
+        {**options, "afs": bool(afs), "starts": list(starts), "check_every": check_every})
     gen = torch.Generator().manual_seed(int(seed))
     x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
-    ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
+    saved = None if ckpt is None else ckpt.reference()
+    if saved is None:
+        ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
+        if ckpt is not None:
+            ckpt.save_reference(ref, ref_nfe, ref_desc, time.perf_counter() - start_time)
+    else:
+        ref, ref_nfe, ref_desc, ref_seconds_saved = saved
+        ref, start_time = ref.to(device=x_T.device, dtype=x_T.dtype), start_time - ref_seconds_saved
     if several:
         ref_desc += f"; shared by the budgets {tuple(budgets)}"
     data = (x_T[n_val:], ref[n_val:], x_T[:n_val], ref[:n_val])
     after_draws, ref_seconds = gen.get_state(), time.perf_counter() - start_time
-    options = {"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
-               "fit_starts": fit_starts, "seed": seed}
     out = []
     for n, base in zip(budgets, bases):
+        done = None if ckpt is None else ckpt.budget(n, base)
+        if done is not None:
+            out.append(done)
+            continue
         gen.set_state(after_draws)  # each budget fits as a call for it alone would
-        budget_start = time.perf_counter()
+        record = {"evaluations": ref_nfe, "seconds": ref_seconds, "num_samples": int(num_samples),
+                  "reference": ref_desc, "options": dict(options), "model": model_fingerprint(model) or "",
+                  "shape": [int(s) for s in shape]}
         cal = _fit_budget(model, process, n, base, afs, data, starts, fit_starts, trim, iters, batch, lr, fit_grid,
-                          check_every, t_eps, gen, progress)
-        cal.evaluations += ref_nfe
-        cal.seconds = ref_seconds + time.perf_counter() - budget_start
-        cal.num_samples, cal.reference, cal.options = int(num_samples), ref_desc, dict(options)
-        cal.model, cal.shape = model_fingerprint(model) or "", [int(s) for s in shape]
+                          check_every, t_eps, gen, progress, record)
+        if ckpt is not None:
+            ckpt.save_budget(cal, base)
         out.append(cal)
     return out if several else out[0]
 
 
+class _Checkpoint:
+    """`calibrate`'s checkpoint directory: ``reference.pt`` (the reference ends, keyed by what determines them) and
+    ``nfe<N>.json`` per finished budget (the record and the key of the whole call)."""
+
+    def __init__(self, directory: str | os.PathLike, model: ScoreModel, draws: dict, fit: dict) -> None:
+        self.dir = Path(directory)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"checkpoint {str(self.dir)!r} exists and is not a directory")
+        fp = model_fingerprint(model)
+        self.draws = {**draws, "model": fp}
+        self.fit = {**self.draws, **fit}
+        self.unchecked = fp is None
+
+    def _check(self, path: Path, saved: dict, want: dict) -> None:
+        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        if diff:
+            raise ValueError(f"checkpoint {path} was written by a calibration with other settings ({', '.join(diff)}"
+                             f"; saved {[saved.get(k) for k in diff]}, now {[want.get(k) for k in diff]}): use "
+                             "another checkpoint directory or remove it")
+        if self.unchecked:  # once per call
+            self.unchecked = False
+            warnings.warn(f"resuming from {path} without checking the model (it has no fingerprint: no torch module)",
+                          stacklevel=3)
+
+    def reference(self) -> tuple[torch.Tensor, int, str, float] | None:
+        path = self.dir / "reference.pt"
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=True)
+        self._check(path, json.loads(saved["key"]), json.loads(json.dumps(self.draws)))
+        return saved["ref"], int(saved["nfe"]), str(saved["desc"]), float(saved["seconds"])
+
+    def save_reference(self, ref: torch.Tensor, nfe: int, desc: str, seconds: float) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path, tmp = self.dir / "reference.pt", self.dir / f"reference.pt.tmp{os.getpid()}"
+        torch.save({"key": json.dumps(self.draws), "ref": ref.detach().cpu(), "nfe": int(nfe), "desc": desc,
+                    "seconds": float(seconds)}, tmp)
+        os.replace(tmp, path)
+
+    def _key(self, base: tuple) -> dict:
+        method, order, history, corrector = base
+        return json.loads(json.dumps({**self.fit, "method": method, "order": order, "history": history,
+                                      "corrector": corrector}))
+
+    def budget(self, nfe: int, base: tuple) -> Calibration | None:
+        path = self.dir / f"nfe{nfe}.json"
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        self._check(path, saved["key"], self._key(base))
+        return Calibration.from_dict(saved["calibration"])
+
+    def save_budget(self, cal: Calibration, base: tuple) -> None:
+        write_json(self.dir / f"nfe{cal.nfe}.json", {"key": self._key(base), "calibration": cal.to_dict()})
+
+
 def _base(nfe: int, prediction: str, finite: bool, method: str | None, order: int | None, history: int | None,
-          process: Any) -> tuple[str, int, int]:
-    """(method, order, history) of the update for a budget: the caller's, else `calibration_method`'s."""
+          corrector: bool | None, process: Any) -> tuple[str, int, int, bool]:
+    """(method, order, history, corrector) of the update for a budget: the caller's, else `calibration_method`'s
+    (and vab's warm-up corrector)."""
     if method is None:
         method, default = calibration_method(nfe, prediction, finite)
         order = default if order is None else order
     order = (2 if method == "dpmpp_2m" else default_order(nfe)) if order is None else int(order)
     history = max(2, order) if history is None else int(history)
-    check_method(method, order, history)
+    corrector = (method == "vab") if corrector is None else bool(corrector)
+    check_method(method, order, history, corrector)
     if method == "zeab" and not finite:
         raise ValueError(f"method 'zeab' needs a finite log-SNR at T, which {process!r} does not have")
-    return method, order, history
+    return method, order, history, corrector
 
 
-def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int, int], afs: bool, data: tuple,
+def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int, int, bool], afs: bool, data: tuple,
                 starts: Sequence[str], fit_starts: int, trim: float, iters: int, batch: int, lr: float | None,
-                fit_grid: bool, check_every: int, t_eps: float, gen: torch.Generator, progress: bool) -> Calibration:
-    """The calibration for one budget on the shared (fit_x, fit_ref, val_x, val_ref) (`calibrate`, steps 2-3); its
-    evaluations and seconds without the reference's, its sample count, reference and options left to the caller."""
-    method, order, history = base
+                fit_grid: bool, check_every: int, t_eps: float, gen: torch.Generator, progress: bool,
+                record: dict) -> Calibration:
+    """The calibration for one budget on the shared (fit_x, fit_ref, val_x, val_ref) (`calibrate`, steps 2-3);
+    ``record``: the fields shared by the budgets (the reference's evaluations and seconds, to which this budget's
+    are added)."""
+    budget_start = time.perf_counter()
+    method, order, history, corrector = base
     fit_x, fit_ref, val_x, val_ref = data
     n_val, evaluations = len(val_x), 0
     steps = nfe + int(bool(afs))
@@ -197,7 +287,7 @@ def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int,
             grid = time_grid(process, steps, name, t_eps)
         except (ValueError, NotImplementedError):
             continue  # a grid this process does not support (e.g. logsnr where the log-SNR is -inf at T)
-        f = _Fit(process, grid, history, afs, method, order)
+        f = _Fit(process, grid, history, afs, method, order, corrector)
         with torch.no_grad():
             err = per_sample(f.rollout(model, fit_x), fit_ref)
         evaluations += nfe * len(fit_x)
@@ -223,7 +313,7 @@ def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int,
     if bar is not None:
         bar.close()
     best, start, start_error, fit = min(fits, key=lambda f: f[0])
-    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs, method, order)
+    start_fit = _Fit(process, time_grid(process, steps, start, t_eps), history, afs, method, order, corrector)
     with torch.no_grad():
         val_error = float(objective(per_sample(fit.rollout(model, val_x), val_ref))) if n_val else math.nan
         val_start = float(objective(per_sample(start_fit.rollout(model, val_x), val_ref))) if n_val else math.nan
@@ -232,8 +322,10 @@ def _fit_budget(model: ScoreModel, process: Any, nfe: int, base: tuple[str, int,
     return Calibration(
         grid=grid, coefficients=fit.coef.detach().to("cpu", torch.float64).clone(), afs=bool(afs), nfe=nfe,
         t_eps=float(t_eps), T=float(process.T), start=start, train_error=best, start_error=start_error,
-        val_error=val_error, val_start_error=val_start, evaluations=int(evaluations), seconds=0.0, num_samples=0,
-        process=repr(process), prediction=model.prediction, method=method, order=order)
+        val_error=val_error, val_start_error=val_start, process=repr(process), prediction=model.prediction,
+        method=method, order=order, corrector=corrector,
+        **{**record, "evaluations": int(record["evaluations"] + evaluations),
+           "seconds": record["seconds"] + time.perf_counter() - budget_start})
 
 
 def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor, objective: Callable,
@@ -284,8 +376,9 @@ def _reference(model: ScoreModel, process: Any, x_T: torch.Tensor, t_eps: float,
 class _Fit:
     """The parameters of a fit (grid logits, corrections) and the differentiable few-step solve they define."""
 
-    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool, method: str, order: int) -> None:
-        self.process, self.afs, self.method, self.order = process, bool(afs), method, order
+    def __init__(self, process: Any, grid: torch.Tensor, history: int, afs: bool, method: str, order: int,
+                 corrector: bool = False) -> None:
+        self.process, self.afs, self.method, self.order, self.corrector = process, bool(afs), method, order, corrector
         self.T, self.t_eps = float(grid[0]), float(grid[-1])
         grid = grid.to(torch.float64)
         # the grid's coordinate: the log-SNR where it is finite at T, else t (rectified flow: alpha(T) = 0)
@@ -329,6 +422,6 @@ class _Fit:
         for i in range(len(ts) - 1):
             d = torch.zeros_like(x) if (self.afs and i == 0) else model.x0(x, ts_x[i].expand(x.shape[0]))
             xs, ds = [x, *xs][:history], [d, *ds][:history]
-            wx, wd = step_weights(a, s, lm, i, coef[i], self.afs, self.method, self.order)
+            wx, wd = step_weights(a, s, lm, i, coef[i], self.afs, self.method, self.order, self.corrector)
             x = sum(wx[j] * xs[j] + wd[j] * ds[j] for j in range(len(wx)))
         return x

@@ -63,7 +63,7 @@ def test_calibrated_sampler_beats_the_default_on_held_out_x_T(sde):
 def test_the_solver_reproduces_the_fitted_solve(sde):
     """`sample(..., calibration=cal)` runs the arithmetic the fit differentiated (`_Fit.rollout`), to rounding."""
     model, cal = _mixture(sde), _calibrated(sde)
-    fit = _Fit(sde, cal.grid, cal.history, cal.afs, cal.method, cal.order)
+    fit = _Fit(sde, cal.grid, cal.history, cal.afs, cal.method, cal.order, cal.corrector)
     with torch.no_grad():
         fit.coef.copy_(cal.coefficients)
         assert torch.allclose(fit.grid(), cal.grid, rtol=1e-13, atol=1e-15)
@@ -89,13 +89,22 @@ def test_the_base_is_dpm_solver_pp_2m():
                          ids=["vp", "subvp", "ve", "rf"])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_the_adams_bases_are_vab_and_deis_log_rho(sde, order):
-    """With zero corrections the "vab" base is `vab` without its warm-up corrector and the "zeab" base `deis` with the
-    log-rho basis (azula's vAB and zEAB), at every order, to rounding (the exponential weights by quadrature)."""
+    """With zero corrections the "vab" base is `vab` (its warm-up corrector folded into the next steps' weights, or
+    without it) and the "zeab" base `deis` with the log-rho basis (azula's vAB and zEAB), at every order, with and
+    without the analytical first step, to rounding (the exponential weights by quadrature)."""
     model, x_T = _mixture(sde), _x(sde, B=8)
-    grid = ss.time_grid(sde, 8, "flow:1.5")
-    got = ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=False, method="vab", order=order))
-    want = ss.sample(model, sde, x_T, solver="vab", grid=grid, order=order, corrector=False)
-    assert torch.allclose(got.x, want.x, rtol=1e-12, atol=1e-12) and torch.equal(got.nfe, want.nfe)
+    for steps, afs in ((4, False), (8, False), (6, True)):
+        grid = ss.time_grid(sde, steps, "flow:1.5")
+        for corrector in (True, False):
+            cal = Calibration.base(grid, afs=afs, method="vab", order=order, corrector=corrector)
+            got = ss.sample(model, sde, x_T, calibration=cal)
+            want = ss.sample(model, sde, x_T, solver="vab", grid=grid, order=order, afs=afs,
+                             corrector="start" if corrector else False)
+            assert torch.allclose(got.x, want.x, rtol=1e-12, atol=1e-12) and torch.equal(got.nfe, want.nfe)
+    assert Calibration.base(grid, method="vab", order=order).corrector  # the default: `vab`'s own
+    if order > 1:  # the corrector matters (so the comparison above can fail)
+        on = ss.sample(model, sde, x_T, solver="vab", grid=grid, order=order, afs=True)
+        assert float((on.x - want.x).abs().max()) > 1e-3
     if isinstance(sde, ss.RectifiedFlow):  # log-SNR -inf at T: refused, never run
         with pytest.raises(ValueError, match="finite log-SNR"):
             ss.sample(model, sde, x_T, calibration=Calibration.base(grid, afs=False, method="zeab", order=order))
@@ -164,7 +173,8 @@ def test_refusals():
     for kw, msg in (({"nfe": 1}, "nfe >= 2"), ({"history": 1}, "history"), ({"trim": 1.0}, "trim"),
                     ({"num_samples": 1}, "fewer than 2"), ({"method": "rk4"}, "unknown calibration method"),
                     ({"method": "dpmpp_2m", "order": 3}, "takes order 2"), ({"method": "vab", "order": 5}, "1-4"),
-                    ({"method": "vab", "order": 3, "history": 2}, "history must be >= max")):
+                    ({"method": "vab", "order": 3, "history": 2}, "history must be >= max"),
+                    ({"method": "zeab", "order": 3, "corrector": True}, "corrector is vab's")):
         with pytest.raises(ValueError, match=msg):
             ss.calibrate(model, sde, **{"nfe": 4, **kw}, shape=(D,))
 
@@ -179,6 +189,17 @@ def test_several_budgets_share_one_reference_solve():
     for a, b in zip(both, alone):
         assert torch.equal(a.grid, b.grid) and torch.equal(a.coefficients, b.coefficients)
         assert a.evaluations == b.evaluations and a.val_error == b.val_error and a.start == b.start
+
+
+def test_a_record_saved_before_the_corrector_existed_loads_without_it():
+    """Records without the ``corrector`` field (saved before it existed) run as they were fitted: without it."""
+    grid = ss.time_grid(ss.VPSDE(), 5, "flow:1.5")
+    d = Calibration.base(grid, afs=False, method="vab", order=3).to_dict()
+    assert d.pop("corrector") is True
+    old = Calibration.from_dict(d)
+    assert old.corrector is False
+    with pytest.raises(ValueError, match="corrector is vab's"):
+        Calibration.from_dict({**d, "method": "zeab", "corrector": True})
 
 
 def test_zeab_is_refused_where_the_log_snr_is_infinite_at_T():
@@ -207,3 +228,49 @@ def test_generic_runs_over_every_solver_skip_the_calibrated_one():
     names = best_candidates(ss.VPSDE())
     assert names and not any(n.startswith("calibrated@") for n in names)
     assert any(n.startswith("dpmpp_2m@") for n in names)
+
+
+def test_a_checkpointed_calibration_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """With ``checkpoint=``, the reference and each finished budget are on disk: a rerun (after a "crash" that lost
+    the last budget) reads the reference instead of solving it again, keeps the finished budget and refits the rest
+    to the same numbers as the uninterrupted call; other settings are refused, not overwritten."""
+    import scoresolve.calibration as calibration
+
+    sde = ss.VPSDE()
+    kw = {"num_samples": 32, "iters": 6, "batch": 8, "check_every": 3, "fit_starts": 1, "seed": 2}
+    plain = ss.calibrate(_mixture(sde), sde, [3, 4], (D,), **kw)
+    first = ss.calibrate(_mixture(sde), sde, [3, 4], (D,), checkpoint=tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nfe3.json", "nfe4.json", "reference.pt"]
+    for a, b in zip(plain, first):
+        assert torch.equal(a.coefficients, b.coefficients) and torch.equal(a.grid, b.grid)
+    (tmp_path / "nfe4.json").unlink()  # the run was killed while fitting the second budget
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference was solved again")
+
+    monkeypatch.setattr(calibration, "_reference", no_reference)
+    with pytest.warns(UserWarning, match="without checking the model"):  # an analytic model: no fingerprint
+        again = ss.calibrate(_mixture(sde), sde, [3, 4], (D,), checkpoint=tmp_path, **kw)
+    for a, b in zip(first, again):
+        assert torch.equal(a.coefficients, b.coefficients) and torch.equal(a.grid, b.grid)
+        assert a.evaluations == b.evaluations and a.val_error == b.val_error
+    with pytest.raises(ValueError, match="other settings \\(iters"), pytest.warns(UserWarning):
+        ss.calibrate(_mixture(sde), sde, [3, 4], (D,), checkpoint=tmp_path, **{**kw, "iters": 7})
+    with pytest.raises(ValueError, match="other settings \\(seed"):
+        ss.calibrate(_mixture(sde), sde, 3, (D,), checkpoint=tmp_path, **{**kw, "seed": 3})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        ss.calibrate(_mixture(sde), sde, 3, (D,), checkpoint=tmp_path / "file", **kw)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """The checkpoint's key holds the model's fingerprint: another network's reference is never reused."""
+    from scoresolve.calibration import _Checkpoint
+
+    nets = [torch.nn.Linear(D, D).double() for _ in range(2)]
+    draws = {"process": "VPSDE()", "seed": 0}
+    _Checkpoint(tmp_path, nets[0], draws, {}).save_reference(torch.zeros(2, D), 10, "dopri5", 1.0)
+    ref, nfe, desc, seconds = _Checkpoint(tmp_path, nets[0], draws, {}).reference()
+    assert torch.equal(ref, torch.zeros(2, D)) and (nfe, desc, seconds) == (10, "dopri5", 1.0)
+    with pytest.raises(ValueError, match="other settings \\(model"):
+        _Checkpoint(tmp_path, nets[1], draws, {}).reference()

@@ -40,9 +40,10 @@ _FORMAT = 1
 METHODS = ("dpmpp_2m", "vab", "zeab")
 """The base methods of the calibrated update (the fit's start; zero corrections run them as they are):
 ``dpmpp_2m``, DPM-Solver++(2M) in the data prediction (order 2); ``vab``, Adams-Bashforth on the velocity
-eps - x0 in the rectified-flow variables y = x / (alpha + sigma), u = sigma / (alpha + sigma) (azula's vAB, without
-the warm-up corrector of `vab`), order 1-4; ``zeab``, the exponential Adams-Bashforth on the noise prediction in
-log(sigma / alpha) (DEIS with the log-rho basis, azula's zEAB), order 1-4, on processes whose log-SNR is finite."""
+eps - x0 in the rectified-flow variables y = x / (alpha + sigma), u = sigma / (alpha + sigma) (azula's vAB; with
+`vab`'s warm-up corrector folded into the weights, or without it), order 1-4; ``zeab``, the exponential
+Adams-Bashforth on the noise prediction in log(sigma / alpha) (DEIS with the log-rho basis, azula's zEAB), order
+1-4, on processes whose log-SNR is finite."""
 
 # Gauss-Legendre on [-1, 1]: 3 nodes (exact for the cubic Lagrange basis of order 4) and 12 (the exponential weight)
 _GL3 = ((-math.sqrt(0.6), 5 / 9), (0.0, 8 / 9), (math.sqrt(0.6), 5 / 9))
@@ -68,12 +69,14 @@ def _lagrange_integrals(nodes: Sequence, a: Any, b: Any, exponential: bool) -> l
 
 
 def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: Sequence, afs: bool,
-                 method: str = "dpmpp_2m", order: int = 2) -> tuple[list, list]:
+                 method: str = "dpmpp_2m", order: int = 2, corrector: bool = False) -> tuple[list, list]:
     """The weights (wx, wd) of step i: x_{i+1} = sum_j wx[j] x_{i-j} + wd[j] D_{i-j}, j < len(wx).
 
     ``alpha``, ``sigma``, ``lam`` (log-SNR) on the grid and ``coef`` (the 2 * history fitted corrections of step i)
     as Python floats (the solver) or tensors (the fit, differentiable); the same arithmetic for both. ``method``
-    and ``order``: the base (`METHODS`); ``history`` >= ``order``."""
+    and ``order``: the base (`METHODS`); ``history`` >= ``order``. ``corrector`` (vab only): `vab`'s warm-up
+    corrector, folded into the next step's weights (the states x_j are then the predicted points, where the
+    network is evaluated; the corrected states are never formed)."""
     history = len(coef) // 2
     m = min(history, i + 1)
     r = sigma[i + 1] / sigma[i]
@@ -91,8 +94,18 @@ def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: 
         S = [alpha[i + 1 - k] + sigma[i + 1 - k] for k in range(q + 1)]  # S[0] = S_{i+1}, S[1 + j] = S_{i-j}
         u = [sigma[i + 1 - k] / S[k] for k in range(q + 1)]
         beta = _lagrange_integrals(u[1:], u[1], u[0], exponential=False)
+        if corrector and i < order:  # step i - 1 was a warm-up step, corrected at x_i (`vab`, corrector="start"):
+            # x_i^c = x_i + S_i sum_J gamma_J v_{i-J}, the Adams-Moulton weights on (u_i, u_{i-1}, ...) less the
+            # Adams-Bashforth ones of step i - 1; x_{i+1} = (S_{i+1} / S_i) x_i^c + ... adds S_{i+1} gamma_J v_{i-J}
+            qk = min(order, m - 1)
+            uk = [sigma[i - k] / (alpha[i - k] + sigma[i - k]) for k in range(qk + 1)]  # u_i, u_{i-1}, ...
+            am = _lagrange_integrals(uk, uk[1], uk[0], exponential=False)
+            ab = _lagrange_integrals(uk[1:], uk[1], uk[0], exponential=False)
+            beta = beta + [0.0] * (qk + 1 - len(beta))
+            beta = [beta[0] + am[0]] + [beta[j] + am[j] - ab[j - 1] for j in range(1, qk + 1)]
+            S = S + [alpha[i + 1 - k] + sigma[i + 1 - k] for k in range(len(S), qk + 2)]
         wx[0] = S[0] / S[1]
-        for j in range(q):
+        for j in range(len(beta)):
             wx[j] = wx[j] + S[0] * beta[j] / sigma[i - j]
             wd[j] = -S[0] * beta[j] * S[1 + j] / sigma[i - j]
     elif method == "zeab" and q > 1:
@@ -110,10 +123,13 @@ def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: 
     return wx, wd
 
 
-def check_method(method: str, order: int, history: int) -> None:
-    """ValueError unless ``method`` is one of `METHODS` with an order it has and a history that holds it."""
+def check_method(method: str, order: int, history: int, corrector: bool = False) -> None:
+    """ValueError unless ``method`` is one of `METHODS` with an order it has and a history that holds it (and the
+    warm-up ``corrector`` only on vab)."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
+    if corrector and method != "vab":
+        raise ValueError(f"the warm-up corrector is vab's; method {method!r} has none")
     top = 2 if method == "dpmpp_2m" else 4
     if not (1 <= int(order) <= top) or (method == "dpmpp_2m" and int(order) != 2):
         raise ValueError(f"method {method!r} takes order {'2' if top == 2 else '1-4'}, got {order}")
@@ -143,7 +159,8 @@ class Calibration:
             fingerprint ("" if it has none or for `base`);
             ``prediction``: the model's parametrisation; ``shape``: the per-sample shape.
         reference: how the reference ends were computed.
-        method, order: the base method of the update (`METHODS`) and its order.
+        method, order: the base method of the update (`METHODS`) and its order; corrector: with `vab`'s warm-up
+            corrector (vab only; records saved before it existed load without).
     """
 
     grid: torch.Tensor
@@ -169,16 +186,18 @@ class Calibration:
     name: str | None = None
     method: str = "dpmpp_2m"
     order: int = 2
+    corrector: bool = False
 
     @classmethod
     def base(cls, grid: torch.Tensor, afs: bool = True, history: int | None = None, method: str = "dpmpp_2m",
-             order: int = 2) -> "Calibration":
+             order: int = 2, corrector: bool | None = None) -> "Calibration":
         """The base method on ``grid`` (float64 times from T down to t_eps) as a calibration with zero corrections,
         bound to no process and no model (default: DPM-Solver++(2M) with the DDIM first step(s)): the start of
         `calibrate`'s fit, and a way to run that base with the calibrated solver. ``history`` defaults to
-        max(2, order)."""
+        max(2, order); ``corrector`` to True for vab (as `vab`'s default, corrector="start")."""
         history = max(2, int(order)) if history is None else int(history)
-        check_method(method, order, history)
+        corrector = (method == "vab") if corrector is None else bool(corrector)
+        check_method(method, order, history, corrector)
         grid = check_grid(torch.as_tensor(grid, dtype=torch.float64).detach().cpu(), float(grid[0]))
         steps = len(grid) - 1
         if steps < 1 + int(bool(afs)):
@@ -186,7 +205,8 @@ class Calibration:
         return cls(grid=grid, coefficients=torch.zeros(steps, 2 * history, dtype=torch.float64), afs=bool(afs),
                    nfe=steps - int(bool(afs)), t_eps=float(grid[-1]), T=float(grid[0]), start="base",
                    train_error=math.nan, start_error=math.nan, val_error=math.nan, val_start_error=math.nan,
-                   evaluations=0, seconds=0.0, num_samples=0, process="", method=method, order=int(order))
+                   evaluations=0, seconds=0.0, num_samples=0, process="", method=method, order=int(order),
+                   corrector=corrector)
 
     @property
     def steps(self) -> int:
@@ -231,7 +251,7 @@ class Calibration:
                              "(expected [steps, 2 * history])")
         if not bool(torch.isfinite(c).all()):
             raise ValueError("the coefficients contain non-finite values")
-        check_method(self.method, self.order, self.history)
+        check_method(self.method, self.order, self.history, self.corrector)
         if self.nfe != self.steps - int(bool(self.afs)):
             raise ValueError(f"{self.steps} steps{' with afs' if self.afs else ''} take "
                              f"{self.steps - int(bool(self.afs))} evaluations, but it records nfe={self.nfe}")
@@ -319,17 +339,18 @@ def _prepare(process: Any, options: dict, steps: int) -> dict:
                                                                             check=False))):
         raise ValueError("method 'zeab' needs a finite log-SNR at the grid's start (alpha > 0)")
     options["rows"] = tuple(tuple(float(c) for c in row) for row in cal.coefficients.tolist())
-    options["method"] = (cal.method, cal.order)
+    options["method"] = (cal.method, cal.order, cal.corrector)
     return options
 
 
 def calibrated_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     """One step of the calibrated sampler (module docstring): 1 NFE (none at i = 0 with afs)."""
-    rows, afs, (method, order) = run.options["rows"], run.options["afs"], run.options["method"]
+    rows, afs, (method, order, corrector) = run.options["rows"], run.options["afs"], run.options["method"]
     hist_x = run.memory["x"] = ([x] + run.memory.get("x", []))[: len(rows[0]) // 2]
     hist_d = run.memory["d"] = ([run.x0(x, i)] + run.memory.get("d", []))[: len(hist_x)]
-    wx, wd = run.per_grid(("calibrated", rows, afs, method, order), lambda: [
-        step_weights(run.alpha, run.sigma, run.lam, j, rows[j], afs, method, order) for j in range(run.steps)])[i]
+    wx, wd = run.per_grid(("calibrated", rows, afs, method, order, corrector), lambda: [
+        step_weights(run.alpha, run.sigma, run.lam, j, rows[j], afs, method, order, corrector)
+        for j in range(run.steps)])[i]
     out = hist_x[0] * wx[0]
     for j in range(len(wx)):
         if j:
