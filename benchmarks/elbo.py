@@ -13,7 +13,7 @@ reuses the same network evaluations (N per digit). Two readings of the data:
 The moment Gamma_n: M = 10 dequantized training digits per step at all N steps (10 N evaluations, cached with
 `scoresolve.cached_moments`); the analytic variance uses the [-1, 1] data-range bound. Decoder variance: DDPM's
 (beta-tilde_2, as Ho et al. and Bao et al.), and for "analytic*" the analytic one. "DP trajectory": the analytic
-variance on the K-step subsequence chosen by `scoresolve.elbo.optimal_steps` (Bao et al.'s dynamic programming).
+variance on the K-step subsequence chosen by `scoresolve.variational.optimal_steps` (Bao et al.'s dynamic programming).
 
 Sampling: ancestral (reverse_diffusion) with beta, beta-tilde and the analytic variance, and DDIM (eta = 0) against
 Analytic-DDIM (eta = 0 mean + analytic noise), on the same K-step subsequences ending at t = 1/N, then the data
@@ -34,9 +34,9 @@ import torch
 import scoresolve as ss
 from scoresolve.compare import sliced_wasserstein
 from scoresolve.data import DIGITS_LEVELS, digits
-from scoresolve.elbo import bound, chain_times, elbo_statistics, optimal_steps
 from scoresolve.models import load_digits_model
 from scoresolve.quantization import dequantize, levels_offset
+from scoresolve.variational import bound, chain_times, elbo_statistics, optimal_steps
 
 PUBLISHED = """Published CIFAR-10 (Bao et al. 2022, Table 1; linear schedule, even steps; NLL bound, bits/dim):
 | K | 10 | 25 | 50 | 100 | 200 | 400 | 1000 |

@@ -9,7 +9,6 @@ from .analytic import GaussianMixture
 from .calibration import calibrate
 from .compiled import CompiledSampler, compile_sampler
 from .control_variate import GaussianControlVariate
-from .elbo import ElboResult, elbo
 from .evaluation import EvalSummary, evaluate_dataset
 from .interpolant import Interpolant, RectifiedFlow, TrigonometricInterpolant, flux_shift, sd3_shift
 from .likelihood import LikelihoodResult, log_likelihood
@@ -32,6 +31,7 @@ from .score import ScoreModel, classifier_free_guidance, classifier_guidance, co
 from .sde import EDMSDE, SDE_NAMES, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE, sde_from_name
 from .solvers import NonFiniteError, Solution, time_grid
 from .solvers.calibrated import Calibration, load_calibration
+from .variational import ElboResult, elbo
 
 __version__ = "0.1.0"
 

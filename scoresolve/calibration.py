@@ -148,7 +148,7 @@ def calibrate(
         if view is not None and model.prediction == "x0" and not view.missing(("gaussian_kernel",)):
             model, process = model.on(view), view
     check_capabilities("calibrate", process, ("gaussian_kernel",))
-    finite = math.isfinite(float(process.log_snr(torch.tensor(float(process.T)), check=False)))
+    finite = process.finite_log_snr_at_T
     bases = [_base(n, model.prediction, finite, method, order, history, corrector, process) for n in budgets]
     options = {"iters": iters, "batch": batch, "lr": lr, "trim": trim, "holdout": holdout, "fit_grid": fit_grid,
                "fit_starts": fit_starts, "seed": seed}
@@ -382,7 +382,7 @@ class _Fit:
         self.T, self.t_eps = float(grid[0]), float(grid[-1])
         grid = grid.to(torch.float64)
         # the grid's coordinate: the log-SNR where it is finite at T, else t (rectified flow: alpha(T) = 0)
-        self.log_snr = math.isfinite(float(process.log_snr(grid[:1], check=False)))
+        self.log_snr = process.finite_log_snr_at_T
         s = self._coord(grid)
         self.s0, self.s1 = float(s[0]), float(s[-1])
         inc = (s[1:] - s[:-1]) / (self.s1 - self.s0)  # positive fractions summing to 1

@@ -75,13 +75,30 @@ def _orthogonal_probes(x: torch.Tensor, k: int, generator: torch.Generator | Non
     return (w * signs).to(x.dtype).reshape((k,) + tuple(x.shape))
 
 
+_IN_PLACE = "leaf Variable that requires grad is being used in an in-place operation"
+
+
+def _forward_for_grad(model: Callable, xg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``model(xg, t)`` on the leaf ``xg`` that the VJPs differentiate by; a model that changes its input in place
+    gets a RuntimeError saying so (autograd's own message names neither the model nor the remedy)."""
+    try:
+        return model(xg, t)
+    except RuntimeError as err:
+        if _IN_PLACE not in str(err):
+            raise
+        raise RuntimeError(
+            "the model changes its input in place (e.g. x.mul_(c), x += c), and the divergence differentiates the "
+            "model with respect to that input; the solvers also pass it their own state: compute out of place "
+            f"(x = x * c) or clone the input inside the model (autograd: {err})") from err
+
+
 def exact_div_score(
     model: Callable, x: torch.Tensor, t: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """score and its exact divergence (trace of the Jacobian), D VJPs in chunks of ``chunk`` rows."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        s = model(xg, t)
+        s = _forward_for_grad(model, xg, t)
         D = math.prod(x.shape[1:])
         div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         eye_idx = torch.arange(D, device=x.device)
@@ -200,7 +217,7 @@ def hutchinson_div_score(model: Callable, x: torch.Tensor, t: torch.Tensor, eps:
     K = eps.shape[0]
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        s = model(xg, t)
+        s = _forward_for_grad(model, xg, t)
         ests = []
         for k in range(K):
             (vjp,) = torch.autograd.grad(s, xg, eps[k], retain_graph=k < K - 1)

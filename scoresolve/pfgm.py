@@ -95,8 +95,10 @@ class PFGMPP(Process):
     sigma_max, sigma_min for D = 1.
 
     Capabilities: no reverse SDE, no Gaussian kernel (so no eps / score meanings, log-SNR, exponential
-    integrators or Gaussian control variate); smooth in t. The solvers that need only the ODE run on it (euler,
-    heun, rk4, the adaptive RK pairs) and so does `scoresolve.log_likelihood` with the exact prior log-density.
+    integrators or Gaussian control variate, and ``finite_log_snr_at_T`` is False: there is no log-SNR to be
+    finite; `edm_view`'s, lambda(T) = -log sigma_max, is); smooth in t. The solvers that need only the ODE run on it
+    (euler, heun, rk4, the adaptive RK pairs) and so does `scoresolve.log_likelihood` with the exact prior
+    log-density.
     The ODE is EDM's in the x0 prediction: `edm_view` lets the deterministic (alpha, sigma) integrators (ddim with
     eta = 0, dpmpp_2m / 3m, unipc, deis, ipndm) and EDM's named grids run on it.
     """

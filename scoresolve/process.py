@@ -20,6 +20,10 @@ processes with other perturbation kernels, e.g. Poisson flows) is a `Process`:
   ``smooth_in_t``      the schedule is smooth in t (False for a discrete DDPM schedule, whose beta jumps at every
                        knot: adaptive solves then step in the log-SNR, `scoresolve.solvers.ode.choose_time_variable`).
 
+- ``finite_log_snr_at_T``: whether the log-SNR lambda(T) is finite (alpha(T) > 0), a property of the schedule, not a
+  capability a solver requires: it picks defaults (the default sampler's family, the calibration's grid coordinate).
+  False where alpha(T) = 0 (rectified flow) and for a process without a Gaussian kernel (no log-SNR: Poisson flows).
+
 A solver declares what it requires (``SolverSpec.requires``, and ``SolverSpec.requires_fn(options)`` for options
 such as ``eta > 0`` or ``afs=True``); `sample` and `log_likelihood` check once, before any work, and raise
 `IncompatibleProcessError` naming the missing capability and the solvers that fit.
@@ -63,6 +67,13 @@ class Process(ABC):
     """The PF-ODE drift is the model's velocity prediction (f, g^2 may diverge at alpha = 0)."""
     smooth_in_t: bool = True
     """The schedule is smooth in t; False (a discrete DDPM schedule): adaptive solves step in the log-SNR."""
+
+    @property
+    def finite_log_snr_at_T(self) -> bool:
+        """The log-SNR lambda(T) = log(alpha(T) / sigma(T)) is finite (alpha(T) > 0), so log-SNR grids and
+        coordinates reach T. Here False: a process without a Gaussian kernel has no log-SNR (a Poisson flow; its
+        `ode_view` may have one); `scoresolve.ForwardSDE` evaluates lambda(T)."""
+        return False
 
     @abstractmethod
     def sigma(self, t: Time, *, check: bool = True) -> torch.Tensor:

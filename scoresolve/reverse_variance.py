@@ -46,6 +46,7 @@ VARIANCES = ("beta", "beta_tilde", "analytic")
 """The reverse variances by name: DDPM's forward (beta) and posterior (beta-tilde) ones, Analytic-DPM's optimum."""
 
 MOMENT_DIR_ENV = "SCORESOLVE_MOMENT_DIR"
+_RECORD = "moment estimate"  # what the store's messages call a record, on save and on load alike
 _FORMAT = 1
 
 
@@ -236,12 +237,12 @@ def moment_dir(directory: str | os.PathLike | None = None) -> Path:
 
 
 def _check_name(name: str) -> str:
-    return check_name(name, "moment-estimate")
+    return check_name(name, _RECORD)
 
 
 def load_moments(name: str, directory: str | os.PathLike | None = None) -> MomentEstimate:
     """The moment estimate saved under ``name`` (see `MomentEstimate.save`)."""
-    return read_record(moment_dir(directory), name, "moment estimate", MOMENT_DIR_ENV, MomentEstimate.from_dict)
+    return read_record(moment_dir(directory), name, _RECORD, MOMENT_DIR_ENV, MomentEstimate.from_dict)
 
 
 def _model_id(model: Callable) -> str | None:

@@ -96,6 +96,14 @@ class ForwardSDE(Process):
         """lambda(t) = log alpha(t) - log sigma(t) (half the log signal-to-noise ratio), decreasing in t."""
         return self._log_snr(self.as_time(t, check=check))
 
+    @property
+    def finite_log_snr_at_T(self) -> bool:
+        """lambda(T) is finite in float64 (`Process.finite_log_snr_at_T`): False where alpha(T) = 0 (rectified
+        flow, the trigonometric interpolant) or where the process does not declare ``gaussian_kernel``."""
+        if not self.gaussian_kernel:
+            return False
+        return math.isfinite(float(self.log_snr(torch.tensor(float(self.T), dtype=torch.float64), check=False)))
+
     def t_from_log_snr(self, lam: Time) -> torch.Tensor:
         """Inverse of [`log_snr`][scoresolve.ForwardSDE.log_snr]."""
         lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam), dtype=torch.get_default_dtype())

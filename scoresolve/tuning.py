@@ -46,7 +46,7 @@ from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver
 from .solvers._grid import check_grid
 from .solvers.adams import adams_coefficients, deis_two_node_weights
-from .solvers.grid_store import GRID_DIR_ENV, TunedGrid, grid_dir, load_grid, save_grid  # noqa: F401  (re-exported)
+from .solvers.grid_store import GRID_DIR_ENV, TunedGrid, grid_dir, load_grid, save_grid  # noqa: F401  (documented path)
 from .solvers.multistep import dpmpp_2m_coefficients
 from .solvers.time_grids import time_grid
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import scoresolve as ss
-from scoresolve.elbo import ElboStatistics, bound, chain_times, elbo, elbo_statistics, optimal_steps
 from scoresolve.reverse_variance import MomentEstimate
+from scoresolve.variational import ElboStatistics, bound, chain_times, elbo, elbo_statistics, optimal_steps
 
 SDE = ss.DiscreteVPSDE.linear(1000)
 KS = (2, 5, 10, 100, 1000)
@@ -167,6 +167,23 @@ def test_subsequences_share_the_chains_draws():
     torch.testing.assert_close(whole.subset(times).err2, elbo_statistics(model, SDE, x, 25).err2)
 
 
+def test_the_function_and_its_module_have_their_own_names():
+    """``scoresolve.elbo`` is the function; its module is ``scoresolve.variational`` (a module named ``elbo`` was
+    shadowed by the function: ``scoresolve.elbo.bound`` raised AttributeError)."""
+    import pkgutil
+    import types
+
+    import scoresolve.variational as var
+
+    assert ss.elbo is var.elbo and ss.ElboResult is var.ElboResult and ss.variational is var
+    assert var.bound is bound and var.chain_times is chain_times and var.ElboStatistics is ElboStatistics
+    # no name of the package is both a submodule and something else
+    submodules = {m.name for m in pkgutil.iter_modules(ss.__path__)}
+    assert "elbo" not in submodules and "variational" in submodules
+    shadowed = {n for n in submodules & set(dir(ss)) if not isinstance(getattr(ss, n), types.ModuleType)}
+    assert not shadowed
+
+
 def test_chain_times():
     times, n = chain_times(SDE, 10)
     assert n.tolist() == [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]  # Bao et al.'s even trajectory
@@ -189,7 +206,7 @@ def test_chain_times():
 def test_discretized_decoder():
     """Ho et al.'s decoder: bin probabilities of the Gaussian (edge bins to +-inf) sum to 1 over the levels and
     match the normal CDF; data off the grid is refused."""
-    from scoresolve.elbo import _log_bin_prob
+    from scoresolve.variational import _log_bin_prob
 
     L, rng = 5, (-1.0, 1.0)
     grid = torch.linspace(-1, 1, L, dtype=torch.float64)

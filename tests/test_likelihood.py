@@ -227,3 +227,44 @@ def test_the_old_argument_order_is_refused_with_the_new_one_named():
         log_likelihood(gm.score_fn(sde), x, sde, divergence="exact", t_eps=1e-3)
     with pytest.raises(TypeError, match="forward process"):
         log_likelihood(gm.score_fn(sde), x, x)
+
+
+def test_a_model_that_changes_its_input_in_place_is_told_so():
+    """autograd refuses an in-place change of the leaf the divergence differentiates by ("a leaf Variable that
+    requires grad is being used in an in-place operation"); the error names the model's in-place change and the
+    remedy. Other errors of the model pass unchanged."""
+    sde = ss.VPSDE()
+    gm = ss.GaussianMixture.random(2, 3, seed=0)
+    f = gm.score_fn(sde)
+    x = gm.sample_marginal(3, 1e-3, sde, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def scales(x, t):
+        x.mul_(1.0)
+        return f(x, t)
+
+    def shifts_a_view(x, t):
+        x[:, 0] += 0.0
+        return f(x, t)
+
+    eps_net = gm.model(sde, "eps")
+
+    def eps_in_place(x, t):
+        x.mul_(1.0)
+        return eps_net(x, t)
+
+    models = (scales, shifts_a_view, ss.ScoreModel(eps_in_place, sde, prediction="eps"))
+    for model in models:
+        for divergence in ("exact", "hutchinson"):
+            with pytest.raises(RuntimeError, match=r"the model changes its input in place .*clone the input inside "
+                                                   r"the model \(autograd: a (view of a )?leaf Variable"):
+                log_likelihood(model, sde, x, divergence=divergence)
+    # the same models written out of place run, and give the likelihood of the model they copy
+    ref = log_likelihood(f, sde, x, divergence="exact", rtol=1e-6, atol=1e-6)
+    out = log_likelihood(lambda x, t: f(x * 1.0, t), sde, x, divergence="exact", rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.log_prob, ref.log_prob)
+
+    def fails(x, t):
+        raise RuntimeError("a network error")
+
+    with pytest.raises(RuntimeError, match="^a network error$"):
+        log_likelihood(fails, sde, x, divergence="exact")

@@ -46,6 +46,40 @@ def test_capabilities_are_declared():
         ss.VPSDE().missing(["gaussian"])
 
 
+def _every_process():
+    """One instance of every process class: the named SDEs and interpolants, the discrete schedule, Poisson flows
+    and their EDM view, a general interpolant, and the toys of this file."""
+    from scoresolve.sde import PROCESS_NAMES, SDE_NAMES
+
+    named = [ss.sde_from_name(n) for n in (*SDE_NAMES, *PROCESS_NAMES)]
+    cos = lambda t: torch.cos(t * (math.pi / 2))  # noqa: E731  (alpha(1) = 6e-17 > 0 in float64, not 0)
+    general = ss.Interpolant(cos, lambda t: torch.sin(t * (math.pi / 2)), lambda t: -(math.pi / 2) * torch.sin(
+        t * (math.pi / 2)), lambda t: (math.pi / 2) * cos(t), T=0.9, name="Quarter")
+    return named + [ss.DiscreteVPSDE.linear(), ss.PFGMPP().edm_view(), general, NoReverseSDE(), NonGaussianKernel(),
+                    ToyX0Process()]
+
+
+def test_every_process_says_whether_its_log_snr_is_finite_at_T():
+    """``finite_log_snr_at_T``: lambda(T) is finite (alpha(T) > 0); False where alpha(T) = 0 and where there is no
+    Gaussian kernel (no log-SNR: Poisson flows, the toys without one), whatever their schedule would give."""
+    expect = {"VPSDE": True, "SubVPSDE": True, "VESDE": True, "EDMSDE": True, "CosineVPSDE": True,
+              "RectifiedFlow": False, "TrigonometricInterpolant": False, "PFGMPP": False, "DiscreteVPSDE": True,
+              "PFGMEDMView": True, "Interpolant": True, "NoReverseSDE": True, "NonGaussianKernel": False,
+              "ToyX0Process": False}
+    seen = set()
+    for proc in _every_process():
+        name = type(proc).__name__
+        seen.add(name)
+        assert proc.finite_log_snr_at_T is expect[name], proc
+        if proc.gaussian_kernel:  # the value is lambda(T)'s, in float64 and float32 alike
+            for dtype in (torch.float64, torch.float32):
+                lam_T = float(proc.log_snr(torch.tensor(float(proc.T), dtype=dtype)))
+                assert math.isfinite(lam_T) is expect[name], (proc, dtype)
+    assert seen == set(expect)
+    assert not ss.PFGMPP().finite_log_snr_at_T and ss.PFGMPP().ode_view().finite_log_snr_at_T
+    assert "finite_log_snr_at_T" not in ss.CAPABILITIES  # a property of the schedule, required by no solver
+
+
 def test_a_process_without_a_reverse_sde_is_refused_by_name_and_told_what_fits():
     sde = NoReverseSDE()
     gm, x_T = _problem(sde)

@@ -157,3 +157,16 @@ def test_moments_are_saved_and_reused(tmp_path):
         assert moments_key(ss.ScoreModel(net, sde, **{"prediction": "eps", **other}), sde, times, 4, data=data) != key
     with pytest.raises(FileNotFoundError):
         load_moments("nothing-here", tmp_path)
+
+
+def test_the_moment_store_names_its_records_alike_on_save_and_load(tmp_path):
+    est = MomentEstimate(t=torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64),
+                         gamma=torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64), num_samples=4, evaluations=12)
+    messages = []
+    for action in (lambda: est.save("-bad", tmp_path), lambda: load_moments("-bad", tmp_path)):
+        with pytest.raises(ValueError, match="^a moment estimate name must be ") as info:
+            action()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    with pytest.raises(FileNotFoundError, match="no saved moment estimate 'absent'"):
+        load_moments("absent", tmp_path)

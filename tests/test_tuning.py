@@ -170,3 +170,13 @@ def test_solver_cost_and_starts(setup):
         tune_grid(score, sde, 5, x_T=x, cost="nope")
     with pytest.raises(ValueError, match="two-step form"):
         tune_grid(score, sde, 5, "heun", x_T=x, cost="solver")
+
+
+def test_the_grid_store_keeps_its_documented_path_in_tuning():
+    """TunedGrid, save_grid, load_grid, grid_dir and GRID_DIR_ENV live in solvers.grid_store (a saved grid loads
+    without the optimiser); scoresolve.tuning, their documented path (docs/api.md), gives the same objects."""
+    from scoresolve import tuning
+    from scoresolve.solvers import grid_store
+
+    for name in ("GRID_DIR_ENV", "TunedGrid", "grid_dir", "load_grid", "save_grid"):
+        assert getattr(tuning, name) is getattr(grid_store, name), name

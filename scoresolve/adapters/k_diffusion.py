@@ -184,7 +184,7 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
         device: of the result (float64, like the grids).
     """
     from ..solvers import time_grid
-    from ..tuning import TunedGrid, load_grid
+    from ..solvers.grid_store import TunedGrid, load_grid
 
     if int(n) < 2:
         raise ValueError(f"n must be >= 2 (at least one step between sigma_max and sigma_min, then the step to 0), "

@@ -344,7 +344,7 @@ def add_likelihood_args(p: argparse.ArgumentParser) -> None:
                              "VariationalDequantizer.save (this command does not train one)")
     p.add_argument("--bound", choices=["ode", "elbo"], default="ode",
                    help="ode: the probability-flow ODE's log-likelihood; elbo: the discrete-time variational bound "
-                   "of DDPM (networks of VP-type schedules; scoresolve.elbo)")
+                   "of DDPM (networks of VP-type schedules; scoresolve.variational)")
     p.add_argument("--elbo-steps", type=POSITIVE_INT, default=1000,
                    help="K, steps of the bound on the even subsequence of the N-step chain (default: 1000)")
     p.add_argument("--num-timesteps", type=POSITIVE_INT, default=1000,
@@ -527,11 +527,11 @@ def _elbo_id(args: argparse.Namespace) -> str:
 
 
 def _elbo_fn(args: argparse.Namespace, net, data: torch.Tensor, num_levels: int | None):
-    """``--bound elbo``: the per-batch bound of `scoresolve.elbo.elbo_fn`, with the analytic variance's moments
+    """``--bound elbo``: the per-batch bound of `scoresolve.variational.elbo_fn`, with the analytic variance's moments
     estimated (or loaded: `scoresolve.cached_moments`) on the training data (``--moment-data``, the training digits
     for the digits models, else the evaluated data), dequantized with a fixed seed like the evaluated data."""
-    from ..elbo import _check_chain, chain_times, elbo_fn
     from ..reverse_variance import cached_moments
+    from ..variational import _check_chain, chain_times, elbo_fn
 
     model, sde = net.model, net.sde
     try:

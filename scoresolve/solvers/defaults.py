@@ -29,10 +29,7 @@ gets it on its `ode_view` when it has one and the model predicts x0 (`PFGMPP`: t
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 if TYPE_CHECKING:
     from ..process import Process
@@ -111,7 +108,7 @@ def default_for_process(nfe: int, options: dict[str, Any], prediction: str, proc
     """`default_sampler` on ``process``: (solver, options, grid, the process to solve on), that process being
     ``process`` itself or its `ode_view` (module docstring). The caller's options win; an option the fallback does
     not take is the caller's error, raised by the solver's own check."""
-    finite = process.gaussian_kernel and math.isfinite(float(process.log_snr(torch.tensor(float(process.T)))))
+    finite = process.finite_log_snr_at_T
     name, opts, grid = default_sampler(nfe, options, prediction, finite)
     if not process.missing(requirements(name, opts, grid)):
         return name, opts, grid, process

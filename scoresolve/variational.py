@@ -24,6 +24,10 @@ et al.'s choice: beta-tilde of the step 2 t_1 -> t_1, i.e. beta-tilde_2 of the N
 
 Schedules: `DiscreteVPSDE` (steps on its own N knots), and continuous VP, sub-VP and cosine schedules discretised
 to N = ``num_timesteps`` steps t_n = n T / N. Any schedule with sigma(0) = 0 and alpha > 0 on the chain works.
+
+``scoresolve.elbo`` is this module's `elbo` function (with `ElboResult`, re-exported); the module is
+``scoresolve.variational`` (it was ``scoresolve/elbo.py``, whose name the function shadowed: ``scoresolve.elbo.bound``
+and ``import scoresolve.elbo as m`` reached the function, not the module).
 """
 
 from __future__ import annotations
