@@ -235,3 +235,19 @@ def test_likelihood_matched_fit_smoke(tmp_path):
     assert set(res) == {"sample", "batch"}
     for m in res.values():
         assert m["tol"] > 0 and m["nfe"] > 0 and m["calls"] >= m["nfe"] * 0.99 and m["peer_calls"] > 0
+
+
+def test_plot_peers_reads_the_stored_comparison(tmp_path):
+    """plot_peers.py on a stored peers_few_step.py result: its printed medians and worst cases are the summary's."""
+    import statistics
+
+    src = ROOT / "benchmarks" / "results" / "peers_few_step_b64_calibrated.json"
+    out = tmp_path / "p.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "plot_peers.py"), str(src), "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 10_000
+    summary = json.loads(src.read_text())["summary_by_metric"]
+    ratios = summary["median"]["calibrated"]["5"]["oracle"]
+    assert f"median calibrated   5 NFE: median {statistics.median(ratios):.2f} worst {min(ratios):.2f}" in res.stdout
+    assert f"{summary['rms']['default']['10']['oracle_median']:.2f}" in res.stdout
