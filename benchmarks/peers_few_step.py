@@ -204,26 +204,50 @@ def calibrated_runs(p: Problem, nfes, seed: int, num_samples: int, iters: int, s
     return out, cost
 
 
+def stored_runs(prob: dict, section: str) -> dict[str, dict[int, float]]:
+    """{config: {nfe: Err}} of one problem of a written JSON, ``section`` "peers" or "ours"."""
+    rms, med = prob["by_metric"]["rms"][section], prob["by_metric"]["median"][section]
+    runs: dict = {}
+    for k, r in rms.items():
+        runs[k] = {}
+        for n, e in r.items():
+            v = med[k][n]
+            if not (math.isfinite(e) and math.isfinite(v)):
+                runs[k][int(n)] = math.inf
+                continue
+            err = Err(v if METRIC == "median" else e)
+            err.rms, err.median = e, v
+            runs[k][int(n)] = err
+    return runs
+
+
 def stored_peers(path: str) -> dict[str, dict[str, dict[int, float]]]:
     """{problem: {peer config: {nfe: Err}}} from an earlier run's JSON (the peers are deterministic: the same
     problem seeds, batch and reference tolerance give the same x_T, reference and peer errors)."""
     with open(path) as f:
         data = json.load(f)
-    out = {}
+    return {prob["name"]: stored_runs(prob, "peers") for prob in data["problems"]}
+
+
+RESUME_ARGS = ("seed0", "batch", "nfe", "ref_tol", "ours", "calibrate", "cal_samples", "cal_iters", "cal_starts",
+               "digit_models", "peers_from", "no_peers")
+
+
+def resumed_problems(path: str, args: argparse.Namespace) -> list[Problem]:
+    """The problems finished by an earlier run of the same settings that wrote ``path`` (written after every
+    problem), to be kept as they are; SystemExit if its settings differ."""
+    with open(path) as f:
+        data = json.load(f)
+    old, new = data["args"], vars(args)
+    diff = [k for k in RESUME_ARGS if old.get(k) != new.get(k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was written with other settings ({', '.join(diff)})")
+    out = []
     for prob in data["problems"]:
-        rms, med = prob["by_metric"]["rms"]["peers"], prob["by_metric"]["median"]["peers"]
-        runs = {}
-        for k, r in rms.items():
-            runs[k] = {}
-            for n, e in r.items():
-                v = med[k][n]
-                if not (math.isfinite(e) and math.isfinite(v)):
-                    runs[k][int(n)] = math.inf
-                    continue
-                err = Err(v if METRIC == "median" else e)
-                err.rms, err.median = e, v
-                runs[k][int(n)] = err
-        out[prob["name"]] = runs
+        runs = {"ours": stored_runs(prob, "ours"), "peers": stored_runs(prob, "peers")}
+        if prob.get("calibration") is not None:
+            runs["calibration"] = {int(n): c for n, c in prob["calibration"].items()}
+        out.append(Problem(prob["name"], None, None, None, None, prob["desc"], runs))
     return out
 
 
@@ -428,7 +452,9 @@ def main() -> None:
     ap.add_argument("--only-digits", action="store_true")
     ap.add_argument("--ours", nargs="*", default=[], help="extra configurations of ours to report")
     ap.add_argument("--no-peers", action="store_true", help="skip the peers (for exploring our configurations)")
-    ap.add_argument("--json", default="")
+    ap.add_argument("--json", default="", help="write the results here (after every problem; complete at the end)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the problems an earlier run with the same settings wrote to --json and run the rest")
     ap.add_argument("--metric", choices=METRICS, default="rms",
                     help="rms: RMS over the batch (flip-dominated); median: the median sample's error")
     ap.add_argument("--calibrate", action="store_true",
@@ -449,11 +475,19 @@ def main() -> None:
     kd = load_k_diffusion_sampling()
     specs = [] if args.only_digits else [(args.seed0 + i, PROCESSES[(args.seed0 + i) % 4])
                                          for i in range(args.problems)]
-    problems = []
+    if args.resume and not args.json:
+        raise SystemExit("--resume continues the file given by --json")
+    problems = resumed_problems(args.json, args) if args.resume and os.path.isfile(args.json) else []
+    if problems:
+        print(f"resumed {len(problems)} finished problems from {args.json}: {', '.join(p.name for p in problems)}")
+    done = {p.name for p in problems}
     stored = stored_peers(args.peers_from) if args.peers_from else None
     t0 = time.perf_counter()
     digits = [("digits", kind) for kind in args.digit_models] if args.digits or args.only_digits else []
+    keys = ["default", *args.ours, *(["calibrated"] if args.calibrate else [])]
     for seed, proc in specs + digits:
+        if (f"digits-{proc}" if seed == "digits" else f"mix{seed}-{proc}") in done:
+            continue
         p = (digits_problem(proc, args.batch, args.ref_tol) if seed == "digits"
              else mixture_problem(seed, proc, args.batch, args.ref_tol))
         p.runs["ours"] = ours_runs(p, nfes, ["default", *args.ours])
@@ -478,6 +512,8 @@ def main() -> None:
             e = p.runs["ours"]["calibrated" if args.calibrate else "default"][n]
             line += f" | {n}: {e:.1e} vs {e_peer:.1e} {who.split(' ', 1)[-1] if who != '-' else '-':<14}"
         print(line + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.json and not args.no_peers:  # after every problem: a killed run keeps what it finished
+            write_results(args.json, args, problems, nfes, keys, complete=False)
         if args.no_peers:
             for k in args.ours:
                 r = p.runs["ours"][k]
@@ -487,16 +523,8 @@ def main() -> None:
         return
     print(f"\nbest peer error / our error, {len(problems)} problems (above 1: ours is better); oracle = the peer run "
           "best on each problem, fixed = the peer configuration best over each process's problems:")
-    keys = ["default", *args.ours, *(["calibrated"] if args.calibrate else [])]
-    summary = {k: summarise(problems, nfes, k) for k in keys}
-    for metric in METRICS:  # the same runs read under each metric
-        for p in problems:
-            p.runs[metric] = {"ours": other_metric(p.runs["ours"], metric),
-                              "peers": other_metric(p.runs["peers"], metric)}
-    by_metric = {}
+    summary, by_metric = summaries(problems, nfes, keys)
     for metric in METRICS:
-        view = [Problem(p.name, p.sde, p.model, p.x_T, p.ref, p.desc, p.runs[metric]) for p in problems]
-        by_metric[metric] = {k: summarise(view, nfes, k) for k in keys}
         print(f"\n[{metric}]")
         for k in keys:
             for n in nfes:
@@ -510,19 +538,45 @@ def main() -> None:
                   f"fixed median {r['fixed_median']:.2f} worst {r['fixed_worst']:.2f}   "
                   f"({', '.join(f'{pr}: {c}' for pr, c in sorted(r['fixed'].items()))})")
     if args.json:
-        res = {"args": vars(args), "summary": {k: {str(n): {kk: vv for kk, vv in v.items()} for n, v in s.items()}
-                                               for k, s in summary.items()},
-               "summary_by_metric": {m: {k: {str(n): dict(v) for n, v in s.items()} for k, s in t.items()}
-                                     for m, t in by_metric.items()},
-               "problems": [{"name": p.name, "desc": p.desc, "ours": p.runs["ours"],
-                             "best_peer": {str(n): best(p.runs["peers"], n) for n in nfes},
-                             "peers": p.runs["peers"], "calibration": p.runs.get("calibration"),
-                             "by_metric": {m: {"ours": p.runs[m]["ours"], "peers": p.runs[m]["peers"],
-                                               "best_peer": {str(n): best(p.runs[m]["peers"], n) for n in nfes}}
-                                           for m in METRICS}} for p in problems]}
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_results(args.json, args, problems, nfes, keys, complete=True)
         print(f"written {args.json}")
+
+
+def summaries(problems: list[Problem], nfes, keys: list[str]) -> tuple[dict, dict]:
+    """(summary under ``METRIC``, {metric: summary}) of the problems for each of our ``keys``; fills each problem's
+    runs under every metric."""
+    summary = {k: summarise(problems, nfes, k) for k in keys}
+    for metric in METRICS:  # the same runs read under each metric
+        for p in problems:
+            p.runs[metric] = {"ours": other_metric(p.runs["ours"], metric),
+                              "peers": other_metric(p.runs["peers"], metric)}
+    by_metric = {}
+    for metric in METRICS:
+        view = [Problem(p.name, p.sde, p.model, p.x_T, p.ref, p.desc, p.runs[metric]) for p in problems]
+        by_metric[metric] = {k: summarise(view, nfes, k) for k in keys}
+    return summary, by_metric
+
+
+def write_results(path: str, args: argparse.Namespace, problems: list[Problem], nfes, keys: list[str],
+                  complete: bool) -> None:
+    """The JSON of the run so far (through a temporary file: a reader never sees half of it); ``complete``: every
+    problem is in (a partial file is what ``--resume`` continues from)."""
+    summary, by_metric = summaries(problems, nfes, keys)
+    res = {"args": vars(args), "complete": complete,
+           "summary": {k: {str(n): {kk: vv for kk, vv in v.items()} for n, v in s.items()}
+                       for k, s in summary.items()},
+           "summary_by_metric": {m: {k: {str(n): dict(v) for n, v in s.items()} for k, s in t.items()}
+                                 for m, t in by_metric.items()},
+           "problems": [{"name": p.name, "desc": p.desc, "ours": p.runs["ours"],
+                         "best_peer": {str(n): best(p.runs["peers"], n) for n in nfes},
+                         "peers": p.runs["peers"], "calibration": p.runs.get("calibration"),
+                         "by_metric": {m: {"ours": p.runs[m]["ours"], "peers": p.runs[m]["peers"],
+                                           "best_peer": {str(n): best(p.runs[m]["peers"], n) for n in nfes}}
+                                       for m in METRICS}} for p in problems]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

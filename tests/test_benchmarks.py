@@ -251,3 +251,25 @@ def test_plot_peers_reads_the_stored_comparison(tmp_path):
     ratios = summary["median"]["calibrated"]["5"]["oracle"]
     assert f"median calibrated   5 NFE: median {statistics.median(ratios):.2f} worst {min(ratios):.2f}" in res.stdout
     assert f"{summary['rms']['default']['10']['oracle_median']:.2f}" in res.stdout
+
+
+def test_peers_few_step_writes_after_every_problem_and_resumes(tmp_path):
+    """peers_few_step.py --json is written after each problem; --resume keeps the finished ones as they are and runs
+    the rest; a file of other settings is refused."""
+    out = tmp_path / "r.json"
+    base = [sys.executable, str(ROOT / "benchmarks" / "peers_few_step.py"), "--seed0", "3", "--batch", "4", "--nfe",
+            "5", "--ref-tol", "1e-6", "--json", str(out)]
+    res = subprocess.run(base + ["--problems", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    first = json.loads(out.read_text())
+    assert first["complete"] and [p["name"] for p in first["problems"]] == ["mix3-rf"]
+    res = subprocess.run(base + ["--problems", "2", "--resume"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resumed 1 finished problems" in res.stdout
+    both = json.loads(out.read_text())
+    assert [p["name"] for p in both["problems"]] == ["mix3-rf", "mix4-vp"]
+    assert both["problems"][0]["by_metric"] == first["problems"][0]["by_metric"]
+    assert len(both["summary_by_metric"]["median"]["default"]["5"]["oracle"]) == 2
+    res = subprocess.run(base[:5] + ["8"] + base[6:] + ["--problems", "2", "--resume"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode != 0 and "other settings (batch)" in res.stderr
