@@ -58,7 +58,8 @@ def unet():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 @pytest.mark.parametrize("solver,options", [("dpmpp_2m", {}), ("unipc", {}), ("ipndm", {}), ("deis", {}),
-                                            ("dpmpp_3m", {}), ("ddim", {}), ("euler", {})])
+                                            ("dpmpp_3m", {}), ("ddim", {}), ("euler", {}), ("vab", {}),
+                                            ("vab", {"corrector": True, "order": 2})])
 def test_ddpm_pipeline_equals_sample(unet, prediction, solver, options):
     cfg = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction).config
     sch = ScoresolveScheduler.from_config(cfg, solver=solver, solver_options=options)
@@ -77,6 +78,9 @@ def test_ddpm_pipeline_equals_sample(unet, prediction, solver, options):
     # not a tautology: another grid gives another image
     other = ss.sample(model, sde, x_T, solver=solver, steps=7, denoise=True, grid="logsnr", t_eps=1e-3, **options).x
     assert rel((other / 2 + 0.5).clamp(0, 1), ref) > 1e-4
+    if solver == "vab":  # the corrector ran in the pipeline: without it the image differs
+        off = ss.sample(model, sde, x_T, solver=solver, grid=sch.grid, denoise=True, **{**options, "corrector": False})
+        assert rel((off.x / 2 + 0.5).clamp(0, 1), ref) > 1e-4
 
 
 @pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("ddim", {"eta": 1.0}), ("euler_maruyama", {}),
@@ -292,7 +296,7 @@ def _guided_unet(unet, scale: float = 4.0):
 
 
 @needs_transformers
-@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "ipndm", "deis"])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "ipndm", "deis", "vab"])
 def test_sd_pipeline_with_guidance_equals_sample(sd_pipe, solver):
     sch = ScoresolveScheduler.from_config(SD_CONFIG, solver=solver)
     lat = _run_sd(sd_pipe, sch)
@@ -393,7 +397,7 @@ def test_sd3_pipeline_matches_flow_match_euler(sd3_pipe):
 
 
 @needs_transformers
-@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "ipndm", "deis"])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "ipndm", "deis", "vab"])
 def test_sd3_pipeline_with_guidance_equals_sample(sd3_pipe, solver):
     fm = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sch = ScoresolveScheduler.from_config(fm.config, solver=solver)

@@ -13,9 +13,10 @@ Evaluations and grid points: with ``denoise=True`` (default) the pipeline's ``n`
 points and the last one is the jump to the x0 prediction (diffusers' final sigma 0); with ``denoise=False`` the grid
 has ``n + 1`` points and the solve ends at the last one (t_eps). UniPC's corrector needs the evaluation at the
 predicted point, which is the pipeline's next evaluation: its step is split (`unipc_predict` / `unipc_correct`) so
-that every ``step`` call is one evaluation. Solvers with several evaluations per step (heun, rk4, dpm_solver_2/3, pc,
-...), the analytical first step (the pipeline evaluates the network at T anyway) and ``final_corrector`` are
-refused by name.
+that every ``step`` call is one evaluation; `vab` applies its corrector in the step after the evaluation (folded
+into that step's weights), so it needs no split. Solvers with several evaluations per step (heun, rk4,
+dpm_solver_2/3, pc, ...), the analytical first step (the pipeline evaluates the network at T anyway) and
+``final_corrector`` are refused by name.
 
 The process: a DDPM-family config (``beta_schedule``, ``trained_betas``, ``num_train_timesteps``,
 ``rescale_betas_zero_snr``) gives [`DiscreteVPSDE`][scoresolve.DiscreteVPSDE] with the network time index N t - 1
@@ -44,8 +45,9 @@ __all__ = ["ScoresolveScheduler", "ScoresolveSchedulerOutput"]
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow", "flow_prediction": "flow"}
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 # grid solvers whose step i evaluates the network once, at grid point i (unipc: its corrector's evaluation at the
-# predicted point is the next step's, see `step`); tests/test_adapters_scheduler.py checks each against sample()
-SCHEDULER_SOLVERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "dpmpp_2m_sde",
+# predicted point is the next step's, see `step`; vab applies its corrector in the next step, after that
+# evaluation); tests/test_adapters_scheduler.py checks each against sample()
+SCHEDULER_SOLVERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "vab", "dpmpp_2m_sde",
                      "euler_maruyama", "reverse_diffusion")
 
 

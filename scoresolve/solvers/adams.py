@@ -252,27 +252,27 @@ def vab_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
     by one at no extra evaluation; the last step is not corrected. ``"start"`` (default) corrects only the warm-up
     steps, whose lower order otherwise limits the global order (an Euler first step leaves an O(h^2) error): on
     random mixtures (benchmarks/peers_few_step.py, seeds 1000-1011) 1.15-1.6x lower error at 5-10 NFE and 1.3-1.9x
-    at 20-40 than no correction; ``True`` corrects every step (steadier at many steps, worse at few)."""
+    at 20-40 than no correction; ``True`` corrects every step (steadier at many steps, worse at few).
+
+    The correction of step i - 1 is applied in step i, after its evaluation: the corrected state
+    x_i^c = x_i + S_i sum_J gamma_J v_{i-J} (gamma: the Adams-Moulton weights of step i - 1 less its Adams-Bashforth
+    ones; S = alpha + sigma) enters only (S_{i+1} / S_i) x_i^c, so it folds into step i's weights on the velocities.
+    Every step thus evaluates the network once, at its own input x_i (the predicted point), which a scheduler's
+    loop provides (`scoresolve.adapters.ScoresolveScheduler`); the result is the corrected method's."""
     a, s = run.alpha, run.sigma
     u = _flow_vars(run)
-    order, corr = run.options["order"], run.options["corrector"]
-    corr_prev = bool(corr) and (corr is True or i - 1 < order - 1)  # did step i - 1 correct (and evaluate at x_i)?
-    corr = bool(corr) and (corr is True or i < order - 1)  # "start": only the warm-up steps
+    order, corr, lof = run.options["order"], run.options["corrector"], run.options["lower_order_final"]
+    hist = run.memory["v"] = ([_velocity(run, x, i)] + run.memory.get("v", []))[:order + 1]
+    q = multistep_order(order, i, run.steps, lof)
+    ws = list(_ab_weights(tuple(u[i - j] for j in range(q)), u[i], u[i + 1]))
+    if i > 0 and bool(corr) and (corr is True or i - 1 < order - 1):  # step i - 1 is corrected at x_i
+        qp = multistep_order(order, i - 1, run.steps, lof)  # its order; its corrector's polynomial has qp + 1 nodes
+        am = _ab_weights((u[i], *(u[i - 1 - j] for j in range(qp))), u[i - 1], u[i])
+        ab = _ab_weights(tuple(u[i - 1 - j] for j in range(qp)), u[i - 1], u[i])
+        ws += [0.0] * (qp + 1 - len(ws))
+        ws = [ws[0] + am[0]] + [ws[j] + am[j] - ab[j - 1] for j in range(1, qp + 1)] + ws[qp + 1:]
     c_i, c_n = a[i] + s[i], a[i + 1] + s[i + 1]
-    if i == 0 or not corr_prev:
-        hist = run.memory["v"] = ([_velocity(run, x, i)] + run.memory.get("v", []))[:order]
-    else:
-        hist = run.memory["v"]  # the velocity at x_i was evaluated by the previous step's corrector
-    q = multistep_order(order, i, run.steps, run.options["lower_order_final"])
-    cs = _ab_weights(tuple(u[i - j] for j in range(q)), u[i], u[i + 1])
-    x_new = _combine(x, c_n / c_i, [c_n * c for c in cs], hist)  # x = (alpha + sigma) y, y += sum_j c_j v_{i-j}
-    if not corr or i == run.steps - 1:
-        return x_new
-    v_new = _velocity(run, x_new, i + 1)
-    qc = min(q, order)  # the corrector's polynomial: v_new and the last qc velocities (order qc + 1)
-    cs = _ab_weights((u[i + 1], *(u[i - j] for j in range(qc))), u[i], u[i + 1])
-    run.memory["v"] = ([v_new] + hist)[:order]
-    return _combine(x, c_n / c_i, [c_n * c for c in cs], [v_new] + hist[:qc])
+    return _combine(x, c_n / c_i, [c_n * w for w in ws], hist)  # x = (alpha + sigma) y, y += sum_j w_j v_{i-j}
 
 
 def _velocity(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
