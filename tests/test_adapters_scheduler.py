@@ -205,6 +205,33 @@ def test_save_and_load_round_trip(tmp_path, unet):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("prediction,steps,want,opts,grid", [
+    ("v_prediction", 8, "vab", {"order": 3}, "flow:1.5"), ("sample", 6, "vab", {"order": 2}, "flow:1"),
+    ("epsilon", 8, "dpmpp_2m", {}, "quadratic"), ("epsilon", 20, "deis", {"order": 4, "basis": "log_rho"}, "logsnr")])
+def test_the_default_solver_is_samples_default(unet, prediction, steps, want, opts, grid):
+    """solver="default" (the scheduler's default) runs what sample(nfe=n) picks for the prediction type and the
+    pipeline's n steps, on its grid; the caller's solver_options override the default's."""
+    cfg = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction, clip_sample=False).config
+    sch = ScoresolveScheduler.from_config(cfg)
+    assert sch.config.solver == "default" and sch.solver is None
+    pipe = DDPMPipeline(unet=unet, scheduler=sch)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    assert sch.solver == want and {k: sch.options[k] for k in opts} == opts
+    model, sde = from_diffusers(unet, cfg)
+    named = ScoresolveScheduler.from_config(cfg, solver=want, solver_options=opts, grid=grid)
+    named.set_timesteps(steps)
+    assert torch.equal(sch.grid, named.grid)
+    x_T = randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sol = ss.sample(model, sde, x_T, solver=want, grid=sch.grid, denoise=True, **opts)
+    assert rel(img, (sol.x / 2 + 0.5).clamp(0, 1)) <= 1e-6
+    override = {"lower_order_final": False} if want == "dpmpp_2m" else {"order": 1}
+    low = ScoresolveScheduler.from_config(cfg, solver_options=override)
+    low.set_timesteps(steps)
+    assert low.solver == want and {k: low.options[k] for k in override} == override
+
+
 @pytest.mark.parametrize("solver,options,match", [
     ("heun", {}, "evaluations per step"), ("dpm_solver_2", {}, "evaluations per step"),
     ("pc", {}, "evaluations per step"), ("dopri5", {}, "adaptive"), ("unipc", {"afs": True}, "afs"),
@@ -218,7 +245,7 @@ def test_refused(solver, options, match):
 def test_clipping_in_the_source_config_is_reported():
     with pytest.warns(UserWarning, match="clip_sample=True"):
         sch = ScoresolveScheduler.from_config(DDPMScheduler(clip_sample=True).config)
-    assert sch.config.solver == "dpmpp_2m"
+    assert sch.config.solver == "default"
 
 
 def test_refused_options_and_inputs():

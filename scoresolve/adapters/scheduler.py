@@ -84,8 +84,13 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
     Args:
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow"`` (rectified flow,
             u = eps - x0; ``"flow_prediction"`` is accepted).
-        solver: a registered grid solver with one evaluation per step (``scoresolve.list_solvers()``).
-        solver_options: its options (e.g. ``{"order": 3}``, ``{"lower_order_final": False}``, ``{"eta": 1.0}``).
+        solver: a registered grid solver with one evaluation per step (``scoresolve.list_solvers()``), or
+            ``"default"``: what ``scoresolve.sample(..., nfe=n)`` runs for this prediction type and the pipeline's
+            ``n = num_inference_steps`` (`scoresolve.solvers.defaults.default_sampler`: vAB on a ``flow:P`` grid for
+            v, sample and flow models; DPM-Solver++(2M) below 20 steps and DEIS-4 on the log-SNR grid from 20 for
+            epsilon models), chosen in `set_timesteps` (``scheduler.solver`` names it then).
+        solver_options: its options (e.g. ``{"order": 3}``, ``{"lower_order_final": False}``, ``{"eta": 1.0}``);
+            with "default", they override the default's.
         grid: ``"uniform"``, ``"quadratic"``, ``"logsnr"``, ``"karras"``, ``"tuned:<name>"``; None: the solver's
             default (uniform for flow matching).
         t_eps: the last grid time; None: 1/N (the first DDPM knot, index 0), or for flow matching
@@ -110,7 +115,7 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: Sequence[float] | None = None,
         rescale_betas_zero_snr: bool = False,
         prediction_type: str = "epsilon",
-        solver: str = "dpmpp_2m",
+        solver: str = "default",
         solver_options: dict | None = None,
         grid: str | None = None,
         t_eps: float | None = None,
@@ -119,8 +124,6 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         diffusion: float | None = None,
         timestep_mode: str = "snap",
     ) -> None:
-        from ..solvers import REGISTRY, GridSolver
-
         if prediction_type not in _PREDICTIONS:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of "
                              f"{sorted(_PREDICTIONS)}")
@@ -134,10 +137,30 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             self.time_input = DDPMTimestep(N, timestep_mode)
         if shift is not None and not self.flow:
             raise ValueError("shift (SD3's time shift) applies to flow matching (prediction_type='flow')")
+        self.replay = _Replay()
+        self.model = ScoreModel(self.replay, self.sde, prediction=_PREDICTIONS[prediction_type],
+                                time=self.time_input, num_timesteps=N)
+        self.solver: str | None = None  # the solver running (solver="default": chosen in set_timesteps)
+        if solver == "default":
+            if solver_options and solver_options.get("afs"):
+                raise ValueError("afs=True: the analytical first step saves the network evaluation at T, but a "
+                                 "pipeline makes it anyway; use afs=False in a scheduler")
+        else:
+            self._use_solver(solver, dict(solver_options or {}))
+        self.init_noise_sigma = 1.0
+        self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+        self.grid: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+        self._reset()
+
+    def _use_solver(self, solver: str, options: dict) -> None:
+        """Check that ``solver`` with ``options`` runs as a scheduler on this process and set it up."""
+        from ..solvers import REGISTRY, GridSolver
+
         if solver not in REGISTRY:
-            raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
-        spec = self.spec = REGISTRY[solver]
-        options = dict(solver_options or {})
+            raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)} or 'default'")
+        spec = REGISTRY[solver]
         spec.check_options(options)
         if not isinstance(spec, GridSolver):
             raise ValueError(f"solver {solver!r} is adaptive: a scheduler takes the pipeline's fixed timesteps; use a "
@@ -155,18 +178,20 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"solver {solver!r} is not verified to take one evaluation per step at the pipeline's "
                              f"points; ScoresolveScheduler runs {', '.join(SCHEDULER_SOLVERS)}")
+        diffusion = self.config.diffusion
         spec.check_process(self.sde, options, diffusion)  # the process contract, checked as sample() checks it
-        self.options = options
-        self.replay = _Replay()
-        self.model = ScoreModel(self.replay, self.sde, prediction=_PREDICTIONS[prediction_type],
-                                time=self.time_input, num_timesteps=N)
+        self.spec, self.options, self.solver = spec, options, solver
         self.process = self.sde.reverse(self.model, spec.default_diffusion if diffusion is None else diffusion)
-        self.init_noise_sigma = 1.0
-        self.timesteps: torch.Tensor | None = None
-        self.sigmas: torch.Tensor | None = None
-        self.grid: torch.Tensor | None = None
-        self.num_inference_steps: int | None = None
-        self._reset()
+
+    def _default_solver(self, nfe: int) -> str | None:
+        """With solver="default": set up `sample`'s default sampler for ``nfe`` evaluations and this model's
+        prediction (`scoresolve.solvers.defaults.default_sampler`); returns its grid (None: the solver's own)."""
+        from ..solvers.defaults import default_sampler
+
+        name, opts, grid = default_sampler(nfe, dict(self.config.solver_options or {}), self.model.prediction,
+                                           self.sde.finite_log_snr_at_T)
+        self._use_solver(name, opts)
+        return grid
 
     # --- creation from other schedulers' configs ----------------------------------------------------------------
     @classmethod
@@ -276,6 +301,8 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         if custom is not None:
             if num_inference_steps is not None and int(num_inference_steps) != custom.numel():
                 raise ValueError(f"num_inference_steps={num_inference_steps} but {custom.numel()} custom values")
+            if self.config.solver == "default":
+                self._default_solver(int(custom.numel()))
             grid = custom if denoise else torch.cat([custom, torch.tensor([self._t_eps()], dtype=torch.float64)])
             if grid.numel() >= 2:
                 check_grid(grid, self.sde.T)
@@ -286,7 +313,8 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             steps = n - 1 if denoise else n
             if steps < 1:
                 raise ValueError(f"num_inference_steps must be >= {2 if denoise else 1}, got {n}")
-            kind = self.config.grid or default_grid(self.spec.default_grid, self.sde)
+            chosen = self._default_solver(n) if self.config.solver == "default" else None
+            kind = self.config.grid or chosen or default_grid(self.spec.default_grid, self.sde)
             grid = time_grid(self.sde, steps, kind, t_eps=self._t_eps(), shift=self.config.shift)
         evals = grid if denoise else grid[:-1]
         self.spec.resolve(self.process, self.options, max(grid.numel() - 1, 0))  # option errors now, not mid-loop
