@@ -174,3 +174,25 @@ def test_flow_state_euler_equals_k_diffusion_and_unipc_equals_sample():
     assert rel(k_diffusion_sampler("unipc")(D, x, sigmas[1:]), sol.x) > 1e-3  # the VE state is another process
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         k_diffusion_sampler("unipc", sde="flow")(D, x * 5, sigmas * 5)
+
+
+@pytest.mark.parametrize("sde_kind", ["ve", "flow"])
+def test_the_default_sampler_is_samples_default_on_the_hosts_sigmas(sde_kind):
+    """k_diffusion_sampler("default"): sample()'s default for a denoiser at the budget the sigmas ask for (vAB, order
+    2 below 8 evaluations, 3 below 20), on those sigmas; options override it."""
+    flow = sde_kind == "flow"
+    proc = ss.RectifiedFlow() if flow else None
+
+    def D(x, sigma, **kwargs):
+        return GM.x0(x, sigma, proc) if flow else denoiser()(x, sigma)
+
+    for n, order in ((6, 2), (10, 3)):
+        sigmas = (k_diffusion_sigmas("uniform", n, 0.02, 1.0, sde="flow") if flow
+                  else k_diffusion_sigmas("karras", n, 0.02, 80.0))
+        x = x_T(float(sigmas[0]), 8)
+        ours = k_diffusion_sampler("default", sde=sde_kind)(D, x, sigmas)
+        named = k_diffusion_sampler("vab", sde=sde_kind, order=order)(D, x, sigmas)
+        assert torch.equal(ours, named)
+        assert rel(k_diffusion_sampler("vab", sde=sde_kind, order=1)(D, x, sigmas), named) > 1e-4  # order matters
+        low = k_diffusion_sampler("default", sde=sde_kind, order=1)(D, x, sigmas)
+        assert torch.equal(low, k_diffusion_sampler("vab", sde=sde_kind, order=1)(D, x, sigmas))

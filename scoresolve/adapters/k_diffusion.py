@@ -72,13 +72,14 @@ class KDiffusionSampler:
         if sde not in ("ve", "flow"):
             raise ValueError(f"sde must be 've' (x = x0 + sigma z) or 'flow' (x = (1 - sigma) x0 + sigma z), "
                              f"got {sde!r}")
-        self.spec = _grid_spec(solver)
         self.solver, self.sde = solver, sde
         self.generator = options.pop("generator", None)
         self.diffusion = options.pop("diffusion", None)
-        self.spec.check_options(options)
-        # the process contract, checked as sample() checks it (the T of the process does not change its capabilities)
-        self.spec.check_process(_process(sde, 1.0), options, self.diffusion)
+        self.spec = None if solver == "default" else _grid_spec(solver)  # "default": chosen per call (the budget)
+        if self.spec is not None:
+            self.spec.check_options(options)
+            # the process contract, checked as sample() checks it (the T of the process does not change it)
+            self.spec.check_process(_process(sde, 1.0), options, self.diffusion)
         self.options = options
         self.__name__ = f"sample_scoresolve_{solver}"
 
@@ -115,14 +116,20 @@ class KDiffusionSampler:
         model_sm = ScoreModel(_Reporting(model, sig, callback) if callback is not None else model, sde,
                               prediction="x0", time="t", net_kwargs=dict(extra_args or {}))  # t is sigma in both
         options = {**self.options, **extra_options}
+        solver, spec = self.solver, self.spec
+        if spec is None:  # sample()'s default for a denoiser (x0) and this many evaluations; the host's sigmas
+            from ..solvers.defaults import default_sampler
+
+            solver, options, _ = default_sampler(int(grid.numel()), options, "x0", sde.finite_log_snr_at_T)
+            spec = _grid_spec(solver)
         if grid.numel() == 1:  # one step to sigma = 0: the x0 prediction
             t = torch.full((x.shape[0],), float(grid[0]), dtype=x.dtype, device=x.device)
             with torch.no_grad():
                 return model_sm.x0(x, t)
         kw: dict[str, Any] = {}
-        if self.spec.stochastic:
+        if spec.stochastic:
             kw["generator"] = self.generator
-        sol = sample(model_sm, sde, x, solver=self.solver, grid=grid, denoise=denoise, diffusion=self.diffusion,
+        sol = sample(model_sm, sde, x, solver=solver, grid=grid, denoise=denoise, diffusion=self.diffusion,
                      progress=disable is False, **kw, **options)
         return sol.x
 
@@ -148,7 +155,9 @@ class _Reporting:
 def k_diffusion_sampler(name: str, *, sde: str = "ve", **options: Any) -> KDiffusionSampler:
     """The registered grid solver ``name`` as a k-diffusion sampler ``fn(model, x, sigmas, extra_args=None,
     callback=None, disable=None)``; ``options`` are the solver's (``scoresolve.list_solvers()``; e.g. ``order``,
-    ``afs``, ``lower_order_final``), plus ``generator`` and ``diffusion`` for stochastic ones. ``sde="flow"``: the
+    ``afs``, ``lower_order_final``), plus ``generator`` and ``diffusion`` for stochastic ones. ``name="default"``:
+    what ``scoresolve.sample(..., nfe=n)`` runs for a denoiser (x0) with the ``n`` evaluations the sigmas ask for
+    (vAB at its order for n; on the host's sigmas), chosen at each call; ``options`` override it. ``sde="flow"``: the
     state is rectified flow's x = (1 - sigma) x0 + sigma z (ComfyUI's SD3 / Flux models) instead of x0 + sigma z.
 
     Unknown options raise the solver's TypeError here, adaptive solvers a ValueError. In ComfyUI::
