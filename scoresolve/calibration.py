@@ -159,6 +159,7 @@ def calibrate(
         {**options, "afs": bool(afs), "starts": list(starts), "check_every": check_every})
     gen = torch.Generator().manual_seed(int(seed))
     x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
+    _check_differentiable(model, process, x_T[:2])
     saved = None if ckpt is None else ckpt.reference()
     if saved is None:
         ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
@@ -187,6 +188,18 @@ def calibrate(
             ckpt.save_budget(cal, base)
         out.append(cal)
     return out if several else out[0]
+
+
+def _check_differentiable(model: ScoreModel, process: Any, x: torch.Tensor) -> None:
+    """ValueError unless the model's x0 prediction is differentiable in x (the fit backpropagates through the whole
+    solve; a network run under no_grad, or detaching its output, would leave the fit with a partial gradient)."""
+    xg = x.detach().requires_grad_(True)
+    t = torch.full((x.shape[0],), 0.5 * float(process.T), dtype=x.dtype, device=x.device)
+    with torch.enable_grad():
+        out = model.x0(xg, t)
+    if not out.requires_grad:
+        raise ValueError("calibrate differentiates through the network, but the model's prediction does not depend "
+                         "differentiably on x (is it run under torch.no_grad or inference_mode, or detached?)")
 
 
 class _Checkpoint:

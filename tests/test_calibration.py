@@ -274,3 +274,19 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     assert torch.equal(ref, torch.zeros(2, D)) and (nfe, desc, seconds) == (10, "dopri5", 1.0)
     with pytest.raises(ValueError, match="other settings \\(model"):
         _Checkpoint(tmp_path, nets[1], draws, {}).reference()
+
+
+def test_a_model_without_gradients_is_refused():
+    """The fit backpropagates through the network: a model run under no_grad is refused at entry, not fitted with a
+    partial gradient."""
+    sde = ss.VPSDE()
+    exact = _mixture(sde)
+
+    class Detached(torch.nn.Module):
+        def forward(self, x, t):
+            with torch.no_grad():
+                return exact.x0(x, t)
+
+    net = ss.ScoreModel(Detached(), sde, prediction="x0", time="t")
+    with pytest.raises(ValueError, match="does not depend differentiably on x"):
+        ss.calibrate(net, sde, 4, (D,), num_samples=16, iters=2, batch=4, check_every=1, fit_starts=1)
