@@ -159,7 +159,7 @@ def calibrate(
         {**options, "afs": bool(afs), "starts": list(starts), "check_every": check_every})
     gen = torch.Generator().manual_seed(int(seed))
     x_T = process.prior_sample((num_samples, *shape), generator=gen, dtype=dtype).to(device)
-    _check_differentiable(model, process, x_T[:2])
+    checked = _check_differentiable(model, process, x_T[:2])
     saved = None if ckpt is None else ckpt.reference()
     if saved is None:
         ref, ref_nfe, ref_desc = _reference(model, process, x_T, t_eps, reference_tol)
@@ -179,7 +179,7 @@ def calibrate(
             out.append(done)
             continue
         gen.set_state(after_draws)  # each budget fits as a call for it alone would
-        record = {"evaluations": ref_nfe, "seconds": ref_seconds, "num_samples": int(num_samples),
+        record = {"evaluations": ref_nfe + checked, "seconds": ref_seconds, "num_samples": int(num_samples),
                   "reference": ref_desc, "options": dict(options), "model": model_fingerprint(model) or "",
                   "shape": [int(s) for s in shape]}
         cal = _fit_budget(model, process, n, base, afs, data, starts, fit_starts, trim, iters, batch, lr, fit_grid,
@@ -190,9 +190,10 @@ def calibrate(
     return out if several else out[0]
 
 
-def _check_differentiable(model: ScoreModel, process: Any, x: torch.Tensor) -> None:
+def _check_differentiable(model: ScoreModel, process: Any, x: torch.Tensor) -> int:
     """ValueError unless the model's x0 prediction is differentiable in x (the fit backpropagates through the whole
-    solve; a network run under no_grad, or detaching its output, would leave the fit with a partial gradient)."""
+    solve; a network run under no_grad, or detaching its output, would leave the fit with a partial gradient).
+    Returns the network evaluations spent (one per sample of ``x``)."""
     xg = x.detach().requires_grad_(True)
     t = torch.full((x.shape[0],), 0.5 * float(process.T), dtype=x.dtype, device=x.device)
     with torch.enable_grad():
@@ -200,6 +201,7 @@ def _check_differentiable(model: ScoreModel, process: Any, x: torch.Tensor) -> N
     if not out.requires_grad:
         raise ValueError("calibrate differentiates through the network, but the model's prediction does not depend "
                          "differentiably on x (is it run under torch.no_grad or inference_mode, or detached?)")
+    return int(x.shape[0])
 
 
 class _Checkpoint:
