@@ -32,6 +32,46 @@ def check_batched(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def check_process(process: object, name: str = "sde") -> None:
+    """Raise TypeError unless ``process`` is a `scoresolve.Process` (an SDE, an interpolant, PFGM++, ...)."""
+    from .process import Process
+
+    if not isinstance(process, Process):
+        raise TypeError(f"{name} must be a scoresolve process (e.g. scoresolve.VPSDE()), got {type(process).__name__}"
+                        + (f" {process!r}; scoresolve.sde_from_name builds one from a name"
+                           if isinstance(process, str) else ""))
+
+
+def check_t_eps(t_eps: object, T: float) -> float:
+    """``t_eps`` as a float in (0, T): TypeError for a non-number, ValueError outside the interval."""
+    import numbers
+
+    if torch.is_tensor(t_eps) and t_eps.numel() == 1 and t_eps.is_floating_point():
+        t_eps = float(t_eps)
+    if isinstance(t_eps, bool) or not isinstance(t_eps, numbers.Real):
+        raise TypeError(f"t_eps must be a number in (0, T) = (0, {T}), got {t_eps!r} ({type(t_eps).__name__})")
+    if not (0 < t_eps < T):
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
+    return float(t_eps)
+
+
+def check_generator(generator: object, name: str = "generator") -> None:
+    """Raise TypeError unless ``generator`` is None or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a finite float > 0: TypeError for a non-number (or a bool), ValueError otherwise."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_finite_float(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):

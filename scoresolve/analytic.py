@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ._utils import Time, bcast, check_batched
+from ._utils import Time, bcast, check_batched, check_count
 from .sde import ForwardSDE
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ class GaussianMixture:
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         mu = torch.as_tensor(means, dtype=torch.float64)
         K = w.numel()
+        if K < 1 or mu.numel() < 1:
+            raise ValueError(f"a mixture needs at least one component of at least one dimension, got means of shape "
+                             f"{tuple(mu.shape)}")
         if mu.shape[0] != K:
             raise ValueError(f"means has {mu.shape[0]} components but weights has {K}")
         mu = mu.reshape(K, -1)
@@ -312,8 +315,8 @@ class GaussianMixture:
         With ``full`` the covariances are random rotations of diagonal ones (correlated components); small
         scale_range lower bounds give near-degenerate components, like dequantized images near t = 0.
         """
+        K, D = check_count(num_components, "num_components"), check_count(dim, "dim")
         g = torch.Generator().manual_seed(seed)
-        K, D = num_components, dim
         w = 0.5 + torch.rand(K, generator=g, dtype=torch.float64)
         mu = torch.randn(K, D, generator=g, dtype=torch.float64) * spread / math.sqrt(max(D, 1)) * math.sqrt(min(D, 4))
         lo, hi = scale_range

@@ -208,6 +208,9 @@ def flux_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4
     ``time_shift`` with exponent 1, e^mu / (e^mu + 1/t - 1) = `sd3_shift` (t, e^mu)). Pass it as ``shift=``."""
     if image_seq_len < 1:
         raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+    if not base_seq_len < max_seq_len:
+        raise ValueError(f"base_seq_len must be < max_seq_len (mu is interpolated between them), got "
+                         f"{base_seq_len} and {max_seq_len}")
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return math.exp(image_seq_len * m + base_shift - m * base_seq_len)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+import numbers
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
-from ._utils import bcast
+from ._utils import bcast, check_count
 
 if TYPE_CHECKING:
     from .sde import ForwardSDE
@@ -159,6 +160,12 @@ class ScoreModel:
         net_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check_kind(prediction)
+        if not callable(net):
+            raise TypeError(f"net must be callable net(x, t), got {type(net).__name__}")
+        if net_kwargs is not None and not isinstance(net_kwargs, Mapping):
+            raise TypeError(f"net_kwargs must be a mapping of keyword arguments or None, got "
+                            f"{type(net_kwargs).__name__}")
+        num_timesteps = check_count(num_timesteps, "num_timesteps")
         if not callable(time) and time not in TIME_CONVENTIONS:
             raise ValueError(f"unknown time convention {time!r}")
         if time == "discrete" and not hasattr(sde, "timestep"):
@@ -272,6 +279,7 @@ def classifier_guidance(
     its gradient is taken by autograd. scale = 1 gives the score of p_t(x | y); other scales tilt it to
     p_t(x) p_t(y | x)^scale.
     """
+    _check_guidance(scale, score=score, log_prob_y=log_prob_y)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -291,8 +299,7 @@ def classifier_free_guidance(cond: ScoreFn, uncond: ScoreFn, scale: float) -> Sc
     The weights sum to one, so mixing scores, eps, x0 or v predictions gives the same result: the conversions
     between them are affine in the prediction with the same (x, t). scale = 0 is the conditional model.
     """
-    if not math.isfinite(scale):
-        raise ValueError(f"guidance scale must be finite, got {scale}")
+    _check_guidance(scale, cond=cond, uncond=uncond)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = cond(x, t)
@@ -301,3 +308,14 @@ def classifier_free_guidance(cond: ScoreFn, uncond: ScoreFn, scale: float) -> Sc
         return (1 + scale) * c - scale * uncond(x, t)
 
     return guided
+
+
+def _check_guidance(scale: Any, **functions: Any) -> None:
+    """A guidance scale must be a finite number and every function callable (TypeError / ValueError naming it)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"guidance scale must be a finite number, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale}")
+    for name, fn in functions.items():
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable {name}(x, t), got {type(fn).__name__}")

@@ -50,6 +50,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from .._utils import check_count
 from ..score import ScoreModel
 from ..sde import VESDE, DiscreteVPSDE, ForwardSDE
 
@@ -179,7 +180,7 @@ class DDPMTimestep:
     def __init__(self, num_timesteps: int, mode: TimestepMode = "snap") -> None:
         if mode not in ("snap", "float", "round"):
             raise ValueError(f"timestep_mode must be 'snap', 'float' or 'round', got {mode!r}")
-        self.num_timesteps = int(num_timesteps)
+        self.num_timesteps = check_count(num_timesteps, "num_timesteps")
         self.mode = mode
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

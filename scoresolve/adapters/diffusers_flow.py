@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .._utils import check_count
 from ..interpolant import RectifiedFlow
 from ..score import ScoreModel
 from ..solvers.multistep import multistep_order
@@ -102,7 +103,7 @@ class FlowTimestep:
                  divisor: float | None = None) -> None:
         if mode not in ("float", "floor"):
             raise ValueError(f"mode must be 'float' or 'floor', got {mode!r}")
-        self.num_timesteps, self.mode, self.divisor = int(num_timesteps), mode, divisor
+        self.num_timesteps, self.mode, self.divisor = check_count(num_timesteps, "num_timesteps"), mode, divisor
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":

@@ -1,0 +1,250 @@
+"""The public API refuses bad arguments early, naming them (the hardening audit): arguments of the wrong kind
+(a process given by name, a solver or grid that is not a str, a generator or callback that is not one), counts that
+are not integers (never rounded), tolerances and steps that are not finite and positive, empty batches where nothing
+can be measured, and networks whose NaN would otherwise give a silently NaN ELBO, bits/dim or moment estimate.
+Each case used to end in a deep AttributeError / TypeError / ZeroDivisionError / IndexError, or in a silent result."""
+
+import math
+
+import pytest
+import torch
+
+import scoresolve as ss
+from scoresolve import adapters, compare, tuning
+from scoresolve.reverse_variance import estimate_moments
+
+F64 = torch.float64
+NAN = math.nan
+
+SDE = ss.VPSDE()
+GM = ss.GaussianMixture.random(dim=2, num_components=2, seed=0)
+SCORE = GM.score_fn(SDE)
+X = SDE.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+DSDE = ss.DiscreteVPSDE.linear(100)
+EPS0 = ss.ScoreModel(lambda x, t: torch.zeros_like(x), DSDE, prediction="eps")
+EPS_NAN = ss.ScoreModel(lambda x, t: x * NAN, DSDE, prediction="eps")
+Z = torch.zeros(3, 2, dtype=F64)
+GRID8 = torch.arange(4.0).reshape(2, 2) / 255 * 2 - 1  # on the 8-bit grid of [-1, 1]
+
+
+def _sample(**kw):
+    return lambda: ss.sample(SCORE, SDE, X, **kw)
+
+
+def _calibrate(**kw):
+    return lambda: ss.calibrate(GM.model(SDE, "x0"), SDE, **{"nfe": 3, "shape": (2,), "num_samples": 8, **kw})
+
+
+def _tune(**kw):
+    return lambda: tuning.tune_grid(SCORE, SDE, **{"nfe": 4, "solver": "dpmpp_2m", "shape": (2,), "num_samples": 4,
+                                                   "method": "gits", "candidates": 16, "substeps": 1, **kw})
+
+
+def _wp(**kw):
+    return lambda: compare.work_precision(SCORE, SDE, X, **{"solvers": ["euler"], "nfes": (4,), **kw})
+
+
+def _elbo(**kw):
+    return lambda: ss.elbo(EPS0, DSDE, Z, **{"steps": 10, "variance": "beta", **kw})
+
+
+def _ll(**kw):
+    return lambda: ss.log_likelihood(SCORE, SDE, X, **{"rtol": 1e-3, "atol": 1e-3, **kw})
+
+
+def _dbpd(fn=lambda y, g: torch.zeros(y.shape[0]), x=GRID8, **kw):
+    return lambda: ss.dequantized_bpd(fn, x, **kw)
+
+
+def _compiled(**kw):
+    return lambda: ss.compile_sampler(SCORE, **{"sde": SDE, "example": X, "solver": "dpmpp_2m", "nfe": 4, **kw})
+
+
+def _kd(x=None, sigmas=(10.0, 5.0, 1.0, 0.0), **kw):
+    def run():
+        xs = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) if x is None else x
+        return adapters.k_diffusion_sampler("euler")(lambda y, s: y * 0, xs, torch.tensor(sigmas), **kw)
+    return run
+
+
+CASES = [
+    # sample: arguments of the wrong kind (AttributeError / TypeError deep inside before)
+    ("sample sde str", lambda: ss.sample(SCORE, "vp", X), TypeError, "sde must be a scoresolve process"),
+    ("sample solver int", _sample(solver=3), TypeError, "solver must be a solver name"),
+    ("sample grid int", _sample(solver="euler", grid=3), TypeError, "grid must be a grid name"),
+    ("sample grid list", _sample(solver="euler", grid=[1.0, 0.5, 0.1]), TypeError, "grid must be a grid name"),
+    ("sample grid flow:abc", _sample(solver="euler", grid="flow:abc"), ValueError,
+     "grid 'flow:abc': the exponent must be a positive number"),
+    ("sample t_eps str", _sample(t_eps="a"), TypeError, r"t_eps must be a number in \(0, T\)"),
+    ("sample t_eps None", _sample(t_eps=None), TypeError, r"t_eps must be a number in \(0, T\)"),
+    ("sample diffusion str", _sample(diffusion="a"), TypeError, "diffusion must be a number >= 0"),
+    ("sample generator int", _sample(solver="euler_maruyama", generator=0), TypeError,
+     "generator must be a torch.Generator"),
+    ("sample callback int", _sample(solver="euler", callback=3), TypeError, "callback must be a callable"),
+    # adaptive solvers: max_steps / check_every were truncated (2.5 ran as 2)
+    ("sample max_steps 2.5", _sample(solver="dopri5", max_steps=2.5), ValueError,
+     "max_steps must be a whole number, got 2.5"),
+    ("sample max_steps 0", _sample(solver="dopri5", max_steps=0), ValueError, "max_steps must be >= 1, got 0"),
+    ("ll check_every 2.5", _ll(check_every=2.5), ValueError, "check_every must be a whole number"),
+    ("ll exact_chunk 2.5", _ll(divergence="exact", exact_chunk=2.5), ValueError, "exact_chunk must be a whole"),
+    ("ll generator int", _ll(generator=1), TypeError, "generator must be a torch.Generator"),
+    ("ll t_eps str", _ll(t_eps="a"), TypeError, "t_eps must be a number"),
+    # grids and shifts (ZeroDivisionError, a NaN grid, an integer grid before)
+    ("time_grid karras rho 0", lambda: ss.time_grid(SDE, 10, "karras", rho=0.0), ValueError,
+     "rho of the karras grid must be a finite number > 0"),
+    ("time_grid karras rho nan", lambda: ss.time_grid(SDE, 10, "karras", rho=NAN), ValueError, "rho of the karras"),
+    ("time_grid int dtype", lambda: ss.time_grid(SDE, 10, dtype=torch.long), TypeError,
+     "dtype must be a floating-point dtype"),
+    ("flux_shift base = max", lambda: ss.flux_shift(300, base_seq_len=256, max_seq_len=256), ValueError,
+     "base_seq_len must be < max_seq_len"),
+    # processes and mixtures
+    ("GaussianMixture dim 0", lambda: ss.GaussianMixture.random(0), ValueError, "dim must be >= 1, got 0"),
+    ("GaussianMixture 0 components", lambda: ss.GaussianMixture.random(2, 0), ValueError,
+     "num_components must be >= 1"),
+    ("GaussianMixture empty means", lambda: ss.GaussianMixture(torch.ones(0), torch.zeros(0, 2)), ValueError,
+     "at least one component"),
+    ("DiscreteVPSDE.linear 2.5", lambda: ss.DiscreteVPSDE.linear(2.5), ValueError,
+     "num_timesteps must be a whole number"),
+    ("DiscreteVPSDE 2-D betas", lambda: ss.DiscreteVPSDE(betas=[[0.1, 0.2]]), ValueError, "betas must be a 1-D"),
+    ("DiscreteVPSDE 2-D alphas_cumprod", lambda: ss.DiscreteVPSDE(alphas_cumprod=[[0.9, 0.5]]), ValueError,
+     "alphas_cumprod must be a 1-D"),
+    # score models and guidance
+    ("ScoreModel num_timesteps 0", lambda: ss.ScoreModel(lambda x, t: x, SDE, time="index", num_timesteps=0),
+     ValueError, "num_timesteps must be >= 1"),
+    ("ScoreModel net_kwargs int", lambda: ss.ScoreModel(lambda x, t: x, SDE, net_kwargs=3), TypeError,
+     "net_kwargs must be a mapping"),
+    ("ScoreModel net int", lambda: ss.ScoreModel(3, SDE), TypeError, "net must be callable"),
+    ("classifier_guidance scale nan", lambda: ss.classifier_guidance(SCORE, lambda x, t: x.sum(1), NAN), ValueError,
+     "guidance scale must be finite"),
+    ("classifier_free_guidance scale str", lambda: ss.classifier_free_guidance(SCORE, SCORE, "a"), TypeError,
+     "guidance scale must be a finite number"),
+    ("classifier_free_guidance cond int", lambda: ss.classifier_free_guidance(3, SCORE, 1.0), TypeError,
+     "cond must be callable"),
+    # calibrate: counts were rounded (nfe=2.5 fitted nfe=2, '3' taken as 3), shapes and dtypes failed deep inside
+    ("calibrate nfe 2.5", _calibrate(nfe=2.5), ValueError, "nfe must be a whole number, got 2.5"),
+    ("calibrate nfe '3'", _calibrate(nfe="3"), TypeError, "nfe must be an integer"),
+    ("calibrate nfe [3, 2.5]", _calibrate(nfe=[3, 2.5]), ValueError, "nfe must be a whole number"),
+    ("calibrate shape 2", _calibrate(shape=2), TypeError, "shape must be one sample's shape"),
+    ("calibrate shape ()", _calibrate(shape=()), ValueError, "shape must hold at least one dimension"),
+    ("calibrate shape (-1,)", _calibrate(shape=(-1,)), ValueError, "each entry of shape must be >= 1"),
+    ("calibrate num_samples 2.5", _calibrate(num_samples=2.5), ValueError, "num_samples must be a whole number"),
+    ("calibrate iters 2.5", _calibrate(iters=2.5), ValueError, "iters must be a whole number"),
+    ("calibrate batch 2.5", _calibrate(batch=2.5), ValueError, "batch must be a whole number"),
+    ("calibrate check_every 2.5", _calibrate(check_every=2.5), ValueError, "check_every must be a whole number"),
+    ("calibrate fit_starts 0", _calibrate(fit_starts=0), ValueError, "fit_starts must be >= 1"),
+    ("calibrate seed 2.5", _calibrate(seed=2.5), ValueError, "seed must be a whole number"),
+    ("calibrate lr inf", _calibrate(lr=math.inf), ValueError, "lr must be a finite number > 0"),
+    ("calibrate reference_tol 0", _calibrate(reference_tol=0.0), ValueError, "reference_tol must be a finite"),
+    ("calibrate starts str", _calibrate(starts="logsnr"), TypeError, "starts must be a sequence of grid names"),
+    ("calibrate starts unknown", _calibrate(starts=("foo",)), ValueError, "unknown grid 'foo'"),
+    ("calibrate starts empty", _calibrate(starts=()), ValueError, "starts must name at least one grid"),
+    ("calibrate dtype int", _calibrate(dtype=torch.long), TypeError, "dtype must be a floating-point"),
+    ("calibrate process str", lambda: ss.calibrate(SCORE, "vp", 3, (2,)), TypeError,
+     "process must be a scoresolve process"),
+    # tune_grid
+    ("tune_grid num_samples 2.5", _tune(num_samples=2.5), ValueError, "num_samples must be a whole number"),
+    ("tune_grid empty x_T", _tune(shape=None, x_T=X[:0]), ValueError, "x_T holds no samples"),
+    ("tune_grid min_step 0", _tune(method="descent", min_step=0.0), ValueError, "min_step must be a finite number"),
+    ("tune_grid initial_step -1", _tune(method="descent", initial_step=-1.0), ValueError,
+     "initial_step must be a finite number > 0"),
+    ("tune_grid max_sweeps -1", _tune(method="descent", max_sweeps=-1), ValueError, "max_sweeps must be >= 0"),
+    ("tune_grid starts str", _tune(method="descent", starts="logsnr"), TypeError, "starts must be a sequence"),
+    ("tune_grid sde str", lambda: tuning.tune_grid(SCORE, "vp", 4), TypeError, "sde must be a scoresolve process"),
+    # work_precision: bad budgets were silently skipped, a bad reference gave NaN errors or a broadcast error
+    ("work_precision solvers str", _wp(solvers="euler"), TypeError, "solvers must be a sequence of solver names"),
+    ("work_precision nfes 0", _wp(nfes=(0,)), ValueError, "each of nfes must be >= 1"),
+    ("work_precision nfes -3", _wp(nfes=(-3,)), ValueError, "each of nfes must be >= 1"),
+    ("work_precision tolerances 0", _wp(solvers=["dopri5"], tolerances=(0.0,)), ValueError,
+     "each of tolerances must be a finite number > 0"),
+    ("work_precision reference shape", _wp(reference=torch.zeros(3, 2, dtype=F64)), ValueError,
+     r"reference must be a tensor of x_T's shape \(4, 2\), got \(3, 2\)"),
+    ("work_precision reference nan", _wp(reference=torch.full((4, 2), NAN, dtype=F64)), ValueError,
+     "reference contains non-finite values"),
+    ("work_precision empty x_T", lambda: compare.work_precision(SCORE, SDE, X[:0], ["euler"], (4,)), ValueError,
+     "x_T holds no samples"),
+    # elbo: batch_size 0 / -1 / 2.5 ran, NaN data and NaN networks gave a NaN bound
+    ("elbo batch_size 0", _elbo(batch_size=0), ValueError, "batch_size must be >= 1"),
+    ("elbo batch_size 2.5", _elbo(batch_size=2.5), ValueError, "batch_size must be a whole number"),
+    ("elbo steps True", _elbo(steps=True), TypeError, "steps must be an integer"),
+    ("elbo steps 2.5", _elbo(steps=2.5), ValueError, "steps must be a whole number"),
+    ("elbo x nan", lambda: ss.elbo(EPS0, DSDE, Z + NAN, steps=10, variance="beta"), ValueError,
+     "x contains non-finite values"),
+    ("elbo network nan", lambda: ss.elbo(EPS_NAN, DSDE, Z, steps=10, variance="beta"), ss.NonFiniteError,
+     r"solver 'elbo': non-finite values \(NaN/Inf\) in 3 sample\(s\): 0 \(t=0.01\)"),
+    ("elbo sde str", lambda: ss.elbo(EPS0, "vp", Z, steps=10), TypeError, "sde must be a scoresolve process"),
+    # estimate_moments
+    ("estimate_moments batch_size 0", lambda: estimate_moments(EPS0, DSDE, Z, [0.5], num_samples=2, batch_size=0),
+     ValueError, "batch_size must be >= 1"),
+    ("estimate_moments empty data", lambda: estimate_moments(EPS0, DSDE, Z[:0], [0.5], num_samples=2), ValueError,
+     "data must hold at least one sample"),
+    ("estimate_moments network nan", lambda: estimate_moments(EPS_NAN, DSDE, Z, [0.5], num_samples=2),
+     ss.NonFiniteError, "solver 'estimate_moments': non-finite values"),
+    # bits/dim
+    ("bits_per_dim num_dims True", lambda: ss.bits_per_dim(torch.tensor([-3.0]), True), ValueError,
+     "num_dims must be a positive integer"),
+    ("dequantized_bpd empty x", _dbpd(x=GRID8[:0]), ValueError, "x holds no samples"),
+    ("dequantized_bpd batch_size 1.5", _dbpd(batch_size=1.5), ValueError, "batch_size must be a whole number"),
+    ("dequantized_bpd fn returns float", _dbpd(fn=lambda y, g: 0.0), TypeError,
+     "log_likelihood_fn must return a tensor of log-probabilities"),
+    ("dequantized_bpd fn returns nan", _dbpd(fn=lambda y, g: torch.full((y.shape[0],), NAN)), ValueError,
+     r"log_likelihood_fn returned non-finite log-probabilities for 2 of 2 samples \(rows \[0, 1\]"),
+    # compile_sampler: nfe=2.5 and nfe=True were recorded as 2 and 1 NFE, a NaN example was recorded
+    ("compile_sampler nfe 2.5", _compiled(nfe=2.5), ValueError, "nfe must be a whole number"),
+    ("compile_sampler nfe True", _compiled(nfe=True), TypeError, "nfe must be an integer"),
+    ("compile_sampler example nan", _compiled(example=X + NAN), ValueError, "example contains non-finite values"),
+    ("compile_sampler example list", _compiled(example=[[0.0, 1.0]]), TypeError, "example must be a torch.Tensor"),
+    ("compile_sampler sde str", _compiled(sde="vp"), TypeError, "sde must be a scoresolve process"),
+    ("compile_sampler grid list", _compiled(nfe=None, grid=[1.0, 0.5, 0.1]), TypeError, "grid must be a grid name"),
+    ("compile_sampler call list", lambda: ss.compile_sampler(SCORE, SDE, X, nfe=4)([[0.0]]), TypeError,
+     "x_T must be a torch.Tensor"),
+    # k-diffusion samplers and sigmas
+    ("k-diffusion 2-D sigmas", _kd(sigmas=[[10.0, 1.0, 0.0]]), ValueError, r"sigmas must be a 1-D tensor"),
+    ("k-diffusion callback int", _kd(callback=3), TypeError, "callback must be callable"),
+    ("k-diffusion extra_args int", _kd(extra_args=3), TypeError, "extra_args must be a mapping"),
+    ("k-diffusion one step, x nan", _kd(x=torch.full((2, 3), NAN), sigmas=(5.0, 0.0)), ValueError,
+     "x contains non-finite values"),
+    ("k_diffusion_sigmas n 2.5", lambda: adapters.k_diffusion_sigmas("karras", 2.5, 0.002, 80.0), ValueError,
+     "n must be a whole number"),
+    ("k_diffusion_sigmas rho 0", lambda: adapters.k_diffusion_sigmas("karras", 10, 0.002, 80.0, rho=0.0), ValueError,
+     "rho of the karras grid"),
+    # adapters' time conventions and x0 processing
+    ("DDPMTimestep 0", lambda: adapters.DDPMTimestep(0), ValueError, "num_timesteps must be >= 1"),
+    ("FlowTimestep 0", lambda: adapters.FlowTimestep(0), ValueError, "num_timesteps must be >= 1"),
+    ("ReversedIndex 1", lambda: adapters.ReversedIndex(1), ValueError, "num_scales must be >= 2"),
+    ("from_score_sde num_scales 2.5", lambda: adapters.from_score_sde(lambda x, t: x, SDE, continuous=False,
+                                                                      num_scales=2.5), ValueError,
+     "num_scales must be a whole number"),
+    ("X0Processing ratio 2", lambda: adapters.X0Processing(thresholding=True, ratio=2.0), ValueError,
+     r"ratio .* must lie in \(0, 1\]"),
+    ("X0Processing max_value 0", lambda: adapters.X0Processing(thresholding=True, max_value=0.0), ValueError,
+     "max_value must be a finite number >= 1"),
+    ("X0Processing clip -1", lambda: adapters.X0Processing(clip=-1.0), ValueError, "clip must be a number > 0"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_argument_is_refused_by_name(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_checks_leave_valid_calls_alone():
+    """What the checks must still accept: whole floats and numpy integers as counts, a 0-d tensor t_eps, a tensor
+    diffusion, karras rho given as a numpy float, X0Processing's thresholding settings ignored when it is off."""
+    import numpy as np
+
+    a = ss.sample(SCORE, SDE, X, solver="euler", nfe=np.int64(6), t_eps=torch.tensor(1e-3, dtype=F64))
+    b = ss.sample(SCORE, SDE, X, solver="euler", nfe=6.0, t_eps=1e-3)
+    assert torch.equal(a.x, b.x)
+    c = ss.sample(SCORE, SDE, X, solver="euler_maruyama", nfe=6, diffusion=torch.tensor(1.0),
+                  generator=torch.Generator().manual_seed(0))
+    d = ss.sample(SCORE, SDE, X, solver="euler_maruyama", nfe=6, diffusion=1.0,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(c.x, d.x)
+    assert torch.equal(ss.time_grid(SDE, 5, "karras", rho=np.float64(7.0)), ss.time_grid(SDE, 5, "karras"))
+    adapters.X0Processing(thresholding=False, ratio=2.0, max_value=0.5)  # unused when thresholding is off
+    e = ss.elbo(EPS0, DSDE, Z, steps=10.0, variance="beta")  # a whole float is the count
+    f = ss.elbo(EPS0, DSDE, Z, steps=10, variance="beta")
+    assert torch.equal(e.elbo, f.elbo)
+    r = ss.dequantized_bpd(lambda y, g: {"log_prob": torch.zeros(y.shape[0])}, GRID8)  # a mapping is a result
+    assert r.bpd.shape == (2,) and bool(torch.isfinite(r.bpd).all())
