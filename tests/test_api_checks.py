@@ -222,6 +222,60 @@ CASES = [
 ]
 
 
+def _scheduler(n: int = 5, begin: int | None = None, **config):
+    sc = adapters.ScoresolveScheduler(**config)
+    sc.set_timesteps(n)
+    if begin is not None:
+        sc.set_begin_index(begin)
+    return sc
+
+
+def _step(sample=None, out=None):
+    def run():
+        sc = _scheduler()
+        x = torch.zeros(2, 3) if sample is None else sample
+        return sc.step(torch.zeros_like(x, dtype=torch.float32) if out is None else out, sc.timesteps[0], x)
+    return run
+
+
+CASES += [
+    # the diffusers scheduler adapter (IndexError, silent rounding, a silent run from index -1, broadcasting errors)
+    ("scheduler num_train_timesteps 0", lambda: adapters.ScoresolveScheduler(num_train_timesteps=0), ValueError,
+     "num_train_timesteps must be >= 2, got 0"),
+    ("scheduler num_train_timesteps 2.5", lambda: adapters.ScoresolveScheduler(num_train_timesteps=2.5), ValueError,
+     "num_train_timesteps must be a whole number"),
+    ("scheduler set_timesteps 2.5", lambda: _scheduler(n=2.5), ValueError, "num_inference_steps must be a whole"),
+    ("scheduler set_begin_index -1", lambda: _scheduler(begin=-1), ValueError, "begin_index must be >= 0"),
+    ("scheduler set_begin_index 99", lambda: _scheduler(begin=99), ValueError,
+     "begin_index must be below the 5 timesteps"),
+    ("scheduler step int sample", _step(sample=torch.zeros(2, 3, dtype=torch.long)), TypeError,
+     "sample must be a floating-point tensor"),
+    ("scheduler add_noise timestep 5000", lambda: _scheduler().add_noise(torch.zeros(2, 3), torch.randn(2, 3),
+                                                                          torch.tensor([5000, 20])),
+     ValueError, r"timesteps must lie in this scheduler's range \[0, 999\]"),
+    ("scheduler add_noise timestep -5", lambda: _scheduler().add_noise(torch.zeros(2, 3), torch.randn(2, 3),
+                                                                        torch.tensor([-5, 20])),
+     ValueError, "timesteps must lie in this scheduler's range"),
+    ("scheduler add_noise 3 timesteps for 2", lambda: _scheduler().add_noise(torch.zeros(2, 3), torch.randn(2, 3),
+                                                                              torch.tensor([10, 20, 30])),
+     ValueError, r"timesteps must hold one value or one per sample \(2\), got 3"),
+]
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "euler_maruyama"])
+def test_scheduler_loop_with_a_nan_network_ends_in_an_error(solver):
+    """A pipeline whose network returns NaN for sample 1: the last step raises (one check per solve, none in the
+    loop) instead of handing back NaN latents."""
+    sc = _scheduler(solver=solver)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ss.NonFiniteError, match=rf"'ScoresolveScheduler\[{solver}\]'.* in 1 sample\(s\): 1 ") as info:
+        for t in sc.timesteps:
+            out = torch.zeros_like(x)
+            out[1] = NAN
+            x = sc.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert info.value.indices == [1]
+
+
 @pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_argument_is_refused_by_name(call, error, match):
     with pytest.raises(error, match=match):

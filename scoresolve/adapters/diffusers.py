@@ -105,7 +105,7 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _betas_from_config(cfg: dict) -> torch.Tensor:
-    n = int(cfg.get("num_train_timesteps", 1000))
+    n = check_count(cfg.get("num_train_timesteps", 1000), "num_train_timesteps", minimum=2)
     trained = cfg.get("trained_betas")
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=torch.float64).flatten()
