@@ -61,6 +61,22 @@ def check_generator(generator: object, name: str = "generator") -> None:
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def check_prior_arguments(shape: object, generator: object, dtype: object) -> None:
+    """A prior draw's ``shape`` (a sequence of ints >= 0, the batch first, at least 2 of them), ``generator`` (None
+    or a torch.Generator) and ``dtype`` (None or a floating-point dtype), else TypeError / ValueError naming it."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints [batch, ...], got {shape!r}")
+    dims = tuple(shape)
+    if len(dims) < 2:
+        raise ValueError(f"shape must be [batch, ...] with at least 2 dims, got {dims}; for scalar data use "
+                         "(batch, 1)")
+    for d in dims:
+        check_count(d, "each entry of shape", minimum=0)
+    check_generator(generator)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+
+
 def check_positive(value: object, name: str) -> float:
     """``value`` as a finite float > 0: TypeError for a non-number (or a bool), ValueError otherwise."""
     import numbers

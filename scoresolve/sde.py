@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ._utils import Time, as_time, bcast, check_batched, check_count
+from ._utils import Time, as_time, bcast, check_batched, check_count, check_prior_arguments
 from .process import Process
 from .reverse import ReverseProcess
 
@@ -164,6 +164,7 @@ class ForwardSDE(Process):
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Draw x_T from the prior N(0, prior_std^2 I); ``shape`` includes the batch dimension."""
+        check_prior_arguments(shape, generator, dtype)
         z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
         return z * self.prior_std
 

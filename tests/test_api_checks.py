@@ -262,6 +262,39 @@ CASES += [
 ]
 
 
+LEVELS17 = torch.arange(16.0).reshape(8, 2) / 16 * 2 - 1  # on the 17-level grid of [-1, 1]
+
+
+def _train_dequantizer(**kw):
+    def run():
+        vd = ss.VariationalDequantizer(17, shape=(2,), hidden=4)
+        return ss.train_dequantizer(vd, SCORE, kw.pop("data", LEVELS17), **{"sde": SDE, "steps": 2, **kw})
+    return run
+
+
+CASES += [
+    # prior draws (a torch error from randn before, or a 0-d / 1-D "batch")
+    ("prior_sample shape ()", lambda: SDE.prior_sample(()), ValueError, "shape must be \\[batch, ...\\]"),
+    ("prior_sample shape (-1, 2)", lambda: SDE.prior_sample((-1, 2)), ValueError, "each entry of shape must be >= 0"),
+    ("prior_sample int dtype", lambda: SDE.prior_sample((2, 2), dtype=torch.long), TypeError,
+     "dtype must be a floating-point torch.dtype"),
+    ("prior_sample generator int", lambda: SDE.prior_sample((2, 2), generator=3), TypeError,
+     "generator must be a torch.Generator"),
+    ("PFGMPP prior_sample generator int", lambda: ss.PFGMPP().prior_sample((2, 2), generator=3), TypeError,
+     "generator must be a torch.Generator"),
+    # train_dequantizer: 2.5 steps ran 2, batch_size 0 gave NaN losses, an empty dataset an IndexError
+    ("train_dequantizer steps 2.5", _train_dequantizer(steps=2.5), ValueError, "steps must be a whole number"),
+    ("train_dequantizer batch_size 0", _train_dequantizer(batch_size=0), ValueError, "batch_size must be >= 1"),
+    ("train_dequantizer noise_std -1", _train_dequantizer(noise_std=-1.0), ValueError,
+     "noise_std must be a finite number >= 0"),
+    ("train_dequantizer noise_std 0 with sde", _train_dequantizer(noise_std=0.0), ValueError,
+     "noise_std must be > 0 with a process"),
+    ("train_dequantizer empty data", _train_dequantizer(data=LEVELS17[:0]), ValueError,
+     "data must be a \\[N, \\*shape\\] tensor with N >= 1"),
+    ("train_dequantizer lr nan", _train_dequantizer(lr=NAN), ValueError, "lr must be a finite number > 0"),
+]
+
+
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "euler_maruyama"])
 def test_scheduler_loop_with_a_nan_network_ends_in_an_error(solver):
     """A pipeline whose network returns NaN for sample 1: the last step raises (one check per solve, none in the
