@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ._utils import Time, bcast, check_batched, check_count
+from .pfgm import PFGMPP
 from .sde import ForwardSDE
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class GaussianMixture:
 
     def score_fn(self, sde: ForwardSDE):
         """A plain callable ``score(x, t)`` for solvers."""
+        _check_gaussian(sde)
 
         def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.score(x, t, sde)
@@ -187,6 +189,7 @@ class GaussianMixture:
         flow), finite wherever sigma > 0 (also at alpha = 0, for every prediction but score-derived x0 forms)."""
         from .score import PREDICTIONS, ScoreModel
 
+        _check_gaussian(sde)
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
@@ -329,3 +332,11 @@ class GaussianMixture:
         covs = 0.5 * (covs + covs.transpose(1, 2))
         return cls(w, mu, covs, event_shape=event_shape)
 
+
+def _check_gaussian(sde: object) -> None:
+    """The mixture's closed forms need a Gaussian kernel x_t = alpha x_0 + sigma z (a `ForwardSDE`)."""
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"the mixture's exact score needs a Gaussian-kernel process (a ForwardSDE such as VPSDE or "
+                        f"RectifiedFlow), got {type(sde).__name__}"
+                        + ("; for PFGM++ use scoresolve.PointCloud's exact denoiser" if isinstance(sde, PFGMPP)
+                           else ""))

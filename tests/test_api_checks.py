@@ -207,6 +207,11 @@ CASES = [
      "n must be a whole number"),
     ("k_diffusion_sigmas rho 0", lambda: adapters.k_diffusion_sigmas("karras", 10, 0.002, 80.0, rho=0.0), ValueError,
      "rho of the karras grid"),
+    ("flow_scheduler_grid 2.5 steps", lambda: adapters.flow_scheduler_grid(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, 2.5),
+     ValueError, "num_inference_steps must be a whole number"),
+    ("RescaledDenoiser sde str", lambda: adapters.RescaledDenoiser(lambda x, s: x, "ve"), TypeError,
+     "sde must be a ForwardSDE"),
     # adapters' time conventions and x0 processing
     ("DDPMTimestep 0", lambda: adapters.DDPMTimestep(0), ValueError, "num_timesteps must be >= 1"),
     ("FlowTimestep 0", lambda: adapters.FlowTimestep(0), ValueError, "num_timesteps must be >= 1"),
@@ -273,6 +278,10 @@ def _train_dequantizer(**kw):
 
 
 CASES += [
+    # the mixture's closed forms need a Gaussian kernel (AttributeError 'as_time' deep inside before)
+    ("GaussianMixture score_fn on PFGM++", lambda: ss.sample(GM.score_fn(ss.PFGMPP()), ss.PFGMPP(), X), TypeError,
+     "the mixture's exact score needs a Gaussian-kernel process"),
+    ("GaussianMixture model on a name", lambda: GM.model("vp"), TypeError, "needs a Gaussian-kernel process"),
     # prior draws (a torch error from randn before, or a 0-d / 1-D "batch")
     ("prior_sample shape ()", lambda: SDE.prior_sample(()), ValueError, "shape must be \\[batch, ...\\]"),
     ("prior_sample shape (-1, 2)", lambda: SDE.prior_sample((-1, 2)), ValueError, "each entry of shape must be >= 0"),

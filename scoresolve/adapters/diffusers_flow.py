@@ -398,8 +398,8 @@ def flow_scheduler_grid(
     """
     name, cfg = _flow_kind(scheduler_or_config)
     sch = None if isinstance(scheduler_or_config, Mapping) else scheduler_or_config
-    if num_inference_steps is not None and int(num_inference_steps) < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if num_inference_steps is not None:
+        num_inference_steps = check_count(num_inference_steps, "num_inference_steps")  # an integer >= 1, not rounded
     N = int(cfg.get("num_train_timesteps", 1000))
     last: float | None = None
     options: dict[str, Any] = {}
