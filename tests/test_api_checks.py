@@ -89,6 +89,18 @@ CASES = [
     ("ll exact_chunk 2.5", _ll(divergence="exact", exact_chunk=2.5), ValueError, "exact_chunk must be a whole"),
     ("ll generator int", _ll(generator=1), TypeError, "generator must be a torch.Generator"),
     ("ll t_eps str", _ll(t_eps="a"), TypeError, "t_eps must be a number"),
+    # solver options: a ZeroDivisionError, an AttributeError deep in the step loop, silent rounding, order=True
+    ("pc corrector_steps -1", _sample(solver="pc", corrector_steps=-1, generator=torch.Generator()), ValueError,
+     "corrector_steps must be an integer >= 0, got -1"),
+    ("dopri5 controller int", _sample(solver="dopri5", controller=3), TypeError,
+     "controller must be a step-size controller"),
+    ("adaptive_sde controller int", _sample(solver="adaptive_sde", controller=3, rtol=1e-2, atol=1e-2,
+                                            generator=torch.Generator()), TypeError, "controller must be a step-size"),
+    ("adaptive_sde bridge_depth 2.5", _sample(solver="adaptive_sde", bridge_depth=2.5, rtol=1e-2, atol=1e-2,
+                                              generator=torch.Generator()), ValueError,
+     "bridge_depth must be a whole number"),
+    ("deis order True", _sample(solver="deis", order=True), ValueError, "deis order must be 1, 2, 3 or 4, got True"),
+    ("unipc order True", _sample(solver="unipc", order=True), ValueError, "unipc order must be 1, 2, 3 or 4"),
     # grids and shifts (ZeroDivisionError, a NaN grid, an integer grid before)
     ("time_grid karras rho 0", lambda: ss.time_grid(SDE, 10, "karras", rho=0.0), ValueError,
      "rho of the karras grid must be a finite number > 0"),

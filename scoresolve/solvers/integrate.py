@@ -342,6 +342,9 @@ def integrate(
             [`NonFiniteError`][scoresolve.NonFiniteError] and a `StepSizeUnderflowError`).
         StepSizeUnderflowError: a sample's step size underflowed for any other reason.
     """
+    if controller is not None and not callable(getattr(controller, "factor", None)):
+        raise TypeError(f"controller must be a step-size controller with a factor(...) method (e.g. PIController()) "
+                        f"or None, got {type(controller).__name__}")
     ctrl = controller or PIController()
     t0, t1 = float(t0), float(t1)
     if not (math.isfinite(t0) and math.isfinite(t1)):
