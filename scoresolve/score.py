@@ -211,7 +211,13 @@ class ScoreModel:
     def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's own prediction at (x, t), validated and cast to x's dtype."""
         t = _batch_time(t, x)
-        out = self.net(x, self.network_time(t), **self.net_kwargs)
+        try:
+            out = self.net(x, self.network_time(t), **self.net_kwargs)
+        except RuntimeError as e:  # a torch module fed a state of another dtype or device: say which
+            hint = _mismatch_hint(self.net, x, str(e))
+            if hint is None:
+                raise
+            raise TypeError(hint) from e
         if not torch.is_tensor(out):
             raise TypeError(f"the score network returned {type(out).__name__}, expected a tensor")
         if out.shape != x.shape:
@@ -319,3 +325,21 @@ def _check_guidance(scale: Any, **functions: Any) -> None:
     for name, fn in functions.items():
         if not callable(fn):
             raise TypeError(f"{name} must be callable {name}(x, t), got {type(fn).__name__}")
+
+
+def _mismatch_hint(net: Any, x: torch.Tensor, error: str) -> str | None:
+    """Why a ``torch.nn.Module`` network failed on ``x`` with the RuntimeError ``error``, if that error is torch's
+    dtype or device mismatch and the parameters have another dtype or device than ``x`` (else None: the error is
+    re-raised as it is)."""
+    if not any(k in error for k in ("dtype", "scalar type", "same device", "should be the same", "device type")):
+        return None
+    while not isinstance(net, torch.nn.Module) and hasattr(net, "fn"):  # through the solvers' call counters
+        net = net.fn
+    if not isinstance(net, torch.nn.Module):
+        return None
+    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if p is None or (p.dtype == x.dtype and p.device == x.device):
+        return None
+    return (f"the network's parameters are {p.dtype} on {p.device} but the state is {x.dtype} on {x.device} (the "
+            f"dtype and device of the tensor given: x_T, or x for log_likelihood): give it as .to({p.dtype}) on "
+            f"{p.device}, or move the network with net.to(...) ({error.splitlines()[0]})")

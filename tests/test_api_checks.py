@@ -316,6 +316,32 @@ CASES += [
 ]
 
 
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dopri5"])
+def test_a_network_of_another_dtype_is_named(solver):
+    """A float32 module fed a float64 x_T: torch's 'mat1 and mat2 must have the same dtype' from inside the network
+    becomes a TypeError naming both dtypes (the original error chained); other network errors pass unchanged."""
+    model = ss.ScoreModel(_Linear(), SDE, prediction="eps")
+    with pytest.raises(TypeError, match=r"parameters are torch.float32 on cpu but the state is torch.float64") as info:
+        ss.sample(model, SDE, X, solver=solver)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert ss.sample(model, SDE, X.float(), solver=solver).x.dtype == torch.float32  # the matching dtype runs
+
+    def boom(x, t):
+        raise RuntimeError("boom: expected scalar type")
+
+    with pytest.raises(RuntimeError, match="boom"):  # not a module: left alone
+        ss.sample(boom, SDE, X, solver=solver)
+
+
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "euler_maruyama"])
 def test_scheduler_loop_with_a_nan_network_ends_in_an_error(solver):
     """A pipeline whose network returns NaN for sample 1: the last step raises (one check per solve, none in the
