@@ -55,10 +55,14 @@ def check_t_eps(t_eps: object, T: float) -> float:
     return float(t_eps)
 
 
-def check_generator(generator: object, name: str = "generator") -> None:
-    """Raise TypeError unless ``generator`` is None or a ``torch.Generator``."""
+def check_generator(generator: object, name: str = "generator", like: torch.Tensor | None = None) -> None:
+    """Raise TypeError unless ``generator`` is None or a ``torch.Generator``; with ``like``, ValueError unless it draws
+    on ``like``'s device type (torch refuses a CPU generator for CUDA draws, and the first draw is mid-solve)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and like is not None and generator.device.type != like.device.type:
+        raise ValueError(f"{name} draws on {generator.device} but the state is on {like.device}: create it as "
+                         f"torch.Generator(device={str(like.device)!r})")
 
 
 def check_prior_arguments(shape: object, generator: object, dtype: object) -> None:

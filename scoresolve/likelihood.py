@@ -180,7 +180,7 @@ def log_likelihood(
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains non-finite values")
     t_eps = check_t_eps(t_eps, sde.T)
-    check_generator(generator)
+    check_generator(generator, like=x if divergence == "hutchinson" else None)  # the probes are drawn on x's device
     probes = check_count(probes, "probes")
     need = set()
     if control_variate is not None or time_variable == "logsnr":

@@ -135,6 +135,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         spec.check_process(sde, options, diffusion)
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.stochastic:
+            check_generator(generator, like=x_T)  # its draws are on x_T's device: refused now, not at the first
             keywords["generator"] = generator
         if isinstance(spec, AdaptiveSolver):
             if nfe is not None or steps is not None:

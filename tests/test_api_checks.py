@@ -382,3 +382,25 @@ def test_the_checks_leave_valid_calls_alone():
     assert torch.equal(e.elbo, f.elbo)
     r = ss.dequantized_bpd(lambda y, g: {"log_prob": torch.zeros(y.shape[0])}, GRID8)  # a mapping is a result
     assert r.bpd.shape == (2,) and bool(torch.isfinite(r.bpd).all())
+
+
+def test_a_generator_on_another_device_is_refused_before_the_solve():
+    """Noise and Hutchinson probes are drawn on the state's device: a generator of another device type is refused
+    at entry (torch refused it only at the first draw, mid-solve). Checked here on the meta device; the CUDA case
+    below needs a GPU."""
+    from scoresolve._utils import check_generator
+
+    with pytest.raises(ValueError, match=r"generator draws on cpu but the state is on meta"):
+        check_generator(torch.Generator(), like=torch.zeros(2, 2, device="meta"))
+    check_generator(torch.Generator(), like=torch.zeros(2, 2))  # same device type: fine
+    check_generator(None, like=torch.zeros(2, 2, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_generator_for_a_cuda_solve_is_refused():
+    x = X.cuda()
+    with pytest.raises(ValueError, match="generator draws on cpu but the state is on cuda"):
+        ss.sample(SCORE, SDE, x, solver="euler_maruyama", generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator draws on cpu but the state is on cuda"):
+        ss.log_likelihood(SCORE, SDE, x, generator=torch.Generator())
+    ss.sample(SCORE, SDE, x, solver="dpmpp_2m", generator=torch.Generator())  # a deterministic solver ignores it
