@@ -191,6 +191,16 @@ CASES = [
      "data must hold at least one sample"),
     ("estimate_moments network nan", lambda: estimate_moments(EPS_NAN, DSDE, Z, [0.5], num_samples=2),
      ss.NonFiniteError, "solver 'estimate_moments': non-finite values"),
+    # evaluate_dataset: a negative timeout or a zero poll interval (a busy wait for the other ranks) were taken
+    ("evaluate_dataset wait_timeout -1", lambda: ss.evaluate_dataset(GRID8, "unused", fn=lambda y, g: y.sum(1),
+                                                                      bits=8, wait_timeout=-1.0, progress=False),
+     ValueError, "wait_timeout must be None"),
+    ("evaluate_dataset poll_interval 0", lambda: ss.evaluate_dataset(GRID8, "unused", fn=lambda y, g: y.sum(1),
+                                                                      bits=8, poll_interval=0.0, progress=False),
+     ValueError, "poll_interval must be a finite number of seconds > 0"),
+    ("evaluate_dataset seed 2.5", lambda: ss.evaluate_dataset(GRID8, "unused", fn=lambda y, g: y.sum(1), bits=8,
+                                                               seed=2.5, progress=False),
+     ValueError, "seed must be a whole number"),
     # bits/dim
     ("bits_per_dim num_dims True", lambda: ss.bits_per_dim(torch.tensor([-3.0]), True), ValueError,
      "num_dims must be a positive integer"),
