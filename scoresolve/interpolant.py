@@ -50,6 +50,9 @@ class Interpolant(ForwardSDE):
                  t_from_log_snr: TensorFn | None = None, name: str = "Interpolant") -> None:
         if not (math.isfinite(T) and T > 0):
             raise ValueError(f"T must be a positive finite number, got {T}")
+        for fname, fn in (("alpha", alpha), ("sigma", sigma), ("dalpha", dalpha), ("dsigma", dsigma)):
+            if not callable(fn):
+                raise TypeError(f"{fname} must be a callable of t (a tensor), got {type(fn).__name__}")
         self.T = float(T)
         self._alpha_fn, self._sigma_fn, self._dalpha_fn, self._dsigma_fn = alpha, sigma, dalpha, dsigma
         self._inverse = t_from_log_snr
@@ -66,6 +69,18 @@ class Interpolant(ForwardSDE):
         lam = torch.log(a[1:-1]) - torch.log(s[1:-1])
         if not bool((lam[1:] < lam[:-1]).all()):
             raise ValueError(f"{self.name}: the log-SNR log(alpha/sigma) must decrease in t")
+        # the derivatives against central differences at the midpoints of the same 64 intervals (a wrong sign or
+        # factor in dalpha / dsigma would otherwise give silently wrong drifts and flows)
+        tm = (torch.arange(64, dtype=torch.float64) + 0.5) / 64 * self.T
+        h = 1e-6 * self.T
+        for name, f, df in (("alpha", self._alpha, self._dalpha), ("sigma", self._sigma, self._dsigma)):
+            d = torch.as_tensor(df(tm), dtype=torch.float64).expand(tm.shape)
+            fd = (f(tm + h) - f(tm - h)) / (2 * h)
+            bad = ~((d - fd).abs() <= 1e-4 * float(fd.abs().max()) + 1e-3 * fd.abs() + 1e-9)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                raise ValueError(f"{self.name}: d{name} is not the derivative of {name}: at t = {float(tm[k]):.4g} "
+                                 f"d{name} gives {float(d[k]):.6g}, the difference quotient {float(fd[k]):.6g}")
 
     def __repr__(self) -> str:
         return f"{self.name}(T={self.T})"

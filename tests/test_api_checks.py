@@ -110,6 +110,15 @@ CASES = [
     ("flux_shift base = max", lambda: ss.flux_shift(300, base_seq_len=256, max_seq_len=256), ValueError,
      "base_seq_len must be < max_seq_len"),
     # processes and mixtures
+    ("Interpolant wrong dalpha sign", lambda: ss.Interpolant(lambda t: 1 - t, lambda t: t, torch.ones_like,
+                                                            torch.ones_like), ValueError,
+     r"dalpha is not the derivative of alpha: at t = 0.007812 dalpha gives 1, the difference quotient -1"),
+    ("Interpolant dsigma missing a factor", lambda: ss.Interpolant(
+        lambda t: torch.cos(t * math.pi / 2), lambda t: torch.sin(t * math.pi / 2),
+        lambda t: -math.pi / 2 * torch.sin(t * math.pi / 2), lambda t: torch.cos(t * math.pi / 2)), ValueError,
+     "dsigma is not the derivative of sigma"),
+    ("Interpolant alpha not callable", lambda: ss.Interpolant(1, lambda t: t, torch.ones_like, torch.ones_like),
+     TypeError, "alpha must be a callable of t"),
     ("GaussianMixture dim 0", lambda: ss.GaussianMixture.random(0), ValueError, "dim must be >= 1, got 0"),
     ("GaussianMixture 0 components", lambda: ss.GaussianMixture.random(2, 0), ValueError,
      "num_components must be >= 1"),
