@@ -81,6 +81,13 @@ class Interpolant(ForwardSDE):
                 k = int(bad.nonzero()[0])
                 raise ValueError(f"{self.name}: d{name} is not the derivative of {name}: at t = {float(tm[k]):.4g} "
                                  f"d{name} gives {float(d[k]):.6g}, the difference quotient {float(fd[k]):.6g}")
+        if self._inverse is not None:  # t_from_log_snr must invert the log-SNR (the grids are laid out with it)
+            back = torch.as_tensor(self._inverse(lam), dtype=torch.float64).expand(lam.shape)
+            off = ~((back - t[1:-1]).abs() <= 1e-6 * self.T)
+            if bool(off.any()):
+                k = int(off.nonzero()[0])
+                raise ValueError(f"{self.name}: t_from_log_snr does not invert the log-SNR: at t = "
+                                 f"{float(t[1 + k]):.6g} (log-SNR {float(lam[k]):.6g}) it gives {float(back[k]):.6g}")
 
     def __repr__(self) -> str:
         return f"{self.name}(T={self.T})"
