@@ -427,3 +427,24 @@ def test_a_cpu_generator_for_a_cuda_solve_is_refused():
     with pytest.raises(ValueError, match="generator draws on cpu but the state is on cuda"):
         ss.log_likelihood(SCORE, SDE, x, generator=torch.Generator())
     ss.sample(SCORE, SDE, x, solver="dpmpp_2m", generator=torch.Generator())  # a deterministic solver ignores it
+
+
+CLI_SAMPLE = ["sample", "--dim", "2", "--components", "2", "--batch", "4", "--quiet", "--threads", "1"]
+CLI_COMPARE = ["compare", "--dim", "2", "--components", "2", "--batch", "4", "--quiet", "--threads", "1", "--out", ""]
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([*CLI_SAMPLE, "--solver", "pc", "--nfe", "1"], "--nfe 1: solver 'pc' needs at least nfe=2, got nfe=1"),
+    ([*CLI_SAMPLE, "--solver", "heun", "--nfe", "1"], "--nfe 1: solver 'heun' needs at least nfe=2"),
+    ([*CLI_SAMPLE, "--solver", "calibrated"], "'calibrated' runs a Calibration from scoresolve.calibrate"),
+    ([*CLI_COMPARE, "--solvers", "calibrated", "--nfe", "5"], "'calibrated' runs a Calibration"),
+], ids=["sample-pc-nfe1", "sample-heun-nfe1", "sample-calibrated", "compare-calibrated"])
+def test_cli_usage_errors_are_one_line(argv, match, capsys):
+    """These ended in a ValueError traceback from inside sample() before; now exit status 2 with one line."""
+    from scoresolve.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert match in err.strip().splitlines()[-1]
