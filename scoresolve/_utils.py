@@ -32,16 +32,6 @@ def check_batched(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def check_process(process: object, name: str = "sde") -> None:
-    """Raise TypeError unless ``process`` is a `scoresolve.Process` (an SDE, an interpolant, PFGM++, ...)."""
-    from .process import Process
-
-    if not isinstance(process, Process):
-        raise TypeError(f"{name} must be a scoresolve process (e.g. scoresolve.VPSDE()), got {type(process).__name__}"
-                        + (f" {process!r}; scoresolve.sde_from_name builds one from a name"
-                           if isinstance(process, str) else ""))
-
-
 def check_t_eps(t_eps: object, T: float) -> float:
     """``t_eps`` as a float in (0, T): TypeError for a non-number, ValueError outside the interval."""
     import numbers

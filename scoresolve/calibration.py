@@ -37,10 +37,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._utils import check_count, check_positive, check_process, check_t_eps
+from ._utils import check_count, check_positive, check_t_eps
 from .compare import network_reference_solve
 from .fingerprint import model_fingerprint
-from .process import check_capabilities
+from .process import check_capabilities, check_process
 from .score import ScoreModel
 from .solvers.calibrated import Calibration, check_method, step_weights
 from .solvers.defaults import calibration_method, default_order

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched, check_count, check_process, check_t_eps
+from ._utils import check_batched, check_count, check_t_eps
+from .process import check_process
 from .sampling import _calibrated_sampler, _default_sampler, check_solve_arguments, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE

@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._utils import check_batched, check_count, check_process
+from ._utils import check_batched, check_count
+from .process import check_process
 from .reverse_variance import (
     VARIANCES,
     MomentEstimate,

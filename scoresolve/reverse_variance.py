@@ -39,9 +39,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._store import check_name, read_record, store_dir, write_json
-from ._utils import check_batched, check_count, check_process
+from ._utils import check_batched, check_count
+from .process import check_process
 from .sde import ForwardSDE
-from .solvers.errors import NonFiniteError
 
 VARIANCES = ("beta", "beta_tilde", "analytic")
 """The reverse variances by name: DDPM's forward (beta) and posterior (beta-tilde) ones, Analytic-DPM's optimum."""
@@ -297,7 +297,9 @@ def estimate_moments(model: Callable, sde: ForwardSDE, data: torch.Tensor, times
         sq[lo:hi] = eps.flatten(1).to(torch.float64).square().sum(1).cpu() / D
     bad = ~torch.isfinite(sq)
     if bool(bad.any()):  # the network returned NaN/Inf: Gamma_t (and every variance built on it) would be NaN
-        raise NonFiniteError("estimate_moments", idx[bad].tolist(), row_t[bad].tolist(), None)
+        times = sorted(set(row_t[bad].tolist()))
+        raise ValueError(f"estimate_moments: the network returned non-finite values (NaN/Inf) at {len(times)} of the "
+                         f"{n} times, first t={times[0]:.6g}, for {int(bad.sum())} of the {n * M} rows")
     per = sq.reshape(n, M)
     se = per.std(1) / math.sqrt(M) if M > 1 else torch.full((n,), math.nan, dtype=torch.float64)
     return MomentEstimate(t=ts, gamma=per.mean(1), num_samples=M, evaluations=n * M, std_error=se,

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched, check_count, check_generator, check_process, check_t_eps
-from .process import Process, check_capabilities
+from ._utils import check_batched, check_count, check_generator, check_t_eps
+from .process import Process, check_capabilities, check_process
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE

@@ -41,7 +41,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._utils import check_count, check_generator, check_positive, check_process, check_t_eps
+from ._utils import check_count, check_generator, check_positive, check_t_eps
+from .process import check_process
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver
