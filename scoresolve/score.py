@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Uni
 import torch
 
 from ._utils import bcast, check_count
+from .process import check_process
 
 if TYPE_CHECKING:
     from .sde import ForwardSDE
@@ -162,6 +163,7 @@ class ScoreModel:
         _check_kind(prediction)
         if not callable(net):
             raise TypeError(f"net must be callable net(x, t), got {type(net).__name__}")
+        check_process(sde)
         if net_kwargs is not None and not isinstance(net_kwargs, Mapping):
             raise TypeError(f"net_kwargs must be a mapping of keyword arguments or None, got "
                             f"{type(net_kwargs).__name__}")

@@ -139,6 +139,8 @@ CASES = [
     ("ScoreModel net_kwargs int", lambda: ss.ScoreModel(lambda x, t: x, SDE, net_kwargs=3), TypeError,
      "net_kwargs must be a mapping"),
     ("ScoreModel net int", lambda: ss.ScoreModel(3, SDE), TypeError, "net must be callable"),
+    ("ScoreModel sde str", lambda: ss.ScoreModel(lambda x, t: x, "vp"), TypeError,
+     "sde must be a scoresolve process"),
     ("classifier_guidance scale nan", lambda: ss.classifier_guidance(SCORE, lambda x, t: x.sum(1), NAN), ValueError,
      "guidance scale must be finite"),
     ("classifier_free_guidance scale str", lambda: ss.classifier_free_guidance(SCORE, SCORE, "a"), TypeError,
