@@ -32,6 +32,56 @@ def check_batched(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def check_t_eps(t_eps: object, T: float) -> float:
+    """``t_eps`` as a float in (0, T): TypeError for a non-number, ValueError outside the interval."""
+    import numbers
+
+    if torch.is_tensor(t_eps) and t_eps.numel() == 1 and t_eps.is_floating_point():
+        t_eps = float(t_eps)
+    if isinstance(t_eps, bool) or not isinstance(t_eps, numbers.Real):
+        raise TypeError(f"t_eps must be a number in (0, T) = (0, {T}), got {t_eps!r} ({type(t_eps).__name__})")
+    if not (0 < t_eps < T):
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
+    return float(t_eps)
+
+
+def check_generator(generator: object, name: str = "generator", like: torch.Tensor | None = None) -> None:
+    """Raise TypeError unless ``generator`` is None or a ``torch.Generator``; with ``like``, ValueError unless it draws
+    on ``like``'s device type (torch refuses a CPU generator for CUDA draws, and the first draw is mid-solve)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and like is not None and generator.device.type != like.device.type:
+        raise ValueError(f"{name} draws on {generator.device} but the state is on {like.device}: create it as "
+                         f"torch.Generator(device={str(like.device)!r})")
+
+
+def check_prior_arguments(shape: object, generator: object, dtype: object) -> None:
+    """A prior draw's ``shape`` (a sequence of ints >= 0, the batch first, at least 2 of them), ``generator`` (None
+    or a torch.Generator) and ``dtype`` (None or a floating-point dtype), else TypeError / ValueError naming it."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints [batch, ...], got {shape!r}")
+    dims = tuple(shape)
+    if len(dims) < 2:
+        raise ValueError(f"shape must be [batch, ...] with at least 2 dims, got {dims}; for scalar data use "
+                         "(batch, 1)")
+    for d in dims:
+        check_count(d, "each entry of shape", minimum=0)
+    check_generator(generator)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+
+
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a finite float > 0: TypeError for a non-number (or a bool), ValueError otherwise."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_finite_float(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ._utils import Time, bcast, check_batched
+from ._utils import Time, bcast, check_batched, check_count
+from .pfgm import PFGMPP
 from .sde import ForwardSDE
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class GaussianMixture:
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         mu = torch.as_tensor(means, dtype=torch.float64)
         K = w.numel()
+        if K < 1 or mu.numel() < 1:
+            raise ValueError(f"a mixture needs at least one component of at least one dimension, got means of shape "
+                             f"{tuple(mu.shape)}")
         if mu.shape[0] != K:
             raise ValueError(f"means has {mu.shape[0]} components but weights has {K}")
         mu = mu.reshape(K, -1)
@@ -131,6 +135,7 @@ class GaussianMixture:
 
     def score_fn(self, sde: ForwardSDE):
         """A plain callable ``score(x, t)`` for solvers."""
+        _check_gaussian(sde)
 
         def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.score(x, t, sde)
@@ -184,6 +189,7 @@ class GaussianMixture:
         flow), finite wherever sigma > 0 (also at alpha = 0, for every prediction but score-derived x0 forms)."""
         from .score import PREDICTIONS, ScoreModel
 
+        _check_gaussian(sde)
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
@@ -312,8 +318,8 @@ class GaussianMixture:
         With ``full`` the covariances are random rotations of diagonal ones (correlated components); small
         scale_range lower bounds give near-degenerate components, like dequantized images near t = 0.
         """
+        K, D = check_count(num_components, "num_components"), check_count(dim, "dim")
         g = torch.Generator().manual_seed(seed)
-        K, D = num_components, dim
         w = 0.5 + torch.rand(K, generator=g, dtype=torch.float64)
         mu = torch.randn(K, D, generator=g, dtype=torch.float64) * spread / math.sqrt(max(D, 1)) * math.sqrt(min(D, 4))
         lo, hi = scale_range
@@ -326,3 +332,11 @@ class GaussianMixture:
         covs = 0.5 * (covs + covs.transpose(1, 2))
         return cls(w, mu, covs, event_shape=event_shape)
 
+
+def _check_gaussian(sde: object) -> None:
+    """The mixture's closed forms need a Gaussian kernel x_t = alpha x_0 + sigma z (a `ForwardSDE`)."""
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"the mixture's exact score needs a Gaussian-kernel process (a ForwardSDE such as VPSDE or "
+                        f"RectifiedFlow), got {type(sde).__name__}"
+                        + ("; for PFGM++ use scoresolve.PointCloud's exact denoiser" if isinstance(sde, PFGMPP)
+                           else ""))

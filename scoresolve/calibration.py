@@ -42,13 +42,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._store import write_json
+from ._utils import check_count, check_positive, check_t_eps
 from .compare import network_reference_solve
 from .fingerprint import model_fingerprint
-from .process import check_capabilities
+from .process import check_capabilities, check_process
 from .score import ScoreModel
 from .solvers.calibrated import Calibration, check_method, step_weights
 from .solvers.defaults import calibration_method, default_order
-from .solvers.time_grids import time_grid
+from .solvers.time_grids import check_grid_name, time_grid
 
 STARTS = ("logsnr", "quadratic", "karras", "uniform", "flow:1", "flow:1.5")
 """The named grids `calibrate` tries as the start of the fit."""
@@ -128,6 +129,28 @@ def calibrate(
         the `Calibration` (``sample(..., calibration=cal)`` runs it; ``cal.save(name)`` keeps it), or a list of them
         in the order of the budgets; each is the one a call for its budget alone gives.
     """
+    check_process(process, "process")
+    for n in nfe if isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1 else [nfe]:
+        check_count(n, "nfe", minimum=None)  # an integer, never rounded (the range is checked below)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be one sample's shape (a sequence of ints, without the batch), got {shape!r}")
+    if len(tuple(shape)) == 0:
+        raise ValueError("shape must hold at least one dimension (for scalar data: shape=(1,))")
+    for size in shape:
+        check_count(size, "each entry of shape")
+    for value, what, least in ((num_samples, "num_samples", None), (iters, "iters", 0), (batch, "batch", 1),
+                               (check_every, "check_every", 1), (fit_starts, "fit_starts", 1), (seed, "seed", None)):
+        check_count(value, what, minimum=least)
+    if lr is not None:
+        check_positive(lr, "lr")
+    check_positive(reference_tol, "reference_tol")
+    check_t_eps(t_eps, process.T)
+    if isinstance(starts, str):
+        raise TypeError(f"starts must be a sequence of grid names, got the str {starts!r} (write ({starts!r},))")
+    if not [check_grid_name(name) for name in starts]:
+        raise ValueError("starts must name at least one grid, e.g. ('logsnr', 'flow:1')")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     several = isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1
     budgets = [int(n) for n in (nfe if several else [nfe])]
     if not budgets or min(budgets) < 2:

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._utils import check_batched, check_count, check_positive
 from .analytic import GaussianMixture
 from .sampling import sample
 from .score import ScoreModel
@@ -140,8 +141,22 @@ def work_precision(
     ``x_T`` is the shared initial batch; the reference is computed once in float64 unless given. Solver names may
     carry a grid, ``"dpmpp_2m@karras"``. Returns one [`Run`][scoresolve.compare.Run] per (solver, setting).
     """
+    check_batched(x_T, "x_T")
+    if x_T.shape[0] == 0:
+        raise ValueError(f"x_T holds no samples (shape {tuple(x_T.shape)}): there is no error to measure")
+    if isinstance(solvers, str):
+        raise TypeError(f"solvers must be a sequence of solver names, got the str {solvers!r} (write [{solvers!r}])")
+    for n in nfes:
+        check_count(n, "each of nfes")
+    for tol in tolerances:
+        check_positive(tol, "each of tolerances")
     if reference is None:
         reference = reference_solve(score, sde, x_T, t_eps)
+    elif not torch.is_tensor(reference) or reference.shape != x_T.shape:
+        raise ValueError(f"reference must be a tensor of x_T's shape {tuple(x_T.shape)}, got "
+                         f"{tuple(reference.shape) if torch.is_tensor(reference) else type(reference).__name__}")
+    elif not bool(torch.isfinite(reference).all()):
+        raise ValueError("reference contains non-finite values")
     exact = None
     if mixture is not None:
         g = torch.Generator().manual_seed(generator_seed + 12345)

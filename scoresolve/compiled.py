@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import _calibrated_sampler, _default_sampler, grid_times, sample
+from ._utils import check_batched, check_count, check_t_eps
+from .process import check_process
+from .sampling import _calibrated_sampler, _default_sampler, check_solve_arguments, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver, NonFiniteError, Solution
@@ -60,8 +62,14 @@ class CompiledSampler:
             raise ValueError(f"compile_sampler records a deterministic grid solve without per-step Python: "
                              f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} sample()'s only; use "
                              "sample()")
-        if not (0 < t_eps < sde.T):
-            raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+        check_process(sde)
+        check_batched(example, "example")
+        if not bool(torch.isfinite(example).all()):
+            raise ValueError("example contains non-finite values")
+        nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
+        steps = None if steps is None else check_count(steps, "steps", minimum=None)
+        t_eps = check_t_eps(t_eps, sde.T)
+        check_solve_arguments(solver, grid, diffusion)
         self.score, self.sde = score, sde
         # sample()'s arguments for the same solve: a call that ends non-finite re-runs it for the full error
         self._sample_kw = dict(solver=solver, nfe=nfe, steps=steps, grid=grid, shift=shift, t_eps=t_eps,
@@ -166,6 +174,8 @@ class CompiledSampler:
     # --- calls ----------------------------------------------------------------------------------------------
     def __call__(self, x_T: torch.Tensor) -> Solution:
         """Solve from ``x_T`` (the example's shape, dtype and device)."""
+        if not torch.is_tensor(x_T):
+            raise TypeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
         if x_T.shape != self.shape or x_T.dtype != self.dtype or x_T.device != self.device:
             raise ValueError(f"compile_sampler was recorded for {tuple(self.shape)} {self.dtype} on {self.device}, "
                              f"got {tuple(x_T.shape)} {x_T.dtype} on {x_T.device}")

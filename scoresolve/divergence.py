@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ._utils import bcast
+from ._utils import bcast, check_count
 
 PROBES = ("rademacher", "gaussian", "orthogonal")
 
@@ -254,9 +254,7 @@ class ExactDivergence(DivergenceEstimator):
     """The exact divergence: D VJPs per evaluation, ``chunk`` of them batched at a time (for small D)."""
 
     def __init__(self, chunk: int = 64) -> None:
-        if int(chunk) < 1:
-            raise ValueError(f"exact_chunk must be >= 1, got {chunk}")
-        self.chunk = int(chunk)
+        self.chunk = check_count(chunk, "exact_chunk")
 
     def init_args(self, x: torch.Tensor) -> tuple:
         check_exact_memory(x, self.chunk)

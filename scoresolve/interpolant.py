@@ -50,6 +50,9 @@ class Interpolant(ForwardSDE):
                  t_from_log_snr: TensorFn | None = None, name: str = "Interpolant") -> None:
         if not (math.isfinite(T) and T > 0):
             raise ValueError(f"T must be a positive finite number, got {T}")
+        for fname, fn in (("alpha", alpha), ("sigma", sigma), ("dalpha", dalpha), ("dsigma", dsigma)):
+            if not callable(fn):
+                raise TypeError(f"{fname} must be a callable of t (a tensor), got {type(fn).__name__}")
         self.T = float(T)
         self._alpha_fn, self._sigma_fn, self._dalpha_fn, self._dsigma_fn = alpha, sigma, dalpha, dsigma
         self._inverse = t_from_log_snr
@@ -66,6 +69,25 @@ class Interpolant(ForwardSDE):
         lam = torch.log(a[1:-1]) - torch.log(s[1:-1])
         if not bool((lam[1:] < lam[:-1]).all()):
             raise ValueError(f"{self.name}: the log-SNR log(alpha/sigma) must decrease in t")
+        # the derivatives against central differences at the midpoints of the same 64 intervals (a wrong sign or
+        # factor in dalpha / dsigma would otherwise give silently wrong drifts and flows)
+        tm = (torch.arange(64, dtype=torch.float64) + 0.5) / 64 * self.T
+        h = 1e-6 * self.T
+        for name, f, df in (("alpha", self._alpha, self._dalpha), ("sigma", self._sigma, self._dsigma)):
+            d = torch.as_tensor(df(tm), dtype=torch.float64).expand(tm.shape)
+            fd = (f(tm + h) - f(tm - h)) / (2 * h)
+            bad = ~((d - fd).abs() <= 1e-4 * float(fd.abs().max()) + 1e-3 * fd.abs() + 1e-9)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                raise ValueError(f"{self.name}: d{name} is not the derivative of {name}: at t = {float(tm[k]):.4g} "
+                                 f"d{name} gives {float(d[k]):.6g}, the difference quotient {float(fd[k]):.6g}")
+        if self._inverse is not None:  # t_from_log_snr must invert the log-SNR (the grids are laid out with it)
+            back = torch.as_tensor(self._inverse(lam), dtype=torch.float64).expand(lam.shape)
+            off = ~((back - t[1:-1]).abs() <= 1e-6 * self.T)
+            if bool(off.any()):
+                k = int(off.nonzero()[0])
+                raise ValueError(f"{self.name}: t_from_log_snr does not invert the log-SNR: at t = "
+                                 f"{float(t[1 + k]):.6g} (log-SNR {float(lam[k]):.6g}) it gives {float(back[k]):.6g}")
 
     def __repr__(self) -> str:
         return f"{self.name}(T={self.T})"
@@ -208,6 +230,9 @@ def flux_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4
     ``time_shift`` with exponent 1, e^mu / (e^mu + 1/t - 1) = `sd3_shift` (t, e^mu)). Pass it as ``shift=``."""
     if image_seq_len < 1:
         raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+    if not base_seq_len < max_seq_len:
+        raise ValueError(f"base_seq_len must be < max_seq_len (mu is interpolated between them), got "
+                         f"{base_seq_len} and {max_seq_len}")
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return math.exp(image_seq_len * m + base_shift - m * base_seq_len)
 

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._utils import bcast, check_batched, check_count
+from ._utils import bcast, check_batched, check_count, check_generator, check_t_eps
 from .control_variate import GaussianControlVariate
 from .divergence import (
     CallableDivergence,
@@ -179,8 +179,8 @@ def log_likelihood(
     check_batched(x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains non-finite values")
-    if not (0 < t_eps < sde.T):
-        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+    t_eps = check_t_eps(t_eps, sde.T)
+    check_generator(generator, like=x if divergence == "hutchinson" else None)  # the probes are drawn on x's device
     probes = check_count(probes, "probes")
     need = set()
     if control_variate is not None or time_variable == "logsnr":

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._utils import Time, bcast, check_batched
+from ._utils import Time, bcast, check_batched, check_prior_arguments
 from .process import Process
 from .reverse import ReverseProcess
 from .sde import EDMSDE, register_process
@@ -211,6 +211,7 @@ class PFGMPP(Process):
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """x_T ~ p_{r_max}(. | 0), the kernel around the origin at sigma_max; ``shape`` includes the batch."""
+        check_prior_arguments(shape, generator, dtype)
         y = torch.zeros(tuple(shape), dtype=dtype or torch.get_default_dtype(), device=device)
         return self.perturb(y, self.sigma_max, generator)
 

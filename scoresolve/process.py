@@ -132,3 +132,11 @@ def check_capabilities(what: str, process: Process, required: Iterable[str],
     missing = process.missing(required)
     if missing:
         raise IncompatibleProcessError(what, process, missing, fitting() if fitting is not None else ())
+
+
+def check_process(process: object, name: str = "sde") -> None:
+    """Raise TypeError unless ``process`` is a `scoresolve.Process` (an SDE, an interpolant, PFGM++, ...)."""
+    if not isinstance(process, Process):
+        raise TypeError(f"{name} must be a scoresolve process (e.g. scoresolve.VPSDE()), got {type(process).__name__}"
+                        + (f" {process!r}; scoresolve.sde_from_name builds one from a name"
+                           if isinstance(process, str) else ""))

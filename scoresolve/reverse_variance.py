@@ -39,7 +39,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._store import check_name, read_record, store_dir, write_json
-from ._utils import check_batched
+from ._utils import check_batched, check_count
+from .process import check_process
 from .sde import ForwardSDE
 
 VARIANCES = ("beta", "beta_tilde", "analytic")
@@ -266,10 +267,13 @@ def estimate_moments(model: Callable, sde: ForwardSDE, data: torch.Tensor, times
     """
     from .score import ScoreModel
 
+    check_process(sde)
     check_batched(data, "data")
-    M = int(num_samples)
-    if M < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if data.shape[0] == 0 or not bool(torch.isfinite(data).all()):
+        raise ValueError(f"data must hold at least one sample, all finite; got shape {tuple(data.shape)}"
+                         + ("" if data.shape[0] == 0 else " with non-finite values"))
+    M = check_count(num_samples, "num_samples")
+    batch_size = check_count(batch_size, "batch_size")
     ts = torch.unique(_f64(times).flatten())
     if ts.numel() == 0:
         raise ValueError("times is empty")
@@ -292,6 +296,11 @@ def estimate_moments(model: Callable, sde: ForwardSDE, data: torch.Tensor, times
         xt = sde.perturb(x0, tt, noise=z)
         eps = net.eps(xt, tt)
         sq[lo:hi] = eps.flatten(1).to(torch.float64).square().sum(1).cpu() / D
+    bad = ~torch.isfinite(sq)
+    if bool(bad.any()):  # the network returned NaN/Inf: Gamma_t (and every variance built on it) would be NaN
+        times = sorted(set(row_t[bad].tolist()))
+        raise ValueError(f"estimate_moments: the network returned non-finite values (NaN/Inf) at {len(times)} of the "
+                         f"{n} times, first t={times[0]:.6g}, for {int(bad.sum())} of the {n * M} rows")
     per = sq.reshape(n, M)
     se = per.std(1) / math.sqrt(M) if M > 1 else torch.full((n,), math.nan, dtype=torch.float64)
     return MomentEstimate(t=ts, gamma=per.mean(1), num_samples=M, evaluations=n * M, std_error=se,

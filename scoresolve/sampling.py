@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched, check_count
-from .process import Process, check_capabilities
+from ._utils import check_batched, check_count, check_generator, check_t_eps
+from .process import Process, check_capabilities, check_process
 from .reverse import Diffusion
 from .score import ScoreModel
 from .sde import ForwardSDE
@@ -100,14 +101,15 @@ def sample(
 
 def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator, progress, grid,
             shift, save_trajectory, callback, options) -> Solution:
+    check_process(sde)
     check_batched(x_T, "x_T")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError("x_T contains non-finite values")
     nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
     steps = None if steps is None else check_count(steps, "steps", minimum=None)
     x_T = x_T.clone()  # a model that modifies its input in place must not change the caller's x_T
-    if not (0 < t_eps < sde.T):
-        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+    t_eps = check_t_eps(t_eps, sde.T)
+    check_solve_arguments(solver, grid, diffusion, generator, callback)
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
     solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)
     if solver is None:
@@ -133,6 +135,7 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         spec.check_process(sde, options, diffusion)
         process = sde.reverse(model, spec.default_diffusion if diffusion is None else diffusion)
         if spec.stochastic:
+            check_generator(generator, like=x_T)  # its draws are on x_T's device: refused now, not at the first
             keywords["generator"] = generator
         if isinstance(spec, AdaptiveSolver):
             if nfe is not None or steps is not None:
@@ -163,6 +166,25 @@ def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, d
         sol.x = x0
         sol.nfe = sol.nfe + 1
     return sol
+
+
+def check_solve_arguments(solver: object, grid: object, diffusion: object, generator: object = None,
+                          callback: object = None) -> None:
+    """TypeError, naming the argument, for a solver name, grid, diffusion, generator or callback of the wrong kind."""
+    if solver is not None and not isinstance(solver, str):
+        raise TypeError(f"solver must be a solver name (a str, see scoresolve.list_solvers()) or None, got "
+                        f"{type(solver).__name__}")
+    if grid is not None and not isinstance(grid, str) and not torch.is_tensor(grid):
+        raise TypeError(f"grid must be a grid name (a str) or a decreasing 1-D tensor of times, got "
+                        f"{type(grid).__name__}")
+    if diffusion is not None and not callable(diffusion) and not (
+            (isinstance(diffusion, numbers.Real) and not isinstance(diffusion, bool))
+            or (torch.is_tensor(diffusion) and diffusion.numel() == 1)):
+        raise TypeError(f"diffusion must be a number >= 0 (a multiple of g) or a callable s(t), got "
+                        f"{diffusion!r} ({type(diffusion).__name__})")
+    check_generator(generator)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a callable callback(i, t, x) or None, got {type(callback).__name__}")
 
 
 def grid_times(spec, sde: ForwardSDE, nfe: int | None, steps: int | None, grid: str | torch.Tensor | None,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+import numbers
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
-from ._utils import bcast
+from ._utils import bcast, check_count
+from .process import check_process
 
 if TYPE_CHECKING:
     from .sde import ForwardSDE
@@ -159,6 +161,13 @@ class ScoreModel:
         net_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check_kind(prediction)
+        if not callable(net):
+            raise TypeError(f"net must be callable net(x, t), got {type(net).__name__}")
+        check_process(sde)
+        if net_kwargs is not None and not isinstance(net_kwargs, Mapping):
+            raise TypeError(f"net_kwargs must be a mapping of keyword arguments or None, got "
+                            f"{type(net_kwargs).__name__}")
+        num_timesteps = check_count(num_timesteps, "num_timesteps")
         if not callable(time) and time not in TIME_CONVENTIONS:
             raise ValueError(f"unknown time convention {time!r}")
         if time == "discrete" and not hasattr(sde, "timestep"):
@@ -204,7 +213,13 @@ class ScoreModel:
     def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's own prediction at (x, t), validated and cast to x's dtype."""
         t = _batch_time(t, x)
-        out = self.net(x, self.network_time(t), **self.net_kwargs)
+        try:
+            out = self.net(x, self.network_time(t), **self.net_kwargs)
+        except RuntimeError as e:  # a torch module fed a state of another dtype or device: say which
+            hint = _mismatch_hint(self.net, x, str(e))
+            if hint is None:
+                raise
+            raise TypeError(hint) from e
         if not torch.is_tensor(out):
             raise TypeError(f"the score network returned {type(out).__name__}, expected a tensor")
         if out.shape != x.shape:
@@ -272,6 +287,7 @@ def classifier_guidance(
     its gradient is taken by autograd. scale = 1 gives the score of p_t(x | y); other scales tilt it to
     p_t(x) p_t(y | x)^scale.
     """
+    _check_guidance(scale, score=score, log_prob_y=log_prob_y)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -291,8 +307,7 @@ def classifier_free_guidance(cond: ScoreFn, uncond: ScoreFn, scale: float) -> Sc
     The weights sum to one, so mixing scores, eps, x0 or v predictions gives the same result: the conversions
     between them are affine in the prediction with the same (x, t). scale = 0 is the conditional model.
     """
-    if not math.isfinite(scale):
-        raise ValueError(f"guidance scale must be finite, got {scale}")
+    _check_guidance(scale, cond=cond, uncond=uncond)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = cond(x, t)
@@ -301,3 +316,32 @@ def classifier_free_guidance(cond: ScoreFn, uncond: ScoreFn, scale: float) -> Sc
         return (1 + scale) * c - scale * uncond(x, t)
 
     return guided
+
+
+def _check_guidance(scale: Any, **functions: Any) -> None:
+    """A guidance scale must be a finite number and every function callable (TypeError / ValueError naming it)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"guidance scale must be a finite number, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale}")
+    for name, fn in functions.items():
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable {name}(x, t), got {type(fn).__name__}")
+
+
+def _mismatch_hint(net: Any, x: torch.Tensor, error: str) -> str | None:
+    """Why a ``torch.nn.Module`` network failed on ``x`` with the RuntimeError ``error``, if that error is torch's
+    dtype or device mismatch and the parameters have another dtype or device than ``x`` (else None: the error is
+    re-raised as it is)."""
+    if not any(k in error for k in ("dtype", "scalar type", "same device", "should be the same", "device type")):
+        return None
+    while not isinstance(net, torch.nn.Module) and hasattr(net, "fn"):  # through the solvers' call counters
+        net = net.fn
+    if not isinstance(net, torch.nn.Module):
+        return None
+    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if p is None or (p.dtype == x.dtype and p.device == x.device):
+        return None
+    return (f"the network's parameters are {p.dtype} on {p.device} but the state is {x.dtype} on {x.device} (the "
+            f"dtype and device of the tensor given: x_T, or x for log_likelihood): give it as .to({p.dtype}) on "
+            f"{p.device}, or move the network with net.to(...) ({error.splitlines()[0]})")

@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ._utils import Time, as_time, bcast, check_batched
+from ._utils import Time, as_time, bcast, check_batched, check_count, check_prior_arguments
 from .process import Process
 from .reverse import ReverseProcess
 
@@ -172,6 +172,7 @@ class ForwardSDE(Process):
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Draw x_T from the prior N(0, prior_std^2 I); ``shape`` includes the batch dimension."""
+        check_prior_arguments(shape, generator, dtype)
         z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
         return z * self.prior_std
 
@@ -442,13 +443,13 @@ class DiscreteVPSDE(ForwardSDE):
         if (self.betas is None) == (self.alphas_cumprod is None):
             raise ValueError("give exactly one of betas or alphas_cumprod")
         if self.betas is not None:
-            betas = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
-            if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            betas = torch.as_tensor(self.betas, dtype=torch.float64)
+            if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
                 raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
             log_ac = torch.cumsum(torch.log1p(-betas), 0)
         else:
-            ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
-            if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+            ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64)
+            if ac.ndim != 1 or ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
                 raise ValueError("alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)")
             if not bool((ac[1:] < ac[:-1]).all()):
                 raise ValueError("alphas_cumprod must be strictly decreasing")
@@ -464,6 +465,7 @@ class DiscreteVPSDE(ForwardSDE):
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPSDE":
         """The linear DDPM schedule of Ho et al. 2020 (defaults: 1e-4 -> 0.02 over 1000 steps)."""
+        num_timesteps = check_count(num_timesteps, "num_timesteps", minimum=2)
         return cls(betas=torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
 
     @property

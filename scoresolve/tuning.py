@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._utils import check_count, check_generator, check_positive, check_t_eps
+from .process import check_process
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver
@@ -149,6 +151,7 @@ def tune_grid(
     from .sampling import default_grid, sample
 
     start_time = time.perf_counter()
+    check_process(sde)
     if objective not in ("mean", "rmse"):
         raise ValueError(f"objective must be 'mean' (mean per-sample relative error) or 'rmse' (relative RMSE of the "
                          f"batch), got {objective!r}")
@@ -159,6 +162,8 @@ def tune_grid(
     if cost == "solver" and solver not in TWO_STEP + ("ddim",):
         raise ValueError(f"cost='solver' needs a solver with a two-step form ({', '.join(TWO_STEP)}) or ddim, "
                          f"got {solver!r}")
+    if isinstance(starts, str):
+        raise TypeError(f"starts must be a sequence of grid names, got the str {starts!r} (write ({starts!r},))")
     starts = [str(k) for k in starts]
     if solver not in REGISTRY:
         raise ValueError(f"unknown solver {solver!r}; available: {sorted(REGISTRY)}")
@@ -173,8 +178,13 @@ def tune_grid(
     if isinstance(nfe, bool) or not isinstance(nfe, int):
         raise TypeError(f"nfe must be an int, got {nfe!r}")
     steps = spec.steps_for_nfe(nfe, options)  # raises when the budget is too small for the solver
-    if not (0 < t_eps < sde.T):
-        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
+    t_eps = check_t_eps(t_eps, sde.T)
+    candidates, substeps = check_count(candidates, "candidates"), check_count(substeps, "substeps")
+    max_sweeps = check_count(max_sweeps, "max_sweeps", minimum=0)
+    check_positive(min_step, "min_step")
+    if check_positive(initial_step, "initial_step") < min_step:
+        raise ValueError(f"initial_step must be >= min_step = {min_step}, got {initial_step}")
+    check_generator(generator)
     if int(candidates) < steps + 1:
         raise ValueError(f"candidates must be at least steps + 1 = {steps + 1}, got {candidates}")
     if int(substeps) < 1:
@@ -182,14 +192,15 @@ def tune_grid(
     if x_T is None:
         if shape is None:
             raise ValueError("give the tuning starting points x_T, or shape (one sample, no batch) and num_samples")
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        num_samples = check_count(num_samples, "num_samples")
         x_T = sde.prior_sample((int(num_samples), *shape), generator=generator, dtype=torch.float64)
     elif shape is not None:
         raise ValueError("give either x_T or shape, not both")
     if not torch.is_tensor(x_T) or x_T.ndim < 2:
         raise ValueError(f"x_T must be a [batch, ...] tensor, got {type(x_T).__name__} "
                          f"{tuple(x_T.shape) if torch.is_tensor(x_T) else ''}")
+    if x_T.shape[0] == 0:
+        raise ValueError(f"x_T holds no samples (shape {tuple(x_T.shape)}): there is no error to tune the grid on")
     model = ScoreModel.wrap(model, sde)
     count = _Counter()
     T = float(sde.T)

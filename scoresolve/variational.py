@@ -33,12 +33,14 @@ and ``import scoresolve.elbo as m`` reached the function, not the module).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ._utils import check_batched
+from ._utils import check_batched, check_count
+from .process import check_process
 from .reverse_variance import (
     VARIANCES,
     MomentEstimate,
@@ -49,6 +51,7 @@ from .reverse_variance import (
     x0_coefficient,
 )
 from .sde import ForwardSDE
+from .solvers.errors import NonFiniteError
 from .solvers.noise import seeded_normal
 
 DECODERS = ("gaussian", "discretized")
@@ -119,7 +122,9 @@ def chain_times(sde: ForwardSDE, steps: int | Sequence[float] | torch.Tensor,
     (0, T] gives t_1..t_K directly (counters 1..K).
     """
     T = float(sde.T)
-    if isinstance(steps, (int,)) and not isinstance(steps, bool):
+    if isinstance(steps, numbers.Real) and not torch.is_tensor(steps):  # a count K (20.0 is 20; 2.5, True refused)
+        steps = check_count(steps, "steps", minimum=None)
+    if isinstance(steps, int):
         N = getattr(sde, "num_timesteps", None) or (1000 if num_timesteps is None else int(num_timesteps))
         if num_timesteps is not None and hasattr(sde, "num_timesteps") and int(num_timesteps) != N:
             raise ValueError(f"num_timesteps={num_timesteps} contradicts the discrete schedule's {N} steps")
@@ -162,7 +167,11 @@ def elbo_statistics(model: Callable, sde: ForwardSDE, x: torch.Tensor,
     """
     from .score import ScoreModel
 
+    check_process(sde)
     check_batched(x)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains non-finite values")
+    batch_size = check_count(batch_size, "batch_size")
     times, counters = chain_times(sde, steps, num_timesteps)
     _check_chain(sde, times)
     B = x.shape[0]
@@ -192,6 +201,11 @@ def elbo_statistics(model: Callable, sde: ForwardSDE, x: torch.Tensor,
         err2[:, ks] = e2.T
         if ks[0] == 0:
             x0_hat = ((xt[:B] - sr[:B].reshape(shape) * eps[:B]) / ar[:B].reshape(shape)).detach()
+    bad = ~torch.isfinite(err2)
+    rows = bad.any(1).nonzero().flatten()
+    if rows.numel():  # the network returned NaN/Inf: the bound would be silently NaN
+        first = bad[rows].to(torch.int64).argmax(1)
+        raise NonFiniteError("elbo", rows.tolist(), times[1:][first].tolist(), None)
     return ElboStatistics(times, counters, x, err2, x0_hat, K)
 
 

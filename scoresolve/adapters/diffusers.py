@@ -50,6 +50,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from .._utils import check_count
 from ..score import ScoreModel
 from ..sde import VESDE, DiscreteVPSDE, ForwardSDE
 
@@ -104,7 +105,7 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _betas_from_config(cfg: dict) -> torch.Tensor:
-    n = int(cfg.get("num_train_timesteps", 1000))
+    n = check_count(cfg.get("num_train_timesteps", 1000), "num_train_timesteps", minimum=2)
     trained = cfg.get("trained_betas")
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=torch.float64).flatten()
@@ -179,7 +180,7 @@ class DDPMTimestep:
     def __init__(self, num_timesteps: int, mode: TimestepMode = "snap") -> None:
         if mode not in ("snap", "float", "round"):
             raise ValueError(f"timestep_mode must be 'snap', 'float' or 'round', got {mode!r}")
-        self.num_timesteps = int(num_timesteps)
+        self.num_timesteps = check_count(num_timesteps, "num_timesteps")
         self.mode = mode
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

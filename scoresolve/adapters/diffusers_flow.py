@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .._utils import check_count
 from ..interpolant import RectifiedFlow
 from ..score import ScoreModel
 from ..solvers.multistep import multistep_order
@@ -102,7 +103,7 @@ class FlowTimestep:
                  divisor: float | None = None) -> None:
         if mode not in ("float", "floor"):
             raise ValueError(f"mode must be 'float' or 'floor', got {mode!r}")
-        self.num_timesteps, self.mode, self.divisor = int(num_timesteps), mode, divisor
+        self.num_timesteps, self.mode, self.divisor = check_count(num_timesteps, "num_timesteps"), mode, divisor
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":
@@ -397,8 +398,8 @@ def flow_scheduler_grid(
     """
     name, cfg = _flow_kind(scheduler_or_config)
     sch = None if isinstance(scheduler_or_config, Mapping) else scheduler_or_config
-    if num_inference_steps is not None and int(num_inference_steps) < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if num_inference_steps is not None:
+        num_inference_steps = check_count(num_inference_steps, "num_inference_steps")  # an integer >= 1, not rounded
     N = int(cfg.get("num_train_timesteps", 1000))
     last: float | None = None
     options: dict[str, Any] = {}

@@ -41,6 +41,7 @@ floats (Euler with Karras sigmas, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -81,6 +82,16 @@ class X0Processing:
     ratio: float = 0.995
     max_value: float = 1.0
     clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholding and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
+            raise ValueError(f"ratio (the quantile of |x0| that thresholds) must lie in (0, 1], got {self.ratio!r}")
+        if self.thresholding and not (isinstance(self.max_value, (int, float)) and math.isfinite(self.max_value)
+                                     and self.max_value >= 1):
+            raise ValueError(f"max_value must be a finite number >= 1 (s is clamped to [1, max_value]), got "
+                             f"{self.max_value!r}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise ValueError(f"clip must be a number > 0 or None, got {self.clip!r}")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if self.thresholding:

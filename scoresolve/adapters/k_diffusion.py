@@ -26,10 +26,11 @@ karras) or a tuned grid between sigma_max and sigma_min and returns k-diffusion'
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from .._utils import check_batched, check_count
 from ..interpolant import RectifiedFlow
 from ..score import ScoreModel
 from ..sde import EDMSDE, ForwardSDE
@@ -99,7 +100,18 @@ class KDiffusionSampler:
         """
         from ..sampling import sample
 
-        sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).flatten()
+        check_batched(x, "x")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains non-finite values")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable callback(dict) or None, got {type(callback).__name__}")
+        if extra_args is not None and not isinstance(extra_args, Mapping):
+            raise TypeError(f"extra_args must be a mapping of the model's keyword arguments or None, got "
+                            f"{type(extra_args).__name__}")
+        sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+        if sig.ndim > 1:
+            raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sig.shape)}")
+        sig = sig.flatten()
         if sig.numel() < 2:
             raise ValueError(f"sigmas must hold at least 2 values, got {sig.tolist()}")
         if not bool(torch.isfinite(sig).all()):
@@ -195,7 +207,7 @@ def k_diffusion_sigmas(grid: Any, n: int, sigma_min: float | None = None, sigma_
     from ..solvers import time_grid
     from ..solvers.grid_store import TunedGrid, load_grid
 
-    if int(n) < 2:
+    if check_count(n, "n", minimum=None) < 2:
         raise ValueError(f"n must be >= 2 (at least one step between sigma_max and sigma_min, then the step to 0), "
                          f"got {n}")
     tuned = None

@@ -50,6 +50,10 @@ class RescaledDenoiser:
     """x0_hat(x, t) = D(x / alpha(t), sigma(t) / alpha(t)): an EDM denoiser as an x0-network of any forward SDE."""
 
     def __init__(self, denoiser: Denoiser, sde: ForwardSDE) -> None:
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable denoiser(x, sigma), got {type(denoiser).__name__}")
+        if not isinstance(sde, ForwardSDE):
+            raise TypeError(f"sde must be a ForwardSDE (e.g. scoresolve.VPSDE()), got {type(sde).__name__}")
         self.denoiser, self.sde = denoiser, sde
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -34,10 +34,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .._utils import bcast
+from .._utils import bcast, check_count
 from ..interpolant import RectifiedFlow, sd3_shift
 from ..score import ScoreModel
 from ..sde import ForwardSDE
+from ..solvers.errors import NonFiniteError
 from .diffusers import DDPMTimestep, sde_from_scheduler
 
 __all__ = ["ScoresolveScheduler", "ScoresolveSchedulerOutput"]
@@ -242,7 +243,11 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at ``timesteps[begin_index]`` (img2img: the solve runs over the rest of the grid)."""
-        self._begin_index = int(begin_index)
+        begin_index = check_count(begin_index, "begin_index", minimum=0)
+        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
+            raise ValueError(f"begin_index must be below the {self.num_inference_steps} timesteps set_timesteps laid "
+                             f"out, got {begin_index}")
+        self._begin_index = begin_index
 
     @property
     def denoise(self) -> bool:
@@ -298,6 +303,8 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             if not bool((sig > 0).all()):
                 raise ValueError(f"sigmas must be positive (except a final 0), got {sig.tolist()[:8]}...")
             custom = sig if self.flow else self.sde.t_from_log_snr(-torch.log(sig))
+        if num_inference_steps is not None:
+            num_inference_steps = check_count(num_inference_steps, "num_inference_steps", minimum=None)
         if custom is not None:
             if num_inference_steps is not None and int(num_inference_steps) != custom.numel():
                 raise ValueError(f"num_inference_steps={num_inference_steps} but {custom.numel()} custom values")
@@ -357,6 +364,10 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
 
         if self.timesteps is None or self.grid is None:
             raise ValueError("call set_timesteps first")
+        for name, value in (("model_output", model_output), ("sample", sample)):
+            if not (torch.is_tensor(value) and value.is_floating_point()):
+                raise TypeError(f"{name} must be a floating-point tensor, got "
+                                f"{value.dtype if torch.is_tensor(value) else type(value).__name__}")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
         dtype = sample.dtype
@@ -400,6 +411,13 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
         finally:
             self.replay.out = None
         self._step_index = k + 1
+        if k + 1 == self.num_inference_steps:  # the solve's end: one check, as sample() makes (none in the loop)
+            ok = torch.isfinite(prev.detach().flatten(1).sum(1, dtype=torch.float32 if prev.dtype != torch.float64
+                                                               else None))
+            if not bool(ok.all()):
+                idx = (~ok).nonzero().flatten().tolist()
+                raise NonFiniteError(f"ScoresolveScheduler[{self.spec.name}]", idx,
+                                     [float(self.grid[-1])] * len(idx), None)
         prev, x0 = prev.to(dtype), x0.to(dtype)
         if not return_dict:
             return prev, x0
@@ -408,7 +426,14 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
     # --- img2img ----------------------------------------------------------------------------------------------
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
         """x_t = alpha(t) x0 + sigma(t) noise at the network ``timesteps`` (one per sample, or one for all)."""
-        t = self.t_from_timestep(timesteps).flatten()
+        t = self.t_from_timestep(timesteps).flatten()  # on the host
+        if t.numel() not in (1, original_samples.shape[0]):
+            raise ValueError(f"timesteps must hold one value or one per sample ({original_samples.shape[0]}), got "
+                             f"{t.numel()}")
+        raw, N = torch.as_tensor(timesteps).detach().to("cpu", torch.float64), int(self.config.num_train_timesteps)
+        if not bool(((raw >= 0) & (raw <= (N if self.flow else N - 1))).all()):
+            raise ValueError(f"timesteps must lie in this scheduler's range [0, {N if self.flow else N - 1}], got "
+                             f"{raw.flatten()[:8].tolist()}")
         alpha, sigma = self.sde.marginal(t, check=False)
         if alpha.numel() == 1:
             alpha, sigma = alpha.expand(original_samples.shape[0]), sigma.expand(original_samples.shape[0])

@@ -22,6 +22,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from .._utils import check_count
 from ..score import ScoreModel
 from ..sde import VESDE, VPSDE, DiscreteVPSDE, ForwardSDE, SubVPSDE
 from .diffusers import DDPMTimestep
@@ -33,7 +34,7 @@ class ReversedIndex:
     """score_sde's discrete VE labels: round((T - t)(N - 1)) as int64 (index 0 = sigma_max)."""
 
     def __init__(self, num_scales: int, T: float = 1.0) -> None:
-        self.num_scales, self.T = int(num_scales), float(T)
+        self.num_scales, self.T = check_count(num_scales, "num_scales", minimum=2), float(T)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return torch.round((self.T - t) * (self.num_scales - 1)).long()
@@ -87,7 +88,7 @@ def from_score_sde(
         schedule (sample with ``t_eps >= 1/N``).
     """
     fwd, N_sde = _convert_sde(sde)
-    N = int(num_scales) if num_scales is not None else (N_sde or 1000)
+    N = check_count(num_scales, "num_scales", minimum=None) if num_scales is not None else (N_sde or 1000)
     if N < 2:
         raise ValueError(f"num_scales must be >= 2, got {N}")
     if isinstance(fwd, VESDE):

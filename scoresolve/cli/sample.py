@@ -44,6 +44,9 @@ def solver_name(text: str) -> str:
         return text
     if text not in REGISTRY:
         raise argparse.ArgumentTypeError(f"unknown solver {text!r}; available: {', '.join(sorted(REGISTRY))}")
+    if text == "calibrated":
+        raise argparse.ArgumentTypeError("'calibrated' runs a Calibration from scoresolve.calibrate, which the command "
+                                         "line cannot pass: use the Python API, sample(..., calibration=...)")
     return text
 
 
@@ -109,6 +112,11 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--solver {args.solver} integrates an SDE: --diffusion must be > 0 (default 1)")
     if args.nfe is not None and isinstance(spec, AdaptiveSolver):
         raise UsageError(f"--solver {args.solver} is adaptive and chooses its own steps: drop --nfe")
+    if args.nfe is not None and spec is not None and not isinstance(spec, AdaptiveSolver):
+        try:
+            spec.steps_for_nfe(args.nfe)  # a budget below the solver's minimum, now rather than after loading
+        except ValueError as e:
+            raise UsageError(f"--nfe {args.nfe}: {e}") from None
     if net is not None and not getattr(net.sde, "gaussian_kernel", True):  # a Poisson flow (PFGM++)
         from ..process import IncompatibleProcessError
 

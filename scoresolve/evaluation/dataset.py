@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
+from .._utils import check_count
 from ..quantization.bpd import bits_per_dim
 from ..quantization.levels import grid_levels, grid_name, pow2_bits, resolve_levels
 from .distributed import resolve_rank, wait_complete
@@ -307,7 +308,12 @@ def evaluate_dataset(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if int(repeats) != repeats or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    batch_size, repeats, seed = int(batch_size), int(repeats), int(seed)
+    batch_size, repeats, seed = int(batch_size), int(repeats), check_count(seed, "seed", minimum=None)
+    if wait_timeout is not None and not (isinstance(wait_timeout, (int, float)) and wait_timeout >= 0):
+        raise ValueError(f"wait_timeout must be None (wait forever) or a number of seconds >= 0, got {wait_timeout!r}")
+    if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
+        raise ValueError(f"poll_interval must be a finite number of seconds > 0 (0 would spin while waiting for "
+                         f"the other ranks), got {poll_interval!r}")
     if fn is None:
         if score is None or sde is None:
             raise ValueError("give either fn, or score and sde for the default log_likelihood")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
+from .._utils import check_count
 from .levels import grid_levels, grid_name, levels_offset, resolve_levels
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def bits_per_dim(
         log_q: log q(u | i) in u-space (nats) of a non-uniform dequantizer, broadcastable to ``log_prob``: the
             variational bound (0: uniform dequantization).
     """
-    if int(num_dims) != num_dims or num_dims < 1:
+    if isinstance(num_dims, bool) or int(num_dims) != num_dims or num_dims < 1:
         raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
     L = data_levels(bits, num_levels, data_range)
     offset = 0.0 if L is None else levels_offset(L, data_range)
@@ -100,8 +101,11 @@ def importance_weighted_bits_per_dim(
 def _log_prob_and_nfe(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if torch.is_tensor(out):
         return out, None
-    if isinstance(out, Mapping):
+    if isinstance(out, Mapping) and "log_prob" in out:
         return out["log_prob"], out.get("nfe")
+    if not torch.is_tensor(getattr(out, "log_prob", None)):
+        raise TypeError(f"log_likelihood_fn must return a tensor of log-probabilities, a mapping with 'log_prob' or a "
+                        f"result with a .log_prob tensor (a LikelihoodResult), got {type(out).__name__}")
     return out.log_prob, getattr(out, "nfe", None)
 
 
@@ -180,6 +184,8 @@ def dequantized_bpd(
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if x.ndim < 2:
         raise ValueError(f"x must have shape [batch, ...] with at least 2 dims, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x holds no samples (a tensor of shape {list(x.shape)}): there are no bits/dim to average")
     if seed is not None and generator is not None:
         raise ValueError("give generator or seed, not both")
     L = data_levels(bits, num_levels, data_range)
@@ -194,9 +200,7 @@ def dequantized_bpd(
                          f"data have {L} levels in {tuple(data_range)}")
     grid_levels(x, L, data_range, grid_name(L))  # validate once, before any (expensive) likelihood call
     N, D = x.shape[0], x[0].numel()
-    size = N if batch_size is None else int(batch_size)
-    if size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    size = N if batch_size is None else check_count(batch_size, "batch_size")
     lp_rows, lq_rows, nfes = [], [], []
     for r in range(int(repeats)):
         lp_row, lq_row = [], []
@@ -207,6 +211,10 @@ def dequantized_bpd(
             lp = lp.detach().to(torch.float64).flatten().cpu()
             if lp.numel() != y.shape[0]:
                 raise ValueError(f"log_likelihood_fn returned {lp.numel()} values for a batch of {y.shape[0]}")
+            bad = (~torch.isfinite(lp)).nonzero().flatten()
+            if bad.numel():
+                raise ValueError(f"log_likelihood_fn returned non-finite log-probabilities for {bad.numel()} of "
+                                 f"{lp.numel()} samples (rows {(bad + start).tolist()[:8]} of x, repeat {r})")
             lp_row.append(lp)
             lq_row.append(log_q.detach().to(torch.float64).cpu())
             if nfe is not None:

@@ -57,6 +57,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._utils import check_count, check_generator, check_positive
 from .levels import check_levels_range, dequantize, grid_levels, grid_name
 
 Range = Sequence[float]
@@ -447,8 +448,19 @@ def train_dequantizer(
     Returns:
         The per-step mean of log q(u | i) / D (nats/dim): how far q moved from uniform (0 at the start).
     """
+    steps, batch_size = check_count(steps, "steps", minimum=0), check_count(batch_size, "batch_size")
+    check_positive(lr, "lr")
+    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    check_generator(generator)
+    if not torch.is_tensor(data) or data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must be a [N, *shape] tensor with N >= 1, got "
+                         f"{tuple(data.shape) if torch.is_tensor(data) else type(data).__name__}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sde = sde if sde is not None else getattr(score, "sde", None)
+    if sde is not None and noise_std == 0:
+        raise ValueError("noise_std must be > 0 with a process (the score is read where sigma / alpha = noise_std); "
+                         "noise_std=0 is for a score that ignores t, without sde")
     lv_all = dequantizer.levels(data)
     n, D = lv_all.shape[0], lv_all[0].numel()
     if sde is not None:

@@ -284,7 +284,7 @@ def _velocity(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
 def _prepare(name: str):
     def prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
         require_ode(name, process)
-        if options["order"] not in (1, 2, 3, 4):
+        if isinstance(options["order"], bool) or options["order"] not in (1, 2, 3, 4):
             raise ValueError(f"{name} order must be 1, 2, 3 or 4, got {options['order']}")
         if name == "vab" and options["corrector"] not in (True, False, "start"):
             raise ValueError(f"vab corrector must be True, False or 'start', got {options['corrector']!r}")

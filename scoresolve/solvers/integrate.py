@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence, Tuple, Union
 
 import torch
 
-from .._utils import bcast, check_cadence
+from .._utils import bcast, check_cadence, check_count
 from ._solution import Solution, Trajectory
 from .controllers import Controller, PIController
 from .errors import MaxStepsError, NonFiniteStepError, StepSizeUnderflowError
@@ -342,13 +342,15 @@ def integrate(
             [`NonFiniteError`][scoresolve.NonFiniteError] and a `StepSizeUnderflowError`).
         StepSizeUnderflowError: a sample's step size underflowed for any other reason.
     """
+    if controller is not None and not callable(getattr(controller, "factor", None)):
+        raise TypeError(f"controller must be a step-size controller with a factor(...) method (e.g. PIController()) "
+                        f"or None, got {type(controller).__name__}")
     ctrl = controller or PIController()
     t0, t1 = float(t0), float(t1)
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"t0 and t1 must be finite, got {t0}, {t1}")
-    if int(max_steps) < 1 or (check_every is not None and int(check_every) < 1):
-        raise ValueError(f"max_steps and check_every must be >= 1, got {max_steps}, {check_every}")
-    max_steps = int(max_steps)
+    max_steps = check_count(max_steps, "max_steps")  # an integer >= 1, never rounded
+    check_every = None if check_every is None else check_count(check_every, "check_every")
     if norms not in ("sample", "batch"):
         raise ValueError(f"norms must be 'sample' or 'batch', got {norms!r}")
     shared = norms == "batch"

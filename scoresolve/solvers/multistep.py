@@ -210,7 +210,7 @@ def unipc_correct(run: GridRun, i: int, m_new: torch.Tensor) -> torch.Tensor:
 
 
 def _unipc_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
-    if options["order"] not in (1, 2, 3, 4):
+    if isinstance(options["order"], bool) or options["order"] not in (1, 2, 3, 4):
         raise ValueError(f"unipc order must be 1, 2, 3 or 4, got {options['order']}")
     if not isinstance(options["final_corrector"], bool):
         raise ValueError(f"unipc final_corrector must be True or False, got {options['final_corrector']!r}")

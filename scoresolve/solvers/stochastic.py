@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .._utils import bcast, check_batched
+from .._utils import bcast, check_batched, check_count
 from ..reverse import ReverseProcess
 from ._grid import GridRun
 from ._registry import GAUSSIAN_KERNEL, AdaptiveSolver, GridSolver, SolverSpec, check_start, counted, register
@@ -299,9 +299,14 @@ def _pc_prepare(process: ReverseProcess, options: dict, steps: int) -> dict:
     snr = float(options["snr"])
     if not (math.isfinite(snr) and snr >= 0):
         raise ValueError(f"snr must be a finite number >= 0, got {snr}")
-    if int(cs) != cs or cs < 0:
+    return {**options, "snr": snr, "corrector_steps": _corrector_steps(cs)}
+
+
+def _corrector_steps(cs: Any) -> int:
+    """pc's ``corrector_steps`` as an int >= 0 (checked before a budget is turned into steps: -1 divided by zero)."""
+    if isinstance(cs, bool) or not isinstance(cs, (int, float)) or int(cs) != cs or cs < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0, got {cs!r}")
-    return {**options, "snr": snr, "corrector_steps": int(cs)}
+    return int(cs)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -417,8 +422,7 @@ def _solve_sde(spec: SolverSpec, process: ReverseProcess, x: torch.Tensor, ts: t
         raise ValueError(f"need 0 < t1 < t0 <= T = {process.sde.T}, got t0={t0}, t1={t1}")
     rtol = check_tolerance(rtol, "rtol", allow_zero=True)
     atol = check_tolerance(atol, "atol")
-    if int(o["bridge_depth"]) < 1:
-        raise ValueError(f"bridge_depth must be >= 1, got {o['bridge_depth']}")
+    check_count(o["bridge_depth"], "bridge_depth")  # an integer >= 1, not rounded
     controller = o["controller"] or IController(o["safety"], o["exponent"])
     proc, model, counter = counted(process)
     check_start("adaptive_sde", False, process, model, max(t0, t1))
@@ -451,7 +455,7 @@ reverse_diffusion = register(GridSolver(
 pc = register(GridSolver(
     "pc", step=pc_step, options=_PC, prepare=_pc_prepare, evals_per_step=2, order=1.0, default_grid="uniform",
     stochastic=True, default_diffusion=1.0, requires=GAUSSIAN_KERNEL,
-    evals_per_step_fn=lambda o: 1 + int(o.get("corrector_steps", 1)),
+    evals_per_step_fn=lambda o: 1 + _corrector_steps(o.get("corrector_steps", 1)),
     description="predictor-corrector: reverse diffusion + per-sample Langevin (snr rule)"))
 adaptive_sde = register(AdaptiveSolver(
     "adaptive_sde", run=_solve_sde, options=ADAPTIVE_SDE_OPTIONS, evals_per_step=2, order=1.0,

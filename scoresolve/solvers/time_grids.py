@@ -21,6 +21,7 @@ t_eps, then shifted (a uniform grid then matches diffusers' FlowMatchEulerDiscre
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -29,6 +30,24 @@ from ..sde import ForwardSDE
 from .grid_store import load_grid
 
 GRIDS = ("uniform", "quadratic", "logsnr", "karras", "flow")
+
+
+def check_grid_name(kind: object) -> str:
+    """``kind`` if it names a grid (one of `GRIDS`, ``flow:P`` with P > 0, ``tuned:NAME``), whether or not a given
+    process supports it; else TypeError (not a str) or ValueError listing the names."""
+    if not isinstance(kind, str):
+        raise TypeError(f"a grid name must be a str, got {type(kind).__name__}")
+    if kind in GRIDS or kind.startswith("tuned:"):
+        return kind
+    if kind.startswith("flow:"):
+        try:
+            p = float(kind[5:])
+        except ValueError:
+            p = math.nan
+        if math.isfinite(p) and p > 0:
+            return kind
+        raise ValueError(f"grid {kind!r}: the exponent must be a positive number")
+    raise ValueError(f"unknown grid {kind!r}; expected one of {GRIDS}, 'flow:P' or 'tuned:NAME'")
 
 
 def time_grid(
@@ -51,6 +70,10 @@ def time_grid(
     host memory (`grid_bytes`)."""
     T = sde.T if T is None else float(T)
     steps = check_count(steps, "steps")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype (the grid's times), got {dtype}")
+    if kind == "karras" and not (isinstance(rho, numbers.Real) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho of the karras grid must be a finite number > 0, got {rho!r}")
     check_grid_memory(steps)
     if not (0 < t_eps < T):
         raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
@@ -76,7 +99,10 @@ def time_grid(
     elif kind == "quadratic":
         ts = (T**0.5 + (t_eps**0.5 - T**0.5) * u) ** 2
     elif kind == "flow" or (isinstance(kind, str) and kind.startswith("flow:")):
-        p = float(kind[5:]) if kind.startswith("flow:") else 2.0
+        try:
+            p = float(kind[5:]) if kind.startswith("flow:") else 2.0
+        except ValueError:
+            p = math.nan
         if not (math.isfinite(p) and p > 0):
             raise ValueError(f"grid {kind!r}: the exponent must be a positive number")
         end = torch.tensor([T, t_eps], dtype=torch.float64)
