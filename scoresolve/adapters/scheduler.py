@@ -92,8 +92,8 @@ class ScoresolveScheduler(SchedulerMixin, ConfigMixin):
             epsilon models), chosen in `set_timesteps` (``scheduler.solver`` names it then).
         solver_options: its options (e.g. ``{"order": 3}``, ``{"lower_order_final": False}``, ``{"eta": 1.0}``);
             with "default", they override the default's.
-        grid: ``"uniform"``, ``"quadratic"``, ``"logsnr"``, ``"karras"``, ``"tuned:<name>"``; None: the solver's
-            default (uniform for flow matching).
+        grid: ``"uniform"``, ``"quadratic"``, ``"logsnr"``, ``"karras"``, ``"flow:P"``, ``"tuned:<name>"``; None:
+            with solver="default" the default sampler's grid, else the solver's default (uniform for flow matching).
         t_eps: the last grid time; None: 1/N (the first DDPM knot, index 0), or for flow matching
             FlowMatchEulerDiscreteScheduler's last sigma (1/N shifted twice: it lays a linspace down to its shifted
             sigma_min and shifts the result).
