@@ -30,9 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._utils import check_batched, check_count, check_t_eps
-from .process import check_process
-from .sampling import _calibrated_sampler, _default_sampler, check_solve_arguments, grid_times, sample
+from .sampling import _calibrated_sampler, _default_sampler, check_entry, check_solve_arguments, grid_times, sample
 from .score import ScoreModel
 from .sde import ForwardSDE
 from .solvers import REGISTRY, GridSolver, NonFiniteError, Solution
@@ -62,13 +60,7 @@ class CompiledSampler:
             raise ValueError(f"compile_sampler records a deterministic grid solve without per-step Python: "
                              f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} sample()'s only; use "
                              "sample()")
-        check_process(sde)
-        check_batched(example, "example")
-        if not bool(torch.isfinite(example).all()):
-            raise ValueError("example contains non-finite values")
-        nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
-        steps = None if steps is None else check_count(steps, "steps", minimum=None)
-        t_eps = check_t_eps(t_eps, sde.T)
+        nfe, steps, t_eps = check_entry(sde, example, "example", nfe, steps, t_eps)
         check_solve_arguments(solver, grid, diffusion)
         self.score, self.sde = score, sde
         # sample()'s arguments for the same solve: a call that ends non-finite re-runs it for the full error

@@ -99,16 +99,24 @@ def sample(
                        progress, grid, shift, save_trajectory, callback, options)
 
 
+def check_entry(sde: Any, x: torch.Tensor, name: str, nfe: Any, steps: Any, t_eps: Any
+                ) -> tuple[int | None, int | None, float]:
+    """The checks every sampling entry makes (`sample`, `compile_sampler`): a process, a finite batched start
+    ``x`` (called ``name``), whole counts ``nfe`` / ``steps`` (None: not given; the solver names its own minimum) and
+    t_eps in (0, T). Returns (nfe, steps, t_eps) as numbers."""
+    check_process(sde)
+    check_batched(x, name)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values")
+    nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)
+    steps = None if steps is None else check_count(steps, "steps", minimum=None)
+    return nfe, steps, check_t_eps(t_eps, sde.T)
+
+
 def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator, progress, grid,
             shift, save_trajectory, callback, options) -> Solution:
-    check_process(sde)
-    check_batched(x_T, "x_T")
-    if not bool(torch.isfinite(x_T).all()):
-        raise ValueError("x_T contains non-finite values")
-    nfe = None if nfe is None else check_count(nfe, "nfe", minimum=None)  # the solver names its own minimum
-    steps = None if steps is None else check_count(steps, "steps", minimum=None)
+    nfe, steps, t_eps = check_entry(sde, x_T, "x_T", nfe, steps, t_eps)
     x_T = x_T.clone()  # a model that modifies its input in place must not change the caller's x_T
-    t_eps = check_t_eps(t_eps, sde.T)
     check_solve_arguments(solver, grid, diffusion, generator, callback)
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
     solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)
