@@ -58,6 +58,8 @@ GRID_LR = 1e-2
 LR_SCALE = 0.2
 """`calibrate`'s default learning rate of the corrections: this times the median error of the start relative to the RMS
 of the reference ends (the median: the mean of a start is often several times larger, carried by a few samples)."""
+MEAN_GUARD = 1.25
+"""A checked fit is kept only if its untrimmed mean error over all fitting samples is at most this times the start's."""
 
 
 def calibrate(
@@ -393,7 +395,7 @@ def _descend(fit: "_Fit", model: ScoreModel, x: torch.Tensor, ref: torch.Tensor,
                 err = per_sample(fit.rollout(model, x), ref)
             evaluations += nfe * len(x)
             e = float(objective(err))
-            if e < best and float(err.mean()) <= 1.25 * start_mean:
+            if e < best and float(err.mean()) <= MEAN_GUARD * start_mean:
                 best, best_state = e, fit.state()
             if bar is not None:
                 bar.set_postfix(objective=f"{best:.3e}")
