@@ -273,3 +273,13 @@ def test_peers_few_step_writes_after_every_problem_and_resumes(tmp_path):
     res = subprocess.run(base[:5] + ["8"] + base[6:] + ["--problems", "2", "--resume"], capture_output=True,
                          text=True, timeout=600)
     assert res.returncode != 0 and "other settings (batch)" in res.stderr
+
+
+def test_flip_rates_smoke():
+    """flip_rates.py on a small mixture: one line per configuration, the flips counted out of the draws."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "flip_rates.py"), "--seed", "2", "--nfe", "5", "--batch", "16",
+           "--no-calibrate", "--ours", "ddim"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if "flips" in ln]
+    assert len(lines) == 2 and all(ln.rstrip().endswith("of 16") for ln in lines)
