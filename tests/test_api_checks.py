@@ -450,3 +450,20 @@ def test_cli_usage_errors_are_one_line(argv, match, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert match in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("solver,option", [("ddim", "afs"), ("unipc", "final_corrector"), ("deis", "lower_order_final"),
+                                           ("dopri5", "compact")])
+def test_a_switch_takes_only_true_or_false(solver, option):
+    """An option whose default is True or False refuses a truthy string or number (it would switch on unseen);
+    numpy's bool is a bool."""
+    import numpy as np
+
+    sde = ss.VPSDE()
+    score = ss.GaussianMixture.random(2, 2, seed=0).score_fn(sde)
+    x = torch.randn(2, 2, dtype=torch.float64)
+    kw = {"nfe": 6} if solver != "dopri5" else {}
+    for bad in ("yes", "False", 1, None):
+        with pytest.raises(TypeError, match=f"option '{option}' of solver '{solver}' must be True or False"):
+            ss.sample(score, sde, x, solver=solver, **{option: bad}, **kw)
+    ss.sample(score, sde, x, solver=solver, **{option: np.bool_(False)}, **kw)

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from ..process import Process, check_capabilities
@@ -84,14 +85,19 @@ class SolverSpec:
         return tuple(sorted(names))
 
     def check_options(self, options: Mapping[str, object]) -> None:
-        """TypeError naming the options this solver does not take (and the ones it does)."""
+        """TypeError naming the options this solver does not take (and the ones it does), or a switch (an option
+        whose default is True or False) given anything but a bool (a truthy string would turn it on unseen)."""
         accepted = self.accepted_options()
         check_options(self.name, [k for k in options if k not in accepted], accepted)
+        for k, v in options.items():
+            if isinstance(self.options.get(k), bool) and not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"option {k!r} of solver {self.name!r} must be True or False, got {v!r}")
 
     def resolve(self, process: ReverseProcess, options: Mapping[str, Any], steps: int = 0) -> dict:
         """The options with their defaults filled in, checked (unknown names: TypeError) and resolved."""
         self.check_options(options)
-        opts = {**self.options, **{k: v for k, v in options.items() if k != "seeds"}}
+        opts = {**self.options, **{k: bool(v) if isinstance(v, np.bool_) else v for k, v in options.items()
+                                   if k != "seeds"}}
         return self.prepare(process, opts, steps) if self.prepare is not None else opts
 
     def requirements(self, options: Mapping[str, Any] | None = None, diffusion: Any = None) -> frozenset[str]:
