@@ -467,3 +467,11 @@ def test_a_switch_takes_only_true_or_false(solver, option):
         with pytest.raises(TypeError, match=f"option '{option}' of solver '{solver}' must be True or False"):
             ss.sample(score, sde, x, solver=solver, **{option: bad}, **kw)
     ss.sample(score, sde, x, solver=solver, **{option: np.bool_(False)}, **kw)
+
+
+def test_non_finite_error_mentions_last_finite_only_when_it_has_one():
+    from scoresolve.solvers.errors import NonFiniteError
+
+    with_state = NonFiniteError("euler", [0], [0.5], torch.zeros(1, 2))
+    without = NonFiniteError("scheduler", [0], [0.5], None)
+    assert ".last_finite" in str(with_state) and ".last_finite" not in str(without)

@@ -21,7 +21,8 @@ class NonFiniteError(FloatingPointError):
         self.solver, self.indices, self.times, self.last_finite = solver, indices, times, last_finite
         super().__init__(
             f"solver {solver!r}: non-finite values (NaN/Inf) in {len(indices)} sample(s): {describe(indices, times)}; "
-            "the score network or the state became non-finite. The last finite state is on .last_finite"
+            "the score network or the state became non-finite."
+            + (" The last finite state is on .last_finite" if last_finite is not None else "")
         )
 
 
