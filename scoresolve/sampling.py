@@ -116,7 +116,7 @@ def check_entry(sde: Any, x: torch.Tensor, name: str, nfe: Any, steps: Any, t_ep
 def _sample(score, sde, x_T, solver, nfe, steps, rtol, atol, t_eps, diffusion, denoise, generator, progress, grid,
             shift, save_trajectory, callback, options) -> Solution:
     nfe, steps, t_eps = check_entry(sde, x_T, "x_T", nfe, steps, t_eps)
-    x_T = x_T.clone()  # a model that modifies its input in place must not change the caller's x_T
+    x_T = x_T.clone()  # the solvers write into their state; the caller's x_T stays as it was
     check_solve_arguments(solver, grid, diffusion, generator, callback)
     model = ScoreModel.wrap(score, sde)  # the one wrap; each solve counts its network calls on a copy
     solver, nfe, steps, grid, model, sde = _calibrated_sampler(solver, nfe, steps, grid, options, model, sde)

@@ -213,6 +213,7 @@ class ScoreModel:
     def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's own prediction at (x, t), validated and cast to x's dtype."""
         t = _batch_time(t, x)
+        version = _version(x)
         try:
             out = self.net(x, self.network_time(t), **self.net_kwargs)
         except RuntimeError as e:  # a torch module fed a state of another dtype or device: say which
@@ -220,6 +221,9 @@ class ScoreModel:
             if hint is None:
                 raise
             raise TypeError(hint) from e
+        if version is not None and _version(x) != version:  # a host-side counter: no device sync
+            raise RuntimeError("the score network changed its input x in place (x.mul_(...), x += ..., x[...] = ...), "
+                               "which corrupts the solver's state: work on a copy (x = x.clone()) or out of place")
         if not torch.is_tensor(out):
             raise TypeError(f"the score network returned {type(out).__name__}, expected a tensor")
         if out.shape != x.shape:
@@ -327,6 +331,14 @@ def _check_guidance(scale: Any, **functions: Any) -> None:
     for name, fn in functions.items():
         if not callable(fn):
             raise TypeError(f"{name} must be callable {name}(x, t), got {type(fn).__name__}")
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None where torch keeps none: inference tensors, tracing)."""
+    try:
+        return None if x.is_inference() else int(x._version)
+    except (RuntimeError, AttributeError, TypeError):
+        return None
 
 
 def _mismatch_hint(net: Any, x: torch.Tensor, error: str) -> str | None:

@@ -475,3 +475,22 @@ def test_non_finite_error_mentions_last_finite_only_when_it_has_one():
     with_state = NonFiniteError("euler", [0], [0.5], torch.zeros(1, 2))
     without = NonFiniteError("scheduler", [0], [0.5], None)
     assert ".last_finite" in str(with_state) and ".last_finite" not in str(without)
+
+
+def test_a_network_that_changes_its_input_in_place_is_stopped():
+    """A network that modifies its input in place would corrupt the solver's state: the first call says so (the
+    tensor's version counter, no device sync), in sample (grid and adaptive solvers) and under inference mode it runs
+    unchecked-but-correct models as before."""
+    sde = ss.VPSDE()
+    score = ss.GaussianMixture.random(2, 2, seed=0).score_fn(sde)
+
+    def in_place(x, t):
+        x.mul_(1.0)
+        return score(x, t)
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    for kw in ({"solver": "euler", "nfe": 5}, {"solver": "dopri5"}):
+        with pytest.raises(RuntimeError, match="changed its input x in place"):
+            ss.sample(in_place, sde, x, **kw)
+    with torch.inference_mode():
+        assert torch.isfinite(ss.sample(score, sde, x, nfe=5).x).all()
