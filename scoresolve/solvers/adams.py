@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from functools import cache, lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -269,10 +269,18 @@ def vab_step(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:
         qp = multistep_order(order, i - 1, run.steps, lof)  # its order; its corrector's polynomial has qp + 1 nodes
         am = _ab_weights((u[i], *(u[i - 1 - j] for j in range(qp))), u[i - 1], u[i])
         ab = _ab_weights(tuple(u[i - 1 - j] for j in range(qp)), u[i - 1], u[i])
-        ws += [0.0] * (qp + 1 - len(ws))
-        ws = [ws[0] + am[0]] + [ws[j] + am[j] - ab[j - 1] for j in range(1, qp + 1)] + ws[qp + 1:]
+        ws = fold_corrector(ws, am, ab)
     c_i, c_n = a[i] + s[i], a[i + 1] + s[i + 1]
     return _combine(x, c_n / c_i, [c_n * w for w in ws], hist)  # x = (alpha + sigma) y, y += sum_j w_j v_{i-j}
+
+
+def fold_corrector(ws: Sequence, am: Sequence, ab: Sequence) -> list:
+    """Step i's weights ``ws`` on the velocities (v_i, v_{i-1}, ...) with step i - 1's corrector folded in: ``am``,
+    its Adams-Moulton weights on (v_i, v_{i-1}, ..., v_{i-q}), less ``ab``, its Adams-Bashforth weights on
+    (v_{i-1}, ..., v_{i-q}) (`vab_step`; the calibrated vAB base). Floats or tensors alike."""
+    n = len(am)
+    ws = list(ws) + [0.0] * (n - len(ws))
+    return [ws[0] + am[0]] + [ws[j] + am[j] - ab[j - 1] for j in range(1, n)] + ws[n:]
 
 
 def _velocity(run: GridRun, x: torch.Tensor, i: int) -> torch.Tensor:

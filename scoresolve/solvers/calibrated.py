@@ -31,7 +31,7 @@ import torch
 from .._store import check_name, read_record, store_dir, write_json
 from ._grid import GridRun, check_grid
 from ._registry import GAUSSIAN_KERNEL, GridSolver, register, require_ode
-from .adams import _gauss_legendre
+from .adams import _gauss_legendre, fold_corrector
 
 CALIBRATION_DIR_ENV = "SCORESOLVE_CALIBRATION_DIR"
 _FORMAT = 1
@@ -101,8 +101,7 @@ def step_weights(alpha: Sequence, sigma: Sequence, lam: Sequence, i: int, coef: 
             uk = [sigma[i - k] / (alpha[i - k] + sigma[i - k]) for k in range(qk + 1)]  # u_i, u_{i-1}, ...
             am = _lagrange_integrals(uk, uk[1], uk[0], exponential=False)
             ab = _lagrange_integrals(uk[1:], uk[1], uk[0], exponential=False)
-            beta = beta + [0.0] * (qk + 1 - len(beta))
-            beta = [beta[0] + am[0]] + [beta[j] + am[j] - ab[j - 1] for j in range(1, qk + 1)]
+            beta = fold_corrector(beta, am, ab)
             S = S + [alpha[i + 1 - k] + sigma[i + 1 - k] for k in range(len(S), qk + 2)]
         wx[0] = S[0] / S[1]
         for j in range(len(beta)):
