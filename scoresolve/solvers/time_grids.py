@@ -21,11 +21,10 @@ t_eps, then shifted (a uniform grid then matches diffusers' FlowMatchEulerDiscre
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from .._utils import check_count
+from .._utils import check_count, check_positive, check_t_eps
 from ..sde import ForwardSDE
 from .grid_store import load_grid
 
@@ -72,11 +71,10 @@ def time_grid(
     steps = check_count(steps, "steps")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype (the grid's times), got {dtype}")
-    if kind == "karras" and not (isinstance(rho, numbers.Real) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho of the karras grid must be a finite number > 0, got {rho!r}")
+    if kind == "karras":
+        check_positive(rho, "rho of the karras grid")
     check_grid_memory(steps)
-    if not (0 < t_eps < T):
-        raise ValueError(f"t_eps must lie in (0, T) = (0, {T}), got {t_eps}")
+    t_eps = check_t_eps(t_eps, T)
     if T > sde.T * (1 + 1e-9):
         raise ValueError(f"T = {T} exceeds the SDE's T = {sde.T}")
     if isinstance(kind, str) and kind.startswith("tuned:"):
