@@ -132,8 +132,9 @@ def calibrate(
         in the order of the budgets; each is the one a call for its budget alone gives.
     """
     check_process(process, "process")
-    for n in nfe if isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1 else [nfe]:
-        check_count(n, "nfe", minimum=None)  # an integer, never rounded (the range is checked below)
+    several = isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1
+    # integers, never rounded (the range is checked below)
+    budgets = [check_count(n, "nfe", minimum=None) for n in (nfe if several else [nfe])]
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
         raise TypeError(f"shape must be one sample's shape (a sequence of ints, without the batch), got {shape!r}")
     if len(tuple(shape)) == 0:
@@ -153,8 +154,6 @@ def calibrate(
         raise ValueError("starts must name at least one grid, e.g. ('logsnr', 'flow:1')")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    several = isinstance(nfe, (list, tuple, range)) or getattr(nfe, "ndim", 0) == 1
-    budgets = [int(n) for n in (nfe if several else [nfe])]
     if not budgets or min(budgets) < 2:
         raise ValueError(f"calibrate needs nfe >= 2, got {nfe}")
     if not 0 <= trim < 1:
@@ -164,8 +163,6 @@ def calibrate(
     n_val = int(round(num_samples * holdout))
     if num_samples - n_val < 2:
         raise ValueError(f"num_samples={num_samples} with holdout={holdout} leaves fewer than 2 fitting samples")
-    if iters < 0 or batch < 1 or check_every < 1 or (lr is not None and not lr > 0):
-        raise ValueError("iters >= 0, batch >= 1, check_every >= 1 and lr > 0 are required")
     start_time = time.perf_counter()
     model = ScoreModel.wrap(model, process)
     if process.missing(("gaussian_kernel",)):  # as the default sampler does: the process's ODE view for x0 models
