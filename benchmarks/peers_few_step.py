@@ -538,7 +538,7 @@ def main() -> None:
                   f"fixed median {r['fixed_median']:.2f} worst {r['fixed_worst']:.2f}   "
                   f"({', '.join(f'{pr}: {c}' for pr, c in sorted(r['fixed'].items()))})")
     if args.json:
-        write_results(args.json, args, problems, nfes, keys, complete=True)
+        write_results(args.json, args, problems, nfes, keys, complete=True, tables=(summary, by_metric))
         print(f"written {args.json}")
 
 
@@ -558,10 +558,11 @@ def summaries(problems: list[Problem], nfes, keys: list[str]) -> tuple[dict, dic
 
 
 def write_results(path: str, args: argparse.Namespace, problems: list[Problem], nfes, keys: list[str],
-                  complete: bool) -> None:
+                  complete: bool, tables: tuple[dict, dict] | None = None) -> None:
     """The JSON of the run so far (through a temporary file: a reader never sees half of it); ``complete``: every
-    problem is in (a partial file is what ``--resume`` continues from)."""
-    summary, by_metric = summaries(problems, nfes, keys)
+    problem is in (a partial file is what ``--resume`` continues from); ``tables``: `summaries` of the problems,
+    if the caller has them."""
+    summary, by_metric = tables if tables is not None else summaries(problems, nfes, keys)
     res = {"args": vars(args), "complete": complete,
            "summary": {k: {str(n): {kk: vv for kk, vv in v.items()} for n, v in s.items()}
                        for k, s in summary.items()},
